@@ -1,0 +1,9 @@
+"""Teacher side of hdistill: images -> views -> teachers -> targets -> store.
+
+Modules, in the order of the flow:
+  image     decode any image file into RGB uint8
+  view      deterministic RandomResizedCrop + flip from (seed, image id, view index)
+  teachers  the role registry and the timm / open_clip teacher wrappers
+  mask      the progressive redundant-token mask (paper Eq. 4)
+  targets   one forward per teacher -> features, Q K^T relations, mask
+"""

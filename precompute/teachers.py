@@ -1,0 +1,306 @@
+"""Teachers: a registry of roles, and wrappers that give every ViT the same small interface.
+
+A role names what a teacher is for (``mae`` gives Q K^T relations and the token mask,
+``deit`` / ``clip`` / ``dino`` give final features) and its default model. Any role can be
+pointed at another timm ViT or open_clip model:
+
+    timm:  "vit_base_patch16_224.mae"            (optionally "timm:" in front; ".tag" = hub tag)
+    open_clip: "open_clip:ViT-B-16-quickgelu@openai"   ("@tag" = open_clip pretrained tag)
+
+Weights come from exactly one source per teacher, chosen by the user:
+    WeightSource("hub")        the model's hub tag (the only path that downloads)
+    WeightSource("file", path) a local file, loaded through timm's / open_clip's own
+                               pretrained path (key conversion, pos-embed resampling)
+    WeightSource("random", seed=...)  random weights, recorded as such in every output
+
+Every teacher owns its preprocessing (mean/std) and exposes: `blocks`, the attention module
+of a block (whose input is the block's normalised tokens), `qk` (per-head q and k computed
+from that block's own projection), and `tokens` (last block after the final norm).
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hdistill.common.errors import HdistillError
+from hdistill.common.specs import TeacherInfo, TokenGrid
+
+
+@dataclass(frozen=True)
+class Role:
+    name: str
+    default_model: str
+    kind: str          # "mim": relations + mask; "feature": final feature maps
+    description: str
+
+
+ROLES: dict[str, Role] = {r.name: r for r in [
+    Role("mae", "vit_base_patch16_224.mae", "mim", "MAE ViT-B/16, masked image modelling"),
+    Role("deit", "deit_base_patch16_224.fb_in1k", "feature", "DeiT ViT-B/16, supervised on ImageNet-1k"),
+    Role("clip", "vit_base_patch16_clip_quickgelu_224.openai", "feature", "OpenAI CLIP ViT-B/16 image tower (QuickGELU)"),
+    Role("dino", "vit_base_patch16_224.dino", "feature", "DINO ViT-B/16, self-supervised"),
+]}
+
+
+def get_role(name: str) -> Role:
+    if name not in ROLES:
+        raise HdistillError(f"unknown teacher role {name!r}; known roles: {', '.join(ROLES)}")
+    return ROLES[name]
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    kind: str                  # "hub" | "file" | "random"
+    path: str | None = None
+    seed: int = 0
+
+    @classmethod
+    def parse(cls, value: str) -> "WeightSource":
+        return cls("hub") if value == "hub" else cls("file", path=value)
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Teacher(nn.Module):
+    """A frozen ViT teacher in eval mode. Subclasses adapt one model family."""
+
+    def __init__(self, info: TeacherInfo, model: nn.Module):
+        super().__init__()
+        self.info = info
+        self.model = model.eval().requires_grad_(False)
+        self.register_buffer("mean", torch.tensor(info.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(info.std).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def role(self) -> str:
+        return self.info.role
+
+    def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, H, W, 3] -> normalised float [B, 3, H, W] with this teacher's mean/std."""
+        x = pixels.to(self.mean.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+        return (x - self.mean) / self.std
+
+    def blocks(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def attention(self, block: int) -> nn.Module:
+        """The attention module of `block`; its first input is the block's normalised tokens."""
+        raise NotImplementedError
+
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised images -> last block tokens after the final norm, float [B, 1+N, D]."""
+        raise NotImplementedError
+
+    def qkv_weights(self, block: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The fused qkv projection of `block`: weight [3A, D], bias [3A] or None."""
+        raise NotImplementedError
+
+    def qk_norms(self, block: int) -> tuple[nn.Module, nn.Module]:
+        return nn.Identity(), nn.Identity()
+
+    def qk(self, block: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head q and k of `block` from its attention input x [B, T, D] -> [B, H, T, d] each."""
+        weight, bias = self.qkv_weights(block)
+        B, T, _ = x.shape
+        H = self.info.heads
+        qkv = F.linear(x, weight, bias).reshape(B, T, 3, H, -1).permute(2, 0, 3, 1, 4)  # [3, B, H, T, d]
+        q_norm, k_norm = self.qk_norms(block)
+        return q_norm(qkv[0]), k_norm(qkv[1])
+
+    def to_btd(self, x: torch.Tensor) -> torch.Tensor:
+        """Block inputs/outputs -> [B, T, D] (only sequence-first models need to override)."""
+        return x
+
+
+class TimmTeacher(Teacher):
+    def blocks(self):
+        return self.model.blocks
+
+    def attention(self, block):
+        return self.model.blocks[block].attn
+
+    def tokens(self, images):
+        return self.model.forward_features(images)
+
+    def qkv_weights(self, block):
+        qkv = self.model.blocks[block].attn.qkv
+        return qkv.weight, qkv.bias
+
+    def qk_norms(self, block):
+        attn = self.model.blocks[block].attn
+        return attn.q_norm, attn.k_norm
+
+
+class OpenClipTeacher(Teacher):
+    def __init__(self, info, model):
+        super().__init__(info, model)
+        self.batch_first = getattr(model.transformer, "batch_first", True)
+
+    def blocks(self):
+        return self.model.transformer.resblocks
+
+    def attention(self, block):
+        return self.model.transformer.resblocks[block].attn
+
+    def to_btd(self, x):
+        return x if self.batch_first else x.transpose(0, 1)
+
+    def tokens(self, images):
+        captured = {}
+        handle = self.model.transformer.register_forward_hook(
+            lambda _m, _a, out: captured.__setitem__("x", out))
+        try:
+            self.model(images)
+        finally:
+            handle.remove()
+        return self.model.ln_post(self.to_btd(captured["x"]))
+
+    def qkv_weights(self, block):
+        attn = self.model.transformer.resblocks[block].attn
+        return attn.in_proj_weight, attn.in_proj_bias
+
+
+def _suggest(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    return f" Did you mean: {', '.join(close)}?" if close else ""
+
+
+def _load_error(role: str, model_name: str, weights: WeightSource, err: Exception) -> HdistillError:
+    what = f"weight file {weights.path}" if weights.kind == "file" else f"hub weights of {model_name}"
+    detail = str(err).strip().splitlines()
+    detail = " ".join(line.strip() for line in detail[:6])
+    if len(detail) > 600:
+        detail = detail[:600] + " ..."
+    return HdistillError(f"teacher {role!r}: {what} do not fit model {model_name}: {detail}")
+
+
+def _weights_record(weights: WeightSource, hub_tag: str | None) -> dict:
+    if weights.kind == "file":
+        return {"source": "file", "path": weights.path, "sha256": file_sha256(weights.path)}
+    if weights.kind == "hub":
+        return {"source": "hub", "tag": hub_tag}
+    return {"source": "random-init", "seed": weights.seed}
+
+
+def _check_file(role: str, weights: WeightSource):
+    if weights.kind == "file" and not os.path.isfile(weights.path):
+        raise HdistillError(f"teacher {role!r}: weight file {weights.path} does not exist")
+
+
+def _check_is_vit(role: str, name: str, kwargs: dict):
+    """Build the architecture on the meta device (no memory, no weights) to check its class."""
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+    try:
+        with torch.device("meta"):
+            probe = timm.create_model(name, pretrained=False, **kwargs)
+    except TypeError as err:
+        raise HdistillError(f"teacher {role!r}: bad model argument for {name!r}: {err}") from None
+    if not isinstance(probe, VisionTransformer):
+        raise HdistillError(f"teacher {role!r}: {name!r} is a {type(probe).__name__}; hdistill needs a timm "
+                            "VisionTransformer (a plain ViT with a CLS token).")
+
+
+def _build_timm(role: str, name: str, weights: WeightSource, image_size: int, kwargs: dict) -> Teacher:
+    import timm
+
+    arch = name.split(".")[0]
+    if not timm.is_model(arch):
+        raise HdistillError(f"teacher {role!r}: unknown timm model {name!r}." + _suggest(arch, timm.list_models()))
+    if weights.kind == "hub" and "." not in name and not timm.list_pretrained(arch):
+        raise HdistillError(f"teacher {role!r}: timm model {name!r} has no pretrained tag to fetch from the hub")
+    _check_file(role, weights)
+    _check_is_vit(role, name, kwargs)
+    create_kwargs = dict(num_classes=0, img_size=image_size, **kwargs)
+    if weights.kind == "file":
+        create_kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=weights.path))
+    else:
+        create_kwargs.update(pretrained=weights.kind == "hub")
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(weights.seed)
+            model = timm.create_model(name, **create_kwargs)
+    except (RuntimeError, KeyError, ValueError) as err:
+        if weights.kind == "random":
+            raise HdistillError(f"teacher {role!r}: cannot build timm model {name!r} with {kwargs}: {err}") from None
+        raise _load_error(role, name, weights, err) from None
+    except TypeError as err:
+        raise HdistillError(f"teacher {role!r}: bad model argument for {name!r}: {err}") from None
+    if model.cls_token is None or model.num_prefix_tokens != 1:
+        raise HdistillError(f"teacher {role!r}: {name!r} has {model.num_prefix_tokens} prefix tokens; hdistill "
+                            "needs exactly one CLS token and no register tokens.")
+    if not all(hasattr(b.attn, "qkv") for b in model.blocks):
+        raise HdistillError(f"teacher {role!r}: {name!r} has no fused qkv projection to take Q K^T from")
+    cfg = model.pretrained_cfg
+    hub_tag = f"{arch}.{cfg.get('tag')}" if cfg.get("tag") else arch
+    info = TeacherInfo(
+        role=role, model=f"timm:{name}", weights=_weights_record(weights, hub_tag),
+        patch_size=model.patch_embed.patch_size[0], image_size=image_size, width=model.embed_dim,
+        depth=len(model.blocks), heads=model.blocks[0].attn.num_heads,
+        mean=tuple(float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406))),
+        std=tuple(float(v) for v in cfg.get("std", (0.229, 0.224, 0.225))),
+    )
+    return TimmTeacher(info, model)
+
+
+def _build_open_clip(role: str, name: str, weights: WeightSource, image_size: int, kwargs: dict) -> Teacher:
+    import open_clip
+    from open_clip.transformer import VisionTransformer
+
+    arch, _, tag = name.partition("@")
+    if arch not in open_clip.list_models():
+        raise HdistillError(f"teacher {role!r}: unknown open_clip model {arch!r}." + _suggest(arch, open_clip.list_models()))
+    if weights.kind == "hub" and not tag:
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        raise HdistillError(f"teacher {role!r}: name the open_clip pretrained tag to fetch, e.g. "
+                            f"'open_clip:{arch}@{tags[0] if tags else 'TAG'}' (known tags: {', '.join(tags) or 'none'})")
+    _check_file(role, weights)
+    pretrained = {"hub": tag, "file": weights.path, "random": None}[weights.kind]
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(weights.seed)
+            clip = open_clip.create_model(arch, pretrained=pretrained, force_image_size=image_size, **kwargs)
+    except (RuntimeError, KeyError, ValueError) as err:
+        raise _load_error(role, f"open_clip:{arch}", weights, err) from None
+    except TypeError as err:
+        raise HdistillError(f"teacher {role!r}: bad model argument for open_clip:{arch}: {err}") from None
+    visual = clip.visual
+    if not isinstance(visual, VisionTransformer) or visual.attn_pool is not None:
+        raise HdistillError(f"teacher {role!r}: open_clip:{arch} has no plain ViT image tower")
+    block0 = visual.transformer.resblocks[0].attn
+    if not isinstance(block0, nn.MultiheadAttention) or block0.in_proj_weight is None:
+        raise HdistillError(f"teacher {role!r}: open_clip:{arch} attention has no fused in-projection")
+    cfg = open_clip.get_model_preprocess_cfg(clip)
+    info = TeacherInfo(
+        role=role, model=f"open_clip:{name}", weights=_weights_record(weights, f"{arch}@{tag}" if tag else None),
+        patch_size=visual.patch_size[0], image_size=image_size, width=visual.conv1.out_channels,
+        depth=len(visual.transformer.resblocks), heads=block0.num_heads,
+        mean=tuple(float(v) for v in cfg["mean"]), std=tuple(float(v) for v in cfg["std"]),
+    )
+    return OpenClipTeacher(info, visual)
+
+
+def build_teacher(role: str, weights: WeightSource, image_size: int = 224, model: str | None = None,
+                  model_kwargs: dict | None = None) -> Teacher:
+    """Build the teacher for `role` (its default model unless `model` names another)."""
+    get_role(role)
+    name = model or ROLES[role].default_model
+    kwargs = dict(model_kwargs or {})
+    if name.startswith("open_clip:"):
+        teacher = _build_open_clip(role, name[len("open_clip:"):], weights, image_size, kwargs)
+    else:
+        teacher = _build_timm(role, name.removeprefix("timm:"), weights, image_size, kwargs)
+    TokenGrid.for_image(image_size, teacher.info.patch_size, f"teacher {role!r} ({name})")
+    return teacher

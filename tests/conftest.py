@@ -1,0 +1,27 @@
+"""Fixtures: tiny open_clip configs registered for the session; no test reaches a hub."""
+import json
+import os
+
+import pytest
+import torch
+
+from tinymodels import OPEN_CLIP_TINY
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def open_clip_tiny(tmp_path_factory):
+    """Registers tiny open_clip configs under their names; returns {name: image size}."""
+    import open_clip
+    folder = tmp_path_factory.mktemp("open_clip_cfg")
+    for name, (vision, _size) in OPEN_CLIP_TINY.items():
+        cfg = {
+            "embed_dim": 16, "quick_gelu": True,
+            "vision_cfg": dict(layers=4, width=32, head_width=8, **vision),
+            "text_cfg": dict(context_length=8, vocab_size=64, width=16, heads=2, layers=1),
+        }
+        (folder / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(folder)
+    return {name: size for name, (_v, size) in OPEN_CLIP_TINY.items()}

@@ -1,0 +1,116 @@
+"""Building teachers: local weight files through timm's / open_clip's pretrained path, and clear errors."""
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tinymodels import TIMM_TINY, random_pixels
+from hdistill.common.errors import HdistillError
+from hdistill.common.specs import TokenGrid, check_same_grid
+from hdistill.precompute.targets import plan_targets
+from hdistill.precompute.teachers import WeightSource, build_teacher
+
+
+def save_timm_tiny(path, label="timm-p14-ls", seed=0, **overrides):
+    import timm
+    name, kwargs, size = TIMM_TINY[label]
+    torch.manual_seed(seed)
+    model = timm.create_model(name, pretrained=False, num_classes=0, img_size=size, **{**kwargs, **overrides}).eval()
+    save_file(model.state_dict(), str(path))
+    return model, name, kwargs, size
+
+
+def test_timm_teacher_from_local_file_matches_in_memory_model(tmp_path):
+    path = tmp_path / "tiny.safetensors"
+    model, name, kwargs, size = save_timm_tiny(path)
+    teacher = build_teacher("dino", WeightSource("file", path=str(path)), size, name, kwargs)
+    x = teacher.preprocess(random_pixels(2, size))
+    with torch.no_grad():
+        torch.testing.assert_close(teacher.tokens(x), model.forward_features(x), rtol=0, atol=0)
+    assert teacher.info.weights["source"] == "file"
+    import hashlib
+    assert teacher.info.weights["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_timm_local_file_goes_through_pretrained_path_with_pos_embed_resampling(tmp_path):
+    from timm.layers import resample_abs_pos_embed
+    path = tmp_path / "tiny.safetensors"
+    model, name, kwargs, size = save_timm_tiny(path)
+    teacher = build_teacher("dino", WeightSource("file", path=str(path)), 84, name, kwargs)  # 6x6 grid
+    expected = resample_abs_pos_embed(model.pos_embed.detach(), new_size=(6, 6), num_prefix_tokens=1)
+    torch.testing.assert_close(teacher.model.pos_embed, expected)
+    assert teacher.info.grid.side == 6
+
+
+def test_open_clip_teacher_from_local_file(open_clip_tiny, tmp_path):
+    import open_clip
+    torch.manual_seed(0)
+    clip = open_clip.create_model("hdtest-vit-p16").eval()
+    path = tmp_path / "clip.safetensors"
+    save_file(clip.state_dict(), str(path))
+    teacher = build_teacher("clip", WeightSource("file", path=str(path)), 64, "open_clip:hdtest-vit-p16")
+    for name, p in clip.visual.state_dict().items():
+        torch.testing.assert_close(teacher.model.state_dict()[name], p, rtol=0, atol=0)
+    x = teacher.preprocess(random_pixels(2, 64))
+    with torch.no_grad():
+        _, tokens = clip.visual._global_pool(clip.visual.ln_post(
+            clip.visual.transformer(clip.visual._embeds(x))))
+        torch.testing.assert_close(teacher.tokens(x)[:, 1:], tokens)
+
+
+def test_random_init_is_recorded_and_deterministic():
+    name, kwargs, size = TIMM_TINY["timm-p16"]
+    a = build_teacher("mae", WeightSource("random", seed=7), size, name, kwargs)
+    b = build_teacher("mae", WeightSource("random", seed=7), size, name, kwargs)
+    assert a.info.weights == {"source": "random-init", "seed": 7}
+    torch.testing.assert_close(a.model.state_dict(), b.model.state_dict(), rtol=0, atol=0)
+
+
+def test_unknown_role_and_model_names():
+    with pytest.raises(HdistillError, match="unknown teacher role 'maee'.*mae, deit, clip, dino"):
+        build_teacher("maee", WeightSource("random"))
+    with pytest.raises(HdistillError, match="unknown timm model 'vit_bsae_patch16_224'.*Did you mean"):
+        build_teacher("mae", WeightSource("random"), model="vit_bsae_patch16_224")
+    with pytest.raises(HdistillError, match="unknown open_clip model 'ViT-Q-99'"):
+        build_teacher("clip", WeightSource("random"), model="open_clip:ViT-Q-99")
+    with pytest.raises(HdistillError, match="needs a timm VisionTransformer"):
+        build_teacher("deit", WeightSource("random"), model="resnet18")
+
+
+def test_weight_file_that_does_not_fit(tmp_path):
+    path = tmp_path / "other.safetensors"
+    _, name, kwargs, size = save_timm_tiny(path, depth=2)
+    with pytest.raises(HdistillError, match=r"teacher 'dino': weight file .*other.safetensors do not fit"):
+        build_teacher("dino", WeightSource("file", path=str(path)), size, name, kwargs)
+    with pytest.raises(HdistillError, match="does not exist"):
+        build_teacher("dino", WeightSource("file", path=str(tmp_path / "missing.pth")), size, name, kwargs)
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(HdistillError, match="junk.pth"):
+        build_teacher("dino", WeightSource("file", path=str(junk)), size, name, kwargs)
+
+
+def test_relation_block_out_of_range():
+    name, kwargs, size = TIMM_TINY["timm-p16"]
+    mae = build_teacher("mae", WeightSource("random"), size, name, kwargs)
+    with pytest.raises(HdistillError, match=r"--relation-blocks for teacher 'mae': block 4 is out of range for a 4-block"):
+        plan_targets({"mae": mae}, relation_blocks=[2, 4])
+    assert plan_targets({"mae": mae}, relation_blocks=[-3, -2]).relation_blocks == {"mae": (1, 2)}
+    assert plan_targets({"mae": mae}).relation_blocks == {"mae": (1, 2)}  # L-3, L-2 by default
+
+
+def test_patch_grid_mismatch():
+    p16, kw16, _ = TIMM_TINY["timm-p16"]
+    p14, kw14, _ = TIMM_TINY["timm-p14-ls"]
+    mae = build_teacher("mae", WeightSource("random"), 112, p16, kw16)    # 7x7 of 16px
+    dino = build_teacher("dino", WeightSource("random"), 112, p14, kw14)  # 8x8 of 14px
+    with pytest.raises(HdistillError, match="patch grid mismatch.*7x7 patches of 16px.*8x8 patches of 14px"):
+        plan_targets({"mae": mae, "dino": dino})
+    with pytest.raises(HdistillError, match="student cuts 112px views into 8x8"):
+        check_same_grid({"teacher 'mae'": mae.info.grid, "student": TokenGrid(112, 14)})
+    with pytest.raises(HdistillError, match="not a multiple of its patch size 16"):
+        build_teacher("mae", WeightSource("random"), 100, p16, kw16)
+
+
+def test_hub_needs_a_tag_for_open_clip(open_clip_tiny):
+    with pytest.raises(HdistillError, match="name the open_clip pretrained tag"):
+        build_teacher("clip", WeightSource("hub"), 64, "open_clip:hdtest-vit-p16")
