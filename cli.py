@@ -1,1 +1,234 @@
-def main(): print("x")
+"""The `hdistill` command line. Composes precompute and the store tools; errors print without tracebacks."""
+from __future__ import annotations
+
+import ast
+import os
+import sys
+import time
+
+import click
+
+from hdistill import __version__
+from hdistill.common.errors import HdistillError
+
+
+class Cli(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except HdistillError as err:
+            raise click.ClickException(str(err)) from None
+
+
+def _split(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _pairs(values, option: str) -> dict[str, str]:
+    out = {}
+    for value in values:
+        role, sep, rest = value.partition("=")
+        if not sep or not role or not rest:
+            raise HdistillError(f"{option} {value!r}: expected ROLE=VALUE")
+        out[role] = rest
+    return out
+
+
+def parse_value(text: str):
+    """timm-style kwarg values: Python literals where they parse, strings otherwise."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_model_args(values) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for value in values:
+        key, sep, text = value.partition("=")
+        role, dot, name = key.partition(".")
+        if not sep or not dot or not role or not name:
+            raise HdistillError(f"--model-arg {value!r}: expected ROLE.KEY=VALUE, e.g. mae.depth=6")
+        out.setdefault(role, {})[name] = parse_value(text)
+    return out
+
+
+def parse_weights(values, teachers: list[str]) -> dict[str, str]:
+    if list(values) == ["hub"]:
+        return {role: "hub" for role in teachers}
+    return _pairs(values, "--weights")
+
+
+def parse_ints(value: str | None, option: str) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(v) for v in _split(value)]
+    except ValueError:
+        raise HdistillError(f"{option} {value!r}: expected comma-separated integers, e.g. -3,-2") from None
+
+
+def resolve_device(device: str) -> str:
+    import torch
+    if device == "auto":
+        if torch.cuda.is_available():
+            return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        return "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise HdistillError(f"--device {device}: CUDA is not available on this machine")
+    return device
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return ""
+
+
+def teacher_options(f):
+    """Options that choose and load teachers (shared by the commands that run teachers)."""
+    options = [
+        click.option("--teachers", default="mae,clip", show_default=True,
+                     help="Comma-separated teacher roles: mae (relations + mask), deit, clip, dino (features)."),
+        click.option("--model", "models", multiple=True, metavar="ROLE=NAME",
+                     help="Use another model for a role: a timm ViT name (with optional .tag) or "
+                          "open_clip:ARCH[@TAG]. Repeatable."),
+        click.option("--model-arg", "model_args", multiple=True, metavar="ROLE.KEY=VALUE",
+                     help="Keyword argument for a teacher's model constructor, e.g. mae.depth=6. Repeatable."),
+        click.option("--weights", multiple=True, metavar="ROLE=hub|PATH",
+                     help="Teacher weights: 'hub' downloads the model's pretrained tag, a path loads a local file "
+                          "through timm's / open_clip's pretrained path. '--weights hub' sets every role. Repeatable."),
+        click.option("--random-init", is_flag=True,
+                     help="Random teacher weights (seeded), recorded as such in the output. For tests and demos."),
+        click.option("--image-size", default=224, show_default=True, help="View size in pixels."),
+        click.option("--relation-blocks", default=None, metavar="I,J",
+                     help="0-indexed blocks of the MIM teacher whose Q K^T is a target; negative counts from the "
+                          "end. Default: the two before the last (-3,-2)."),
+        click.option("--mask-ratio", default=0.3, show_default=True,
+                     help="K: share of the kept patch tokens dropped at each of the mask stages [0, L/3, 2L/3]; "
+                          "0 keeps every token."),
+        click.option("--mask-teacher", default=None, help="Role whose blocks drive the mask (default: the MIM teacher)."),
+        click.option("--seed", default=0, show_default=True, help="Seed of the views (and of random teacher weights)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+@click.group(cls=Cli, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(__version__, prog_name="hdistill")
+def cli():
+    """hdistill: Hybrid Distillation from precomputed teacher targets.
+
+    Run the teachers once (precompute), then train students from the store many times.
+    """
+
+
+@cli.command()
+@click.option("--data", required=True,
+              help="Images: an ImageFolder tree, webdataset tars ('train-{000000..001281}.tar'), a text file of "
+                   "image paths, or synthetic:N for N generated images.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Store folder (created; reruns resume).")
+@teacher_options
+@click.option("--views", default=1, show_default=True, help="Augmented views per image.")
+@click.option("--store", "store_mode", default="kept", type=click.Choice(["kept", "full"]), show_default=True,
+              help="kept: only the progressive mask's tokens; full: every token, so any mask can be applied later.")
+@click.option("--format", "formats", default="wds,zarr", show_default=True, help="wds, zarr, or both.")
+@click.option("--limit", default=None, type=int, help="Use only the first N images.")
+@click.option("--batch-size", default=64, show_default=True, help="Views per teacher forward.")
+@click.option("--shard-size", default=1024, show_default=True, help="Images per shard.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--workers", default=4, show_default=True, help="Image decoding processes.")
+@click.option("--rank", default=None, type=int, help="This process's rank for array jobs (default: $RANK or 0).")
+@click.option("--world-size", default=None, type=int, help="Number of ranks (default: $WORLD_SIZE or 1).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def precompute(data, out, teachers, models, model_args, weights, random_init, image_size, relation_blocks,
+               mask_ratio, mask_teacher, seed, views, store_mode, formats, limit, batch_size, shard_size,
+               device, workers, rank, world_size, quiet):
+    """Run the teachers over augmented views and write the target store.
+
+    Kill it at any point and run the same command again to resume. Under
+    `torchrun --nproc-per-node K -m hdistill precompute ...` each rank writes its own shards;
+    the manifest is complete once every rank has finished.
+    """
+    from hdistill.precompute.run import PrecomputeConfig, Runtime, run_precompute
+
+    roles = _split(teachers)
+    cfg = PrecomputeConfig(
+        data=data, teachers=roles, models=_pairs(models, "--model"), model_args=parse_model_args(model_args),
+        weights=parse_weights(weights, roles), random_init=random_init, seed=seed, views=views,
+        image_size=image_size, relation_blocks=parse_ints(relation_blocks, "--relation-blocks"),
+        mask_ratio=mask_ratio, mask_teacher=mask_teacher, store=store_mode, formats=_split(formats),
+        batch_size=batch_size, shard_size=shard_size, limit=limit)
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise HdistillError(f"--rank {rank} is not in 0..{world_size - 1} (--world-size {world_size})")
+    rt = Runtime(device=resolve_device(device), workers=workers, rank=rank, world_size=world_size,
+                 progress=not quiet and sys.stderr.isatty())
+    if random_init:
+        click.echo("note: teachers have RANDOM weights (--random-init); targets are for testing only", err=True)
+    start = time.time()
+    manifest = run_precompute(cfg, out, rt)
+    seconds = time.time() - start
+    if manifest is None:
+        click.echo(f"precompute: rank {rank}/{world_size} finished its shards in {seconds:.0f}s; the last rank to "
+                   "finish writes the manifest")
+        return
+    nbytes = sum(s.get("bytes", 0) for s in manifest["shards"])
+    per_view = f", {human_bytes(nbytes / max(manifest['samples'], 1))}/view" if nbytes else ""
+    click.echo(f"precompute: {manifest['samples']} views of {manifest['layout']['num_images']} images in "
+               f"{len(manifest['shards'])} shards, {len(manifest['skipped'])} inputs skipped, "
+               f"{human_bytes(nbytes)}{per_view}, {seconds:.1f}s; store complete: {out}")
+
+
+@cli.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+def inspect(store):
+    """Summarise a store: teachers, targets, views, samples, bytes per view, skipped inputs."""
+    from hdistill.shards.format import read_manifest
+
+    m = read_manifest(store)
+    layout, targets = m["layout"], m["targets"]
+    click.echo(f"store      {store}  (format v{m['format_version']}, {'complete' if m['complete'] else 'INCOMPLETE'})")
+    click.echo(f"data       {m['config']['data']}  images={layout['num_images']} views={layout['views']} "
+               f"seed={m['config']['seed']} size={layout['image_size']}")
+    for t in m["teachers"]:
+        w = t["weights"]
+        weights = {"file": f"file {w.get('path')} sha256 {str(w.get('sha256'))[:12]}", "hub": f"hub {w.get('tag')}",
+                   "random-init": f"RANDOM INIT seed {w.get('seed')}"}[w["source"]]
+        click.echo(f"teacher    {t['role']:5s} {t['model']}  patch {t['patch_size']} grid {t['grid'][0]}x{t['grid'][1]} "
+                   f"width {t['width']} depth {t['depth']} heads {t['heads']}  [{weights}]")
+    click.echo(f"targets    features: {', '.join(targets['feature_roles'])}; relations: "
+               + "; ".join(f"{r} blocks {b}" for r, b in targets["relation_blocks"].items())
+               + f"; mask: {targets['mask_role'] or 'none'} K={targets['mask']['ratio']} "
+               f"blocks {targets['mask']['blocks']}")
+    click.echo(f"tokens     store={m['config']['store']}: {layout['stored_patches']} of {layout['num_patches']} patches "
+               f"per view (+CLS)")
+    if m["complete"]:
+        nbytes = sum(s.get("bytes", 0) for s in m["shards"])
+        click.echo(f"samples    {m['samples']} in {len(m['shards'])} shards, {human_bytes(nbytes)} webdataset"
+                   + (f", {human_bytes(nbytes / max(m['samples'], 1))} per view" if nbytes else ""))
+        click.echo(f"skipped    {len(m['skipped'])} inputs")
+        for s in m["skipped"][:20]:
+            click.echo(f"           {s['source']} (view {s['view']}): {s['reason']}")
+
+
+@cli.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+def verify(store):
+    """Check every shard's checksum and every sample's arrays; name each bad shard."""
+    from hdistill.shards.verify import verify_store
+
+    manifest, problems = verify_store(store)
+    for p in problems:
+        click.echo(f"BAD  {p}")
+    if problems:
+        raise click.ClickException(f"{len(problems)} problem(s) in {store}")
+    click.echo(f"ok: {len(manifest['shards'])} shards, {manifest['samples']} samples verified")
+
+
+def main():
+    cli(prog_name="hdistill")

@@ -71,7 +71,7 @@ def render_view(img: Image.Image, params: ViewParams) -> np.ndarray:
     out = img.crop(box).resize((params.size, params.size), INTERPOLATIONS[params.interpolation])
     if params.flip:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
-    return np.asarray(out, dtype=np.uint8)
+    return np.array(out, dtype=np.uint8)
 
 
 def make_view(img: Image.Image, image_id: str, view: int, seed: int, size: int,

@@ -1,0 +1,42 @@
+"""Token bookkeeping shared by precompute and train: patchify pixels, keep rows and columns.
+
+Token index 0 is CLS, token index p + 1 is patch p (raster order).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def patchify(pixels: torch.Tensor, patch: int) -> torch.Tensor:
+    """[B, S, S, C] -> [B, N, P, P, C], patches in raster order."""
+    B, S, _, C = pixels.shape
+    g = S // patch
+    x = pixels.reshape(B, g, patch, g, patch, C).permute(0, 1, 3, 2, 4, 5)  # [B, g, g, P, P, C]
+    return x.reshape(B, g * g, patch, patch, C)
+
+
+def unpatchify(patches: torch.Tensor) -> torch.Tensor:
+    """[B, N, P, P, C] (all N patches) -> [B, S, S, C]."""
+    B, N, P, _, C = patches.shape
+    g = int(round(N ** 0.5))
+    return patches.reshape(B, g, g, P, P, C).permute(0, 1, 3, 2, 4, 5).reshape(B, g * P, g * P, C)
+
+
+def token_index(keep_idx: torch.Tensor) -> torch.Tensor:
+    """Kept patch indices [B, n] -> token indices [B, 1+n] (CLS first)."""
+    cls = torch.zeros_like(keep_idx[:, :1])
+    return torch.cat([cls, keep_idx + 1], dim=1)
+
+
+def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [B, T, ...], idx [B, k] -> [B, k, ...]."""
+    view = idx.reshape(*idx.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+    return x.gather(1, view)
+
+
+def gather_relations(relations: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """relations [B, H, T, T], tokens [B, k] -> [B, H, k, k] (rows and columns kept)."""
+    B, H, T, _ = relations.shape
+    k = tokens.shape[1]
+    rows = relations.gather(2, tokens[:, None, :, None].expand(B, H, k, T))  # [B, H, k, T]
+    return rows.gather(3, tokens[:, None, None, :].expand(B, H, k, k))       # [B, H, k, k]

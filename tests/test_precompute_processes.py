@@ -1,0 +1,94 @@
+"""Precompute as separate processes: SIGKILL then resume, and a 2-process torchrun run."""
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from test_store import CLI_TINY, write_photos
+
+HERE = Path(__file__).resolve().parent
+
+
+def command(data, out, *extra):
+    return [sys.executable, "-m", "hdistill", "precompute", "--data", str(data), "--out", str(out),
+            "--workers", "0", "--device", "cpu", "--quiet", *CLI_TINY, *extra]
+
+
+def env():
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def store_digest(store: Path) -> dict:
+    """Every committed file's sha256 and every zarr array's content, by relative path."""
+    out = {}
+    for path in sorted(store.rglob("*")):
+        rel = path.relative_to(store)
+        if path.is_file() and not path.name.startswith(".") and "targets.zarr" not in rel.parts:
+            out[str(rel)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    group = zarr.open_group(store / "targets.zarr", mode="r")
+    for name, member in group.members(max_depth=None):
+        if isinstance(member, zarr.Array):
+            values = member[:]
+            data = repr(values.tolist()).encode() if values.dtype.kind not in "biuf" else values.tobytes()
+            out[f"zarr:{name}"] = hashlib.sha256(data).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    write_photos(folder, 24, seed=3)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference_store(photos, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "store"
+    subprocess.run(command(photos, out, "--views", "2", "--shard-size", "2"), check=True, env=env(),
+                   capture_output=True)
+    return out
+
+
+def test_sigkill_then_resume_gives_identical_store(photos, reference_store, tmp_path):
+    out = tmp_path / "store"
+    commits = out / "commits"
+    proc = subprocess.Popen(command(photos, out, "--views", "2", "--shard-size", "2"), env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (commits.exists() and len(list(commits.glob("*.json"))) >= 3):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list(commits.glob("*.json")))
+    assert 3 <= done < 24, f"the kill should land mid-run ({done} of 24 shards committed)"
+    subprocess.run(command(photos, out, "--views", "2", "--shard-size", "2"), check=True, env=env(),
+                   capture_output=True)
+    assert store_digest(out) == store_digest(reference_store)
+    assert not [p for p in out.rglob(".*tmp-*")], "temporaries of the killed run are gone"
+
+
+def test_two_process_torchrun_equals_single_process(photos, reference_store, tmp_path):
+    out = tmp_path / "store"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    result = subprocess.run(torchrun + command(photos, out, "--views", "2", "--shard-size", "2")[1:],
+                            env=env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "store complete" in result.stdout
+    assert store_digest(out) == store_digest(reference_store)
+
+
+def test_array_job_ranks_complete_the_store_when_the_last_finishes(photos, reference_store, tmp_path):
+    out = tmp_path / "store"
+    args = ["--views", "2", "--shard-size", "2", "--world-size", "3"]
+    for rank in (2, 0, 1):
+        result = subprocess.run(command(photos, out, *args, "--rank", str(rank)), env=env(),
+                                capture_output=True, text=True, check=True)
+        assert ("store complete" in result.stdout) == (rank == 1)
+    assert store_digest(out) == store_digest(reference_store)

@@ -1,0 +1,238 @@
+"""The target store: round trip through plain webdataset and zarr against targets recomputed here,
+kept vs full, bad inputs, refusal of a changed configuration, full disk, verify."""
+import glob
+import hashlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+import webdataset as wds
+import zarr
+from click.testing import CliRunner
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+
+from reference import loop_mask, reference_forward
+from hdistill.cli import cli
+from hdistill.common.errors import HdistillError
+from hdistill.precompute.run import PrecomputeConfig, Runtime, build_teachers, run_precompute
+
+TINY = dict(
+    teachers=["mae", "clip"],
+    models={"mae": "vit_base_patch16_224", "clip": "vit_base_patch16_clip_quickgelu_224"},
+    model_args={"mae": dict(depth=4, embed_dim=32, num_heads=4), "clip": dict(depth=3, embed_dim=24, num_heads=3)},
+    random_init=True, image_size=64, batch_size=4, shard_size=4,
+)
+CLI_TINY = ["--random-init", "--image-size", "64", "--batch-size", "4", "--shard-size", "4",
+            "--model", "mae=vit_base_patch16_224", "--model-arg", "mae.depth=4", "--model-arg", "mae.embed_dim=32",
+            "--model-arg", "mae.num_heads=4", "--model", "clip=vit_base_patch16_clip_quickgelu_224",
+            "--model-arg", "clip.depth=3", "--model-arg", "clip.embed_dim=24", "--model-arg", "clip.num_heads=3"]
+
+
+def write_photos(folder: Path, count: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        h, w = rng.integers(40, 200, size=2)
+        base = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+        img = Image.fromarray(base).resize((int(w), int(h)), Image.BILINEAR)
+        noise = rng.integers(-20, 20, (int(h), int(w), 3))
+        img = Image.fromarray(np.clip(np.asarray(img) + noise, 0, 255).astype(np.uint8))
+        sub = folder / f"class{i % 2}"
+        sub.mkdir(parents=True, exist_ok=True)
+        img.save(sub / f"img.{i:03d}.jpg" if i == 0 else sub / f"img{i:03d}.jpg", quality=90)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    write_photos(folder, 6)
+    return folder
+
+
+def precompute(data, out, **overrides):
+    cfg = PrecomputeConfig(data=str(data), **{**TINY, **overrides})
+    return run_precompute(cfg, str(out), Runtime(workers=overrides.pop("workers", 0), progress=False)), cfg
+
+
+@pytest.fixture(scope="module")
+def kept_store(photos, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stores") / "kept"
+    manifest, cfg = precompute(photos, out, views=2)
+    return out, manifest, cfg
+
+
+def wds_samples(store):
+    urls = sorted(glob.glob(str(store / "wds" / "*.tar")))
+    return {s["__key__"]: s for s in wds.WebDataset(urls, shardshuffle=False).decode()}
+
+
+def expected_view(meta):
+    """The view rebuilt from its recorded crop box and flip, with torchvision."""
+    img = Image.open(meta["source"]).convert("RGB")
+    c = meta["crop"]
+    view = TF.resized_crop(img, c["top"], c["left"], c["height"], c["width"], [meta["size"]] * 2,
+                           InterpolationMode.BICUBIC)
+    return np.asarray(TF.hflip(view) if meta["flip"] else view)
+
+
+def patch_of(view, p, size):
+    g = view.shape[0] // size
+    r, c = divmod(int(p), g)
+    return view[r * size:(r + 1) * size, c * size:(c + 1) * size]
+
+
+def assert_fp16_close(stored, reference):
+    ref = reference.numpy()
+    assert stored.dtype == np.float16
+    np.testing.assert_allclose(stored.astype(np.float32), ref, rtol=2e-3, atol=2e-3 * np.abs(ref).max())
+
+
+def test_round_trip_against_recomputed_targets(kept_store):
+    store, manifest, cfg = kept_store
+    assert manifest["complete"] and manifest["samples"] == 12 and manifest["skipped"] == []
+    teachers = build_teachers(cfg, "cpu")
+    samples = wds_samples(store)
+    assert len(samples) == 12
+    assert {k.rsplit("-v", 1)[1] for k in samples} == {"0", "1"}
+    assert "class0/img_000-v0" in samples, "dots in file names must not reach the keys"
+    for key, s in samples.items():
+        meta = s["json"]
+        view = expected_view(meta)
+        final = {}
+        for role, teacher in teachers.items():
+            final[role], relations, outputs = reference_forward(teacher, torch.from_numpy(view.copy())[None])
+            if role == "mae":
+                stage, kept = loop_mask([outputs[b][0].numpy() for b in (0, 1, 2)], ratio_tenths=3)
+                mae_relations = relations
+        np.testing.assert_array_equal(s["stage.npy"], stage)
+        np.testing.assert_array_equal(s["keep.npy"], kept)
+        assert s["keep.npy"].dtype == np.int16 and len(kept) == 7  # 16 -> 12 -> 9 -> 7
+        for i, p in enumerate(kept):
+            np.testing.assert_array_equal(s["pixels.npy"][i], patch_of(view, p, 16))
+        tokens = [0] + [int(p) + 1 for p in kept]
+        for role in ("mae", "clip"):
+            assert_fp16_close(s[f"feat.{role}.npy"], final[role][0][tokens])
+        for b in (1, 2):
+            assert_fp16_close(s[f"rel.mae.b{b}.npy"], mae_relations[b][0][:, tokens][:, :, tokens])
+
+
+def test_zarr_holds_the_same_arrays(kept_store):
+    store, manifest, _ = kept_store
+    samples = wds_samples(store)
+    group = zarr.open_group(store / "targets.zarr", mode="r")
+    valid = group["valid"][:]
+    assert valid.sum() == 12
+    for slot in np.flatnonzero(valid):
+        key = f"{group['image_id'][slot]}-v{group['view'][slot]}"
+        s = samples[key]
+        c = s["json"]["crop"]
+        assert group["box"][slot].tolist() == [c["top"], c["left"], c["height"], c["width"]]
+        assert bool(group["flip"][slot]) == s["json"]["flip"]
+        for entry in ("stage.npy", "keep.npy", "pixels.npy", "feat.mae.npy", "feat.clip.npy",
+                      "rel.mae.b1.npy", "rel.mae.b2.npy"):
+            np.testing.assert_array_equal(group[entry[:-4].replace(".", "/")][slot], s[entry])
+
+
+def test_kept_store_is_full_store_sliced_by_keep(kept_store, photos, tmp_path):
+    store, _, _ = kept_store
+    precompute(photos, tmp_path / "full", views=2, store="full", formats=["wds"])
+    kept, full = wds_samples(store), wds_samples(tmp_path / "full")
+    assert kept.keys() == full.keys()
+    for key, k in kept.items():
+        f = full[key]
+        np.testing.assert_array_equal(f["keep.npy"], np.arange(16))
+        np.testing.assert_array_equal(f["stage.npy"], k["stage.npy"])
+        idx = k["keep.npy"]
+        np.testing.assert_array_equal(f["pixels.npy"][idx], k["pixels.npy"])
+        tokens = np.concatenate([[0], idx + 1])
+        for role in ("mae", "clip"):
+            np.testing.assert_array_equal(f[f"feat.{role}.npy"][tokens], k[f"feat.{role}.npy"])
+        for b in (1, 2):
+            np.testing.assert_array_equal(f[f"rel.mae.b{b}.npy"][:, tokens][:, :, tokens], k[f"rel.mae.b{b}.npy"])
+
+
+def encoded(img, fmt, **kw):
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def test_bad_inputs_are_recorded_and_do_not_stop_the_run(tmp_path):
+    folder = tmp_path / "mixed"
+    write_photos(folder, 3)
+    rgb = Image.fromarray(np.random.default_rng(1).integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    good = encoded(rgb, "JPEG")
+    bad = {"truncated.jpg": good[: len(good) // 3], "empty.jpg": b"", "notes.jpg": b"plain text, not a JPEG",
+           "bomb.png": encoded(Image.new("1", (20000, 20000)), "PNG")}
+    odd = {"gray.jpg": encoded(rgb.convert("L"), "JPEG"), "cmyk.jpg": encoded(rgb.convert("CMYK"), "JPEG"),
+           "palette.png": encoded(rgb.convert("P"), "PNG"), "alpha.png": encoded(rgb.convert("RGBA"), "PNG"),
+           "tiny.png": encoded(Image.new("RGB", (1, 1), (200, 10, 10)), "PNG"),
+           "large.jpg": encoded(Image.new("RGB", (6000, 4000), (10, 120, 200)), "JPEG")}
+    for name, data in {**bad, **odd}.items():
+        (folder / name).write_bytes(data)
+    manifest, _ = precompute(folder, tmp_path / "store")
+    skipped = {Path(s["source"]).name: s["reason"] for s in manifest["skipped"]}
+    assert set(skipped) == set(bad)
+    assert "empty file" in skipped["empty.jpg"] and "not a readable image" in skipped["notes.jpg"]
+    assert manifest["samples"] == 3 + len(odd)
+    stored = {s["json"]["image_id"] for s in wds_samples(tmp_path / "store").values()}
+    assert {Path(n).stem for n in odd} <= stored
+    result = CliRunner().invoke(cli, ["inspect", str(tmp_path / "store")])
+    assert "skipped    4 inputs" in result.output and "truncated.jpg" in result.output
+
+
+def test_changed_configuration_is_refused(kept_store, photos, tmp_path):
+    store, _, _ = kept_store
+    copy = tmp_path / "copy"
+    shutil.copytree(store, copy)
+    with pytest.raises(HdistillError, match="another configuration.*--mask-ratio"):
+        precompute(photos, copy, views=2, mask_ratio=0.5)
+    assert json.loads((copy / "manifest.json").read_text()) == json.loads((store / "manifest.json").read_text())
+    # the same configuration finds everything committed and leaves the store as it was
+    manifest, _ = precompute(photos, copy, views=2)
+    assert manifest == json.loads((store / "manifest.json").read_text())
+
+
+def test_full_disk_fails_clearly_and_keeps_committed_shards(photos, tmp_path, monkeypatch):
+    import errno
+    import tarfile
+    real_addfile, calls = tarfile.TarFile.addfile, []
+
+    def addfile(self, info, fileobj=None):
+        calls.append(info.name)
+        if len(calls) > 40:  # well into the second shard
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_addfile(self, info, fileobj)
+
+    monkeypatch.setattr(tarfile.TarFile, "addfile", addfile)
+    with pytest.raises(HdistillError, match=r"cannot write .*view0-000001.tar.*disk is full"):
+        precompute(photos, tmp_path / "store", formats=["wds"])
+    monkeypatch.setattr(tarfile.TarFile, "addfile", real_addfile)
+    wds_dir = tmp_path / "store" / "wds"
+    assert sorted(p.name for p in wds_dir.iterdir()) == ["view0-000000.tar"], "no temporary or partial shard left"
+    committed = json.loads((tmp_path / "store" / "commits" / "view0-000000.json").read_text())
+    assert hashlib.sha256((wds_dir / "view0-000000.tar").read_bytes()).hexdigest() == committed["sha256"]
+    manifest, _ = precompute(photos, tmp_path / "store", formats=["wds"])
+    assert manifest["complete"] and manifest["samples"] == 6
+
+
+def test_verify_names_a_shard_with_a_flipped_byte(kept_store, tmp_path):
+    store, _, _ = kept_store
+    copy = tmp_path / "copy"
+    shutil.copytree(store, copy)
+    runner = CliRunner()
+    ok = runner.invoke(cli, ["verify", str(copy)])
+    assert ok.exit_code == 0, ok.output
+    shard = copy / "wds" / "view1-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    bad = runner.invoke(cli, ["verify", str(copy)])
+    assert bad.exit_code != 0
+    assert "BAD  wds/view1-000001.tar: sha256 differs" in bad.output
+    assert "view0-000000" not in bad.output
