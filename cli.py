@@ -139,6 +139,9 @@ def cli():
 @click.option("--limit", default=None, type=int, help="Use only the first N images.")
 @click.option("--batch-size", default=64, show_default=True, help="Views per teacher forward.")
 @click.option("--shard-size", default=1024, show_default=True, help="Images per shard.")
+@click.option("--precision", default="fp32", type=click.Choice(["fp32", "bf16"]), show_default=True,
+              help="Teachers' forward precision (bf16 autocast is the fast choice on GPUs); Q K^T and the mask "
+                   "are always computed in float32 or better.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--workers", default=4, show_default=True, help="Image decoding processes.")
 @click.option("--rank", default=None, type=int, help="This process's rank for array jobs (default: $RANK or 0).")
@@ -146,7 +149,7 @@ def cli():
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def precompute(data, out, teachers, models, model_args, weights, random_init, image_size, relation_blocks,
                mask_ratio, mask_teacher, seed, views, store_mode, formats, limit, batch_size, shard_size,
-               device, workers, rank, world_size, quiet):
+               precision, device, workers, rank, world_size, quiet):
     """Run the teachers over augmented views and write the target store.
 
     Kill it at any point and run the same command again to resume. Under
@@ -161,7 +164,7 @@ def precompute(data, out, teachers, models, model_args, weights, random_init, im
         weights=parse_weights(weights, roles), random_init=random_init, seed=seed, views=views,
         image_size=image_size, relation_blocks=parse_ints(relation_blocks, "--relation-blocks"),
         mask_ratio=mask_ratio, mask_teacher=mask_teacher, store=store_mode, formats=_split(formats),
-        batch_size=batch_size, shard_size=shard_size, limit=limit)
+        batch_size=batch_size, shard_size=shard_size, limit=limit, precision=precision)
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
     if not 0 <= rank < world_size:

@@ -59,8 +59,11 @@ class PrecomputeConfig:
     batch_size: int = 64
     shard_size: int = 1024
     limit: int | None = None
+    precision: str = "fp32"                                     # teachers' forward: "fp32" | "bf16" autocast
 
     def validate(self):
+        if self.precision not in ("fp32", "bf16"):
+            raise HdistillError(f"--precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if self.store not in ("kept", "full"):
             raise HdistillError(f"--store must be 'kept' or 'full', got {self.store!r}")
         bad = set(self.formats) - {"wds", "zarr"} or (set() if self.formats else {"(none)"})
@@ -320,12 +323,16 @@ def finalize(store: Path, ident: dict, layout: StoreLayout, images: list[ImageRe
 
 # ---------------------------------------------------------------- the run
 
-def run_precompute(cfg: PrecomputeConfig, out: str, rt: Runtime) -> dict | None:
-    """Precompute (this rank's part of) the store at `out`; returns the manifest once complete."""
+def run_precompute(cfg: PrecomputeConfig, out: str, rt: Runtime,
+                   teachers: dict[str, Teacher] | None = None) -> dict | None:
+    """Precompute (this rank's part of) the store at `out`; returns the manifest once complete.
+
+    `teachers` may be passed prebuilt (as build_teachers(cfg, rt.device) makes them), e.g. by benchmarks.
+    """
     cfg.validate()
     store = Path(out)
     images = list_images(cfg.data, cfg.limit)
-    teachers = build_teachers(cfg, rt.device)
+    teachers = teachers or build_teachers(cfg, rt.device)
     spec = plan_targets(teachers, cfg.relation_blocks, cfg.mask_ratio, cfg.mask_teacher)
     layout = store_layout(cfg, teachers, spec, len(images))
     ident = identity(cfg, teachers, spec, layout)
@@ -357,7 +364,7 @@ def _process(cfg, rt, store, layout, teachers, spec, images, items):
             samples = []
             if batch["pixels"] is not None:
                 pixels = batch["pixels"].to(rt.device, non_blocking=True)
-                targets = compute_targets(teachers, pixels, spec)
+                targets = compute_targets(teachers, pixels, spec, cfg.precision)
                 metas = [it["meta"] for it in batch["ok"]]
                 views = stored_views(targets, pixels, metas, layout.patch_size, cfg.store == "full")
                 samples = [(it["view"], it["shard"], it["image"], s) for it, s in zip(batch["ok"], views)]

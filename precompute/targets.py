@@ -73,19 +73,18 @@ def _capture(teacher: Teacher, relation_blocks: Sequence[int], mask_blocks: Sequ
     """Hooks that fill {"relations": {block: R}, "stages": {block: tokens}} during a forward."""
     captured = {"relations": {}, "stages": {}}
 
-    def relation_hook(block):
-        def hook(_module, args):
-            x = teacher.to_btd(args[0])
-            q, k = teacher.qk(block, x)
-            captured["relations"][block] = q.float() @ k.float().transpose(-2, -1)  # [B, H, T, T]
-        return hook
+    def relation(block):
+        def store(q, k):
+            with torch.autocast(q.device.type, enabled=False):  # the product itself in float32
+                captured["relations"][block] = q.float() @ k.float().transpose(-2, -1)  # [B, H, T, T]
+        return store
 
     def stage_hook(block):
         def hook(_module, _args, out):
             captured["stages"][block] = teacher.to_btd(out)
         return hook
 
-    handles = [teacher.attention(b).register_forward_pre_hook(relation_hook(b)) for b in relation_blocks]
+    handles = [teacher.hook_qk(b, relation(b)) for b in relation_blocks]
     handles += [teacher.blocks()[b].register_forward_hook(stage_hook(b)) for b in mask_blocks]
     try:
         yield captured
@@ -95,13 +94,19 @@ def _capture(teacher: Teacher, relation_blocks: Sequence[int], mask_blocks: Sequ
 
 
 @torch.inference_mode()
-def compute_targets(teachers: dict[str, Teacher], pixels: torch.Tensor, spec: TargetSpec) -> ViewTargets:
-    """uint8 views [B, H, W, 3] -> ViewTargets (all tokens; the mask says which are kept)."""
+def compute_targets(teachers: dict[str, Teacher], pixels: torch.Tensor, spec: TargetSpec,
+                    precision: str = "fp32") -> ViewTargets:
+    """uint8 views [B, H, W, 3] -> ViewTargets (all tokens; the mask says which are kept).
+
+    precision "bf16" runs the teachers under bf16 autocast; Q K^T and the mask are still
+    computed in float32 / float64 from the captured tensors.
+    """
     targets = ViewTargets()
     for role, teacher in teachers.items():
         rel_blocks = spec.relation_blocks.get(role, ())
         mask_blocks = spec.mask.blocks if role == spec.mask_role else ()
-        with _capture(teacher, rel_blocks, mask_blocks) as captured:
+        autocast = torch.autocast(teacher.mean.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+        with _capture(teacher, rel_blocks, mask_blocks) as captured, autocast:
             tokens = teacher.tokens(teacher.preprocess(pixels))
         if role in spec.feature_roles:
             targets.features[role] = tokens.float()

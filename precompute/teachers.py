@@ -110,14 +110,27 @@ class Teacher(nn.Module):
     def qk_norms(self, block: int) -> tuple[nn.Module, nn.Module]:
         return nn.Identity(), nn.Identity()
 
+    def split_qk(self, block: int, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fused projection output [B, T, 3A] -> per-head q, k [B, H, T, d] after q_norm / k_norm."""
+        B, T, _ = qkv.shape
+        qkv = qkv.reshape(B, T, 3, self.info.heads, -1).permute(2, 0, 3, 1, 4)  # [3, B, H, T, d]
+        q_norm, k_norm = self.qk_norms(block)
+        return q_norm(qkv[0]), k_norm(qkv[1])
+
     def qk(self, block: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head q and k of `block` from its attention input x [B, T, D] -> [B, H, T, d] each."""
         weight, bias = self.qkv_weights(block)
-        B, T, _ = x.shape
-        H = self.info.heads
-        qkv = F.linear(x, weight, bias).reshape(B, T, 3, H, -1).permute(2, 0, 3, 1, 4)  # [3, B, H, T, d]
-        q_norm, k_norm = self.qk_norms(block)
-        return q_norm(qkv[0]), k_norm(qkv[1])
+        return self.split_qk(block, F.linear(x, weight, bias))
+
+    def hook_qk(self, block: int, fn) -> torch.utils.hooks.RemovableHandle:
+        """Call fn(q, k) with `block`'s per-head q and k during each forward.
+
+        Default: capture the attention input and project it; families whose qkv projection is a
+        module override this to take the projection's output instead of recomputing it.
+        """
+        def hook(_module, args):
+            fn(*self.qk(block, self.to_btd(args[0])))
+        return self.attention(block).register_forward_pre_hook(hook)
 
     def to_btd(self, x: torch.Tensor) -> torch.Tensor:
         """Block inputs/outputs -> [B, T, D] (only sequence-first models need to override)."""
@@ -128,19 +141,18 @@ class TimmTeacher(Teacher):
     def blocks(self):
         return self.model.blocks
 
-    def attention(self, block):
-        return self.model.blocks[block].attn
-
     def tokens(self, images):
         return self.model.forward_features(images)
-
-    def qkv_weights(self, block):
-        qkv = self.model.blocks[block].attn.qkv
-        return qkv.weight, qkv.bias
 
     def qk_norms(self, block):
         attn = self.model.blocks[block].attn
         return attn.q_norm, attn.k_norm
+
+    def hook_qk(self, block, fn):
+        """The block's own qkv Linear output: nothing is recomputed."""
+        def hook(_module, _args, qkv):
+            fn(*self.split_qk(block, qkv))
+        return self.model.blocks[block].attn.qkv.register_forward_hook(hook)
 
 
 class OpenClipTeacher(Teacher):

@@ -28,7 +28,15 @@ import zarr.codecs as zc
 
 from .format import ZARR_DIR, StoredView, StoreLayout, entry_specs, zarr_name
 
-COMPRESSED = zc.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+# Measured on real ViT-S/14 targets of ImageNet views: zstd level 1 stores fp16 features at 0.92 and
+# relations at 0.88 of their size with byte shuffle, uint8 pixels at 0.88 with bit shuffle, for about
+# 0.1-0.2 ms per view and array; higher levels gain under 1%.
+FLOAT_CODEC = zc.BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")
+INT_CODEC = zc.BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle")
+
+
+def codec_for(dtype: str):
+    return None if dtype == "str" else FLOAT_CODEC if dtype.startswith("float") else INT_CODEC
 
 
 def array_shapes(layout: StoreLayout) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -52,7 +60,7 @@ def create(store: Path, layout: StoreLayout):
             group.create_array(
                 name, shape=(layout.num_slots, *shape), dtype=dtype,
                 chunks=(1, *shape), shards=(layout.shard_size, *shape),
-                compressors=None if dtype == "str" else COMPRESSED,
+                compressors=codec_for(dtype),
                 fill_value="" if dtype == "str" else 0)
     try:
         os.rename(tmp, final)

@@ -1,0 +1,71 @@
+"""Input sources give the same samples; the CLI reports bad input as one clear line."""
+import tarfile
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from test_store import CLI_TINY, precompute, wds_samples, write_photos
+from hdistill.cli import cli
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    write_photos(folder, 5, seed=7)
+    return folder
+
+
+def test_folder_tars_and_list_file_give_the_same_samples(photos, tmp_path):
+    files = sorted(p.relative_to(photos) for p in photos.rglob("*.jpg"))
+    for i, chunk in enumerate((files[:3], files[3:])):  # webdataset shards, brace notation
+        with tarfile.open(tmp_path / f"images-{i:03d}.tar", "w") as tar:
+            for rel in chunk:
+                tar.add(photos / rel, arcname=str(rel))
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"{photos / rel}\n" for rel in files))
+
+    precompute(photos, tmp_path / "from-folder", formats=["wds"])
+    precompute(str(tmp_path / "images-{000..001}.tar"), tmp_path / "from-tars", formats=["wds"])
+    stores = [wds_samples(tmp_path / s) for s in ("from-folder", "from-tars")]
+    assert len(stores[0]) == 5 and stores[0].keys() == stores[1].keys()
+    for key, sample in stores[0].items():
+        for entry in ("stage.npy", "keep.npy", "pixels.npy", "feat.mae.npy", "rel.mae.b2.npy"):
+            np.testing.assert_array_equal(sample[entry], stores[1][key][entry])
+
+    precompute(listing, tmp_path / "from-list", formats=["wds"], limit=2)
+    from_list = wds_samples(tmp_path / "from-list")
+    assert len(from_list) == 2
+    first = next(iter(from_list.values()))
+    assert first["json"]["source"] == str(photos / files[0])
+
+
+def run_cli(*args):
+    result = CliRunner().invoke(cli, list(args))
+    assert result.exit_code == 1 and result.output.splitlines()[-1].startswith("Error: ")
+    assert isinstance(result.exception, SystemExit), "a clear error, not an escaped exception"
+    return result.output
+
+
+def test_cli_errors_are_one_clear_line(photos, tmp_path):
+    base = ["precompute", "--data", str(photos), "--out", str(tmp_path / "s"), "--device", "cpu", "--workers", "0"]
+    assert "unknown teacher role 'mea'" in run_cli(*base, "--teachers", "mea,clip", "--random-init")
+    assert "no weights for teacher(s) mae, clip" in run_cli(*base)
+    assert "expected ROLE.KEY=VALUE" in run_cli(*base, *CLI_TINY, "--model-arg", "depth=3")
+    assert "block 7 is out of range for a 4-block model" in run_cli(*base, *CLI_TINY, "--relation-blocks", "2,7")
+    assert "--weights names deit, which is not among --teachers" in run_cli(*base, *CLI_TINY, "--weights", "deit=hub")
+    assert "no such folder, list file or tar shards" in run_cli(
+        "precompute", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "t"), *CLI_TINY)
+    assert "weight file" in run_cli(*base, "--teachers", "mae", "--weights", f"mae={tmp_path / 'missing.safetensors'}")
+    assert "not an hdistill store" in run_cli("inspect", str(tmp_path))
+
+
+def test_every_command_explains_its_options():
+    for command in ([], ["precompute"], ["inspect"], ["verify"]):
+        result = CliRunner().invoke(cli, [*command, "--help"])
+        assert result.exit_code == 0
+    text = CliRunner().invoke(cli, ["precompute", "--help"]).output
+    for option in ("--teachers", "--model", "--model-arg", "--weights", "--random-init", "--views", "--image-size",
+                   "--relation-blocks", "--mask-ratio", "--store", "--format", "--seed", "--batch-size",
+                   "--device", "--workers", "--shard-size", "--limit", "--rank", "--world-size"):
+        assert option in text
