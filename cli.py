@@ -188,6 +188,66 @@ def precompute(data, out, teachers, models, model_args, weights, random_init, im
 
 
 @cli.command()
+@click.option("--shards", required=True, type=click.Path(exists=True, file_okay=False),
+              help="A complete store made by hdistill precompute.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Run folder: checkpoint, metrics, student.safetensors. A folder with a checkpoint resumes.")
+@click.option("--student", default="vit_base_patch16_224", help="timm ViT name of the student (random init).")
+@click.option("--student-arg", "student_args", multiple=True, metavar="KEY=VALUE",
+              help="timm constructor argument of the student, e.g. depth=6. Repeatable.")
+@click.option("--steps", type=int, default=None, help="Optimiser steps (or give --epochs).")
+@click.option("--epochs", type=float, default=None, help="Epochs over the store; epoch e uses view e mod V.")
+@click.option("--batch-size", default=256, help="Samples per step.")
+@click.option("--lr", type=float, default=None, help="Peak learning rate (default 6e-4 x batch size / 1024).")
+@click.option("--weight-decay", default=0.05)
+@click.option("--warmup-steps", type=int, default=None, help="Linear warm-up steps (default 5% of the steps).")
+@click.option("--clip-grad", default=3.0, help="Gradient norm clipping.")
+@click.option("--alpha", default=1.0, help="Weight of the relation loss.")
+@click.option("--beta", default=2.0, help="SmoothL1 beta.")
+@click.option("--standardize-targets/--raw-targets", default=True,
+              help="Per-token standardisation of the feature targets.")
+@click.option("--feature-teacher", default=None, help="Role whose features are the target (default: CLIP/DeiT/DINO in the store).")
+@click.option("--relation-teacher", default=None, help="Role whose Q K^T is the target (default: the MIM teacher).")
+@click.option("--relation-blocks", default=None, metavar="I,J", help="Stored teacher blocks to distill (default: all stored).")
+@click.option("--student-relation-blocks", default=None, metavar="I,J",
+              help="Student blocks paired with them (default: same offset from the end).")
+@click.option("--mask", default="progressive", type=click.Choice(["progressive", "none", "random"]),
+              help="Tokens the student sees; none and random need a --store full store.")
+@click.option("--seed", default=0)
+@click.option("--shuffle-buffer", default=1000, help="Samples in the shuffle buffer.")
+@click.option("--workers", default=2, help="Loader processes.")
+@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
+@click.option("--log-every", default=10, help="Steps between metrics records.")
+@click.option("--checkpoint-every", default=500, help="Steps between checkpoints.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train(shards, out, student, student_args, steps, epochs, batch_size, lr, weight_decay, warmup_steps, clip_grad,
+          alpha, beta, standardize_targets, feature_teacher, relation_teacher, relation_blocks,
+          student_relation_blocks, mask, seed, shuffle_buffer, workers, device, log_every, checkpoint_every, quiet):
+    """Train a ViT student from a store's targets: no teacher is loaded, no image decoded."""
+    from hdistill.train.run import TrainConfig, TrainRuntime, run_train
+
+    kwargs = {}
+    for value in student_args:
+        key, sep, text = value.partition("=")
+        if not sep or not key:
+            raise HdistillError(f"--student-arg {value!r}: expected KEY=VALUE, e.g. depth=6")
+        kwargs[key] = parse_value(text)
+    cfg = TrainConfig(shards=shards, student=student, student_args=kwargs, steps=steps, epochs=epochs,
+                      batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
+                      clip_grad=clip_grad, alpha=alpha, beta=beta, standardize_targets=standardize_targets,
+                      feature_teacher=feature_teacher, relation_teacher=relation_teacher,
+                      relation_blocks=parse_ints(relation_blocks, "--relation-blocks"),
+                      student_relation_blocks=parse_ints(student_relation_blocks, "--student-relation-blocks"),
+                      mask=mask, seed=seed, shuffle_buffer=shuffle_buffer, workers=workers)
+    rt = TrainRuntime(device=resolve_device(device), log_every=log_every, checkpoint_every=checkpoint_every,
+                      progress=not quiet and sys.stderr.isatty())
+    start = time.time()
+    path = run_train(cfg, out, rt)
+    click.echo(f"train: finished in {time.time() - start:.1f}s; metrics in {out}/metrics.jsonl; "
+               f"student backbone in {path}")
+
+
+@cli.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 def inspect(store):
     """Summarise a store: teachers, targets, views, samples, bytes per view, skipped inputs."""

@@ -40,3 +40,11 @@ def gather_relations(relations: torch.Tensor, tokens: torch.Tensor) -> torch.Ten
     k = tokens.shape[1]
     rows = relations.gather(2, tokens[:, None, :, None].expand(B, H, k, T))  # [B, H, k, T]
     return rows.gather(3, tokens[:, None, None, :].expand(B, H, k, k))       # [B, H, k, k]
+
+
+def split_qk(qkv: torch.Tensor, heads: int, q_norm=None, k_norm=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused qkv projection output [B, T, 3A] -> per-head q, k [B, H, T, d], after q_norm / k_norm."""
+    B, T, _ = qkv.shape
+    qkv = qkv.reshape(B, T, 3, heads, -1).permute(2, 0, 3, 1, 4)  # [3, B, H, T, d]
+    q, k = qkv[0], qkv[1]
+    return (q_norm(q) if q_norm else q), (k_norm(k) if k_norm else k)

@@ -302,6 +302,8 @@ def open_store(store: Path, ident: dict):
             raise HdistillError(f"{store} holds a store made with another configuration ({what}). "
                                 "Use a new --out, or rerun with the original options to resume.")
         return
+    if store.exists() and not store.is_dir():
+        raise HdistillError(f"--out {store} is a file; give a folder for the store")
     if store.exists() and any(p for p in store.iterdir() if not p.name.startswith(".")):
         raise HdistillError(f"--out {store} exists and is not an hdistill store; choose an empty or new folder")
     write_manifest(store, {**ident, "complete": False})

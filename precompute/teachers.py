@@ -30,6 +30,7 @@ from torch import nn
 
 from hdistill.common.errors import HdistillError
 from hdistill.common.specs import TeacherInfo, TokenGrid
+from hdistill.common.tokens import split_qk
 
 
 @dataclass(frozen=True)
@@ -112,10 +113,7 @@ class Teacher(nn.Module):
 
     def split_qk(self, block: int, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Fused projection output [B, T, 3A] -> per-head q, k [B, H, T, d] after q_norm / k_norm."""
-        B, T, _ = qkv.shape
-        qkv = qkv.reshape(B, T, 3, self.info.heads, -1).permute(2, 0, 3, 1, 4)  # [3, B, H, T, d]
-        q_norm, k_norm = self.qk_norms(block)
-        return q_norm(qkv[0]), k_norm(qkv[1])
+        return split_qk(qkv, self.info.heads, *self.qk_norms(block))
 
     def qk(self, block: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head q and k of `block` from its attention input x [B, T, D] -> [B, H, T, d] each."""

@@ -1,0 +1,223 @@
+"""The student trainer: student forward, loss and head grouping against hand computations, the loader's
+mask strategies, resume after SIGKILL, the timm export round trip, and clear errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from test_store import precompute, write_photos
+from hdistill.cli import cli
+from hdistill.common.errors import HdistillError
+from hdistill.train.data import StoreStream, choose_targets, collate, open_store
+from hdistill.train.loss import HybridLoss, LossConfig, group_heads
+from hdistill.train.run import TrainConfig, TrainRuntime, Trainer, run_train
+from hdistill.train.student import build_student
+
+STUDENT = dict(student="vit_base_patch16_224", student_args=dict(depth=3, embed_dim=24, num_heads=6))
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-stores")
+    write_photos(root / "photos", 12, seed=11)
+    precompute(root / "photos", root / "kept", views=2, formats=["wds"])
+    precompute(root / "photos", root / "full", views=2, formats=["wds"], store="full")
+    return root
+
+
+def config(store, **overrides):
+    return TrainConfig(shards=str(store), **{**STUDENT, "steps": 6, "batch_size": 4, "lr": 1e-3, "workers": 0,
+                                             "shuffle_buffer": 8, **overrides})
+
+
+def first_batch(store, mask="progressive"):
+    manifest = open_store(str(store))
+    stream = StoreStream(str(store), manifest, choose_targets(manifest, None, None, None, mask), seed=0,
+                         shuffle_buffer=1)
+    return collate(list(stream)[:4])
+
+
+def smooth_l1(x, y, beta):
+    d = (x - y).abs()
+    return torch.where(d < beta, 0.5 * d * d / beta, d - 0.5 * beta).mean()
+
+
+def test_student_sees_kept_patches_like_a_full_forward_restricted_to_them():
+    student = build_student("vit_base_patch16_224", 64, dict(depth=3, embed_dim=24, num_heads=6)).eval()
+    m = student.model
+    g = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8, generator=g)
+    keep = torch.tensor([[0, 3, 5, 6, 9, 15], [1, 2, 4, 8, 10, 11]])
+    patches = image.reshape(2, 4, 16, 4, 16, 3).permute(0, 1, 3, 2, 4, 5).reshape(2, 16, 16, 16, 3)
+    kept_pixels = torch.stack([patches[b, keep[b]] for b in range(2)])
+    with torch.no_grad():
+        out = student(kept_pixels, keep, relation_blocks=[1, 2])
+        x = (image.permute(0, 3, 1, 2).float() / 255 - student.mean.view(1, 3, 1, 1)) / student.std.view(1, 3, 1, 1)
+        tokens = m.patch_embed(x) + m.pos_embed[:, 1:]                    # conv over the whole image
+        tokens = torch.stack([tokens[b, keep[b]] for b in range(2)])
+        x = torch.cat([m.cls_token.expand(2, -1, -1) + m.pos_embed[:, :1], tokens], 1)
+        relations = {}
+        for i, blk in enumerate(m.blocks):
+            h = blk.norm1(x)
+            q, k, _ = (h @ blk.attn.qkv.weight.T + blk.attn.qkv.bias).split(24, dim=-1)
+            relations[i] = torch.einsum("bqhd,bkhd->bhqk", q.reshape(2, 7, 6, 4), k.reshape(2, 7, 6, 4))
+            x = blk(x)
+        final = m.norm(x)
+    torch.testing.assert_close(out.tokens, final, rtol=1e-5, atol=1e-5)
+    assert sorted(out.relations) == [1, 2]
+    for b in (1, 2):
+        torch.testing.assert_close(out.relations[b], relations[b], rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_heads_equal_the_product_of_concatenated_heads():
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(2, 6, 5, 4, generator=g), torch.randn(2, 6, 5, 4, generator=g)
+    per_head = q @ k.transpose(-2, -1)                                     # [B, 6, T, T]
+    for groups in (1, 2, 3, 6):
+        size = 6 // groups
+        for j in range(groups):
+            qj = torch.cat([q[:, h] for h in range(j * size, (j + 1) * size)], dim=-1)  # one wide head
+            kj = torch.cat([k[:, h] for h in range(j * size, (j + 1) * size)], dim=-1)
+            torch.testing.assert_close(group_heads(per_head, groups)[:, j], qj @ kj.transpose(-2, -1))
+
+
+def test_loss_equals_hand_written_reference_on_a_fixed_batch():
+    g = torch.Generator().manual_seed(2)
+    tokens, feats = torch.randn(3, 8, 24, generator=g), 3 * torch.randn(3, 8, 32, generator=g) + 1
+    s_rel = {1: 4 * torch.randn(3, 6, 8, 8, generator=g), 2: 4 * torch.randn(3, 6, 8, 8, generator=g)}
+    t_rel = {9: 4 * torch.randn(3, 4, 8, 8, generator=g), 10: 4 * torch.randn(3, 4, 8, 8, generator=g)}
+    loss_fn = HybridLoss(24, 32, 6, 4, [(1, 9), (2, 10)], LossConfig(alpha=0.7, beta=2.0))
+    terms = loss_fn(tokens, s_rel, feats, t_rel)
+
+    projected = tokens @ loss_fn.proj.weight.T + loss_fn.proj.bias
+    mean, var = feats.mean(-1, keepdim=True), feats.var(-1, unbiased=False, keepdim=True)
+    feature = smooth_l1(projected, (feats - mean) / torch.sqrt(var + 1e-6), 2.0)
+    # gcd(6, 4) = 2 relation heads: student heads {0,1,2} and {3,4,5}, teacher heads {0,1} and {2,3}
+    relation = sum(smooth_l1(torch.stack([s_rel[s][:, :3].sum(1), s_rel[s][:, 3:].sum(1)], 1),
+                             torch.stack([t_rel[t][:, :2].sum(1), t_rel[t][:, 2:].sum(1)], 1), 2.0)
+                   for s, t in [(1, 9), (2, 10)]) / 2
+    torch.testing.assert_close(terms["loss_feature"], feature)
+    torch.testing.assert_close(terms["loss_relation"], relation)
+    torch.testing.assert_close(terms["loss"], feature + 0.7 * relation)
+    assert set(terms) == {"loss", "loss_feature", "loss_relation"}
+
+
+def test_mask_strategies_from_a_full_store(stores):
+    kept, full = first_batch(stores / "kept"), first_batch(stores / "full")
+    for name in ("pixels", "keep", "features"):
+        torch.testing.assert_close(full[name], kept[name], rtol=0, atol=0)
+    for b in kept["relations"]:
+        torch.testing.assert_close(full["relations"][b], kept["relations"][b], rtol=0, atol=0)
+    none = first_batch(stores / "full", "none")
+    assert none["keep"].shape == (4, 16) and (none["keep"] == torch.arange(16)).all()
+    random_mask = first_batch(stores / "full", "random")
+    assert random_mask["keep"].shape == kept["keep"].shape
+    assert (random_mask["keep"].diff(dim=1) > 0).all() and not torch.equal(random_mask["keep"], kept["keep"])
+
+
+def test_export_loads_in_timm_with_strict_keys(stores, tmp_path):
+    import timm
+    path = run_train(config(stores / "kept", steps=2), str(tmp_path / "run"), TrainRuntime(progress=False))
+    trained = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["student"]
+    model = timm.create_model("vit_base_patch16_224", pretrained=True, img_size=64, num_classes=0,
+                              pretrained_cfg_overlay=dict(file=str(path), num_classes=0), **STUDENT["student_args"])
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, trained[f"model.{name}"], rtol=0, atol=0)
+    timm.create_model("vit_base_patch16_224", pretrained=True, img_size=64, num_classes=10,
+                      pretrained_cfg_overlay=dict(file=str(path), num_classes=0), **STUDENT["student_args"])
+
+
+def train_command(store, out, steps=8):
+    return [sys.executable, "-m", "hdistill", "train", "--shards", str(store), "--out", str(out), "--steps", str(steps),
+            "--batch-size", "4", "--lr", "1e-3", "--workers", "0", "--device", "cpu", "--log-every", "1",
+            "--checkpoint-every", "2", "--shuffle-buffer", "8", "--student", "vit_base_patch16_224",
+            "--student-arg", "depth=3", "--student-arg", "embed_dim=24", "--student-arg", "num_heads=6", "--quiet"]
+
+
+def test_sigkill_then_resume_reaches_the_same_losses(stores, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(train_command(stores / "kept", tmp_path / "ref", 10), check=True, env=env, capture_output=True)
+    reference = [json.loads(line) for line in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(train_command(stores / "kept", out, 10), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+        if len(lines) >= 5:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "student.safetensors").exists(), "the kill should land before the end"
+    subprocess.run(train_command(stores / "kept", out, 10), check=True, env=env, capture_output=True)
+    resumed = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed] == list(range(1, 11))
+    for a, b in zip(resumed, reference):
+        assert (a["loss"], a["loss_feature"], a["loss_relation"], a["lr"]) == \
+            (b["loss"], b["loss_feature"], b["loss_relation"], b["lr"])
+
+
+def test_clear_errors_before_any_step(stores, tmp_path):
+    kept, full = stores / "kept", stores / "full"
+    cases = [
+        (config(kept, mask="random"), "--mask random needs a store made with --store full"),
+        (config(kept, feature_teacher="deit"), "--feature-teacher deit: the store holds features of mae, clip"),
+        (config(kept, relation_blocks=[0]), r"--relation-blocks 0: the store holds relations of mae at blocks \[1, 2\]"),
+        (config(kept, student_args=dict(depth=3, embed_dim=24, num_heads=6, patch_size=8)),
+         "patch grid mismatch.*student vit_base_patch16_224 cuts 64px views into 8x8"),
+        (config(full, steps=None), "exactly one of --steps and --epochs"),
+        (config(kept, student_args=dict(depth=2, embed_dim=24, num_heads=6)),
+         r"student relation blocks \[-3, -2\] do not fit a 2-block student"),
+    ]
+    for cfg, message in cases:
+        with pytest.raises(HdistillError, match=message):
+            Trainer(cfg, str(tmp_path / "x"), TrainRuntime(progress=False))
+
+
+def test_damaged_shard_and_nan_target_are_named(stores, tmp_path):
+    import io
+    import shutil
+    import tarfile
+    store = tmp_path / "store"
+    shutil.copytree(stores / "kept", store)
+    shard = store / "wds" / "view0-000000.tar"
+    shard.write_bytes(shard.read_bytes()[:3000] + b"\x00garbage" * 50)
+    with pytest.raises(HdistillError, match="view0-000000.tar"):
+        run_train(config(store, steps=3), str(tmp_path / "run1"), TrainRuntime(progress=False))
+
+    shutil.rmtree(store)
+    shutil.copytree(stores / "kept", store)
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    poisoned = next(m.name for m, _ in members if m.name.endswith(".feat.clip.npy"))
+    with tarfile.open(shard, "w") as tar:
+        for m, data in members:
+            if m.name == poisoned:
+                arr = np.load(io.BytesIO(data))
+                arr[0, 0] = np.nan
+                buf = io.BytesIO()
+                np.save(buf, arr)
+                data, m.size = buf.getvalue(), len(buf.getvalue())
+            tar.addfile(m, io.BytesIO(data))
+    with pytest.raises(HdistillError, match=rf"view0-000000.tar: sample {poisoned.split('.')[0]}: feat.clip.npy holds NaN"):
+        run_train(config(store, steps=3), str(tmp_path / "run2"), TrainRuntime(progress=False))
+
+
+def test_train_cli(stores, tmp_path):
+    result = CliRunner().invoke(cli, ["train", "--shards", str(stores / "full"), "--out", str(tmp_path / "r"),
+                                      "--steps", "2", "--batch-size", "4", "--workers", "0", "--device", "cpu",
+                                      "--student-arg", "depth=3", "--student-arg", "embed_dim=24",
+                                      "--student-arg", "num_heads=6", "--mask", "none", "--log-every", "1"])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert {"step", "loss", "loss_feature", "loss_relation", "lr", "samples_per_s"} <= set(records[0])

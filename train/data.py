@@ -1,0 +1,182 @@
+"""The loader: stream a store's webdataset shards into batches of student inputs and targets.
+
+Epoch e reads the shards of view e % V only (each epoch sees a different view of every image,
+cycling). Shards are shuffled per epoch from the seed, split by rank, then by DataLoader worker;
+samples pass a seeded shuffle buffer. Only the entries the run needs are decoded.
+
+Mask strategies: "progressive" uses the stored mask (a kept store holds just those tokens; a full
+store is sliced at stage == 0); "none" keeps every patch and "random" keeps a random set of the
+same size as the progressive mask; both need a full store.
+"""
+from __future__ import annotations
+
+import random
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from hdistill.common.errors import HdistillError
+from hdistill.common.specs import MaskSpec
+from hdistill.shards.format import StoreLayout, feat_entry, npy_load, read_manifest, rel_entry
+
+MASKS = ("progressive", "none", "random")
+
+
+@dataclass(frozen=True)
+class TargetChoice:
+    """Which stored targets a run trains against."""
+
+    feature_role: str
+    relation_role: str | None
+    relation_blocks: tuple[int, ...]     # teacher blocks
+    mask: str = "progressive"
+
+
+def open_store(path: str) -> dict:
+    manifest = read_manifest(path)
+    if not manifest.get("complete"):
+        raise HdistillError(f"--shards {path}: the store is not complete; finish its precompute run first")
+    if "wds" not in manifest["config"]["formats"]:
+        raise HdistillError(f"--shards {path}: the store has no webdataset shards (made with --format zarr)")
+    return manifest
+
+
+def choose_targets(manifest: dict, feature_role: str | None, relation_role: str | None,
+                   relation_blocks: list[int] | None, mask: str) -> TargetChoice:
+    """Defaults from the store, checked against what it holds; every refusal names the option."""
+    targets = manifest["targets"]
+    stored_feats, stored_rels = targets["feature_roles"], targets["relation_blocks"]
+    mim = list(stored_rels)
+    if feature_role is None:
+        non_mim = [r for r in stored_feats if r not in mim]
+        feature_role = (non_mim or stored_feats)[0]
+    if feature_role not in stored_feats:
+        raise HdistillError(f"--feature-teacher {feature_role}: the store holds features of "
+                            f"{', '.join(stored_feats)} only")
+    if relation_role is None and mim:
+        relation_role = mim[0]
+    blocks: tuple[int, ...] = ()
+    if relation_role is not None:
+        if relation_role not in stored_rels:
+            raise HdistillError(f"--relation-teacher {relation_role}: the store holds relations of "
+                                f"{', '.join(stored_rels) or 'no teacher'}")
+        available = stored_rels[relation_role]
+        blocks = tuple(available if relation_blocks is None else relation_blocks)
+        missing = [b for b in blocks if b not in available]
+        if missing:
+            raise HdistillError(f"--relation-blocks {','.join(map(str, blocks))}: the store holds relations of "
+                                f"{relation_role} at blocks {available} only")
+    if mask not in MASKS:
+        raise HdistillError(f"--mask {mask!r}: choose one of {', '.join(MASKS)}")
+    if mask != "progressive" and manifest["config"]["store"] != "full":
+        raise HdistillError(f"--mask {mask} needs a store made with --store full; this one holds only the "
+                            "progressive mask's tokens (--store kept)")
+    return TargetChoice(feature_role, relation_role, blocks, mask)
+
+
+def kept_count(layout: StoreLayout, manifest: dict) -> int:
+    """Patches per sample the student sees under the progressive mask."""
+    mask = manifest["targets"]["mask"]
+    return MaskSpec(ratio=mask["ratio"], blocks=tuple(mask["blocks"])).kept_counts(layout.num_patches)[-1]
+
+
+def shard_urls(store: str, manifest: dict, view: int) -> list[str]:
+    return [str(Path(store) / s["file"]) for s in manifest["shards"] if s["view"] == view and s["samples"]]
+
+
+class StoreStream(torch.utils.data.IterableDataset):
+    """Samples of one epoch, this rank's and this worker's share, shuffled; a dict of numpy arrays each."""
+
+    def __init__(self, store: str, manifest: dict, choice: TargetChoice, seed: int, shuffle_buffer: int = 1000,
+                 rank: int = 0, world_size: int = 1):
+        self.store, self.manifest, self.choice, self.seed = store, manifest, choice, seed
+        self.layout = StoreLayout.from_dict(manifest["layout"])
+        self.shuffle_buffer, self.rank, self.world_size = shuffle_buffer, rank, world_size
+        self.full = manifest["config"]["store"] == "full"
+        self.n_keep = kept_count(self.layout, manifest)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def urls(self) -> list[str]:
+        urls = shard_urls(self.store, self.manifest, self.epoch % self.layout.views)
+        random.Random(f"{self.seed}-{self.epoch}").shuffle(urls)
+        urls = urls[self.rank::self.world_size]
+        info = torch.utils.data.get_worker_info()
+        return urls[info.id::info.num_workers] if info else urls
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{info.id if info else 0}")
+        buffer = []
+        for sample in self._samples():
+            if "error" in sample:
+                yield sample
+                return
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append(sample)
+                continue
+            i = rng.randrange(len(buffer))
+            buffer[i], sample = sample, buffer[i]
+            yield sample
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def _samples(self):
+        for url in self.urls():
+            try:
+                for raw in wds.WebDataset(url, shardshuffle=False, handler=wds.reraise_exception):
+                    yield self.decode(url, raw)
+            except HdistillError as err:
+                yield {"error": str(err)}
+            except Exception as err:  # noqa: BLE001 - any failure to read a shard is reported with its name
+                yield {"error": f"{url}: unreadable shard ({type(err).__name__}: {err}); run hdistill verify"}
+
+    def decode(self, url: str, raw: dict) -> dict:
+        key = raw["__key__"]
+        c = self.choice
+        try:
+            stage, keep, pixels = (npy_load(raw[e]) for e in ("stage.npy", "keep.npy", "pixels.npy"))
+            features = npy_load(raw[feat_entry(c.feature_role)])
+            relations = {b: npy_load(raw[rel_entry(c.relation_role, b)]) for b in c.relation_blocks}
+        except (KeyError, ValueError) as err:
+            raise HdistillError(f"{url}: sample {key}: missing or damaged entry ({err})") from None
+        for name, arr in [(feat_entry(c.feature_role), features),
+                          *((rel_entry(c.relation_role, b), a) for b, a in relations.items())]:
+            if not np.isfinite(arr).all():
+                raise HdistillError(f"{url}: sample {key}: {name} holds NaN or Inf")
+        sel = self.select(key, stage)                                          # positions into stored patches
+        tokens = np.concatenate([[0], sel + 1])                                # [1+n]
+        return {"pixels": pixels[sel], "keep": keep[sel].astype(np.int64), "features": features[tokens],
+                "relations": {b: a[:, tokens][:, :, tokens] for b, a in relations.items()}}
+
+    def select(self, key: str, stage: np.ndarray) -> np.ndarray:
+        if not self.full:
+            return np.arange(self.n_keep)
+        if self.choice.mask == "progressive":
+            return np.flatnonzero(stage == 0)
+        if self.choice.mask == "none":
+            return np.arange(len(stage))
+        rng = np.random.default_rng([self.seed, self.epoch, zlib.crc32(key.encode())])
+        return np.sort(rng.choice(len(stage), size=self.n_keep, replace=False))
+
+
+def collate(samples: list[dict]) -> dict:
+    errors = [s["error"] for s in samples if "error" in s]
+    if errors:
+        return {"error": errors[0]}
+    return {"pixels": torch.from_numpy(np.stack([s["pixels"] for s in samples])),
+            "keep": torch.from_numpy(np.stack([s["keep"] for s in samples])),
+            "features": torch.from_numpy(np.stack([s["features"] for s in samples])),
+            "relations": {b: torch.from_numpy(np.stack([s["relations"][b] for s in samples]))
+                          for b in samples[0]["relations"]}}
+
+
+def epoch_samples(manifest: dict, epoch: int) -> int:
+    view = epoch % manifest["layout"]["views"]
+    return sum(s["samples"] for s in manifest["shards"] if s["view"] == view)

@@ -1,0 +1,297 @@
+"""`hdistill train`: the student's training loop, from stored targets only (no teacher is loaded).
+
+Optimiser and schedule follow the paper (Sec. 4.1, dBOT settings): AdamW, lr 6e-4 at batch 1024
+scaled linearly, weight decay 0.05, linear warm-up then cosine decay, gradient clipping.
+The run counts steps; `--epochs` converts to steps from the store's sample count.
+
+RUN/
+  checkpoint.pt        complete state, written atomically every --checkpoint-every steps
+  metrics.jsonl        one JSON object per logged step
+  student.safetensors  the backbone, loadable by timm (written at the end)
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from hdistill.common.errors import HdistillError
+from hdistill.common.specs import TokenGrid, check_same_grid
+from hdistill.shards.atomic import atomic_open
+from hdistill.shards.format import StoreLayout
+
+from .data import StoreStream, choose_targets, collate, epoch_samples, open_store
+from .loss import HybridLoss, LossConfig
+from .student import Student, build_student
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+EXPORT = "student.safetensors"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a run's result; a run directory only resumes with an equal config."""
+
+    shards: str
+    student: str = "vit_base_patch16_224"
+    student_args: dict = field(default_factory=dict)
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 256
+    lr: float | None = None              # default: 6e-4 * batch_size / 1024
+    weight_decay: float = 0.05
+    warmup_steps: int | None = None      # default: 5% of the steps
+    clip_grad: float = 3.0
+    alpha: float = 1.0
+    beta: float = 2.0
+    standardize_targets: bool = True
+    feature_teacher: str | None = None
+    relation_teacher: str | None = None
+    relation_blocks: list[int] | None = None
+    student_relation_blocks: list[int] | None = None
+    mask: str = "progressive"
+    seed: int = 0
+    shuffle_buffer: int = 1000
+    workers: int = 2
+
+
+@dataclass
+class TrainRuntime:
+    device: str = "cpu"
+    log_every: int = 10
+    checkpoint_every: int = 500
+    progress: bool = True
+
+
+def base_lr(cfg: TrainConfig) -> float:
+    return cfg.lr if cfg.lr is not None else 6e-4 * cfg.batch_size / 1024
+
+
+def total_steps(cfg: TrainConfig, manifest: dict) -> int:
+    if (cfg.steps is None) == (cfg.epochs is None):
+        raise HdistillError("give exactly one of --steps and --epochs")
+    if cfg.steps is not None:
+        return cfg.steps
+    full, frac = int(cfg.epochs), cfg.epochs - int(cfg.epochs)
+    samples = sum(epoch_samples(manifest, e) for e in range(full)) + frac * epoch_samples(manifest, full)
+    return max(1, int(samples // cfg.batch_size))
+
+
+def lr_factor(step: int, steps: int, warmup: int) -> float:
+    """Linear warm-up from 0, then cosine decay to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def param_groups(modules: list[torch.nn.Module], weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms, position embeddings and the CLS token (timm's convention)."""
+    decay, no_decay = [], []
+    for module in modules:
+        for name, p in module.named_parameters():
+            skip = p.ndim <= 1 or name.endswith((".bias", "pos_embed", "cls_token"))
+            (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def student_blocks(cfg: TrainConfig, teacher_blocks: tuple[int, ...], teacher_depth: int, student: Student):
+    """Student relation blocks: as given, else the same offset from the end as the teacher's."""
+    blocks = cfg.student_relation_blocks or [b - teacher_depth for b in teacher_blocks]
+    resolved = [b + student.depth if b < 0 else b for b in blocks]
+    if len(resolved) != len(teacher_blocks) or not all(0 <= b < student.depth for b in resolved):
+        raise HdistillError(f"student relation blocks {blocks} do not fit a {student.depth}-block student "
+                            f"paired with teacher blocks {list(teacher_blocks)}")
+    return resolved
+
+
+class Trainer:
+    """Builds the student, loss, optimiser and loader from a store, then runs steps."""
+
+    def __init__(self, cfg: TrainConfig, out: str, rt: TrainRuntime):
+        self.cfg, self.out, self.rt = cfg, Path(out), rt
+        self.manifest = open_store(cfg.shards)
+        layout = StoreLayout.from_dict(self.manifest["layout"])
+        self.choice = choose_targets(self.manifest, cfg.feature_teacher, cfg.relation_teacher,
+                                     cfg.relation_blocks, cfg.mask)
+        self.steps = total_steps(cfg, self.manifest)
+        self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, self.steps // 20)
+        _seed_everything(cfg.seed)
+        self.student = build_student(cfg.student, layout.image_size, cfg.student_args).to(rt.device)
+        check_same_grid({f"the store ({self.manifest['config']['data']})": TokenGrid(layout.image_size,
+                                                                                    layout.patch_size),
+                         f"student {cfg.student}": self.student.grid})
+        teachers = {t["role"]: t for t in self.manifest["teachers"]}
+        feat_t = teachers[self.choice.feature_role]
+        rel_t = teachers.get(self.choice.relation_role)
+        self.pairs = list(zip(student_blocks(cfg, self.choice.relation_blocks, rel_t["depth"], self.student),
+                              self.choice.relation_blocks)) if rel_t else []
+        self.loss_fn = HybridLoss(self.student.width, feat_t["width"], self.student.heads,
+                                  rel_t["heads"] if rel_t else 1, self.pairs,
+                                  LossConfig(cfg.alpha, cfg.beta, cfg.standardize_targets)).to(rt.device)
+        cuda = rt.device.startswith("cuda")
+        self.optimizer = torch.optim.AdamW(param_groups([self.student, self.loss_fn], cfg.weight_decay),
+                                           lr=base_lr(cfg), betas=(0.9, 0.95), fused=cuda or None)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.steps, self.warmup))
+        self.stream = StoreStream(cfg.shards, self.manifest, self.choice, cfg.seed, cfg.shuffle_buffer)
+        self.step, self.epoch, self.epoch_batches = 0, 0, 0
+
+    # ---------------------------------------------------------------- state
+
+    def state(self) -> dict:
+        return {"config": asdict(self.cfg), "step": self.step, "epoch": self.epoch,
+                "epoch_batches": self.epoch_batches, "student": self.student.state_dict(),
+                "loss": self.loss_fn.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                        "python": random.getstate()}}
+
+    def save(self):
+        with atomic_open(self.out / CHECKPOINT) as f:
+            torch.save(self.state(), f)
+
+    def resume(self) -> bool:
+        path = self.out / CHECKPOINT
+        if not path.exists():
+            return False
+        state = torch.load(path, map_location=self.rt.device, weights_only=False)
+        if json.loads(json.dumps(state["config"])) != json.loads(json.dumps(asdict(self.cfg))):
+            old, new = state["config"], asdict(self.cfg)
+            diff = [k for k in new if old.get(k) != new[k]]
+            raise HdistillError(f"{self.out} holds a run with other options ({', '.join('--' + d.replace('_', '-') for d in diff)}); "
+                                "use a new --out or the original options to resume")
+        self.student.load_state_dict(state["student"])
+        self.loss_fn.load_state_dict(state["loss"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.epoch, self.epoch_batches = state["step"], state["epoch"], state["epoch_batches"]
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        return True
+
+    # ---------------------------------------------------------------- data
+
+    def batches(self):
+        """Endless batches, epoch after epoch, starting at the saved position."""
+        while True:
+            self.stream.set_epoch(self.epoch)
+            loader = torch.utils.data.DataLoader(
+                self.stream, batch_size=self.cfg.batch_size, collate_fn=collate, drop_last=False,
+                num_workers=self.cfg.workers, pin_memory=self.rt.device.startswith("cuda"))
+            produced = 0
+            for i, batch in enumerate(loader):
+                if "error" in batch:
+                    raise HdistillError(batch["error"])
+                if len(batch["keep"]) < self.cfg.batch_size:
+                    continue  # a worker's last, short batch (checked for errors first, so none is lost)
+                if i < self.epoch_batches:
+                    continue  # resuming inside this epoch
+                self.epoch_batches = i + 1
+                produced += 1
+                yield batch
+            if produced == 0 and self.epoch_batches == 0:
+                raise HdistillError(f"--batch-size {self.cfg.batch_size} is larger than epoch {self.epoch}'s "
+                                    f"{epoch_samples(self.manifest, self.epoch)} samples")
+            self.epoch, self.epoch_batches = self.epoch + 1, 0
+
+    # ---------------------------------------------------------------- steps
+
+    def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        dev = self.rt.device
+        to = lambda t: t.to(dev, non_blocking=True)  # noqa: E731
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.startswith("cuda"))
+        with autocast:
+            out = self.student(to(batch["pixels"]), to(batch["keep"]), [s for s, _ in self.pairs])
+            terms = self.loss_fn(out.tokens, out.relations, to(batch["features"]),
+                                 {b: to(r) for b, r in batch["relations"].items()})
+        if not torch.isfinite(terms["loss"]):
+            raise HdistillError(f"the loss became {terms['loss'].item()} at step {self.step}; lower --lr or check "
+                                "the store with hdistill verify")
+        self.optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                       self.cfg.clip_grad)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return terms
+
+    def run(self) -> Path:
+        self.out.mkdir(parents=True, exist_ok=True)
+        resumed = self.resume()
+        metrics = _MetricsLog(self.out / METRICS, keep_until=self.step if resumed else 0)
+        bar = tqdm(total=self.steps, initial=self.step, unit="step", disable=not self.rt.progress)
+        data, last_time, last_step = self.batches(), time.perf_counter(), self.step
+        try:
+            while self.step < self.steps:
+                lr = self.optimizer.param_groups[0]["lr"]
+                terms = self.train_step(next(data))
+                bar.update(1)
+                if self.step % self.rt.log_every == 0 or self.step == self.steps:
+                    now = time.perf_counter()
+                    rate = (self.step - last_step) * self.cfg.batch_size / max(now - last_time, 1e-9)
+                    record = {"step": self.step, "epoch": self.epoch, "lr": lr, "samples_per_s": rate,
+                              **{k: v.item() for k, v in terms.items()}}
+                    metrics.write(record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+                    last_time, last_step = now, self.step
+                if self.step % self.rt.checkpoint_every == 0 or self.step == self.steps:
+                    self.save()
+        finally:
+            bar.close()
+            metrics.close()
+        return export_student(self.student, self.out / EXPORT)
+
+
+class _MetricsLog:
+    """metrics.jsonl, and TensorBoard scalars; on resume, records after the checkpoint's step are dropped."""
+
+    def __init__(self, path: Path, keep_until: int):
+        kept = []
+        if path.exists() and keep_until:
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= keep_until]
+        path.write_text("".join(line + "\n" for line in kept))
+        self.file = open(path, "a")
+        from torch.utils.tensorboard import SummaryWriter
+        self.tb = SummaryWriter(str(path.parent / "tensorboard"), purge_step=keep_until + 1 if keep_until else None)
+
+    def write(self, record: dict):
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        for key, value in record.items():
+            if key != "step":
+                self.tb.add_scalar(f"train/{key}", value, record["step"])
+
+    def close(self):
+        self.file.close()
+        self.tb.close()
+
+
+def export_student(student: Student, path: Path) -> Path:
+    """The backbone's state dict (no classifier), atomically, for timm's pretrained path."""
+    from safetensors.torch import save
+
+    state = {k: v.detach().cpu().contiguous() for k, v in student.model.state_dict().items()}
+    with atomic_open(path) as f:
+        f.write(save(state, metadata={"timm_model": student.name, "format": "pt"}))
+    return path
+
+
+def _seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run_train(cfg: TrainConfig, out: str, rt: TrainRuntime) -> Path:
+    return Trainer(cfg, out, rt).run()

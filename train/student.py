@@ -1,0 +1,105 @@
+"""The student: any timm ViT, randomly initialised, fed CLS plus the kept patches only.
+
+Like the MAE encoder, the student embeds only the stored (kept) patches: the patch embedding
+is applied to their exact pixels and the position embeddings are gathered at their indices.
+Q K^T at the relation blocks is taken from each block's own qkv Linear output by a hook, so
+every block still runs fused attention (SDPA).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hdistill.common.errors import HdistillError
+from hdistill.common.specs import TokenGrid
+from hdistill.common.tokens import gather_rows, split_qk
+
+
+@dataclass
+class StudentOutput:
+    """tokens: last block after the final norm [B, 1+n, D]; relations: block -> raw Q K^T [B, H, 1+n, 1+n]."""
+
+    tokens: torch.Tensor
+    relations: dict[int, torch.Tensor]
+
+
+class Student(nn.Module):
+    def __init__(self, name: str, model: nn.Module, image_size: int):
+        super().__init__()
+        self.name, self.model, self.image_size = name, model, image_size
+        cfg = model.pretrained_cfg
+        self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 1, 3, 1, 1),
+                             persistent=False)
+
+    @property
+    def depth(self) -> int:
+        return len(self.model.blocks)
+
+    @property
+    def heads(self) -> int:
+        return self.model.blocks[0].attn.num_heads
+
+    @property
+    def width(self) -> int:
+        return self.model.embed_dim
+
+    @property
+    def grid(self) -> TokenGrid:
+        return TokenGrid(self.image_size, self.model.patch_embed.patch_size[0])
+
+    def embed(self, pixels: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
+        """uint8 kept patches [B, n, P, P, 3] + their indices [B, n] -> tokens [B, 1+n, D] with positions."""
+        m = self.model
+        x = pixels.permute(0, 1, 4, 2, 3).float().div(255)                 # [B, n, 3, P, P]
+        x = ((x - self.mean) / self.std).flatten(2)                          # [B, n, 3*P*P]
+        proj = m.patch_embed.proj                                           # Conv2d with kernel = stride = P
+        x = m.patch_embed.norm(F.linear(x, proj.weight.flatten(1), proj.bias))  # [B, n, D]
+        pos = m.pos_embed.expand(x.shape[0], -1, -1)                         # [B, 1+N, D]
+        x = x + gather_rows(pos[:, 1:], keep_idx)
+        cls = m.cls_token.expand(x.shape[0], -1, -1) + pos[:, :1]
+        return torch.cat([cls, x], dim=1)
+
+    def forward(self, pixels: torch.Tensor, keep_idx: torch.Tensor, relation_blocks=()) -> StudentOutput:
+        m = self.model
+        relations: dict[int, torch.Tensor] = {}
+        handles = []
+        for b in relation_blocks:
+            attn = m.blocks[b].attn
+
+            def hook(_mod, _args, qkv, b=b, attn=attn):
+                q, k = split_qk(qkv, attn.num_heads, attn.q_norm, attn.k_norm)
+                relations[b] = q.float() @ k.float().transpose(-2, -1)     # [B, H, 1+n, 1+n]
+            handles.append(attn.qkv.register_forward_hook(hook))
+        try:
+            x = m.norm_pre(self.embed(pixels, keep_idx))
+            x = m.blocks(x)
+            tokens = m.norm(x)
+        finally:
+            for h in handles:
+                h.remove()
+        return StudentOutput(tokens=tokens, relations=relations)
+
+
+def build_student(name: str, image_size: int, kwargs: dict | None = None) -> Student:
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    arch = name.split(".")[0]
+    if not timm.is_model(arch):
+        raise HdistillError(f"--student: unknown timm model {name!r}")
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=0, img_size=image_size, **(kwargs or {}))
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise HdistillError(f"--student {name} with {kwargs or {}}: {err}") from None
+    if not isinstance(model, VisionTransformer) or model.cls_token is None or model.num_prefix_tokens != 1 \
+            or getattr(model, "no_embed_class", False) or getattr(model, "dynamic_img_size", False):
+        raise HdistillError(f"--student {name}: hdistill trains timm VisionTransformers with one CLS token, "
+                            "a learned position embedding for it, and a fixed image size")
+    if not all(hasattr(b.attn, "qkv") for b in model.blocks):
+        raise HdistillError(f"--student {name}: its attention has no fused qkv projection to take Q K^T from")
+    return Student(name, model, image_size)
