@@ -243,8 +243,9 @@ def train(shards, out, student, student_args, steps, epochs, batch_size, lr, wei
                       progress=not quiet and sys.stderr.isatty())
     start = time.time()
     path = run_train(cfg, out, rt)
-    click.echo(f"train: finished in {time.time() - start:.1f}s; metrics in {out}/metrics.jsonl; "
-               f"student backbone in {path}")
+    if int(os.environ.get("RANK", 0)) == 0:
+        click.echo(f"train: finished in {time.time() - start:.1f}s; metrics in {out}/metrics.jsonl; "
+                   f"student backbone in {path}")
 
 
 @cli.command()

@@ -130,7 +130,9 @@ class StoreStream(torch.utils.data.IterableDataset):
     def _samples(self):
         for url in self.urls():
             try:
-                for raw in wds.WebDataset(url, shardshuffle=False, handler=wds.reraise_exception):
+                # one url, already split by rank and worker above: webdataset must not split again
+                for raw in wds.WebDataset(url, shardshuffle=False, handler=wds.reraise_exception,
+                                          nodesplitter=_as_is, workersplitter=_as_is):
                     yield self.decode(url, raw)
             except HdistillError as err:
                 yield {"error": str(err)}
@@ -164,6 +166,10 @@ class StoreStream(torch.utils.data.IterableDataset):
             return np.arange(len(stage))
         rng = np.random.default_rng([self.seed, self.epoch, zlib.crc32(key.encode())])
         return np.sort(rng.choice(len(stage), size=self.n_keep, replace=False))
+
+
+def _as_is(urls):
+    return urls
 
 
 def collate(samples: list[dict]) -> dict:

@@ -28,6 +28,7 @@ from hdistill.shards.atomic import atomic_open
 from hdistill.shards.format import StoreLayout
 
 from .data import StoreStream, choose_targets, collate, epoch_samples, open_store
+from .dist import barrier, gather, init_distributed, mean_over_ranks
 from .loss import HybridLoss, LossConfig
 from .student import Student, build_student
 
@@ -113,11 +114,32 @@ def student_blocks(cfg: TrainConfig, teacher_blocks: tuple[int, ...], teacher_de
     return resolved
 
 
+class Distiller(torch.nn.Module):
+    """Student + loss as one module, so DDP sees every trained parameter (the projection too)."""
+
+    def __init__(self, student: Student, loss_fn: HybridLoss):
+        super().__init__()
+        self.student, self.loss_fn = student, loss_fn
+
+    def forward(self, pixels, keep, features, relations) -> dict[str, torch.Tensor]:
+        out = self.student(pixels, keep, [s for s, _ in self.loss_fn.relation_pairs])
+        return self.loss_fn(out.tokens, out.relations, features, relations)
+
+
 class Trainer:
-    """Builds the student, loss, optimiser and loader from a store, then runs steps."""
+    """Builds the student, loss, optimiser and loader from a store, then runs steps.
+
+    Under torchrun each rank reads its share of the shards and takes --batch-size / world_size
+    samples a step; the checkpoint keeps every rank's data position; rank 0 writes the files.
+    """
 
     def __init__(self, cfg: TrainConfig, out: str, rt: TrainRuntime):
-        self.cfg, self.out, self.rt = cfg, Path(out), rt
+        self.cfg, self.out = cfg, Path(out)
+        self.dist, device = init_distributed(rt.device)
+        self.rt = rt = TrainRuntime(device, rt.log_every, rt.checkpoint_every, rt.progress and self.dist.main)
+        if cfg.batch_size % self.dist.world_size:
+            raise HdistillError(f"--batch-size {cfg.batch_size} is not divisible by the {self.dist.world_size} ranks")
+        self.local_batch = cfg.batch_size // self.dist.world_size
         self.manifest = open_store(cfg.shards)
         layout = StoreLayout.from_dict(self.manifest["layout"])
         self.choice = choose_targets(self.manifest, cfg.feature_teacher, cfg.relation_teacher,
@@ -142,22 +164,30 @@ class Trainer:
                                            lr=base_lr(cfg), betas=(0.9, 0.95), fused=cuda or None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.steps, self.warmup))
-        self.stream = StoreStream(cfg.shards, self.manifest, self.choice, cfg.seed, cfg.shuffle_buffer)
+        self.model = Distiller(self.student, self.loss_fn)
+        self.ddp = self.model if self.dist.world_size == 1 else torch.nn.parallel.DistributedDataParallel(
+            self.model, device_ids=[device] if cuda else None)
+        self.stream = StoreStream(cfg.shards, self.manifest, self.choice, cfg.seed, cfg.shuffle_buffer,
+                                  self.dist.rank, self.dist.world_size)
         self.step, self.epoch, self.epoch_batches = 0, 0, 0
 
     # ---------------------------------------------------------------- state
 
     def state(self) -> dict:
-        return {"config": asdict(self.cfg), "step": self.step, "epoch": self.epoch,
-                "epoch_batches": self.epoch_batches, "student": self.student.state_dict(),
+        """Collective under DDP: gathers every rank's data position."""
+        return {"config": asdict(self.cfg), "step": self.step, "world_size": self.dist.world_size,
+                "positions": gather((self.epoch, self.epoch_batches), self.dist), "student": self.student.state_dict(),
                 "loss": self.loss_fn.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                         "python": random.getstate()}}
 
     def save(self):
-        with atomic_open(self.out / CHECKPOINT) as f:
-            torch.save(self.state(), f)
+        state = self.state()
+        if self.dist.main:
+            with atomic_open(self.out / CHECKPOINT) as f:
+                torch.save(state, f)
+        barrier(self.dist)
 
     def resume(self) -> bool:
         path = self.out / CHECKPOINT
@@ -173,7 +203,10 @@ class Trainer:
         self.loss_fn.load_state_dict(state["loss"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.epoch, self.epoch_batches = state["step"], state["epoch"], state["epoch_batches"]
+        if state["world_size"] != self.dist.world_size:
+            raise HdistillError(f"{path} was written by {state['world_size']} ranks; resume it with as many")
+        self.step = state["step"]
+        self.epoch, self.epoch_batches = state["positions"][self.dist.rank]
         torch.set_rng_state(state["rng"]["torch"].cpu())
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
@@ -186,13 +219,13 @@ class Trainer:
         while True:
             self.stream.set_epoch(self.epoch)
             loader = torch.utils.data.DataLoader(
-                self.stream, batch_size=self.cfg.batch_size, collate_fn=collate, drop_last=False,
+                self.stream, batch_size=self.local_batch, collate_fn=collate, drop_last=False,
                 num_workers=self.cfg.workers, pin_memory=self.rt.device.startswith("cuda"))
             produced = 0
             for i, batch in enumerate(loader):
                 if "error" in batch:
                     raise HdistillError(batch["error"])
-                if len(batch["keep"]) < self.cfg.batch_size:
+                if len(batch["keep"]) < self.local_batch:
                     continue  # a worker's last, short batch (checked for errors first, so none is lost)
                 if i < self.epoch_batches:
                     continue  # resuming inside this epoch
@@ -200,8 +233,9 @@ class Trainer:
                 produced += 1
                 yield batch
             if produced == 0 and self.epoch_batches == 0:
-                raise HdistillError(f"--batch-size {self.cfg.batch_size} is larger than epoch {self.epoch}'s "
-                                    f"{epoch_samples(self.manifest, self.epoch)} samples")
+                raise HdistillError(f"--batch-size {self.cfg.batch_size} over {self.dist.world_size} rank(s) leaves "
+                                    f"rank {self.dist.rank} no full batch in epoch {self.epoch} "
+                                    f"({epoch_samples(self.manifest, self.epoch)} samples)")
             self.epoch, self.epoch_batches = self.epoch + 1, 0
 
     # ---------------------------------------------------------------- steps
@@ -211,9 +245,8 @@ class Trainer:
         to = lambda t: t.to(dev, non_blocking=True)  # noqa: E731
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.startswith("cuda"))
         with autocast:
-            out = self.student(to(batch["pixels"]), to(batch["keep"]), [s for s, _ in self.pairs])
-            terms = self.loss_fn(out.tokens, out.relations, to(batch["features"]),
-                                 {b: to(r) for b, r in batch["relations"].items()})
+            terms = self.ddp(to(batch["pixels"]), to(batch["keep"]), to(batch["features"]),
+                             {b: to(r) for b, r in batch["relations"].items()})
         if not torch.isfinite(terms["loss"]):
             raise HdistillError(f"the loss became {terms['loss'].item()} at step {self.step}; lower --lr or check "
                                 "the store with hdistill verify")
@@ -229,7 +262,7 @@ class Trainer:
     def run(self) -> Path:
         self.out.mkdir(parents=True, exist_ok=True)
         resumed = self.resume()
-        metrics = _MetricsLog(self.out / METRICS, keep_until=self.step if resumed else 0)
+        metrics = _MetricsLog(self.out / METRICS, keep_until=self.step if resumed else 0) if self.dist.main else None
         bar = tqdm(total=self.steps, initial=self.step, unit="step", disable=not self.rt.progress)
         data, last_time, last_step = self.batches(), time.perf_counter(), self.step
         try:
@@ -238,19 +271,24 @@ class Trainer:
                 terms = self.train_step(next(data))
                 bar.update(1)
                 if self.step % self.rt.log_every == 0 or self.step == self.steps:
+                    losses = mean_over_ranks(terms, self.dist)
                     now = time.perf_counter()
                     rate = (self.step - last_step) * self.cfg.batch_size / max(now - last_time, 1e-9)
-                    record = {"step": self.step, "epoch": self.epoch, "lr": lr, "samples_per_s": rate,
-                              **{k: v.item() for k, v in terms.items()}}
-                    metrics.write(record)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+                    if metrics:
+                        metrics.write({"step": self.step, "epoch": self.epoch, "lr": lr, "samples_per_s": rate,
+                                       **losses})
+                    bar.set_postfix(loss=f"{losses['loss']:.4f}", refresh=False)
                     last_time, last_step = now, self.step
                 if self.step % self.rt.checkpoint_every == 0 or self.step == self.steps:
                     self.save()
         finally:
             bar.close()
-            metrics.close()
-        return export_student(self.student, self.out / EXPORT)
+            if metrics:
+                metrics.close()
+        if self.dist.main:
+            export_student(self.student, self.out / EXPORT)
+        barrier(self.dist)
+        return self.out / EXPORT
 
 
 class _MetricsLog:
