@@ -219,10 +219,13 @@ def precompute(data, out, teachers, models, model_args, weights, random_init, im
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 @click.option("--log-every", default=10, help="Steps between metrics records.")
 @click.option("--checkpoint-every", default=500, help="Steps between checkpoints.")
+@click.option("--online", is_flag=True,
+              help="Compute the same targets live with the store's teachers (baseline and correctness reference).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(shards, out, student, student_args, steps, epochs, batch_size, lr, weight_decay, warmup_steps, clip_grad,
           alpha, beta, standardize_targets, feature_teacher, relation_teacher, relation_blocks,
-          student_relation_blocks, mask, seed, shuffle_buffer, workers, device, log_every, checkpoint_every, quiet):
+          student_relation_blocks, mask, seed, shuffle_buffer, workers, device, log_every, checkpoint_every, online,
+          quiet):
     """Train a ViT student from a store's targets: no teacher is loaded, no image decoded."""
     from hdistill.train.run import TrainConfig, TrainRuntime, run_train
 
@@ -242,7 +245,10 @@ def train(shards, out, student, student_args, steps, epochs, batch_size, lr, wei
     rt = TrainRuntime(device=resolve_device(device), log_every=log_every, checkpoint_every=checkpoint_every,
                       progress=not quiet and sys.stderr.isatty())
     start = time.time()
-    path = run_train(cfg, out, rt)
+    source = None
+    if online:
+        from hdistill.online import LiveTargets as source
+    path = run_train(cfg, out, rt, source)
     if int(os.environ.get("RANK", 0)) == 0:
         click.echo(f"train: finished in {time.time() - start:.1f}s; metrics in {out}/metrics.jsonl; "
                    f"student backbone in {path}")

@@ -244,3 +244,18 @@ def test_two_process_ddp_tracks_a_single_process_run(stores, tmp_path):
     assert two[-1]["loss"] < two[0]["loss"]
     state = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)
     assert state["world_size"] == 2 and len(state["positions"]) == 2
+
+
+@pytest.mark.parametrize("store,mask", [("kept", "progressive"), ("full", "random")])
+def test_online_and_offline_give_the_same_losses(stores, tmp_path, store, mask):
+    from hdistill.online import LiveTargets
+    cfg = config(stores / store, steps=20, mask=mask)
+    run_train(cfg, str(tmp_path / "off"), TrainRuntime(progress=False, log_every=1))
+    run_train(cfg, str(tmp_path / "on"), TrainRuntime(progress=False, log_every=1), source=LiveTargets)
+    off, on = ([json.loads(line) for line in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
+               for r in ("off", "on"))
+    assert len(off) == len(on) == 20
+    for a, b in zip(off, on):
+        for term in ("loss", "loss_feature", "loss_relation"):
+            # stored targets are float16 (relative rounding 4.9e-4), online ones float32
+            assert b[term] == pytest.approx(a[term], rel=2e-3, abs=1e-6), (a["step"], term)

@@ -103,6 +103,10 @@ class StoreStream(torch.utils.data.IterableDataset):
     def set_epoch(self, epoch: int):
         self.epoch = epoch
 
+    def shard_records(self) -> dict[str, dict]:
+        """url -> the manifest's record of that shard."""
+        return {str(Path(self.store) / s["file"]): s for s in self.manifest["shards"] if "file" in s}
+
     def urls(self) -> list[str]:
         urls = shard_urls(self.store, self.manifest, self.epoch % self.layout.views)
         random.Random(f"{self.seed}-{self.epoch}").shuffle(urls)
@@ -152,20 +156,22 @@ class StoreStream(torch.utils.data.IterableDataset):
                           *((rel_entry(c.relation_role, b), a) for b, a in relations.items())]:
             if not np.isfinite(arr).all():
                 raise HdistillError(f"{url}: sample {key}: {name} holds NaN or Inf")
-        sel = self.select(key, stage)                                          # positions into stored patches
+        sel = np.arange(self.n_keep) if not self.full else \
+            select_patches(self.choice.mask, stage, key, self.seed, self.epoch, self.n_keep)  # stored positions
         tokens = np.concatenate([[0], sel + 1])                                # [1+n]
         return {"pixels": pixels[sel], "keep": keep[sel].astype(np.int64), "features": features[tokens],
                 "relations": {b: a[:, tokens][:, :, tokens] for b, a in relations.items()}}
 
-    def select(self, key: str, stage: np.ndarray) -> np.ndarray:
-        if not self.full:
-            return np.arange(self.n_keep)
-        if self.choice.mask == "progressive":
-            return np.flatnonzero(stage == 0)
-        if self.choice.mask == "none":
-            return np.arange(len(stage))
-        rng = np.random.default_rng([self.seed, self.epoch, zlib.crc32(key.encode())])
-        return np.sort(rng.choice(len(stage), size=self.n_keep, replace=False))
+
+
+def select_patches(mask: str, stage: np.ndarray, key: str, seed: int, epoch: int, n_keep: int) -> np.ndarray:
+    """Patches the student sees, from all N: the progressive mask's, all, or a seeded random set."""
+    if mask == "progressive":
+        return np.flatnonzero(stage == 0)
+    if mask == "none":
+        return np.arange(len(stage))
+    rng = np.random.default_rng([seed, epoch, zlib.crc32(key.encode())])
+    return np.sort(rng.choice(len(stage), size=n_keep, replace=False))
 
 
 def _as_is(urls):
@@ -176,7 +182,7 @@ def collate(samples: list[dict]) -> dict:
     errors = [s["error"] for s in samples if "error" in s]
     if errors:
         return {"error": errors[0]}
-    return {"pixels": torch.from_numpy(np.stack([s["pixels"] for s in samples])),
+    return {"count": len(samples), "pixels": torch.from_numpy(np.stack([s["pixels"] for s in samples])),
             "keep": torch.from_numpy(np.stack([s["keep"] for s in samples])),
             "features": torch.from_numpy(np.stack([s["features"] for s in samples])),
             "relations": {b: torch.from_numpy(np.stack([s["relations"][b] for s in samples]))

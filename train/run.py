@@ -114,6 +114,19 @@ def student_blocks(cfg: TrainConfig, teacher_blocks: tuple[int, ...], teacher_de
     return resolved
 
 
+class StoredTargets:
+    """The default source: batches of stored targets, ready as they are."""
+
+    collate = staticmethod(collate)
+
+    def __init__(self, stream: StoreStream):
+        self.stream = stream
+
+    @staticmethod
+    def prepare(batch: dict) -> dict:
+        return batch
+
+
 class Distiller(torch.nn.Module):
     """Student + loss as one module, so DDP sees every trained parameter (the projection too)."""
 
@@ -133,7 +146,9 @@ class Trainer:
     samples a step; the checkpoint keeps every rank's data position; rank 0 writes the files.
     """
 
-    def __init__(self, cfg: TrainConfig, out: str, rt: TrainRuntime):
+    def __init__(self, cfg: TrainConfig, out: str, rt: TrainRuntime, source=None):
+        """`source(trainer)` may replace the store's targets (hdistill.online computes them live); it
+        returns an object with `stream` (an IterableDataset), `collate` and `prepare(batch)`."""
         self.cfg, self.out = cfg, Path(out)
         self.dist, device = init_distributed(rt.device)
         self.rt = rt = TrainRuntime(device, rt.log_every, rt.checkpoint_every, rt.progress and self.dist.main)
@@ -167,8 +182,9 @@ class Trainer:
         self.model = Distiller(self.student, self.loss_fn)
         self.ddp = self.model if self.dist.world_size == 1 else torch.nn.parallel.DistributedDataParallel(
             self.model, device_ids=[device] if cuda else None)
-        self.stream = StoreStream(cfg.shards, self.manifest, self.choice, cfg.seed, cfg.shuffle_buffer,
-                                  self.dist.rank, self.dist.world_size)
+        self.source = source(self) if source else StoredTargets(
+            StoreStream(cfg.shards, self.manifest, self.choice, cfg.seed, cfg.shuffle_buffer,
+                        self.dist.rank, self.dist.world_size))
         self.step, self.epoch, self.epoch_batches = 0, 0, 0
 
     # ---------------------------------------------------------------- state
@@ -217,21 +233,21 @@ class Trainer:
     def batches(self):
         """Endless batches, epoch after epoch, starting at the saved position."""
         while True:
-            self.stream.set_epoch(self.epoch)
+            self.source.stream.set_epoch(self.epoch)
             loader = torch.utils.data.DataLoader(
-                self.stream, batch_size=self.local_batch, collate_fn=collate, drop_last=False,
+                self.source.stream, batch_size=self.local_batch, collate_fn=self.source.collate, drop_last=False,
                 num_workers=self.cfg.workers, pin_memory=self.rt.device.startswith("cuda"))
             produced = 0
             for i, batch in enumerate(loader):
                 if "error" in batch:
                     raise HdistillError(batch["error"])
-                if len(batch["keep"]) < self.local_batch:
+                if batch["count"] < self.local_batch:
                     continue  # a worker's last, short batch (checked for errors first, so none is lost)
                 if i < self.epoch_batches:
                     continue  # resuming inside this epoch
                 self.epoch_batches = i + 1
                 produced += 1
-                yield batch
+                yield self.source.prepare(batch)
             if produced == 0 and self.epoch_batches == 0:
                 raise HdistillError(f"--batch-size {self.cfg.batch_size} over {self.dist.world_size} rank(s) leaves "
                                     f"rank {self.dist.rank} no full batch in epoch {self.epoch} "
@@ -331,5 +347,5 @@ def _seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
-def run_train(cfg: TrainConfig, out: str, rt: TrainRuntime) -> Path:
-    return Trainer(cfg, out, rt).run()
+def run_train(cfg: TrainConfig, out: str, rt: TrainRuntime, source=None) -> Path:
+    return Trainer(cfg, out, rt, source).run()

@@ -1,0 +1,99 @@
+"""`hdistill train --online`: the same training with targets computed live by the teachers.
+
+It composes both halves of hdistill (which is why it lives beside the CLI, not in train/): the
+store's manifest says which teachers, weights, views and mask made it; the sample order is the
+offline loader's (same shard order, rank and worker split, shuffle buffer); loader workers
+render each view again from its source image, and the main process runs the teachers on every
+batch. It is the baseline that offline training is measured against, and its correctness
+reference: on the CPU both give the same losses up to the float16 rounding of stored targets.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from hdistill.common.errors import HdistillError
+from hdistill.common.tokens import gather_relations, gather_rows, patchify, token_index
+from hdistill.precompute.data import list_images
+from hdistill.precompute.image import decode_image
+from hdistill.precompute.run import PrecomputeConfig, build_teachers
+from hdistill.precompute.targets import compute_targets, plan_targets
+from hdistill.precompute.view import make_view
+from hdistill.shards.format import sample_key
+from hdistill.train.data import StoreStream, select_patches
+
+
+class LiveViews(StoreStream):
+    """The store's sample order; each sample is its view rendered again: {"key", "pixels" [S, S, 3]}."""
+
+    def __init__(self, store: str, manifest: dict, choice, seed: int, shuffle_buffer: int, rank: int,
+                 world_size: int, images):
+        super().__init__(store, manifest, choice, seed, shuffle_buffer, rank, world_size)
+        self.images = images
+        self.view_seed = manifest["config"]["seed"]
+        self.skipped = {(s["image_id"], s["view"]) for s in manifest["skipped"]}
+
+    def _samples(self):
+        records = self.shard_records()
+        for url in self.urls():
+            view = records[url]["view"]
+            for i in self.layout.image_range(records[url]["index"]):
+                ref = self.images[i]
+                if (ref.image_id, view) in self.skipped:
+                    continue
+                try:
+                    img = decode_image(ref.read(), ref.source)
+                except (HdistillError, OSError) as err:
+                    yield {"error": f"--online: {err} (it was readable when the store was made)"}
+                    return
+                pixels, _ = make_view(img, ref.image_id, view, self.view_seed, self.layout.image_size)
+                yield {"key": sample_key(ref.image_id, view), "pixels": pixels}
+
+
+def collate_views(samples: list[dict]) -> dict:
+    errors = [s["error"] for s in samples if "error" in s]
+    if errors:
+        return {"error": errors[0]}
+    return {"count": len(samples), "keys": [s["key"] for s in samples],
+            "pixels": torch.from_numpy(np.stack([s["pixels"] for s in samples]))}
+
+
+class LiveTargets:
+    """A train source (see train.run.Trainer) whose targets come from the teachers, live."""
+
+    collate = staticmethod(collate_views)
+
+    def __init__(self, trainer):
+        manifest, choice = trainer.manifest, trainer.choice
+        self.pcfg = PrecomputeConfig(**manifest["config"])
+        self.device = trainer.rt.device
+        self.teachers = build_teachers(self.pcfg, self.device)
+        self.spec = plan_targets(self.teachers, self.pcfg.relation_blocks, self.pcfg.mask_ratio,
+                                 self.pcfg.mask_teacher)
+        if self.spec.to_dict() != manifest["targets"]:
+            raise HdistillError("--online: the teachers rebuilt from the store's manifest do not give its targets")
+        images = list_images(self.pcfg.data, self.pcfg.limit)
+        if len(images) != manifest["layout"]["num_images"]:
+            raise HdistillError(f"--online: {self.pcfg.data} now holds {len(images)} images, the store was made "
+                                f"from {manifest['layout']['num_images']}")
+        cfg = trainer.cfg
+        self.stream = LiveViews(cfg.shards, manifest, choice, cfg.seed, cfg.shuffle_buffer, trainer.dist.rank,
+                                trainer.dist.world_size, images)
+        self.choice, self.seed = choice, cfg.seed
+
+    def prepare(self, batch: dict) -> dict:
+        """Views -> the batch the offline loader would give, with float32 targets."""
+        pixels = batch["pixels"].to(self.device, non_blocking=True)
+        targets = compute_targets(self.teachers, pixels, self.spec, self.pcfg.precision)
+        stage = targets.mask.stage.cpu().numpy()
+        n_keep = self.stream.n_keep
+        sel = torch.from_numpy(np.stack([
+            select_patches(self.choice.mask, stage[i], key, self.seed, self.stream.epoch, n_keep)
+            for i, key in enumerate(batch["keys"])])).to(self.device)             # [B, n]
+        tokens = token_index(sel)                                                  # [B, 1+n]
+        relations = targets.relations.get(self.choice.relation_role, {})
+        return {"count": batch["count"],
+                "pixels": gather_rows(patchify(pixels, self.stream.layout.patch_size), sel),
+                "keep": sel,
+                "features": gather_rows(targets.features[self.choice.feature_role], tokens),
+                "relations": {b: gather_relations(relations[b], tokens) for b in self.choice.relation_blocks}}
