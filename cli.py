@@ -219,13 +219,14 @@ def precompute(data, out, teachers, models, model_args, weights, random_init, im
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 @click.option("--log-every", default=10, help="Steps between metrics records.")
 @click.option("--checkpoint-every", default=500, help="Steps between checkpoints.")
+@click.option("--compile", "compile_model", is_flag=True, help="torch.compile the student and loss.")
 @click.option("--online", is_flag=True,
               help="Compute the same targets live with the store's teachers (baseline and correctness reference).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(shards, out, student, student_args, steps, epochs, batch_size, lr, weight_decay, warmup_steps, clip_grad,
           alpha, beta, standardize_targets, feature_teacher, relation_teacher, relation_blocks,
-          student_relation_blocks, mask, seed, shuffle_buffer, workers, device, log_every, checkpoint_every, online,
-          quiet):
+          student_relation_blocks, mask, seed, shuffle_buffer, workers, device, log_every, checkpoint_every,
+          compile_model, online, quiet):
     """Train a ViT student from a store's targets: no teacher is loaded, no image decoded."""
     from hdistill.train.run import TrainConfig, TrainRuntime, run_train
 
@@ -243,7 +244,7 @@ def train(shards, out, student, student_args, steps, epochs, batch_size, lr, wei
                       student_relation_blocks=parse_ints(student_relation_blocks, "--student-relation-blocks"),
                       mask=mask, seed=seed, shuffle_buffer=shuffle_buffer, workers=workers)
     rt = TrainRuntime(device=resolve_device(device), log_every=log_every, checkpoint_every=checkpoint_every,
-                      progress=not quiet and sys.stderr.isatty())
+                      progress=not quiet and sys.stderr.isatty(), compile=compile_model)
     start = time.time()
     source = None
     if online:

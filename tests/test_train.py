@@ -58,7 +58,8 @@ def test_student_sees_kept_patches_like_a_full_forward_restricted_to_them():
     patches = image.reshape(2, 4, 16, 4, 16, 3).permute(0, 1, 3, 2, 4, 5).reshape(2, 16, 16, 16, 3)
     kept_pixels = torch.stack([patches[b, keep[b]] for b in range(2)])
     with torch.no_grad():
-        out = student(kept_pixels, keep, relation_blocks=[1, 2])
+        student.capture_relations([1, 2])
+        out = student(kept_pixels, keep)
         x = (image.permute(0, 3, 1, 2).float() / 255 - student.mean.view(1, 3, 1, 1)) / student.std.view(1, 3, 1, 1)
         tokens = m.patch_embed(x) + m.pos_embed[:, 1:]                    # conv over the whole image
         tokens = torch.stack([tokens[b, keep[b]] for b in range(2)])
@@ -259,3 +260,27 @@ def test_online_and_offline_give_the_same_losses(stores, tmp_path, store, mask):
         for term in ("loss", "loss_feature", "loss_relation"):
             # stored targets are float16 (relative rounding 4.9e-4), online ones float32
             assert b[term] == pytest.approx(a[term], rel=2e-3, abs=1e-6), (a["step"], term)
+
+
+def test_each_epoch_reads_the_next_view_and_epochs_count_samples(stores):
+    manifest = open_store(str(stores / "kept"))
+    stream = StoreStream(str(stores / "kept"), manifest, choose_targets(manifest, None, None, None, "progressive"),
+                         seed=0, shuffle_buffer=4)
+    keys = {}
+    for epoch in range(3):
+        stream.set_epoch(epoch)
+        keys[epoch] = [s["key"] for s in stream]
+        assert len(keys[epoch]) == 12 and {k.rsplit("-v", 1)[1] for k in keys[epoch]} == {str(epoch % 2)}
+    assert {k[:-3] for k in keys[0]} == {k[:-3] for k in keys[1]}, "each epoch: every image, another view"
+    assert sorted(keys[0]) == sorted(keys[2]) and keys[0] != keys[2], "view 0 again, reshuffled"
+    from hdistill.train.run import total_steps
+    assert total_steps(config(stores / "kept", steps=None, epochs=1.5, batch_size=4), manifest) == 18 // 4
+
+
+def test_compiled_training_gives_the_eager_losses(stores, tmp_path):
+    cfg = config(stores / "kept", steps=3)
+    run_train(cfg, str(tmp_path / "eager"), TrainRuntime(progress=False, log_every=1))
+    run_train(cfg, str(tmp_path / "compiled"), TrainRuntime(progress=False, log_every=1, compile=True))
+    eager, compiled = ([json.loads(line)["loss"] for line in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
+                       for r in ("eager", "compiled"))
+    assert compiled == pytest.approx(eager, rel=1e-5)

@@ -159,7 +159,7 @@ class StoreStream(torch.utils.data.IterableDataset):
         sel = np.arange(self.n_keep) if not self.full else \
             select_patches(self.choice.mask, stage, key, self.seed, self.epoch, self.n_keep)  # stored positions
         tokens = np.concatenate([[0], sel + 1])                                # [1+n]
-        return {"pixels": pixels[sel], "keep": keep[sel].astype(np.int64), "features": features[tokens],
+        return {"key": key, "pixels": pixels[sel], "keep": keep[sel].astype(np.int64), "features": features[tokens],
                 "relations": {b: a[:, tokens][:, :, tokens] for b, a in relations.items()}}
 
 

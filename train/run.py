@@ -70,6 +70,7 @@ class TrainRuntime:
     log_every: int = 10
     checkpoint_every: int = 500
     progress: bool = True
+    compile: bool = False
 
 
 def base_lr(cfg: TrainConfig) -> float:
@@ -135,7 +136,7 @@ class Distiller(torch.nn.Module):
         self.student, self.loss_fn = student, loss_fn
 
     def forward(self, pixels, keep, features, relations) -> dict[str, torch.Tensor]:
-        out = self.student(pixels, keep, [s for s, _ in self.loss_fn.relation_pairs])
+        out = self.student(pixels, keep)
         return self.loss_fn(out.tokens, out.relations, features, relations)
 
 
@@ -151,7 +152,8 @@ class Trainer:
         returns an object with `stream` (an IterableDataset), `collate` and `prepare(batch)`."""
         self.cfg, self.out = cfg, Path(out)
         self.dist, device = init_distributed(rt.device)
-        self.rt = rt = TrainRuntime(device, rt.log_every, rt.checkpoint_every, rt.progress and self.dist.main)
+        self.rt = rt = TrainRuntime(device, rt.log_every, rt.checkpoint_every, rt.progress and self.dist.main,
+                                    rt.compile)
         if cfg.batch_size % self.dist.world_size:
             raise HdistillError(f"--batch-size {cfg.batch_size} is not divisible by the {self.dist.world_size} ranks")
         self.local_batch = cfg.batch_size // self.dist.world_size
@@ -179,9 +181,12 @@ class Trainer:
                                            lr=base_lr(cfg), betas=(0.9, 0.95), fused=cuda or None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.steps, self.warmup))
+        self.student.capture_relations([s for s, _ in self.pairs])
         self.model = Distiller(self.student, self.loss_fn)
         self.ddp = self.model if self.dist.world_size == 1 else torch.nn.parallel.DistributedDataParallel(
             self.model, device_ids=[device] if cuda else None)
+        if rt.compile:
+            self.ddp = torch.compile(self.ddp)
         self.source = source(self) if source else StoredTargets(
             StoreStream(cfg.shards, self.manifest, self.choice, cfg.seed, cfg.shuffle_buffer,
                         self.dist.rank, self.dist.world_size))

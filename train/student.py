@@ -64,24 +64,28 @@ class Student(nn.Module):
         cls = m.cls_token.expand(x.shape[0], -1, -1) + pos[:, :1]
         return torch.cat([cls, x], dim=1)
 
-    def forward(self, pixels: torch.Tensor, keep_idx: torch.Tensor, relation_blocks=()) -> StudentOutput:
-        m = self.model
-        relations: dict[int, torch.Tensor] = {}
-        handles = []
-        for b in relation_blocks:
-            attn = m.blocks[b].attn
+    def capture_relations(self, blocks):
+        """From now on, every forward also returns raw Q K^T of `blocks` (hooks registered once,
+        so torch.compile sees them from the start)."""
+        self._captured: dict[int, torch.Tensor] = {}
+        for b in blocks:
+            self.model.blocks[b].attn.qkv.register_forward_hook(self._relation_hook(b))
 
-            def hook(_mod, _args, qkv, b=b, attn=attn):
-                q, k = split_qk(qkv, attn.num_heads, attn.q_norm, attn.k_norm)
-                relations[b] = q.float() @ k.float().transpose(-2, -1)     # [B, H, 1+n, 1+n]
-            handles.append(attn.qkv.register_forward_hook(hook))
-        try:
-            x = m.norm_pre(self.embed(pixels, keep_idx))
-            x = m.blocks(x)
-            tokens = m.norm(x)
-        finally:
-            for h in handles:
-                h.remove()
+    def _relation_hook(self, block: int):
+        attn = self.model.blocks[block].attn
+
+        def hook(_module, _args, qkv):
+            q, k = split_qk(qkv, attn.num_heads, attn.q_norm, attn.k_norm)
+            self._captured[block] = q.float() @ k.float().transpose(-2, -1)  # [B, H, 1+n, 1+n]
+        return hook
+
+    def forward(self, pixels: torch.Tensor, keep_idx: torch.Tensor) -> StudentOutput:
+        m = self.model
+        x = m.norm_pre(self.embed(pixels, keep_idx))
+        tokens = m.norm(m.blocks(x))
+        captured = getattr(self, "_captured", {})
+        relations = dict(captured)
+        captured.clear()
         return StudentOutput(tokens=tokens, relations=relations)
 
 
