@@ -216,6 +216,8 @@ def precompute(data, out, teachers, models, model_args, weights, random_init, im
 @click.option("--seed", default=0)
 @click.option("--shuffle-buffer", default=1000, help="Samples in the shuffle buffer.")
 @click.option("--workers", default=2, help="Loader processes.")
+@click.option("--reader", default="wds", type=click.Choice(["wds", "zarr"]),
+              help="Read the store's webdataset shards or its zarr arrays (same samples, same order).")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 @click.option("--log-every", default=10, help="Steps between metrics records.")
 @click.option("--checkpoint-every", default=500, help="Steps between checkpoints.")
@@ -225,7 +227,7 @@ def precompute(data, out, teachers, models, model_args, weights, random_init, im
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(shards, out, student, student_args, steps, epochs, batch_size, lr, weight_decay, warmup_steps, clip_grad,
           alpha, beta, standardize_targets, feature_teacher, relation_teacher, relation_blocks,
-          student_relation_blocks, mask, seed, shuffle_buffer, workers, device, log_every, checkpoint_every,
+          student_relation_blocks, mask, seed, shuffle_buffer, workers, reader, device, log_every, checkpoint_every,
           compile_model, online, quiet):
     """Train a ViT student from a store's targets: no teacher is loaded, no image decoded."""
     from hdistill.train.run import TrainConfig, TrainRuntime, run_train
@@ -242,7 +244,7 @@ def train(shards, out, student, student_args, steps, epochs, batch_size, lr, wei
                       feature_teacher=feature_teacher, relation_teacher=relation_teacher,
                       relation_blocks=parse_ints(relation_blocks, "--relation-blocks"),
                       student_relation_blocks=parse_ints(student_relation_blocks, "--student-relation-blocks"),
-                      mask=mask, seed=seed, shuffle_buffer=shuffle_buffer, workers=workers)
+                      mask=mask, seed=seed, shuffle_buffer=shuffle_buffer, workers=workers, reader=reader)
     rt = TrainRuntime(device=resolve_device(device), log_every=log_every, checkpoint_every=checkpoint_every,
                       progress=not quiet and sys.stderr.isatty(), compile=compile_model)
     start = time.time()

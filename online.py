@@ -34,10 +34,9 @@ class LiveViews(StoreStream):
         self.skipped = {(s["image_id"], s["view"]) for s in manifest["skipped"]}
 
     def _samples(self):
-        records = self.shard_records()
-        for url in self.urls():
-            view = records[url]["view"]
-            for i in self.layout.image_range(records[url]["index"]):
+        for shard in self.shards():
+            view = shard["view"]
+            for i in self.layout.image_range(shard["index"]):
                 ref = self.images[i]
                 if (ref.image_id, view) in self.skipped:
                     continue

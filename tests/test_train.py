@@ -222,6 +222,10 @@ def test_train_cli(stores, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     assert {"step", "loss", "loss_feature", "loss_relation", "lr", "samples_per_s"} <= set(records[0])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "r" / "tensorboard"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([r["loss"] for r in records])
 
 
 def test_two_process_ddp_tracks_a_single_process_run(stores, tmp_path):
@@ -284,3 +288,17 @@ def test_compiled_training_gives_the_eager_losses(stores, tmp_path):
     eager, compiled = ([json.loads(line)["loss"] for line in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
                        for r in ("eager", "compiled"))
     assert compiled == pytest.approx(eager, rel=1e-5)
+
+
+def test_zarr_reader_gives_the_webdataset_losses(tmp_path):
+    write_photos(tmp_path / "photos", 10, seed=5)
+    precompute(tmp_path / "photos", tmp_path / "store", views=2, store="full")   # both formats
+    losses = {}
+    for reader in ("wds", "zarr"):
+        cfg = config(tmp_path / "store", steps=6, reader=reader, mask="random", workers=1)
+        run_train(cfg, str(tmp_path / reader), TrainRuntime(progress=False, log_every=1))
+        losses[reader] = [json.loads(line) for line in (tmp_path / reader / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in losses["zarr"]] == [r["loss"] for r in losses["wds"]]
+    precompute(tmp_path / "photos", tmp_path / "wds-only", formats=["wds"])
+    with pytest.raises(HdistillError, match="--reader zarr: the store .* holds only wds"):
+        open_store(str(tmp_path / "wds-only"), "zarr")

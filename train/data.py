@@ -21,7 +21,7 @@ import webdataset as wds
 
 from hdistill.common.errors import HdistillError
 from hdistill.common.specs import MaskSpec
-from hdistill.shards.format import StoreLayout, feat_entry, npy_load, read_manifest, rel_entry
+from hdistill.shards.format import ZARR_DIR, StoreLayout, feat_entry, npy_load, read_manifest, rel_entry, sample_key
 
 MASKS = ("progressive", "none", "random")
 
@@ -36,12 +36,12 @@ class TargetChoice:
     mask: str = "progressive"
 
 
-def open_store(path: str) -> dict:
+def open_store(path: str, reader: str = "wds") -> dict:
     manifest = read_manifest(path)
     if not manifest.get("complete"):
         raise HdistillError(f"--shards {path}: the store is not complete; finish its precompute run first")
-    if "wds" not in manifest["config"]["formats"]:
-        raise HdistillError(f"--shards {path}: the store has no webdataset shards (made with --format zarr)")
+    if reader not in manifest["config"]["formats"]:
+        raise HdistillError(f"--reader {reader}: the store {path} holds only {','.join(manifest['config']['formats'])}")
     return manifest
 
 
@@ -84,18 +84,19 @@ def kept_count(layout: StoreLayout, manifest: dict) -> int:
     return MaskSpec(ratio=mask["ratio"], blocks=tuple(mask["blocks"])).kept_counts(layout.num_patches)[-1]
 
 
-def shard_urls(store: str, manifest: dict, view: int) -> list[str]:
-    return [str(Path(store) / s["file"]) for s in manifest["shards"] if s["view"] == view and s["samples"]]
-
-
 class StoreStream(torch.utils.data.IterableDataset):
-    """Samples of one epoch, this rank's and this worker's share, shuffled; a dict of numpy arrays each."""
+    """Samples of one epoch, this rank's and this worker's share, shuffled; a dict of numpy arrays each.
+
+    `reader` "wds" streams the tar shards, "zarr" reads each store shard's region of targets.zarr;
+    both give the same samples in the same order.
+    """
 
     def __init__(self, store: str, manifest: dict, choice: TargetChoice, seed: int, shuffle_buffer: int = 1000,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, reader: str = "wds"):
         self.store, self.manifest, self.choice, self.seed = store, manifest, choice, seed
         self.layout = StoreLayout.from_dict(manifest["layout"])
         self.shuffle_buffer, self.rank, self.world_size = shuffle_buffer, rank, world_size
+        self.reader = reader
         self.full = manifest["config"]["store"] == "full"
         self.n_keep = kept_count(self.layout, manifest)
         self.epoch = 0
@@ -103,16 +104,14 @@ class StoreStream(torch.utils.data.IterableDataset):
     def set_epoch(self, epoch: int):
         self.epoch = epoch
 
-    def shard_records(self) -> dict[str, dict]:
-        """url -> the manifest's record of that shard."""
-        return {str(Path(self.store) / s["file"]): s for s in self.manifest["shards"] if "file" in s}
-
-    def urls(self) -> list[str]:
-        urls = shard_urls(self.store, self.manifest, self.epoch % self.layout.views)
-        random.Random(f"{self.seed}-{self.epoch}").shuffle(urls)
-        urls = urls[self.rank::self.world_size]
+    def shards(self) -> list[dict]:
+        """This epoch's view's shard records, shuffled from the seed, split by rank, then by worker."""
+        view = self.epoch % self.layout.views
+        shards = [s for s in self.manifest["shards"] if s["view"] == view and s["samples"]]
+        random.Random(f"{self.seed}-{self.epoch}").shuffle(shards)
+        shards = shards[self.rank::self.world_size]
         info = torch.utils.data.get_worker_info()
-        return urls[info.id::info.num_workers] if info else urls
+        return shards[info.id::info.num_workers] if info else shards
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -132,36 +131,58 @@ class StoreStream(torch.utils.data.IterableDataset):
         yield from buffer
 
     def _samples(self):
-        for url in self.urls():
+        read = self._read_zarr if self.reader == "zarr" else self._read_wds
+        for shard in self.shards():
+            where = shard.get("file") or f"{ZARR_DIR} shard {shard['name']}"
             try:
-                # one url, already split by rank and worker above: webdataset must not split again
-                for raw in wds.WebDataset(url, shardshuffle=False, handler=wds.reraise_exception,
-                                          nodesplitter=_as_is, workersplitter=_as_is):
-                    yield self.decode(url, raw)
+                yield from read(shard)
             except HdistillError as err:
                 yield {"error": str(err)}
             except Exception as err:  # noqa: BLE001 - any failure to read a shard is reported with its name
-                yield {"error": f"{url}: unreadable shard ({type(err).__name__}: {err}); run hdistill verify"}
+                yield {"error": f"{Path(self.store) / where}: unreadable shard ({type(err).__name__}: {err}); "
+                                "run hdistill verify"}
 
-    def decode(self, url: str, raw: dict) -> dict:
-        key = raw["__key__"]
+    def _read_wds(self, shard: dict):
+        url = str(Path(self.store) / shard["file"])
         c = self.choice
-        try:
-            stage, keep, pixels = (npy_load(raw[e]) for e in ("stage.npy", "keep.npy", "pixels.npy"))
-            features = npy_load(raw[feat_entry(c.feature_role)])
-            relations = {b: npy_load(raw[rel_entry(c.relation_role, b)]) for b in c.relation_blocks}
-        except (KeyError, ValueError) as err:
-            raise HdistillError(f"{url}: sample {key}: missing or damaged entry ({err})") from None
-        for name, arr in [(feat_entry(c.feature_role), features),
-                          *((rel_entry(c.relation_role, b), a) for b, a in relations.items())]:
-            if not np.isfinite(arr).all():
-                raise HdistillError(f"{url}: sample {key}: {name} holds NaN or Inf")
-        sel = np.arange(self.n_keep) if not self.full else \
-            select_patches(self.choice.mask, stage, key, self.seed, self.epoch, self.n_keep)  # stored positions
-        tokens = np.concatenate([[0], sel + 1])                                # [1+n]
-        return {"key": key, "pixels": pixels[sel], "keep": keep[sel].astype(np.int64), "features": features[tokens],
-                "relations": {b: a[:, tokens][:, :, tokens] for b, a in relations.items()}}
+        names = {"stage": "stage.npy", "keep": "keep.npy", "pixels": "pixels.npy",
+                 "features": feat_entry(c.feature_role), **{b: rel_entry(c.relation_role, b) for b in c.relation_blocks}}
+        # one url, already split by rank and worker: webdataset must not split again
+        for raw in wds.WebDataset(url, shardshuffle=False, handler=wds.reraise_exception,
+                                  nodesplitter=_as_is, workersplitter=_as_is):
+            key = raw["__key__"]
+            try:
+                arrays = {field: npy_load(raw[entry]) for field, entry in names.items()}
+            except (KeyError, ValueError) as err:
+                raise HdistillError(f"{url}: sample {key}: missing or damaged entry ({err})") from None
+            yield self.sample(url, key, arrays, names)
 
+    def _read_zarr(self, shard: dict):
+        import zarr
+        where = str(Path(self.store) / ZARR_DIR)
+        group = zarr.open_group(where, mode="r")
+        c = self.choice
+        start = self.layout.slot(shard["view"], shard["index"] * self.layout.shard_size)
+        region = slice(start, start + self.layout.shard_size)
+        names = {"stage": "stage", "keep": "keep", "pixels": "pixels", "features": f"feat/{c.feature_role}",
+                 **{b: f"rel/{c.relation_role}/b{b}" for b in c.relation_blocks}}
+        columns = {field: group[name][region] for field, name in names.items()}
+        image_ids, valid = group["image_id"][region], group["valid"][region]
+        for i in np.flatnonzero(valid):
+            key = sample_key(str(image_ids[i]), shard["view"])
+            yield self.sample(where, key, {field: col[i] for field, col in columns.items()}, names)
+
+    def sample(self, where: str, key: str, arrays: dict, names: dict) -> dict:
+        """Checked, masked training sample from one stored sample's arrays."""
+        for field in ("features", *self.choice.relation_blocks):
+            if not np.isfinite(arrays[field]).all():
+                raise HdistillError(f"{where}: sample {key}: {names[field]} holds NaN or Inf")
+        sel = np.arange(self.n_keep) if not self.full else \
+            select_patches(self.choice.mask, arrays["stage"], key, self.seed, self.epoch, self.n_keep)
+        tokens = np.concatenate([[0], sel + 1])                                # [1+n]
+        return {"key": key, "pixels": arrays["pixels"][sel], "keep": arrays["keep"][sel].astype(np.int64),
+                "features": arrays["features"][tokens],
+                "relations": {b: arrays[b][:, tokens][:, :, tokens] for b in self.choice.relation_blocks}}
 
 
 def select_patches(mask: str, stage: np.ndarray, key: str, seed: int, epoch: int, n_keep: int) -> np.ndarray:
