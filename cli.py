@@ -232,13 +232,7 @@ def train(shards, out, student, student_args, steps, epochs, batch_size, lr, wei
     """Train a ViT student from a store's targets: no teacher is loaded, no image decoded."""
     from hdistill.train.run import TrainConfig, TrainRuntime, run_train
 
-    kwargs = {}
-    for value in student_args:
-        key, sep, text = value.partition("=")
-        if not sep or not key:
-            raise HdistillError(f"--student-arg {value!r}: expected KEY=VALUE, e.g. depth=6")
-        kwargs[key] = parse_value(text)
-    cfg = TrainConfig(shards=shards, student=student, student_args=kwargs, steps=steps, epochs=epochs,
+    cfg = TrainConfig(shards=shards, student=student, student_args=parse_student_args(student_args), steps=steps, epochs=epochs,
                       batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
                       clip_grad=clip_grad, alpha=alpha, beta=beta, standardize_targets=standardize_targets,
                       feature_teacher=feature_teacher, relation_teacher=relation_teacher,
@@ -301,6 +295,84 @@ def verify(store):
     if problems:
         raise click.ClickException(f"{len(problems)} problem(s) in {store}")
     click.echo(f"ok: {len(manifest['shards'])} shards, {manifest['samples']} samples verified")
+
+
+def parse_student_args(values) -> dict:
+    kwargs = {}
+    for value in values:
+        key, sep, text = value.partition("=")
+        if not sep or not key:
+            raise HdistillError(f"--student-arg {value!r}: expected KEY=VALUE, e.g. depth=6")
+        kwargs[key] = parse_value(text)
+    return kwargs
+
+
+@cli.command()
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the table and figures.")
+@click.option("--teacher", "roles", default="", help="Comma-separated teacher roles to analyse (e.g. mae,clip).")
+@click.option("--model", "models", multiple=True, metavar="ROLE=NAME", help="Another model for a role. Repeatable.")
+@click.option("--model-arg", "model_args", multiple=True, metavar="ROLE.KEY=VALUE", help="Teacher constructor argument.")
+@click.option("--weights", multiple=True, metavar="ROLE=hub|PATH", help="Teacher weights ('hub' or a local file).")
+@click.option("--random-init", is_flag=True, help="Random teacher weights (seeded).")
+@click.option("--student", "students", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="A trained student.safetensors. Repeatable.")
+@click.option("--student-model", default="vit_base_patch16_224", help="timm name of the students' architecture.")
+@click.option("--student-arg", "student_args", multiple=True, metavar="KEY=VALUE", help="timm argument of the students.")
+@click.option("--images", default=None, help="Images: a folder, list file, tars or synthetic:N.")
+@click.option("--store", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Take the images (and view seed) of a store instead of --images.")
+@click.option("--count", default=16, help="Images to average over.")
+@click.option("--image-size", default=224)
+@click.option("--query", default=None, type=int, help="Patch index of the attention-map query (default: centre).")
+@click.option("--layers", default=None, metavar="I,J", help="0-indexed layers of the attention-map figure.")
+@click.option("--seed", default=0)
+def analyze(out, roles, models, model_args, weights, random_init, students, student_model, student_args, images,
+            store, count, image_size, query, layers, seed):
+    """Attention distance and NMI per layer and head (paper Fig. 1, 2, 5), plus attention maps."""
+    from hdistill.analyze import run_analysis, student_as_teacher
+    from hdistill.precompute.teachers import WeightSource, build_teacher
+    from hdistill.shards.format import read_manifest
+
+    if (images is None) == (store is None):
+        raise HdistillError("give exactly one of --images and --store")
+    if store:
+        config = read_manifest(store)["config"]
+        images, seed = config["data"], config["seed"]
+    role_list = _split(roles)
+    model_names, kwargs, sources = _pairs(models, "--model"), parse_model_args(model_args), parse_weights(weights, role_list)
+    chosen = {}
+    for i, role in enumerate(role_list):
+        if role not in sources and not random_init:
+            raise HdistillError(f"no weights for teacher {role}: --weights {role}=hub|PATH or --random-init")
+        source = WeightSource("random", seed=seed * 1000 + i) if role not in sources else WeightSource.parse(sources[role])
+        chosen[role] = build_teacher(role, source, image_size, model_names.get(role), kwargs.get(role))
+    for i, path in enumerate(students):
+        chosen[f"student{i if len(students) > 1 else ''}"] = student_as_teacher(
+            path, student_model, image_size, parse_student_args(student_args))
+    if not chosen:
+        raise HdistillError("nothing to analyse: give --teacher and/or --student")
+    files = run_analysis(chosen, images, count, out, query, parse_ints(layers, "--layers"), seed)
+    click.echo("analyze: wrote " + ", ".join(str(f) for f in files))
+
+
+@cli.command()
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the store, run and figures.")
+@click.option("--model", "models", multiple=True, metavar="ROLE=NAME",
+              help="Teacher model for a role (default: small random-weight stand-ins). Repeatable.")
+@click.option("--model-arg", "model_args", multiple=True, metavar="ROLE.KEY=VALUE", help="Teacher constructor argument.")
+@click.option("--weights", multiple=True, metavar="ROLE=PATH", help="Real teacher weights, for every role (mae, clip).")
+@click.option("--images", default=96, help="Generated images.")
+@click.option("--steps", default=300, help="Student training steps.")
+def demo(out, models, model_args, weights, images, steps):
+    """The whole flow on generated images in a few minutes on a CPU: precompute, train, analyze."""
+    from hdistill.demo import run_demo
+
+    start = time.time()
+    files = run_demo(out, _pairs(models, "--model"), parse_model_args(model_args), _pairs(weights, "--weights"),
+                     images=images, steps=steps, echo=click.echo)
+    click.echo(f"demo: done in {time.time() - start:.0f}s. Look at:")
+    for name, path in files.items():
+        click.echo(f"  {name:20s} {path}")
 
 
 def main():

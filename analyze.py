@@ -1,0 +1,221 @@
+"""`hdistill analyze`: the paper's diagnostics of attention, for teachers and trained students.
+
+Per layer and head, over a set of images (paper Sec. 2.1, Fig. 1, 2 and 5):
+  distance  average attention distance in pixels: for each query patch, the attention-weighted
+            mean distance to the key patches (centre to centre), averaged over queries and images
+            (as in ViT and FD). CLS is excluded as query and as key; each query's attention over
+            the patch keys is renormalised to sum to 1.
+  nmi       normalised mutual information between query and key: p(q) = 1/N uniform, p(k|q) the
+            attention, p(k) = mean_q p(k|q); NMI = I(q, k) / sqrt(H(q) H(k)), over the patch tokens
+            (CLS excluded and rows renormalised, as for the distance), averaged over images.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hdistill.common.errors import HdistillError
+from hdistill.common.specs import TeacherInfo
+from hdistill.precompute.data import list_images
+from hdistill.precompute.image import decode_image
+from hdistill.precompute.teachers import Teacher, TimmTeacher
+from hdistill.precompute.view import make_view
+
+
+def patch_attention(relations: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Raw Q K^T [B, H, 1+N, 1+N] -> attention among patches [B, H, N, N], rows summing to 1."""
+    attn = torch.softmax(relations.double() / math.sqrt(head_dim), dim=-1)[:, :, 1:, 1:]
+    return attn / attn.sum(-1, keepdim=True)
+
+
+def patch_distances(grid: int, patch: int) -> torch.Tensor:
+    """[N, N] pixel distances between patch centres on a grid x grid layout."""
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    centres = torch.stack([rows.flatten(), cols.flatten()], 1).double() * patch
+    return torch.cdist(centres, centres)
+
+
+def attention_distance(attn: torch.Tensor, patch: int) -> torch.Tensor:
+    """Patch attention [B, H, N, N] -> mean attention distance per head [H], in pixels."""
+    grid = int(round(math.sqrt(attn.shape[-1])))
+    dist = patch_distances(grid, patch).to(attn.device)
+    return (attn * dist).sum(-1).mean(dim=(0, 2))
+
+
+def attention_nmi(attn: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Patch attention [B, H, N, N] (rows p(k|q)) -> NMI per head [H], averaged over the batch."""
+    N = attn.shape[-1]
+    p_k = attn.mean(-2, keepdim=True)                                        # [B, H, 1, N]
+    mutual = (attn * (torch.log(attn + eps) - torch.log(p_k + eps))).sum(-1).mean(-1)  # [B, H]
+    h_q = math.log(N)
+    h_k = -(p_k * torch.log(p_k + eps)).sum(-1).squeeze(-1)                  # [B, H]
+    return (mutual / torch.sqrt(h_q * h_k).clamp_min(eps)).mean(0)
+
+
+@dataclass
+class LayerStats:
+    model: str
+    layer: int
+    distance: list[float]      # per head, pixels
+    nmi: list[float]           # per head
+
+
+def load_views(data: str, count: int, size: int, seed: int = 0) -> torch.Tensor:
+    """The first `count` images of `data` as view 0 under `seed`: uint8 [B, S, S, 3]."""
+    views = []
+    for ref in list_images(data, count):
+        views.append(make_view(decode_image(ref.read(), ref.source), ref.image_id, 0, seed, size)[0])
+    return torch.from_numpy(np.stack(views))
+
+
+def student_as_teacher(path: str, name: str, image_size: int, kwargs: dict) -> Teacher:
+    """A trained student (student.safetensors) through timm's pretrained path, wrapped for analysis."""
+    import timm
+    try:
+        model = timm.create_model(name, pretrained=True, num_classes=0, img_size=image_size,
+                                  pretrained_cfg_overlay=dict(file=path, num_classes=0), **kwargs)
+    except (RuntimeError, KeyError, ValueError, TypeError) as err:
+        raise HdistillError(f"--student {path} does not fit timm model {name} {kwargs}: "
+                            f"{str(err).splitlines()[0][:400]}") from None
+    cfg = model.pretrained_cfg
+    info = TeacherInfo(role="student", model=f"timm:{name}", weights={"source": "file", "path": path},
+                       patch_size=model.patch_embed.patch_size[0], image_size=image_size, width=model.embed_dim,
+                       depth=len(model.blocks), heads=model.blocks[0].attn.num_heads,
+                       mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
+                       std=tuple(cfg.get("std", (0.229, 0.224, 0.225))))
+    return TimmTeacher(info, model)
+
+
+@torch.inference_mode()
+def layer_attention(model: Teacher, pixels: torch.Tensor, batch: int = 16) -> list[torch.Tensor]:
+    """Patch attention of every layer, [images, H, N, N] each (computed batch by batch)."""
+    depth, heads = model.info.depth, model.info.heads
+    head_dim = model.info.width // heads
+    per_layer: list[list[torch.Tensor]] = [[] for _ in range(depth)]
+    for start in range(0, len(pixels), batch):
+        captured = {}
+        handles = [model.hook_qk(b, lambda q, k, b=b: captured.__setitem__(b, q.float() @ k.float().transpose(-2, -1)))
+                   for b in range(depth)]
+        try:
+            model.tokens(model.preprocess(pixels[start:start + batch]))
+        finally:
+            for h in handles:
+                h.remove()
+        for b in range(depth):
+            per_layer[b].append(patch_attention(captured[b], head_dim).cpu())
+    return [torch.cat(chunks) for chunks in per_layer]
+
+
+def analyze_model(label: str, model: Teacher, pixels: torch.Tensor) -> tuple[list[LayerStats], list[torch.Tensor]]:
+    attention = layer_attention(model, pixels)
+    stats = [LayerStats(label, i, attention_distance(a, model.info.patch_size).tolist(), attention_nmi(a).tolist())
+             for i, a in enumerate(attention)]
+    return stats, attention
+
+
+def write_tables(stats: list[LayerStats], out: Path):
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "attention.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["model", "layer", "head", "distance_px", "nmi"])
+        for s in stats:
+            for h, (d, n) in enumerate(zip(s.distance, s.nmi)):
+                writer.writerow([s.model, s.layer, h, f"{d:.4f}", f"{n:.6f}"])
+    (out / "attention.json").write_text(json.dumps([s.__dict__ for s in stats], indent=1))
+
+
+def plot_distance_and_nmi(stats: list[LayerStats], out: Path) -> list[Path]:
+    """Fig. 1 / 5 style: head distances per layer (scatter), one panel per model; NMI per layer."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(s.model for s in stats))
+    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.6), sharey=True, squeeze=False)
+    for ax, name in zip(axes[0], models):
+        for s in (s for s in stats if s.model == name):
+            ax.scatter([s.layer + 1] * len(s.distance), s.distance, s=14, alpha=0.8, color="tab:blue")
+        ax.set_title(name)
+        ax.set_xlabel("layer")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("average attention distance (px)")
+    fig.tight_layout()
+    distance_png = out / "attention_distance.png"
+    fig.savefig(distance_png, dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for name in models:
+        layers = [s for s in stats if s.model == name]
+        ax.plot([s.layer + 1 for s in layers], [float(np.mean(s.nmi)) for s in layers], marker="o", label=name)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("NMI (query, key)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    nmi_png = out / "nmi.png"
+    fig.savefig(nmi_png, dpi=120)
+    plt.close(fig)
+    return [distance_png, nmi_png]
+
+
+def plot_attention_maps(attention: dict[str, list[torch.Tensor]], pixels: torch.Tensor, query: int,
+                        layers: list[int], out: Path) -> Path:
+    """Attention of one query patch (marked) of the first image, at chosen layers, per model (head mean)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(attention)
+    fig, axes = plt.subplots(len(names), len(layers) + 1, figsize=(2.4 * (len(layers) + 1), 2.5 * len(names)),
+                             squeeze=False)
+    image = pixels[0].numpy()
+    for r, name in enumerate(names):
+        grid = int(round(math.sqrt(attention[name][0].shape[-1])))
+        qr, qc = divmod(query, grid)
+        cell = image.shape[0] / grid
+        axes[r][0].imshow(image)
+        axes[r][0].add_patch(plt.Rectangle((qc * cell, qr * cell), cell, cell, fill=False, color="red", lw=2))
+        axes[r][0].set_title(f"{name}: query {query}", fontsize=9)
+        for c, layer in enumerate(layers, start=1):
+            amap = attention[name][layer][0].mean(0)[query].reshape(grid, grid).numpy()
+            axes[r][c].imshow(amap, cmap="viridis")
+            axes[r][c].set_title(f"layer {layer + 1}", fontsize=9)
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.tight_layout()
+    path = out / "attention_maps.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run_analysis(models: dict[str, Teacher], data: str, count: int, out: str, query: int | None = None,
+                 layers: list[int] | None = None, seed: int = 0) -> list[Path]:
+    """Analyse each model on the same views; write the table and figures; return the written files."""
+    out_dir = Path(out)
+    sizes = {m.info.image_size for m in models.values()}
+    if len(sizes) != 1:
+        raise HdistillError(f"models to compare take different image sizes {sorted(sizes)}")
+    pixels = load_views(data, count, sizes.pop(), seed)
+    stats, attention = [], {}
+    for label, model in models.items():
+        s, attention[label] = analyze_model(label, model, pixels)
+        stats += s
+    write_tables(stats, out_dir)
+    files = [out_dir / "attention.csv", out_dir / "attention.json", *plot_distance_and_nmi(stats, out_dir)]
+    depth = min(m.info.depth for m in models.values())
+    grid = next(iter(models.values())).info.grid
+    query = grid.num_patches // 2 + grid.side // 2 if query is None else query
+    if not 0 <= query < grid.num_patches:
+        raise HdistillError(f"--query {query}: patch index out of range (0..{grid.num_patches - 1})")
+    layers = layers or sorted({0, depth // 2, depth - 1})
+    files.append(plot_attention_maps(attention, pixels, query, layers, out_dir))
+    return files

@@ -1,0 +1,83 @@
+"""Attention distance and NMI against hand-computed values; analyze and a reduced demo end to end."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from tinymodels import ASSETS
+from hdistill.analyze import attention_distance, attention_nmi, patch_attention
+from hdistill.cli import cli
+
+D = 16 * math.sqrt(2)  # diagonal neighbour on a 2x2 grid of 16 px patches
+
+
+def as_batch(attn):
+    return torch.tensor(np.ascontiguousarray(attn), dtype=torch.float64)[None, None]  # [1, 1, N, N]
+
+
+def test_distance_of_uniform_identity_and_neighbour_attention():
+    uniform = np.full((4, 4), 0.25)
+    assert attention_distance(as_batch(uniform), 16).item() == pytest.approx((0 + 16 + 16 + D) / 4)
+    assert attention_distance(as_batch(np.eye(4)), 16).item() == pytest.approx(0.0)
+    right_or_left = [[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0]]  # each patch looks at its row neighbour
+    assert attention_distance(as_batch(right_or_left), 16).item() == pytest.approx(16.0)
+    diagonal = np.fliplr(np.eye(4))  # 0<->3 and 1<->2 on the 2x2 grid: all diagonal
+    assert attention_distance(as_batch(diagonal), 16).item() == pytest.approx(D)
+
+
+def test_nmi_of_uniform_identity_and_a_mixture():
+    assert attention_nmi(as_batch(np.full((4, 4), 0.25))).item() == pytest.approx(0.0, abs=1e-9)
+    assert attention_nmi(as_batch(np.eye(4))).item() == pytest.approx(1.0)
+    assert attention_nmi(as_batch(np.eye(4)[[1, 0, 3, 2]])).item() == pytest.approx(1.0)  # a permutation
+    # half on itself, half on patch 0: computed with plain loops
+    attn = 0.5 * np.eye(4)
+    attn[:, 0] += 0.5
+    n = 4
+    p_k = [sum(attn[q][k] for q in range(n)) / n for k in range(n)]
+    mutual = sum(attn[q][k] / n * math.log(attn[q][k] / p_k[k]) for q in range(n) for k in range(n) if attn[q][k] > 0)
+    h_k = -sum(p * math.log(p) for p in p_k)
+    assert attention_nmi(as_batch(attn)).item() == pytest.approx(mutual / math.sqrt(math.log(n) * h_k))
+
+
+def test_patch_attention_drops_cls_and_renormalises():
+    g = torch.Generator().manual_seed(0)
+    raw = torch.randn(1, 2, 5, 5, generator=g, dtype=torch.float64) * 3
+    attn = patch_attention(raw, head_dim=4)
+    soft = torch.softmax(raw / 2.0, dim=-1)
+    expected = soft[:, :, 1:, 1:] / soft[:, :, 1:, 1:].sum(-1, keepdim=True)
+    torch.testing.assert_close(attn, expected)
+    torch.testing.assert_close(attn.sum(-1), torch.ones(1, 2, 4, dtype=torch.float64))
+
+
+def test_reduced_demo_leaves_its_files(tmp_path):
+    result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "demo"), "--images", "16", "--steps", "10"])
+    assert result.exit_code == 0, result.output
+    assert "RANDOM weights" in result.output
+    demo = tmp_path / "demo"
+    for path in ("store/manifest.json", "store/targets.zarr/zarr.json", "run/metrics.jsonl", "run/student.safetensors",
+                 "loss.png", "analysis/attention.csv", "analysis/attention.json", "analysis/attention_distance.png",
+                 "analysis/nmi.png", "analysis/attention_maps.png"):
+        assert (demo / path).exists(), path
+    rows = (demo / "analysis" / "attention.csv").read_text().splitlines()
+    assert rows[0] == "model,layer,head,distance_px,nmi" and len(rows) == 1 + 3 * 6 * 3  # 3 models x 6 layers x 3 heads
+
+
+@pytest.mark.skipif(not (ASSETS / "vit_small_patch14_dinov2.imgfocus_fp16.safetensors").exists(),
+                    reason="../shared/assets not present")
+def test_analyze_a_real_teacher_on_real_images(tmp_path):
+    weights = ASSETS / "vit_small_patch14_dinov2.imgfocus_fp16.safetensors"
+    result = CliRunner().invoke(cli, ["analyze", "--out", str(tmp_path), "--teacher", "dino",
+                                      "--model", "dino=vit_small_patch14_dinov2", "--weights", f"dino={weights}",
+                                      "--images", str(ASSETS / "imagenet-sample-100"), "--count", "4"])
+    assert result.exit_code == 0, result.output
+    import json
+    stats = json.loads((tmp_path / "attention.json").read_text())
+    assert len(stats) == 12 and all(len(s["distance"]) == 6 for s in stats)
+    # this trained ViT has strongly local heads in its early layers (about 20 px, uniform attention gives 117 px),
+    # and a local head attends to different keys for different queries: its NMI is high
+    uniform = attention_distance(torch.full((1, 1, 256, 256), 1 / 256, dtype=torch.float64), 14).item()
+    heads = [(d, n) for s in stats[:5] for d, n in zip(s["distance"], s["nmi"])]
+    distance, nmi = min(heads)
+    assert distance < 0.25 * uniform and nmi > 0.5
