@@ -307,30 +307,63 @@ def parse_student_args(values) -> dict:
     return kwargs
 
 
+def build_models(roles, models, model_args, weights, random_init, students, student_model, student_args,
+                 image_size, seed) -> dict:
+    """Teachers by role and trained students, as analyse/eval take them: {label: model}."""
+    from hdistill.analyze import student_as_teacher
+    from hdistill.precompute.teachers import WeightSource, build_teacher
+
+    role_list = _split(roles)
+    names, kwargs, sources = _pairs(models, "--model"), parse_model_args(model_args), parse_weights(weights, role_list)
+    chosen = {}
+    for i, role in enumerate(role_list):
+        if role not in sources and not random_init:
+            raise HdistillError(f"no weights for teacher {role}: --weights {role}=hub|PATH or --random-init")
+        source = WeightSource.parse(sources[role]) if role in sources else WeightSource("random", seed=seed * 1000 + i)
+        chosen[role] = build_teacher(role, source, image_size, names.get(role), kwargs.get(role))
+    for i, path in enumerate(students):
+        chosen[f"student{i if len(students) > 1 else ''}"] = student_as_teacher(
+            path, student_model, image_size, parse_student_args(student_args))
+    if not chosen:
+        raise HdistillError("no model given: pass --teacher and/or --student")
+    return chosen
+
+
+def model_options(f):
+    """Options that choose teachers by role and trained students (analyze, eval)."""
+    options = [
+        click.option("--teacher", "roles", default="", help="Comma-separated teacher roles (e.g. mae,clip)."),
+        click.option("--model", "models", multiple=True, metavar="ROLE=NAME", help="Another model for a role."),
+        click.option("--model-arg", "model_args", multiple=True, metavar="ROLE.KEY=VALUE",
+                     help="Teacher constructor argument."),
+        click.option("--weights", multiple=True, metavar="ROLE=hub|PATH", help="Teacher weights ('hub' or a file)."),
+        click.option("--random-init", is_flag=True, help="Random teacher weights (seeded)."),
+        click.option("--student", "students", multiple=True, type=click.Path(exists=True, dir_okay=False),
+                     help="A trained student.safetensors. Repeatable."),
+        click.option("--student-model", default="vit_base_patch16_224", help="timm name of the students' architecture."),
+        click.option("--student-arg", "student_args", multiple=True, metavar="KEY=VALUE",
+                     help="timm argument of the students, e.g. depth=6."),
+        click.option("--image-size", default=224),
+        click.option("--seed", default=0, help="Seed of random teacher weights and of the views."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 @cli.command()
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the table and figures.")
-@click.option("--teacher", "roles", default="", help="Comma-separated teacher roles to analyse (e.g. mae,clip).")
-@click.option("--model", "models", multiple=True, metavar="ROLE=NAME", help="Another model for a role. Repeatable.")
-@click.option("--model-arg", "model_args", multiple=True, metavar="ROLE.KEY=VALUE", help="Teacher constructor argument.")
-@click.option("--weights", multiple=True, metavar="ROLE=hub|PATH", help="Teacher weights ('hub' or a local file).")
-@click.option("--random-init", is_flag=True, help="Random teacher weights (seeded).")
-@click.option("--student", "students", multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="A trained student.safetensors. Repeatable.")
-@click.option("--student-model", default="vit_base_patch16_224", help="timm name of the students' architecture.")
-@click.option("--student-arg", "student_args", multiple=True, metavar="KEY=VALUE", help="timm argument of the students.")
+@model_options
 @click.option("--images", default=None, help="Images: a folder, list file, tars or synthetic:N.")
 @click.option("--store", default=None, type=click.Path(exists=True, file_okay=False),
               help="Take the images (and view seed) of a store instead of --images.")
 @click.option("--count", default=16, help="Images to average over.")
-@click.option("--image-size", default=224)
 @click.option("--query", default=None, type=int, help="Patch index of the attention-map query (default: centre).")
 @click.option("--layers", default=None, metavar="I,J", help="0-indexed layers of the attention-map figure.")
-@click.option("--seed", default=0)
-def analyze(out, roles, models, model_args, weights, random_init, students, student_model, student_args, images,
-            store, count, image_size, query, layers, seed):
+def analyze(out, roles, models, model_args, weights, random_init, students, student_model, student_args, image_size,
+            seed, images, store, count, query, layers):
     """Attention distance and NMI per layer and head (paper Fig. 1, 2, 5), plus attention maps."""
-    from hdistill.analyze import run_analysis, student_as_teacher
-    from hdistill.precompute.teachers import WeightSource, build_teacher
+    from hdistill.analyze import run_analysis
     from hdistill.shards.format import read_manifest
 
     if (images is None) == (store is None):
@@ -338,21 +371,27 @@ def analyze(out, roles, models, model_args, weights, random_init, students, stud
     if store:
         config = read_manifest(store)["config"]
         images, seed = config["data"], config["seed"]
-    role_list = _split(roles)
-    model_names, kwargs, sources = _pairs(models, "--model"), parse_model_args(model_args), parse_weights(weights, role_list)
-    chosen = {}
-    for i, role in enumerate(role_list):
-        if role not in sources and not random_init:
-            raise HdistillError(f"no weights for teacher {role}: --weights {role}=hub|PATH or --random-init")
-        source = WeightSource("random", seed=seed * 1000 + i) if role not in sources else WeightSource.parse(sources[role])
-        chosen[role] = build_teacher(role, source, image_size, model_names.get(role), kwargs.get(role))
-    for i, path in enumerate(students):
-        chosen[f"student{i if len(students) > 1 else ''}"] = student_as_teacher(
-            path, student_model, image_size, parse_student_args(student_args))
-    if not chosen:
-        raise HdistillError("nothing to analyse: give --teacher and/or --student")
+    chosen = build_models(roles, models, model_args, weights, random_init, students, student_model, student_args,
+                          image_size, seed)
     files = run_analysis(chosen, images, count, out, query, parse_ints(layers, "--layers"), seed)
     click.echo("analyze: wrote " + ", ".join(str(f) for f in files))
+
+
+@cli.command("eval")
+@click.option("--data", required=True, help="A labelled ImageFolder (one sub-folder per class).")
+@model_options
+@click.option("--pool", default="cls", type=click.Choice(["cls", "mean"]), help="CLS token or mean of patch tokens.")
+@click.option("--k", default=20, help="Neighbours of the kNN classifier.")
+def evaluate(data, roles, models, model_args, weights, random_init, students, student_model, student_args,
+             image_size, seed, pool, k):
+    """kNN (cosine, k=20) and linear-probe top-1 on a fixed train/validation split of an ImageFolder."""
+    from hdistill.evaluate import run_eval
+
+    for label, model in build_models(roles, models, model_args, weights, random_init, students, student_model,
+                                     student_args, image_size, seed).items():
+        r = run_eval(model, data, pool, k)
+        click.echo(f"eval {label}: {r['classes']} classes, {r['train']} train / {r['val']} val images, {pool} "
+                   f"features: kNN top-1 {100 * r['knn_top1']:.1f}%, linear probe top-1 {100 * r['linear_top1']:.1f}%")
 
 
 @cli.command()

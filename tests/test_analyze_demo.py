@@ -81,3 +81,36 @@ def test_analyze_a_real_teacher_on_real_images(tmp_path):
     heads = [(d, n) for s in stats[:5] for d, n in zip(s["distance"], s["nmi"])]
     distance, nmi = min(heads)
     assert distance < 0.25 * uniform and nmi > 0.5
+
+
+def test_knn_against_a_plain_loop_vote():
+    from hdistill.evaluate import knn_top1
+    g = torch.Generator().manual_seed(0)
+    train_f, val_f = torch.randn(30, 5, generator=g, dtype=torch.float64), torch.randn(8, 5, generator=g, dtype=torch.float64)
+    train_y, val_y = torch.randint(0, 3, (30,), generator=g), torch.randint(0, 3, (8,), generator=g)
+    correct = 0
+    for v in range(8):
+        sims = [float(val_f[v] @ train_f[t] / (val_f[v].norm() * train_f[t].norm())) for t in range(30)]
+        nearest = sorted(range(30), key=lambda t: -sims[t])[:5]
+        votes = [0.0, 0.0, 0.0]
+        for t in nearest:
+            votes[int(train_y[t])] += math.exp(sims[t] / 0.07)
+        correct += int(np.argmax(votes) == int(val_y[v]))
+    assert knn_top1(train_f, train_y, val_f, val_y, k=5) == pytest.approx(correct / 8)
+
+
+def test_eval_separates_two_visibly_different_classes(tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for label, colour in (("red", (200, 30, 30)), ("blue", (30, 30, 200))):
+        (tmp_path / label).mkdir()
+        for i in range(10):
+            noise = rng.integers(-40, 40, (48, 64, 3))
+            Image.fromarray(np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)).save(tmp_path / label / f"{i}.png")
+    result = CliRunner().invoke(cli, ["eval", "--data", str(tmp_path), "--teacher", "dino", "--random-init",
+                                      "--model", "dino=vit_small_patch16_224", "--model-arg", "dino.depth=2",
+                                      "--model-arg", "dino.embed_dim=48", "--model-arg", "dino.num_heads=3",
+                                      "--image-size", "64"])
+    assert result.exit_code == 0, result.output
+    assert "2 classes, 16 train / 4 val images" in result.output
+    assert "kNN top-1 100.0%, linear probe top-1 100.0%" in result.output
