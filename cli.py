@@ -80,11 +80,12 @@ def resolve_device(device: str) -> str:
 
 
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+    if n < 1024:
+        return f"{int(n)} B"
+    for unit in ("KB", "MB", "GB", "TB"):
         n /= 1024
-    return ""
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}"
 
 
 def teacher_options(f):

@@ -143,9 +143,6 @@ class ViewParams:
     size: int
     interpolation: str = "bicubic"
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass
 class ProgressiveMask:

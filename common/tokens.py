@@ -15,13 +15,6 @@ def patchify(pixels: torch.Tensor, patch: int) -> torch.Tensor:
     return x.reshape(B, g * g, patch, patch, C)
 
 
-def unpatchify(patches: torch.Tensor) -> torch.Tensor:
-    """[B, N, P, P, C] (all N patches) -> [B, S, S, C]."""
-    B, N, P, _, C = patches.shape
-    g = int(round(N ** 0.5))
-    return patches.reshape(B, g, g, P, P, C).permute(0, 1, 3, 2, 4, 5).reshape(B, g * P, g * P, C)
-
-
 def token_index(keep_idx: torch.Tensor) -> torch.Tensor:
     """Kept patch indices [B, n] -> token indices [B, 1+n] (CLS first)."""
     cls = torch.zeros_like(keep_idx[:, :1])

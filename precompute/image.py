@@ -4,7 +4,6 @@ from __future__ import annotations
 import io
 import warnings
 
-import numpy as np
 from PIL import Image
 
 from hdistill.common.errors import HdistillError
@@ -46,7 +45,3 @@ def load_image(path: str) -> Image.Image:
         raise HdistillError(f"{path}: cannot read ({err.strerror})") from None
     return decode_image(data, path)
 
-
-def to_array(img: Image.Image) -> np.ndarray:
-    """RGB PIL image -> uint8 [H, W, 3]."""
-    return np.asarray(img, dtype=np.uint8)

@@ -15,11 +15,9 @@ from __future__ import annotations
 import json
 import queue
 import threading
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 

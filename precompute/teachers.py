@@ -20,7 +20,6 @@ from that block's own projection), and `tokens` (last block after the final norm
 from __future__ import annotations
 
 import difflib
-import hashlib
 import os
 from dataclasses import dataclass
 
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hdistill.common.errors import HdistillError
+from hdistill.common.files import file_sha256
 from hdistill.common.specs import TeacherInfo, TokenGrid
 from hdistill.common.tokens import split_qk
 
@@ -64,14 +64,6 @@ class WeightSource:
     @classmethod
     def parse(cls, value: str) -> "WeightSource":
         return cls("hub") if value == "hub" else cls("file", path=value)
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class Teacher(nn.Module):

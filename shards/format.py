@@ -86,17 +86,6 @@ class StoredView:
         return {"json": json.dumps(self.meta, sort_keys=True).encode(),
                 **{name: npy_bytes(a) for name, a in self.arrays().items()}}
 
-    @classmethod
-    def from_entries(cls, key: str, entries: dict[str, bytes]) -> "StoredView":
-        view = cls(key=key, meta=json.loads(entries["json"]), stage=npy_load(entries["stage.npy"]),
-                   keep=npy_load(entries["keep.npy"]), pixels=npy_load(entries["pixels.npy"]))
-        for name, data in entries.items():
-            parts = name.split(".")
-            if parts[0] == "feat":
-                view.features[parts[1]] = npy_load(data)
-            elif parts[0] == "rel":
-                view.relations.setdefault(parts[1], {})[int(parts[2][1:])] = npy_load(data)
-        return view
 
 
 def read_manifest(store: str | Path) -> dict:

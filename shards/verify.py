@@ -1,28 +1,21 @@
 """Check a store against its manifest: every shard's checksum, every sample's arrays."""
 from __future__ import annotations
 
-import hashlib
 import json
 import tarfile
 from pathlib import Path
 
+from hdistill.common.files import file_sha256
+
 from .format import StoreLayout, entry_specs, npy_load, read_manifest
 from .wds import iter_samples
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_shard(path: Path, record: dict, specs: dict) -> list[str]:
     """Problems of one tar shard, each worded with the shard (and sample) it concerns."""
     if not path.exists():
         return [f"{record['file']}: missing"]
-    if _sha256(path) != record["sha256"]:
+    if file_sha256(path) != record["sha256"]:
         problems = [f"{record['file']}: sha256 differs from the manifest (the file was changed or damaged)"]
     else:
         problems = []
