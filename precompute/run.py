@@ -64,9 +64,9 @@ class PrecomputeConfig:
             raise HdistillError(f"--precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if self.store not in ("kept", "full"):
             raise HdistillError(f"--store must be 'kept' or 'full', got {self.store!r}")
-        bad = set(self.formats) - {"wds", "zarr"} or (set() if self.formats else {"(none)"})
-        if bad:
-            raise HdistillError(f"--format: unknown format(s) {', '.join(sorted(bad))}; use wds, zarr or wds,zarr")
+        unknown = set(self.formats) - {"wds", "zarr"}
+        if unknown or not self.formats:
+            raise HdistillError(f"--format {','.join(self.formats) or '(empty)'}: use wds, zarr or wds,zarr")
         for name, value in [("--views", self.views), ("--batch-size", self.batch_size),
                             ("--shard-size", self.shard_size), ("--image-size", self.image_size)]:
             if value < 1:

@@ -55,6 +55,7 @@ def test_cli_errors_are_one_clear_line(photos, tmp_path):
     assert "expected ROLE.KEY=VALUE" in run_cli(*base, *CLI_TINY, "--model-arg", "depth=3")
     assert "block 7 is out of range for a 4-block model" in run_cli(*base, *CLI_TINY, "--relation-blocks", "2,7")
     assert "--weights names deit, which is not among --teachers" in run_cli(*base, *CLI_TINY, "--weights", "deit=hub")
+    assert "--format tar: use wds, zarr or wds,zarr" in run_cli(*base, *CLI_TINY, "--format", "tar")
     assert "no such folder, list file or tar shards" in run_cli(
         "precompute", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "t"), *CLI_TINY)
     assert "weight file" in run_cli(*base, "--teachers", "mae", "--weights", f"mae={tmp_path / 'missing.safetensors'}")
