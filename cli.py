@@ -412,7 +412,7 @@ def demo(out, models, model_args, weights, images, steps):
                      images=images, steps=steps, echo=click.echo)
     click.echo(f"demo: done in {time.time() - start:.0f}s. Look at:")
     for name, path in files.items():
-        click.echo(f"  {name:20s} {path}")
+        click.echo(f"  {name:24s} {path}")
 
 
 def main():
