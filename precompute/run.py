@@ -206,7 +206,6 @@ class ShardCommitter:
         self.pending: dict[tuple[int, int], dict] = {}
         self.queue: queue.Queue = queue.Queue(maxsize=8)
         self.error: BaseException | None = None
-        self.committed = 0
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -252,12 +251,11 @@ class ShardCommitter:
         for path in (tar_path, commit_path(self.store, name)):
             remove_stale_temporaries(path)  # this rank owns the shard; a killed run may have left these
         if "wds" in self.formats:
-            nbytes, sha, _ = wds.write_shard(tar_path, (s for _, s in samples))
+            nbytes, sha = wds.write_shard(tar_path, (s for _, s in samples))
             record.update(file=f"{WDS_DIR}/{name}.tar", bytes=nbytes, sha256=sha)
         if "zarr" in self.formats:
             zarr_store.write_shard(self.store, self.layout, view, index, samples)
         atomic_write(commit_path(self.store, name), json.dumps(record, sort_keys=True).encode())
-        self.committed += 1
 
 
 def commit_path(store: Path, name: str) -> Path:

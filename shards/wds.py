@@ -26,9 +26,8 @@ class _HashingWriter:
         return self.f.write(data)
 
 
-def write_shard(path: Path, samples: Iterable[StoredView]) -> tuple[int, str, int]:
-    """Write a tar shard atomically -> (bytes, sha256, samples)."""
-    count = 0
+def write_shard(path: Path, samples: Iterable[StoredView]) -> tuple[int, str]:
+    """Write a tar shard atomically -> (bytes, sha256)."""
     with atomic_open(path) as f:
         out = _HashingWriter(f)
         with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
@@ -37,8 +36,7 @@ def write_shard(path: Path, samples: Iterable[StoredView]) -> tuple[int, str, in
                     info = tarfile.TarInfo(f"{sample.key}.{ext}")
                     info.size, info.mtime, info.mode = len(data), 0, 0o444
                     tar.addfile(info, io.BytesIO(data))
-                count += 1
-    return out.bytes, out.sha.hexdigest(), count
+    return out.bytes, out.sha.hexdigest()
 
 
 def iter_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
