@@ -100,7 +100,7 @@ def layer_attention(model: Teacher, pixels: torch.Tensor, batch: int = 16) -> li
     per_layer: list[list[torch.Tensor]] = [[] for _ in range(depth)]
     for start in range(0, len(pixels), batch):
         captured = {}
-        handles = [model.hook_qk(b, lambda q, k, b=b: captured.__setitem__(b, q.float() @ k.float().transpose(-2, -1)))
+        handles = [model.tap("rel", b, lambda r, b=b: captured.__setitem__(b, r))
                    for b in range(depth)]
         try:
             model.tokens(model.preprocess(pixels[start:start + batch]))

@@ -69,14 +69,32 @@ def parse_ints(value: str | None, option: str) -> list[int] | None:
 
 
 def resolve_device(device: str) -> str:
+    """auto -> cuda if there is one, else cpu; a bare "cuda" is this process's GPU under torchrun
+    (cuda:LOCAL_RANK), so the ranks of one machine do not all land on cuda:0."""
     import torch
     if device == "auto":
-        if torch.cuda.is_available():
-            return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        return "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
         raise HdistillError(f"--device {device}: CUDA is not available on this machine")
+    if device == "cuda":
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     return device
+
+
+def available_cpus() -> int:
+    """CPUs this process may use, shared among the ranks torchrun starts on this machine."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def loader_workers(requested: int | None, default: int = 4) -> int:
+    """Decoding processes: the default never exceeds the CPUs available; a larger request is capped."""
+    cpus = available_cpus()
+    if requested is None:
+        return min(default, cpus)
+    if requested > cpus:
+        click.echo(f"note: --workers {requested} capped at the {cpus} CPUs available to this process", err=True)
+    return min(requested, cpus)
 
 
 def human_bytes(n: float) -> str:
@@ -104,14 +122,8 @@ def teacher_options(f):
         click.option("--random-init", is_flag=True,
                      help="Random teacher weights (seeded), recorded as such in the output. For tests and demos."),
         click.option("--image-size", default=224, show_default=True, help="View size in pixels."),
-        click.option("--relation-blocks", default=None, metavar="I,J",
-                     help="0-indexed blocks of the MIM teacher whose Q K^T is a target; negative counts from the "
-                          "end. Default: the two before the last (-3,-2)."),
-        click.option("--mask-ratio", default=0.3, show_default=True,
-                     help="K: share of the kept patch tokens dropped at each of the mask stages [0, L/3, 2L/3]; "
-                          "0 keeps every token."),
-        click.option("--mask-teacher", default=None, help="Role whose blocks drive the mask (default: the MIM teacher)."),
-        click.option("--seed", default=0, show_default=True, help="Seed of the views (and of random teacher weights)."),
+        click.option("--seed", default=0, show_default=True,
+                     help="Seed of the views, of the store order and of random teacher weights."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -133,10 +145,29 @@ def cli():
                    "image paths, or synthetic:N for N generated images.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Store folder (created; reruns resume).")
 @teacher_options
+@click.option("--target", "targets", multiple=True, metavar="ROLE:KIND[@B[,B...]]",
+              help="A target to store, repeatable. KIND: feat (final features; feat@B: residual stream after "
+                   "block B), rel@B (raw Q K^T of block B), msa@B (attention output of block B). Blocks are "
+                   "0-indexed, negative from the end. Default: ROLE:feat of every non-MIM teacher and "
+                   "mae:rel@-3,-2 (the paper's layers L-1 and L-2), e.g. --target clip:feat --target mae:rel@9,10.")
+@click.option("--encoding", "encodings", multiple=True, metavar="[KIND|TARGET=]ENC",
+              help="How targets are stored: fp16 (default), int8 (per-row scale, about half the bytes) or bf16 "
+                   "(zarr only: mantissa rounding before compression). E.g. --encoding rel=int8, "
+                   "--encoding rel.mae.b9=int8, or --encoding int8 for every target. Repeatable.")
+@click.option("--mask-ratio", default=0.3, show_default=True,
+              help="K: share of the kept patch tokens dropped at each mask stage; 0 keeps every token.")
+@click.option("--mask-blocks", default=None, metavar="I,J,...",
+              help="0-indexed blocks of the mask teacher whose outputs drive the stages (default: 0,L/3,2L/3). "
+                   "One block is direct masking (paper Tab. 8).")
+@click.option("--mask-mean", default="raw", type=click.Choice(["raw", "normalized"]), show_default=True,
+              help="The average token of Eq. 4: mean of the kept patch tokens (raw) or of their L2-normalised "
+                   "copies (normalized, as PCAE's code).")
+@click.option("--mask-teacher", default=None, help="Role whose blocks drive the mask (default: the MIM teacher).")
 @click.option("--views", default=1, show_default=True, help="Augmented views per image.")
 @click.option("--store", "store_mode", default="kept", type=click.Choice(["kept", "full"]), show_default=True,
               help="kept: only the progressive mask's tokens; full: every token, so any mask can be applied later.")
-@click.option("--format", "formats", default="wds,zarr", show_default=True, help="wds, zarr, or both.")
+@click.option("--format", "formats", default="wds", show_default=True,
+              help="wds (webdataset tars, streamed by train), zarr (random access), or wds,zarr.")
 @click.option("--limit", default=None, type=int, help="Use only the first N images.")
 @click.option("--batch-size", default=64, show_default=True, help="Views per teacher forward.")
 @click.option("--shard-size", default=1024, show_default=True, help="Images per shard.")
@@ -144,13 +175,14 @@ def cli():
               help="Teachers' forward precision (bf16 autocast is the fast choice on GPUs); Q K^T and the mask "
                    "are always computed in float32 or better.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--workers", default=4, show_default=True, help="Image decoding processes.")
+@click.option("--workers", default=None, type=int,
+              help="Image decoding processes (default: 4, never more than the CPUs available).")
 @click.option("--rank", default=None, type=int, help="This process's rank for array jobs (default: $RANK or 0).")
 @click.option("--world-size", default=None, type=int, help="Number of ranks (default: $WORLD_SIZE or 1).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def precompute(data, out, teachers, models, model_args, weights, random_init, image_size, relation_blocks,
-               mask_ratio, mask_teacher, seed, views, store_mode, formats, limit, batch_size, shard_size,
-               precision, device, workers, rank, world_size, quiet):
+def precompute(data, out, teachers, models, model_args, weights, random_init, image_size, seed, targets, encodings,
+               mask_ratio, mask_blocks, mask_mean, mask_teacher, views, store_mode, formats, limit, batch_size,
+               shard_size, precision, device, workers, rank, world_size, quiet):
     """Run the teachers over augmented views and write the target store.
 
     Kill it at any point and run the same command again to resume. Under
@@ -158,19 +190,21 @@ def precompute(data, out, teachers, models, model_args, weights, random_init, im
     the manifest is complete once every rank has finished.
     """
     from hdistill.precompute.run import PrecomputeConfig, Runtime, run_precompute
+    from hdistill.shards.format import store_bytes
 
     roles = _split(teachers)
     cfg = PrecomputeConfig(
         data=data, teachers=roles, models=_pairs(models, "--model"), model_args=parse_model_args(model_args),
         weights=parse_weights(weights, roles), random_init=random_init, seed=seed, views=views,
-        image_size=image_size, relation_blocks=parse_ints(relation_blocks, "--relation-blocks"),
-        mask_ratio=mask_ratio, mask_teacher=mask_teacher, store=store_mode, formats=_split(formats),
+        image_size=image_size, targets=list(targets) or None, encodings=list(encodings), mask_ratio=mask_ratio,
+        mask_teacher=mask_teacher, mask_blocks=parse_ints(mask_blocks, "--mask-blocks"), mask_mean=mask_mean,
+        store=store_mode, formats=_split(formats),
         batch_size=batch_size, shard_size=shard_size, limit=limit, precision=precision)
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
     if not 0 <= rank < world_size:
         raise HdistillError(f"--rank {rank} is not in 0..{world_size - 1} (--world-size {world_size})")
-    rt = Runtime(device=resolve_device(device), workers=workers, rank=rank, world_size=world_size,
+    rt = Runtime(device=resolve_device(device), workers=loader_workers(workers), rank=rank, world_size=world_size,
                  progress=not quiet and sys.stderr.isatty())
     if random_init:
         click.echo("note: teachers have RANDOM weights (--random-init); targets are for testing only", err=True)
@@ -181,11 +215,10 @@ def precompute(data, out, teachers, models, model_args, weights, random_init, im
         click.echo(f"precompute: rank {rank}/{world_size} finished its shards in {seconds:.0f}s; the last rank to "
                    "finish writes the manifest")
         return
-    nbytes = sum(s.get("bytes", 0) for s in manifest["shards"])
-    per_view = f", {human_bytes(nbytes / max(manifest['samples'], 1))}/view" if nbytes else ""
-    click.echo(f"precompute: {manifest['samples']} views of {manifest['layout']['num_images']} images in "
-               f"{len(manifest['shards'])} shards, {len(manifest['skipped'])} inputs skipped, "
-               f"{human_bytes(nbytes)}{per_view}, {seconds:.1f}s; store complete: {out}")
+    nbytes = store_bytes(out)
+    click.echo(f"precompute: {manifest.samples} views of {manifest.layout.num_images} images in "
+               f"{len(manifest.shards)} shards, {len(manifest.skipped)} inputs skipped, {human_bytes(nbytes)} "
+               f"({human_bytes(nbytes / max(manifest.samples, 1))}/view), {seconds:.1f}s; store complete: {out}")
 
 
 @cli.command()
@@ -255,32 +288,33 @@ def train(shards, out, student, student_args, steps, epochs, batch_size, lr, wei
 @cli.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 def inspect(store):
-    """Summarise a store: teachers, targets, views, samples, bytes per view, skipped inputs."""
-    from hdistill.shards.format import read_manifest
+    """Summarise a store: teachers, target table, mask, views, samples, bytes per view, skipped inputs."""
+    from hdistill.shards.format import store_bytes
+    from hdistill.shards.manifest import read_manifest
 
     m = read_manifest(store)
-    layout, targets = m["layout"], m["targets"]
-    click.echo(f"store      {store}  (format v{m['format_version']}, {'complete' if m['complete'] else 'INCOMPLETE'})")
-    click.echo(f"data       {m['config']['data']}  images={layout['num_images']} views={layout['views']} "
-               f"seed={m['config']['seed']} size={layout['image_size']}")
-    for t in m["teachers"]:
-        w = t["weights"]
+    layout, mask = m.layout, m.mask
+    click.echo(f"store      {store}  (format v{m.format_version}, {'complete' if m.complete else 'INCOMPLETE'}, "
+               f"{','.join(m.formats)})")
+    click.echo(f"data       {m.config['data']}  images={layout.num_images} views={layout.views} "
+               f"seed={layout.order_seed} size={layout.image_size} order=seeded permutation")
+    for t in m.teachers:
+        w = t.weights
         weights = {"file": f"file {w.get('path')} sha256 {str(w.get('sha256'))[:12]}", "hub": f"hub {w.get('tag')}",
                    "random-init": f"RANDOM INIT seed {w.get('seed')}"}[w["source"]]
-        click.echo(f"teacher    {t['role']:5s} {t['model']}  patch {t['patch_size']} grid {t['grid'][0]}x{t['grid'][1]} "
-                   f"width {t['width']} depth {t['depth']} heads {t['heads']}  [{weights}]")
-    click.echo(f"targets    features: {', '.join(targets['feature_roles'])}; relations: "
-               + "; ".join(f"{r} blocks {b}" for r, b in targets["relation_blocks"].items())
-               + f"; mask: {targets['mask_role'] or 'none'} K={targets['mask']['ratio']} "
-               f"blocks {targets['mask']['blocks']}")
-    click.echo(f"tokens     store={m['config']['store']}: {layout['stored_patches']} of {layout['num_patches']} patches "
-               f"per view (+CLS)")
-    if m["complete"]:
-        nbytes = sum(s.get("bytes", 0) for s in m["shards"])
-        click.echo(f"samples    {m['samples']} in {len(m['shards'])} shards, {human_bytes(nbytes)} webdataset"
-                   + (f", {human_bytes(nbytes / max(m['samples'], 1))} per view" if nbytes else ""))
-        click.echo(f"skipped    {len(m['skipped'])} inputs")
-        for s in m["skipped"][:20]:
+        click.echo(f"teacher    {t.role:5s} {t.model}  patch {t.patch_size} grid {t.grid.side}x{t.grid.side} "
+                   f"width {t.width} depth {t.depth} heads {t.heads}  [{weights}]")
+    for t in m.targets:
+        click.echo(f"target     {t.name:18s} {t.tap:14s} {t.dtype}{list(t.shape)} {t.encoding}")
+    click.echo(f"mask       " + (f"{mask.role} K={mask.ratio} blocks {list(mask.blocks)} mean={mask.mean}"
+                                 if mask.role else "none (every patch kept)"))
+    click.echo(f"tokens     store={m.store_mode}: {layout.stored_patches} of {layout.num_patches} patches per view (+CLS)")
+    if m.complete:
+        nbytes = store_bytes(store)
+        click.echo(f"samples    {m.samples} in {len(m.shards)} shards, {human_bytes(nbytes)} in all files, "
+                   f"{human_bytes(nbytes / max(m.samples, 1))} per view")
+        click.echo(f"skipped    {len(m.skipped)} inputs")
+        for s in m.skipped[:20]:
             click.echo(f"           {s['source']} (view {s['view']}): {s['reason']}")
 
 
@@ -295,7 +329,7 @@ def verify(store):
         click.echo(f"BAD  {p}")
     if problems:
         raise click.ClickException(f"{len(problems)} problem(s) in {store}")
-    click.echo(f"ok: {len(manifest['shards'])} shards, {manifest['samples']} samples verified")
+    click.echo(f"ok: {len(manifest.shards)} shards, {manifest.samples} samples verified in {','.join(manifest.formats)}")
 
 
 def parse_student_args(values) -> dict:
@@ -365,12 +399,12 @@ def analyze(out, roles, models, model_args, weights, random_init, students, stud
             seed, images, store, count, query, layers):
     """Attention distance and NMI per layer and head (paper Fig. 1, 2, 5), plus attention maps."""
     from hdistill.analyze import run_analysis
-    from hdistill.shards.format import read_manifest
+    from hdistill.shards.manifest import read_manifest
 
     if (images is None) == (store is None):
         raise HdistillError("give exactly one of --images and --store")
     if store:
-        config = read_manifest(store)["config"]
+        config = read_manifest(store).config
         images, seed = config["data"], config["seed"]
     chosen = build_models(roles, models, model_args, weights, random_init, students, student_model, student_args,
                           image_size, seed)

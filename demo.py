@@ -60,7 +60,8 @@ def run_demo(out: str, models: dict[str, str] | None = None, model_args: dict | 
         raise HdistillError(f"--weights: give weights for every teacher role or none (missing: {', '.join(missing)})")
 
     pcfg = PrecomputeConfig(data=f"synthetic:{images}", teachers=roles, models=models, model_args=model_args,
-                            weights=weights, random_init=random_init, views=2, batch_size=32, shard_size=32)
+                            weights=weights, random_init=random_init, views=2, batch_size=32, shard_size=32,
+                            formats=["wds", "zarr"])
     echo(f"demo: 1/3 precompute {images} generated images x 2 views -> {out_dir / 'store'}")
     run_precompute(pcfg, str(out_dir / "store"), Runtime(device="cpu", workers=0, progress=False))
 

@@ -16,28 +16,29 @@ from hdistill.common.errors import HdistillError
 from hdistill.common.tokens import gather_relations, gather_rows, patchify, token_index
 from hdistill.precompute.data import list_images
 from hdistill.precompute.image import decode_image
-from hdistill.precompute.run import PrecomputeConfig, build_teachers
-from hdistill.precompute.targets import compute_targets, plan_targets
+from hdistill.precompute.run import PrecomputeConfig, build_teachers, plan_store
+from hdistill.precompute.targets import compute_targets
 from hdistill.precompute.view import make_view
 from hdistill.shards.format import sample_key
+from hdistill.shards.manifest import Manifest
 from hdistill.train.data import StoreStream, select_patches
 
 
 class LiveViews(StoreStream):
     """The store's sample order; each sample is its view rendered again: {"key", "pixels" [S, S, 3]}."""
 
-    def __init__(self, store: str, manifest: dict, choice, seed: int, shuffle_buffer: int, rank: int,
+    def __init__(self, store: str, manifest: Manifest, choice, seed: int, shuffle_buffer: int, rank: int,
                  world_size: int, images):
-        super().__init__(store, manifest, choice, seed, shuffle_buffer, rank, world_size)
+        super().__init__(store, manifest, choice, seed, shuffle_buffer, rank, world_size, manifest.formats[0])
         self.images = images
-        self.view_seed = manifest["config"]["seed"]
-        self.skipped = {(s["image_id"], s["view"]) for s in manifest["skipped"]}
+        self.view_seed = manifest.config["seed"]
+        self.skipped = {(s["image_id"], s["view"]) for s in manifest.skipped}
 
     def _samples(self):
         for shard in self.shards():
-            view = shard["view"]
-            for i in self.layout.image_range(shard["index"]):
-                ref = self.images[i]
+            view = shard.view
+            for position in self.layout.positions(shard.index):
+                ref = self.images[int(self.layout.order[position])]
                 if (ref.image_id, view) in self.skipped:
                     continue
                 try:
@@ -64,17 +65,16 @@ class LiveTargets:
 
     def __init__(self, trainer):
         manifest, choice = trainer.manifest, trainer.choice
-        self.pcfg = PrecomputeConfig(**manifest["config"])
+        self.pcfg = PrecomputeConfig(**manifest.config)
         self.device = trainer.rt.device
         self.teachers = build_teachers(self.pcfg, self.device)
-        self.spec = plan_targets(self.teachers, self.pcfg.relation_blocks, self.pcfg.mask_ratio,
-                                 self.pcfg.mask_teacher)
-        if self.spec.to_dict() != manifest["targets"]:
-            raise HdistillError("--online: the teachers rebuilt from the store's manifest do not give its targets")
         images = list_images(self.pcfg.data, self.pcfg.limit)
-        if len(images) != manifest["layout"]["num_images"]:
+        if len(images) != manifest.layout.num_images:
             raise HdistillError(f"--online: {self.pcfg.data} now holds {len(images)} images, the store was made "
-                                f"from {manifest['layout']['num_images']}")
+                                f"from {manifest.layout.num_images}")
+        if plan_store(self.pcfg, self.teachers, len(images)).identity() != manifest.identity():
+            raise HdistillError("--online: the teachers rebuilt from the store's manifest do not give its targets")
+        self.manifest = manifest
         cfg = trainer.cfg
         self.stream = LiveViews(cfg.shards, manifest, choice, cfg.seed, cfg.shuffle_buffer, trainer.dist.rank,
                                 trainer.dist.world_size, images)
@@ -83,16 +83,17 @@ class LiveTargets:
     def prepare(self, batch: dict) -> dict:
         """Views -> the batch the offline loader would give, with float32 targets."""
         pixels = batch["pixels"].to(self.device, non_blocking=True)
-        targets = compute_targets(self.teachers, pixels, self.spec, self.pcfg.precision)
+        targets = compute_targets(self.teachers, pixels, self.manifest.targets, self.manifest.mask,
+                                  self.pcfg.precision)
         stage = targets.mask.stage.cpu().numpy()
         n_keep = self.stream.n_keep
         sel = torch.from_numpy(np.stack([
             select_patches(self.choice.mask, stage[i], key, self.seed, self.stream.epoch, n_keep)
             for i, key in enumerate(batch["keys"])])).to(self.device)             # [B, n]
         tokens = token_index(sel)                                                  # [B, 1+n]
-        relations = targets.relations.get(self.choice.relation_role, {})
         return {"count": batch["count"],
                 "pixels": gather_rows(patchify(pixels, self.stream.layout.patch_size), sel),
                 "keep": sel,
-                "features": gather_rows(targets.features[self.choice.feature_role], tokens),
-                "relations": {b: gather_relations(relations[b], tokens) for b in self.choice.relation_blocks}}
+                "features": gather_rows(targets.values[self.choice.feature_target], tokens),
+                "relations": {b: gather_relations(targets.values[self.choice.relation_target(b)], tokens)
+                              for b in self.choice.relation_blocks}}

@@ -64,10 +64,13 @@ def check_same_grid(grids: dict[str, TokenGrid]) -> TokenGrid:
 class MaskSpec:
     """The progressive redundant-token mask (paper Sec. 3.2, Eq. 4).
 
-    At the output of each block in `blocks` (0-indexed) of the mask teacher, among the
+    At the output of each block in `blocks` (0-indexed) of the mask teacher `role`, among the
     patch tokens still kept, the `drop_count(n_kept)` tokens whose cosine similarity to the
-    mean of the kept patch tokens is highest are dropped. CLS is never ranked and never
-    dropped. Ties are broken by the lower patch index being dropped first.
+    "average token" is highest are dropped. The average token is the mean of the kept patch
+    tokens as they are (`mean="raw"`) or of their L2-normalised copies (`mean="normalized"`,
+    the reading of PCAE's public code). CLS is never ranked, never in the mean, never dropped.
+    Ties are broken by the lower patch index being dropped first. One block is Tab. 8's direct
+    masking.
 
     Rounding rule (fixed, part of the store format): with `ratio` read as an exact decimal,
     drop_count(n) = floor(ratio * n). For 196 patches and ratio 0.3 the kept counts are
@@ -76,12 +79,18 @@ class MaskSpec:
 
     ratio: float = 0.3
     blocks: tuple[int, ...] = ()
+    role: str | None = None          # None: no mask, every patch kept
+    mean: str = "raw"
+
+    MEANS = ("raw", "normalized")
 
     def __post_init__(self):
         if not 0.0 <= self.ratio < 1.0:
             raise HdistillError(f"--mask-ratio must be in [0, 1), got {self.ratio}")
         if list(self.blocks) != sorted(set(self.blocks)):
-            raise HdistillError(f"mask blocks must be distinct and ascending, got {list(self.blocks)}")
+            raise HdistillError(f"--mask-blocks must be distinct and ascending, got {list(self.blocks)}")
+        if self.mean not in self.MEANS:
+            raise HdistillError(f"--mask-mean must be one of {', '.join(self.MEANS)}, got {self.mean!r}")
 
     @staticmethod
     def default_blocks(depth: int) -> tuple[int, ...]:
@@ -97,6 +106,14 @@ class MaskSpec:
         for _ in self.blocks:
             counts.append(counts[-1] - self.drop_count(counts[-1]))
         return counts
+
+    def to_dict(self) -> dict:
+        return {"rule": "progressive-cosine-to-mean", "role": self.role, "ratio": self.ratio,
+                "blocks": list(self.blocks), "mean": self.mean, "rounding": "floor(ratio * kept)"}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MaskSpec":
+        return cls(ratio=d["ratio"], blocks=tuple(d["blocks"]), role=d["role"], mean=d["mean"])
 
 
 def default_relation_blocks(depth: int) -> tuple[int, ...]:
@@ -128,6 +145,11 @@ class TeacherInfo:
         d["grid"] = [self.grid.side, self.grid.side]
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "TeacherInfo":
+        fields = {k: d[k] for k in cls.__dataclass_fields__}
+        return cls(**{**fields, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
+
 
 @dataclass(frozen=True)
 class ViewParams:
@@ -158,38 +180,11 @@ class ProgressiveMask:
 
 @dataclass
 class ViewTargets:
-    """Everything the student is trained against, for a batch of views, all tokens.
+    """Everything the student is trained against, for a batch of views, over all tokens.
 
-    features:  role -> float [B, 1+N, D]      last block, after the final norm
-    relations: role -> block -> float [B, H, 1+N, 1+N]   raw per-head Q K^T
-    mask:      the progressive mask computed by the mask teacher
+    values: target name (TargetSpec.name) -> float32 [B, 1+N, D] or [B, H, 1+N, 1+N]
+    mask:   the progressive mask computed by the mask teacher
     """
 
-    features: dict[str, torch.Tensor] = field(default_factory=dict)
-    relations: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
+    values: dict[str, torch.Tensor] = field(default_factory=dict)
     mask: ProgressiveMask | None = None
-
-
-@dataclass(frozen=True)
-class TargetSpec:
-    """Which targets a set of teachers produces for each view.
-
-    feature_roles:   roles whose final features are stored
-    relation_blocks: role -> 0-indexed blocks whose Q K^T is stored
-    mask_role:       the role whose block outputs drive the progressive mask (None: no mask)
-    mask:            the mask rule
-    """
-
-    feature_roles: tuple[str, ...]
-    relation_blocks: dict[str, tuple[int, ...]]
-    mask_role: str | None
-    mask: MaskSpec
-
-    def to_dict(self) -> dict:
-        return {
-            "feature_roles": list(self.feature_roles),
-            "relation_blocks": {r: list(b) for r, b in self.relation_blocks.items()},
-            "mask_role": self.mask_role,
-            "mask": {"rule": "progressive-cosine-to-mean", "ratio": self.mask.ratio,
-                     "blocks": list(self.mask.blocks), "rounding": "floor(ratio * kept)"},
-        }

@@ -41,3 +41,12 @@ def split_qk(qkv: torch.Tensor, heads: int, q_norm=None, k_norm=None) -> tuple[t
     qkv = qkv.reshape(B, T, 3, heads, -1).permute(2, 0, 3, 1, 4)  # [3, B, H, T, d]
     q, k = qkv[0], qkv[1]
     return (q_norm(q) if q_norm else q), (k_norm(k) if k_norm else k)
+
+
+def qk_relations(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Raw per-head Q K^T (paper Eq. 2: no 1/sqrt(d), no softmax) in float32, also under autocast.
+
+    q, k [B, H, T, d] -> [B, H, T, T].
+    """
+    with torch.autocast(q.device.type, enabled=False):
+        return q.float() @ k.float().transpose(-2, -1)

@@ -21,7 +21,8 @@ def progressive_mask(stage_tokens: list[torch.Tensor], spec: MaskSpec) -> Progre
     for s, tokens in enumerate(stage_tokens, start=1):
         patches = tokens[:, 1:].double()                                    # [B, N, D], CLS excluded
         kept = patches.gather(1, keep_idx[..., None].expand(-1, -1, D))     # [B, n, D]
-        similarity = F.cosine_similarity(kept, kept.mean(1, keepdim=True), dim=-1)  # [B, n]
+        averaged = F.normalize(kept, dim=-1) if spec.mean == "normalized" else kept
+        similarity = F.cosine_similarity(kept, averaged.mean(1, keepdim=True), dim=-1)  # [B, n]
         n_drop = spec.drop_count(keep_idx.shape[1])
         # most similar first; stable, so among equals the lower patch index goes first
         order = torch.argsort(similarity, dim=1, descending=True, stable=True)

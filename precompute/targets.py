@@ -1,12 +1,9 @@
 """Teacher targets for a batch of views: one forward per teacher, all tokens visible.
 
-    features   the last block's tokens after the final norm           [B, 1+N, D]
-    relations  raw per-head Q K^T at chosen blocks (paper Eq. 2: no
-               1/sqrt(d) scale, no softmax), from each block's own
-               qkv projection after q_norm / k_norm                     [B, H, 1+N, 1+N]
-    mask       the progressive mask from the mask teacher's block outputs
-
-Relations and mask inputs are captured with hooks, so the models run their own forward
+The store's target table (common.targets.TargetSpec) says what to take from which teacher; each
+target is captured by the teacher's tap for its kind (feat@B, rel@B, msa@B) or, for the final
+features, is the teacher's own `tokens` output. The mask teacher's block outputs at the mask
+blocks drive the progressive mask. Hooks capture everything, so the models run their own forward
 with fused attention (SDPA) left on.
 """
 from __future__ import annotations
@@ -17,8 +14,9 @@ from contextlib import contextmanager
 import torch
 
 from hdistill.common.errors import HdistillError
-from hdistill.common.specs import (MaskSpec, ProgressiveMask, TargetSpec, TokenGrid, ViewTargets,
-                                   check_same_grid, default_relation_blocks)
+from hdistill.common.specs import (MaskSpec, ProgressiveMask, TokenGrid, ViewTargets, check_same_grid,
+                                   default_relation_blocks)
+from hdistill.common.targets import KINDS, TargetRequest, TargetSpec, encoding_for
 
 from .mask import progressive_mask
 from .teachers import ROLES, Teacher
@@ -36,56 +34,71 @@ def resolve_blocks(blocks: Sequence[int], depth: int, what: str) -> tuple[int, .
     return tuple(sorted(set(resolved)))
 
 
-def plan_targets(teachers: dict[str, Teacher], relation_blocks: Sequence[int] | None = None,
-                 mask_ratio: float = 0.3, mask_role: str | None = None,
-                 mask_blocks: Sequence[int] | None = None) -> TargetSpec:
-    """Validate a teacher set and decide its targets.
+def mim_roles(teachers: dict[str, Teacher]) -> list[str]:
+    return [r for r in teachers if ROLES[r].kind == "mim"]
 
-    Every teacher gives final features; teachers of a MIM role give relations at
-    `relation_blocks` (default: the two blocks preceding the last). The mask teacher is the
-    first MIM teacher unless `mask_role` names one; `mask_ratio=0` or no MIM teacher means
-    no mask (all patches kept).
-    """
+
+def plan_mask(teachers: dict[str, Teacher], ratio: float = 0.3, role: str | None = None,
+              blocks: Sequence[int] | None = None, mean: str = "raw") -> MaskSpec:
+    """The mask teacher is the first MIM teacher unless `role` names one; ratio 0 or no MIM teacher
+    means no mask (every patch kept). Blocks default to [0, L/3, 2L/3]."""
     if not teachers:
         raise HdistillError("no teachers given: pass --teachers, e.g. --teachers mae,clip")
     check_same_grid({f"teacher {r!r} ({t.info.model})": t.info.grid for r, t in teachers.items()})
-    mim_roles = [r for r in teachers if ROLES[r].kind == "mim"]
-    relations = {}
-    for role in mim_roles:
-        depth = teachers[role].info.depth
-        blocks = default_relation_blocks(depth) if relation_blocks is None else relation_blocks
-        relations[role] = resolve_blocks(blocks, depth, f"--relation-blocks for teacher {role!r}")
-    if mask_role is None and mim_roles and mask_ratio > 0:
-        mask_role = mim_roles[0]
-    if mask_role is not None and mask_role not in teachers:
-        raise HdistillError(f"--mask-teacher {mask_role!r} is not among the teachers ({', '.join(teachers)})")
-    if mask_role is None:
-        mask = MaskSpec(ratio=0.0)
-    else:
-        depth = teachers[mask_role].info.depth
-        blocks = MaskSpec.default_blocks(depth) if mask_blocks is None else mask_blocks
-        mask = MaskSpec(ratio=mask_ratio, blocks=resolve_blocks(blocks, depth, f"mask blocks of {mask_role!r}"))
-    return TargetSpec(feature_roles=tuple(teachers), relation_blocks=relations, mask_role=mask_role, mask=mask)
+    if role is not None and role not in teachers:
+        raise HdistillError(f"--mask-teacher {role!r} is not among the teachers ({', '.join(teachers)})")
+    if role is None and ratio > 0:
+        role = next(iter(mim_roles(teachers)), None)
+    if role is None or ratio == 0:
+        return MaskSpec(ratio=0.0, mean=mean)
+    depth = teachers[role].info.depth
+    chosen = MaskSpec.default_blocks(depth) if blocks is None else blocks
+    return MaskSpec(ratio=ratio, blocks=resolve_blocks(chosen, depth, f"--mask-blocks of teacher {role!r}"),
+                    role=role, mean=mean)
+
+
+def default_requests(teachers: dict[str, Teacher]) -> list[TargetRequest]:
+    """The paper's targets: final features of every non-MIM teacher, Q K^T of each MIM teacher at
+    its blocks L-3 and L-2 (0-indexed; the paper's layers L-1 and L-2)."""
+    mim = mim_roles(teachers)
+    feats = [TargetRequest(r, "feat") for r in teachers if r not in mim] or \
+        [TargetRequest(r, "feat") for r in teachers]
+    rels = [TargetRequest(r, "rel", b) for r in mim for b in default_relation_blocks(teachers[r].info.depth)]
+    return feats + rels
+
+
+def plan_targets(teachers: dict[str, Teacher], requests: Sequence[TargetRequest] | None, tokens: int,
+                 encodings: dict[str, str] | None = None) -> list[TargetSpec]:
+    """Requests (None: the defaults) -> the store's target table, for `tokens` stored tokens (1+n)."""
+    encodings = encodings or {}
+    specs = {}
+    for req in default_requests(teachers) if requests is None else requests:
+        if req.role not in teachers:
+            raise HdistillError(f"--target {req.role}:{req.kind}: {req.role!r} is not among the teachers "
+                                f"({', '.join(teachers)})")
+        info = teachers[req.role].info
+        block = None if req.block is None else \
+            resolve_blocks([req.block], info.depth, f"--target {req.role}:{req.kind}@{req.block}")[0]
+        shape = (info.heads, tokens, tokens) if req.kind == "rel" else (tokens, info.width)
+        spec = TargetSpec(req.kind, req.role, block, shape)
+        specs[spec.name] = TargetSpec(req.kind, req.role, block, shape, encoding_for(spec, encodings))
+    unused = set(encodings) - {"*"} - {k for s in specs.values() for k in (s.name, s.kind)}
+    if unused:
+        raise HdistillError(f"--encoding {', '.join(sorted(unused))}: no such target in this store "
+                            f"(targets: {', '.join(specs)})")
+    kinds = list(KINDS)
+    return sorted(specs.values(), key=lambda s: (kinds.index(s.kind), s.role, -1 if s.block is None else s.block))
 
 
 @contextmanager
-def _capture(teacher: Teacher, relation_blocks: Sequence[int], mask_blocks: Sequence[int]):
-    """Hooks that fill {"relations": {block: R}, "stages": {block: tokens}} during a forward."""
-    captured = {"relations": {}, "stages": {}}
+def _capture(teacher: Teacher, taps: Sequence[tuple[str, int]]):
+    """Hooks that fill {(kind, block): tensor} during a forward."""
+    captured = {}
 
-    def relation(block):
-        def store(q, k):
-            with torch.autocast(q.device.type, enabled=False):  # the product itself in float32
-                captured["relations"][block] = q.float() @ k.float().transpose(-2, -1)  # [B, H, T, T]
-        return store
+    def store(key):
+        return lambda value: captured.__setitem__(key, value)
 
-    def stage_hook(block):
-        def hook(_module, _args, out):
-            captured["stages"][block] = teacher.to_btd(out)
-        return hook
-
-    handles = [teacher.hook_qk(b, relation(b)) for b in relation_blocks]
-    handles += [teacher.blocks()[b].register_forward_hook(stage_hook(b)) for b in mask_blocks]
+    handles = [teacher.tap(kind, block, store((kind, block))) for kind, block in taps]
     try:
         yield captured
     finally:
@@ -94,30 +107,31 @@ def _capture(teacher: Teacher, relation_blocks: Sequence[int], mask_blocks: Sequ
 
 
 @torch.inference_mode()
-def compute_targets(teachers: dict[str, Teacher], pixels: torch.Tensor, spec: TargetSpec,
-                    precision: str = "fp32") -> ViewTargets:
-    """uint8 views [B, H, W, 3] -> ViewTargets (all tokens; the mask says which are kept).
+def compute_targets(teachers: dict[str, Teacher], pixels: torch.Tensor, targets: Sequence[TargetSpec],
+                    mask: MaskSpec, precision: str = "fp32") -> ViewTargets:
+    """uint8 views [B, H, W, 3] -> ViewTargets over all tokens (the mask says which are kept).
 
     precision "bf16" runs the teachers under bf16 autocast; Q K^T and the mask are still
     computed in float32 / float64 from the captured tensors.
     """
-    targets = ViewTargets()
+    out = ViewTargets()
     for role, teacher in teachers.items():
-        rel_blocks = spec.relation_blocks.get(role, ())
-        mask_blocks = spec.mask.blocks if role == spec.mask_role else ()
+        mine = [t for t in targets if t.role == role]
+        if not mine and role != mask.role:
+            continue
+        taps = {(t.kind, t.block) for t in mine if t.block is not None}
+        mask_taps = [("feat", b) for b in mask.blocks] if role == mask.role else []
         autocast = torch.autocast(teacher.mean.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-        with _capture(teacher, rel_blocks, mask_blocks) as captured, autocast:
-            tokens = teacher.tokens(teacher.preprocess(pixels))
-        if role in spec.feature_roles:
-            targets.features[role] = tokens.float()
-        if rel_blocks:
-            targets.relations[role] = {b: captured["relations"][b] for b in rel_blocks}
-        if mask_blocks:
-            targets.mask = progressive_mask([captured["stages"][b] for b in mask_blocks], spec.mask)
-    if targets.mask is None:
+        with _capture(teacher, sorted(taps | set(mask_taps))) as captured, autocast:
+            final = teacher.tokens(teacher.preprocess(pixels))
+        for t in mine:
+            out.values[t.name] = (final if t.block is None else captured[(t.kind, t.block)]).float()
+        if mask_taps:
+            out.mask = progressive_mask([captured[tap] for tap in mask_taps], mask)
+    if out.mask is None:
         any_teacher = next(iter(teachers.values()))
-        targets.mask = _all_kept(pixels.shape[0], any_teacher.info.grid, any_teacher.mean.device)
-    return targets
+        out.mask = _all_kept(pixels.shape[0], any_teacher.info.grid, any_teacher.mean.device)
+    return out
 
 
 def _all_kept(batch: int, grid: TokenGrid, device) -> ProgressiveMask:

@@ -30,7 +30,7 @@ from torch import nn
 from hdistill.common.errors import HdistillError
 from hdistill.common.files import file_sha256
 from hdistill.common.specs import TeacherInfo, TokenGrid
-from hdistill.common.tokens import split_qk
+from hdistill.common.tokens import qk_relations, split_qk
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,15 @@ class WeightSource:
 
 
 class Teacher(nn.Module):
-    """A frozen ViT teacher in eval mode. Subclasses adapt one model family."""
+    """A frozen ViT teacher in eval mode. A subclass adapts one model family and declares its taps.
+
+    A tap registers a hook that hands one intermediate tensor to `fn` during every forward:
+        feat@B  the residual stream after block B            [B, 1+N, D]
+        rel@B   raw per-head Q K^T of block B, in float32      [B, H, 1+N, 1+N]
+        msa@B   block B's attention output after its output projection, before LayerScale
+                and the residual add                           [B, 1+N, D]
+    Adding a target kind means one tap method per family plus a row in common.targets.KINDS.
+    """
 
     def __init__(self, info: TeacherInfo, model: nn.Module):
         super().__init__()
@@ -88,43 +96,26 @@ class Teacher(nn.Module):
     def blocks(self) -> nn.ModuleList:
         raise NotImplementedError
 
-    def attention(self, block: int) -> nn.Module:
-        """The attention module of `block`; its first input is the block's normalised tokens."""
-        raise NotImplementedError
-
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised images -> last block tokens after the final norm, float [B, 1+N, D]."""
         raise NotImplementedError
 
-    def qkv_weights(self, block: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The fused qkv projection of `block`: weight [3A, D], bias [3A] or None."""
-        raise NotImplementedError
-
-    def qk_norms(self, block: int) -> tuple[nn.Module, nn.Module]:
-        return nn.Identity(), nn.Identity()
-
-    def split_qk(self, block: int, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fused projection output [B, T, 3A] -> per-head q, k [B, H, T, d] after q_norm / k_norm."""
-        return split_qk(qkv, self.info.heads, *self.qk_norms(block))
-
-    def qk(self, block: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-head q and k of `block` from its attention input x [B, T, D] -> [B, H, T, d] each."""
-        weight, bias = self.qkv_weights(block)
-        return self.split_qk(block, F.linear(x, weight, bias))
-
-    def hook_qk(self, block: int, fn) -> torch.utils.hooks.RemovableHandle:
-        """Call fn(q, k) with `block`'s per-head q and k during each forward.
-
-        Default: capture the attention input and project it; families whose qkv projection is a
-        module override this to take the projection's output instead of recomputing it.
-        """
-        def hook(_module, args):
-            fn(*self.qk(block, self.to_btd(args[0])))
-        return self.attention(block).register_forward_pre_hook(hook)
-
     def to_btd(self, x: torch.Tensor) -> torch.Tensor:
         """Block inputs/outputs -> [B, T, D] (only sequence-first models need to override)."""
         return x
+
+    def tap(self, kind: str, block: int, fn) -> torch.utils.hooks.RemovableHandle:
+        taps = {"feat": self.tap_block_output, "rel": self.tap_relation, "msa": self.tap_msa}
+        return taps[kind](block, fn)
+
+    def tap_block_output(self, block: int, fn):
+        return self.blocks()[block].register_forward_hook(lambda _m, _a, out: fn(self.to_btd(out)))
+
+    def tap_relation(self, block: int, fn):
+        raise NotImplementedError
+
+    def tap_msa(self, block: int, fn):
+        raise NotImplementedError
 
 
 class TimmTeacher(Teacher):
@@ -134,15 +125,17 @@ class TimmTeacher(Teacher):
     def tokens(self, images):
         return self.model.forward_features(images)
 
-    def qk_norms(self, block):
+    def tap_relation(self, block, fn):
+        """From the block's own qkv Linear output: nothing is recomputed."""
         attn = self.model.blocks[block].attn
-        return attn.q_norm, attn.k_norm
 
-    def hook_qk(self, block, fn):
-        """The block's own qkv Linear output: nothing is recomputed."""
         def hook(_module, _args, qkv):
-            fn(*self.split_qk(block, qkv))
-        return self.model.blocks[block].attn.qkv.register_forward_hook(hook)
+            fn(qk_relations(*split_qk(qkv, attn.num_heads, attn.q_norm, attn.k_norm)))
+        return attn.qkv.register_forward_hook(hook)
+
+    def tap_msa(self, block, fn):
+        """timm's Attention module ends with its output projection (and proj_drop, off in eval)."""
+        return self.model.blocks[block].attn.register_forward_hook(lambda _m, _a, out: fn(out))
 
 
 class OpenClipTeacher(Teacher):
@@ -152,9 +145,6 @@ class OpenClipTeacher(Teacher):
 
     def blocks(self):
         return self.model.transformer.resblocks
-
-    def attention(self, block):
-        return self.model.transformer.resblocks[block].attn
 
     def to_btd(self, x):
         return x if self.batch_first else x.transpose(0, 1)
@@ -169,9 +159,19 @@ class OpenClipTeacher(Teacher):
             handle.remove()
         return self.model.ln_post(self.to_btd(captured["x"]))
 
-    def qkv_weights(self, block):
+    def tap_relation(self, block, fn):
+        """nn.MultiheadAttention keeps its fused in-projection as a parameter: project its query input."""
         attn = self.model.transformer.resblocks[block].attn
-        return attn.in_proj_weight, attn.in_proj_bias
+
+        def hook(_module, args):
+            qkv = F.linear(self.to_btd(args[0]), attn.in_proj_weight, attn.in_proj_bias)   # [B, T, 3A]
+            fn(qk_relations(*split_qk(qkv, attn.num_heads)))
+        return attn.register_forward_pre_hook(hook)
+
+    def tap_msa(self, block, fn):
+        """nn.MultiheadAttention returns (output after out_proj, weights)."""
+        attn = self.model.transformer.resblocks[block].attn
+        return attn.register_forward_hook(lambda _m, _a, out: fn(self.to_btd(out[0])))
 
 
 def _suggest(name: str, known: list[str]) -> str:
@@ -294,15 +294,19 @@ def _build_open_clip(role: str, name: str, weights: WeightSource, image_size: in
     return OpenClipTeacher(info, visual)
 
 
+# A family adapts one library's ViTs: it builds the model and wraps it in its Teacher subclass, whose
+# taps give the targets. Model names are "FAMILY:NAME"; a name without a known family prefix is timm's.
+FAMILIES = {"timm": _build_timm, "open_clip": _build_open_clip}
+
+
 def build_teacher(role: str, weights: WeightSource, image_size: int = 224, model: str | None = None,
                   model_kwargs: dict | None = None) -> Teacher:
     """Build the teacher for `role` (its default model unless `model` names another)."""
     get_role(role)
     name = model or ROLES[role].default_model
-    kwargs = dict(model_kwargs or {})
-    if name.startswith("open_clip:"):
-        teacher = _build_open_clip(role, name[len("open_clip:"):], weights, image_size, kwargs)
-    else:
-        teacher = _build_timm(role, name.removeprefix("timm:"), weights, image_size, kwargs)
+    family, sep, rest = name.partition(":")
+    if not sep or family not in FAMILIES:
+        family, rest = "timm", name
+    teacher = FAMILIES[family](role, rest, weights, image_size, dict(model_kwargs or {}))
     TokenGrid.for_image(image_size, teacher.info.patch_size, f"teacher {role!r} ({name})")
     return teacher

@@ -1,56 +1,59 @@
-"""Check a store against its manifest: every shard's checksum, every sample's arrays."""
+"""Check a store against its manifest: every shard's checksum, every sample's arrays, in each stored format."""
 from __future__ import annotations
 
-import json
-import tarfile
 from pathlib import Path
 
+from hdistill.common.errors import HdistillError
 from hdistill.common.files import file_sha256
 
-from .format import StoreLayout, entry_specs, npy_load, read_manifest
-from .wds import iter_samples
+from .manifest import Manifest, ShardRecord, read_manifest
+from .reader import StoreReader
+from .zarr_store import array_shapes, read_region, region_digest
 
 
-def check_shard(path: Path, record: dict, specs: dict) -> list[str]:
-    """Problems of one tar shard, each worded with the shard (and sample) it concerns."""
-    if not path.exists():
-        return [f"{record['file']}: missing"]
-    if file_sha256(path) != record["sha256"]:
-        problems = [f"{record['file']}: sha256 differs from the manifest (the file was changed or damaged)"]
-    else:
-        problems = []
-    count = 0
+def _checksum(store: Path, manifest: Manifest, fmt: str, shard: ShardRecord) -> str | None:
+    """A problem with the shard's recorded digest in `fmt`, or None."""
+    if fmt == "wds":
+        path = store / shard.file
+        if not path.exists():
+            return f"{shard.file}: missing"
+        if file_sha256(path) != shard.sha256:
+            return f"{shard.file}: sha256 differs from the manifest (the file was changed or damaged)"
+        return None
+    arrays = read_region(store, manifest, shard.view, shard.index, list(array_shapes(manifest)))
+    if region_digest(arrays) != shard.zarr_sha256:
+        return f"targets.zarr shard {shard.name}: content differs from its digest (the arrays were changed or damaged)"
+    return None
+
+
+def check_shard(store: Path, manifest: Manifest, reader: StoreReader, shard: ShardRecord) -> list[str]:
+    """Problems of one shard in the reader's format, each worded with the shard (and sample) it concerns."""
+    label = shard.file if reader.fmt == "wds" else f"targets.zarr shard {shard.name}"
+    problems = []
     try:
-        for key, entries in iter_samples(path):
-            count += 1
-            missing = (set(specs) | {"json"}) - set(entries)
-            if missing:
-                problems.append(f"{record['file']}: sample {key} lacks {', '.join(sorted(missing))}")
-            for name, (shape, dtype) in specs.items():
-                if name in entries:
-                    try:
-                        arr = npy_load(entries[name])
-                    except ValueError as err:
-                        problems.append(f"{record['file']}: sample {key} {name} is not a valid npy ({err})")
-                        continue
-                    if arr.shape != shape or arr.dtype != dtype:
-                        problems.append(f"{record['file']}: sample {key} {name} is {arr.dtype}{list(arr.shape)}, "
-                                        f"expected {dtype}{list(shape)}")
-            json.loads(entries.get("json", b"{}"))
-    except (tarfile.TarError, ValueError, OSError) as err:
-        problems.append(f"{record['file']}: unreadable tar ({err})")
-    if count != record["samples"] and not problems:
-        problems.append(f"{record['file']}: {count} samples, manifest says {record['samples']}")
+        problem = _checksum(store, manifest, reader.fmt, shard)
+        if problem and problem.endswith("missing"):
+            return [problem]
+        problems += [problem] if problem else []
+        count = sum(1 for _ in reader.read(shard))
+    except HdistillError as err:
+        return problems + [str(err).replace(f"{store}/", "")]
+    except Exception as err:  # noqa: BLE001 - any failure to read a shard is a problem of that shard
+        return problems + [f"{label}: unreadable ({type(err).__name__}: {err})"]
+    if count != shard.samples:
+        problems.append(f"{label}: {count} samples, the manifest says {shard.samples}")
     return problems
 
 
-def verify_store(store: str | Path) -> tuple[dict, list[str]]:
-    """(manifest, problems) — no problems means every listed shard is intact."""
+def verify_store(store: str | Path) -> tuple[Manifest, list[str]]:
+    """(manifest, problems): no problems means every listed shard is intact in every stored format."""
     store = Path(store)
     manifest = read_manifest(store)
-    problems = [] if manifest.get("complete") else [f"{store}: the store is not complete (a run is unfinished)"]
-    specs = entry_specs(StoreLayout.from_dict(manifest["layout"]))
-    for record in manifest.get("shards", []):
-        if "file" in record:
-            problems += check_shard(store / record["file"], record, specs)
+    if not manifest.complete:
+        return manifest, [f"{store}: the store is not complete (a run is unfinished)"]
+    problems = []
+    for fmt in manifest.formats:
+        reader = StoreReader(store, manifest, fmt)
+        for shard in manifest.shards:
+            problems += check_shard(store, manifest, reader, shard)
     return manifest, problems

@@ -1,7 +1,7 @@
 """webdataset tar shards, written deterministically so a rerun gives identical bytes.
 
 Every member has mtime 0, mode 0444, uid/gid 0 and no user names; samples are written in
-store order with their entries in StoredView.entries() order. Plain `webdataset.WebDataset`
+store order with their entries in StoredSample.entries() order. Plain `webdataset.WebDataset`
 reads the shards; `iter_samples` is a dependency-free reader used by `verify`.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .atomic import atomic_open
-from .format import StoredView
+from .format import StoredSample
 
 
 class _HashingWriter:
@@ -26,7 +26,7 @@ class _HashingWriter:
         return self.f.write(data)
 
 
-def write_shard(path: Path, samples: Iterable[StoredView]) -> tuple[int, str]:
+def write_shard(path: Path, samples: Iterable[StoredSample]) -> tuple[int, str]:
     """Write a tar shard atomically -> (bytes, sha256)."""
     with atomic_open(path) as f:
         out = _HashingWriter(f)

@@ -1,4 +1,4 @@
-"""The zarr v3 form of a store: the webdataset arrays stacked along a sample axis.
+"""The zarr v3 form of a store: the webdataset arrays stacked along a slot axis.
 
     targets.zarr/
       valid     bool    [S]                  slot holds a sample
@@ -6,17 +6,17 @@
       view      int32   [S]
       box       int32   [S, 4]               crop top, left, height, width (source pixels)
       flip      bool    [S]
-      stage     uint8   [S, N]
-      keep      int16   [S, n]
-      pixels    uint8   [S, n, P, P, 3]
-      feat/<role>            float16 [S, 1+n, D]
-      rel/<role>/b<block>    float16 [S, H, 1+n, 1+n]
+      stage, keep, pixels, and every array of the target table under its webdataset name:
+      feat.<role>, feat.<role>.b<B>, rel.<role>.b<B>, scale.rel.<role>.b<B>, ...   [S, *per-sample shape]
+      (flat names: with dots as "/", feat.mae and feat.mae.b8 would need feat/mae to be both an
+      array and a group)
 
 Chunks hold one sample (random access); zarr shards hold one store shard (`shard_size`
 slots), so each store shard is written by exactly one process in one region write.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import warnings
@@ -26,41 +26,46 @@ import numpy as np
 import zarr
 import zarr.codecs as zc
 
-from .format import ZARR_DIR, StoredView, StoreLayout, entry_specs, zarr_name
+from .encoding import BF16_KEEPBITS
+from .format import ZARR_DIR, StoredSample
+from .manifest import Manifest
 
 # Measured on real ViT-S/14 targets of ImageNet views: zstd level 1 stores fp16 features at 0.92 and
 # relations at 0.88 of their size with byte shuffle, uint8 pixels at 0.88 with bit shuffle, for about
 # 0.1-0.2 ms per view and array; higher levels gain under 1%.
 FLOAT_CODEC = zc.BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")
 INT_CODEC = zc.BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle")
+VIEW_RECORDS = {"valid": ((), "bool"), "image_id": ((), "str"), "view": ((), "int32"), "box": ((4,), "int32"),
+                "flip": ((), "bool")}
 
 
-def codec_for(dtype: str):
-    return None if dtype == "str" else FLOAT_CODEC if dtype.startswith("float") else INT_CODEC
+def array_shapes(manifest: Manifest) -> dict[str, tuple[tuple[int, ...], str]]:
+    """zarr array -> (per-sample shape, dtype): the per-view records, then every sample array."""
+    return {**VIEW_RECORDS, **manifest.arrays()}
 
 
-def array_shapes(layout: StoreLayout) -> dict[str, tuple[tuple[int, ...], str]]:
-    """name -> (per-sample shape, dtype): the per-view records, then every sample entry."""
-    shapes = {"valid": ((), "bool"), "image_id": ((), "str"), "view": ((), "int32"), "box": ((4,), "int32"),
-              "flip": ((), "bool")}
-    shapes.update({zarr_name(e): spec for e, spec in entry_specs(layout).items()})
-    return shapes
+def _filters(manifest: Manifest) -> dict[str, list]:
+    """zarr array -> filters: BitRound for the arrays of bf16-encoded targets."""
+    from zarr.codecs.numcodecs import BitRound
+    return {t.name: [BitRound(keepbits=BF16_KEEPBITS)] for t in manifest.targets if t.encoding == "bf16"}
 
 
-def create(store: Path, layout: StoreLayout):
+def create(store: Path, manifest: Manifest):
     """Create the empty hierarchy once; concurrent ranks race safely (build aside, rename in)."""
     final = store / ZARR_DIR
     if final.exists():
         return
+    layout, filters = manifest.layout, _filters(manifest)
     tmp = store / f".{ZARR_DIR}.tmp-{os.getpid()}"
     group = zarr.open_group(tmp, mode="w", zarr_format=3)
-    for name, (shape, dtype) in array_shapes(layout).items():
+    for name, (shape, dtype) in array_shapes(manifest).items():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # zarr notes that str arrays are not yet in the v3 spec
             group.create_array(
                 name, shape=(layout.num_slots, *shape), dtype=dtype,
                 chunks=(1, *shape), shards=(layout.shard_size, *shape),
-                compressors=codec_for(dtype),
+                filters=filters.get(name, ()),
+                compressors=None if dtype == "str" else FLOAT_CODEC if dtype.startswith("float") else INT_CODEC,
                 fill_value="" if dtype == "str" else 0)
     try:
         os.rename(tmp, final)
@@ -70,23 +75,50 @@ def create(store: Path, layout: StoreLayout):
             raise
 
 
-def write_shard(store: Path, layout: StoreLayout, view: int, index: int, samples: list[tuple[int, StoredView]]):
-    """Write one store shard's slots in one region; `samples` are (image index, sample)."""
+def region(manifest: Manifest, view: int, index: int) -> slice:
+    start = manifest.layout.slot(view, index * manifest.layout.shard_size)
+    return slice(start, start + manifest.layout.shard_size)
+
+
+def region_digest(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 over a region's arrays as read back (sorted by name; strings as UTF-8, NUL-separated)."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        values = arrays[name]
+        h.update(name.encode() + b"\0")
+        if values.dtype.kind in "OUT":
+            h.update("\0".join(str(v) for v in values.tolist()).encode())
+        else:
+            h.update(np.ascontiguousarray(values).tobytes())
+    return h.hexdigest()
+
+
+def write_shard(store: Path, manifest: Manifest, view: int, index: int,
+                samples: list[tuple[int, StoredSample]]) -> str:
+    """Write one store shard's slots in one region; `samples` are (position, sample). -> region digest."""
     group = zarr.open_group(store / ZARR_DIR, mode="r+")
-    start = layout.slot(view, index * layout.shard_size)
-    region = slice(start, start + layout.shard_size)
-    arrays = {name: np.zeros((layout.shard_size, *shape), dtype=object if dtype == "str" else dtype)
-              for name, (shape, dtype) in array_shapes(layout).items()}
+    size = manifest.layout.shard_size
+    arrays = {name: np.zeros((size, *shape), dtype=object if dtype == "str" else dtype)
+              for name, (shape, dtype) in array_shapes(manifest).items()}
     arrays["image_id"][:] = ""
-    for image, sample in samples:
-        i = image - index * layout.shard_size
+    for position, sample in samples:
+        i = position - index * size
         m = sample.meta
         arrays["valid"][i] = True
         arrays["image_id"][i] = m["image_id"]
         arrays["view"][i] = m["view"]
         arrays["box"][i] = [m["crop"]["top"], m["crop"]["left"], m["crop"]["height"], m["crop"]["width"]]
         arrays["flip"][i] = m["flip"]
-        for entry, data in sample.arrays().items():
-            arrays[zarr_name(entry)][i] = data
+        for name, data in sample.arrays.items():
+            arrays[name][i] = data
+    where = region(manifest, view, index)
     for name, values in arrays.items():
-        group[name][region] = values.astype(str) if values.dtype == object else values
+        group[name][where] = values.astype(str) if values.dtype == object else values
+    return region_digest(read_region(store, manifest, view, index, list(arrays)))
+
+
+def read_region(store: Path, manifest: Manifest, view: int, index: int, names: list[str]) -> dict[str, np.ndarray]:
+    """zarr array -> the store shard's values [shard_size, ...]."""
+    group = zarr.open_group(store / ZARR_DIR, mode="r")
+    where = region(manifest, view, index)
+    return {name: group[name][where] for name in names}

@@ -22,49 +22,57 @@ def manual_attention(x, weight, bias, heads, q_norm, k_norm, proj):
 
 
 def reference_forward(teacher, pixels):
-    """(final tokens, {block: raw QK^T}, {block: block output}) computed by hand."""
+    """(final tokens, {block: raw QK^T}, {block: block output}, {block: attention output}) computed by hand.
+
+    The attention output is the sub-layer's output after its output projection, before LayerScale
+    and the residual add.
+    """
     m = teacher.model
     x = (pixels.permute(0, 3, 1, 2).float() / 255 - torch.tensor(teacher.info.mean).view(1, 3, 1, 1)) \
         / torch.tensor(teacher.info.std).view(1, 3, 1, 1)
-    relations, outputs = {}, {}
+    relations, outputs, msa = {}, {}, {}
     with torch.no_grad():
         if isinstance(teacher, OpenClipTeacher):
             p = F.conv2d(x, m.conv1.weight, stride=teacher.info.patch_size).flatten(2).transpose(1, 2)
             cls = m.class_embedding.view(1, 1, -1).expand(p.shape[0], -1, -1)
             x = m.ln_pre(torch.cat([cls, p], 1) + m.positional_embedding)
             for i, blk in enumerate(m.transformer.resblocks):
-                out, relations[i] = manual_attention(blk.ln_1(x), blk.attn.in_proj_weight, blk.attn.in_proj_bias,
-                                                     blk.attn.num_heads, torch.nn.Identity(), torch.nn.Identity(),
-                                                     blk.attn.out_proj)
-                x = x + blk.ls_1(out)
+                msa[i], relations[i] = manual_attention(blk.ln_1(x), blk.attn.in_proj_weight, blk.attn.in_proj_bias,
+                                                        blk.attn.num_heads, torch.nn.Identity(), torch.nn.Identity(),
+                                                        blk.attn.out_proj)
+                x = x + blk.ls_1(msa[i])
                 x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
                 outputs[i] = x
-            return m.ln_post(x), relations, outputs
+            return m.ln_post(x), relations, outputs, msa
         w = m.patch_embed.proj
         p = F.conv2d(x, w.weight, w.bias, stride=teacher.info.patch_size).flatten(2).transpose(1, 2)
         x = torch.cat([m.cls_token.expand(p.shape[0], -1, -1), p], 1) + m.pos_embed
         x = m.norm_pre(x)
         for i, blk in enumerate(m.blocks):
             a = blk.attn
-            out, relations[i] = manual_attention(blk.norm1(x), a.qkv.weight, a.qkv.bias, a.num_heads,
-                                                 a.q_norm, a.k_norm, a.proj)
-            x = x + blk.ls1(out)
+            msa[i], relations[i] = manual_attention(blk.norm1(x), a.qkv.weight, a.qkv.bias, a.num_heads,
+                                                    a.q_norm, a.k_norm, a.proj)
+            x = x + blk.ls1(msa[i])
             x = x + blk.ls2(blk.mlp(blk.norm2(x)))
             outputs[i] = x
-        return m.norm(x), relations, outputs
+        return m.norm(x), relations, outputs, msa
 
 
-def loop_mask(block_outputs, ratio_tenths):
+def loop_mask(block_outputs, ratio_tenths, normalized=False):
     """Plain-loop reference of the progressive mask for one view.
 
     block_outputs: list of [1+N, D] arrays; drops floor(ratio * kept) per stage, ratio = tenths/10.
+    normalized: the average token is the mean of the kept tokens divided by their norms.
     """
     n = block_outputs[0].shape[0] - 1
     kept = list(range(n))
     stage = [0] * n
     for s, tokens in enumerate(block_outputs, start=1):
         patches = np.asarray(tokens, dtype=np.float64)[1:]
-        mean = sum(patches[p] for p in kept) / len(kept)
+        if normalized:
+            mean = sum(patches[p] / np.linalg.norm(patches[p]) for p in kept) / len(kept)
+        else:
+            mean = sum(patches[p] for p in kept) / len(kept)
         sims = []
         for p in kept:
             cos = float(np.dot(patches[p], mean) / (np.linalg.norm(patches[p]) * np.linalg.norm(mean)))

@@ -30,7 +30,7 @@ def test_folder_tars_and_list_file_give_the_same_samples(photos, tmp_path):
     stores = [wds_samples(tmp_path / s) for s in ("from-folder", "from-tars")]
     assert len(stores[0]) == 5 and stores[0].keys() == stores[1].keys()
     for key, sample in stores[0].items():
-        for entry in ("stage.npy", "keep.npy", "pixels.npy", "feat.mae.npy", "rel.mae.b2.npy"):
+        for entry in ("stage.npy", "keep.npy", "pixels.npy", "feat.clip.npy", "rel.mae.b2.npy"):
             np.testing.assert_array_equal(sample[entry], stores[1][key][entry])
 
     precompute(listing, tmp_path / "from-list", formats=["wds"], limit=2)
@@ -53,7 +53,11 @@ def test_cli_errors_are_one_clear_line(photos, tmp_path):
     assert "unknown teacher role 'mea'" in run_cli(*base, "--teachers", "mea,clip", "--random-init")
     assert "no weights for teacher(s) mae, clip" in run_cli(*base)
     assert "expected ROLE.KEY=VALUE" in run_cli(*base, *CLI_TINY, "--model-arg", "depth=3")
-    assert "block 7 is out of range for a 4-block model" in run_cli(*base, *CLI_TINY, "--relation-blocks", "2,7")
+    assert "--target mae:rel@7: block 7 is out of range for a 4-block model" in run_cli(
+        *base, *CLI_TINY, "--target", "mae:rel@2,7")
+    assert "--target 'mae:att@2': expected ROLE:KIND" in run_cli(*base, *CLI_TINY, "--target", "mae:att@2")
+    assert "--mask-blocks of teacher 'mae': block 9 is out of range" in run_cli(*base, *CLI_TINY, "--mask-blocks", "0,9")
+    assert "--encoding bf16 rounds mantissas for zarr" in run_cli(*base, *CLI_TINY, "--encoding", "bf16")
     assert "--weights names deit, which is not among --teachers" in run_cli(*base, *CLI_TINY, "--weights", "deit=hub")
     assert "--format tar: use wds, zarr or wds,zarr" in run_cli(*base, *CLI_TINY, "--format", "tar")
     assert "no such folder, list file or tar shards" in run_cli(
@@ -74,6 +78,6 @@ def test_every_command_explains_its_options():
         assert result.exit_code == 0
     text = CliRunner().invoke(cli, ["precompute", "--help"]).output
     for option in ("--teachers", "--model", "--model-arg", "--weights", "--random-init", "--views", "--image-size",
-                   "--relation-blocks", "--mask-ratio", "--store", "--format", "--seed", "--batch-size",
+                   "--target", "--encoding", "--mask-ratio", "--mask-blocks", "--mask-mean", "--store", "--format", "--seed", "--batch-size",
                    "--device", "--workers", "--shard-size", "--limit", "--rank", "--world-size"):
         assert option in text

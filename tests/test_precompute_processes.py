@@ -17,7 +17,7 @@ HERE = Path(__file__).resolve().parent
 
 def command(data, out, *extra):
     return [sys.executable, "-m", "hdistill", "precompute", "--data", str(data), "--out", str(out),
-            "--workers", "0", "--device", "cpu", "--quiet", *CLI_TINY, *extra]
+            "--workers", "0", "--device", "cpu", "--quiet", "--format", "wds,zarr", *CLI_TINY, *extra]
 
 
 def env():
@@ -25,11 +25,12 @@ def env():
 
 
 def store_digest(store: Path) -> dict:
-    """Every committed file's sha256 and every zarr array's content, by relative path."""
+    """Every committed file's sha256 and every zarr array's content, by relative path. locks/ holds the pid
+    of each rank's last writer: bookkeeping, not content."""
     out = {}
     for path in sorted(store.rglob("*")):
         rel = path.relative_to(store)
-        if path.is_file() and not path.name.startswith(".") and "targets.zarr" not in rel.parts:
+        if path.is_file() and not path.name.startswith(".") and not {"targets.zarr", "locks"} & set(rel.parts):
             out[str(rel)] = hashlib.sha256(path.read_bytes()).hexdigest()
     group = zarr.open_group(store / "targets.zarr", mode="r")
     for name, member in group.members(max_depth=None):

@@ -5,7 +5,8 @@ import torch
 from PIL import Image
 
 from tinymodels import ASSETS
-from hdistill.precompute.targets import compute_targets, plan_targets
+from hdistill.common.targets import parse_targets
+from hdistill.precompute.targets import compute_targets, default_requests, plan_mask, plan_targets
 from hdistill.precompute.teachers import WeightSource, build_teacher
 from hdistill.precompute.view import make_view
 
@@ -40,15 +41,16 @@ def test_real_vit_s14_from_file_matches_the_documented_recipe():
     files = sorted(IMAGES.glob("*.JPEG"))[:4]
     pixels = torch.stack([torch.from_numpy(make_view(Image.open(f).convert("RGB"), f.stem, 0, 0, 224)[0])
                           for f in files])
-    spec = plan_targets({"mae": teacher})
-    targets = compute_targets({"mae": teacher}, pixels, spec)
+    mask = plan_mask({"mae": teacher})
+    specs = plan_targets({"mae": teacher}, parse_targets(["mae:feat"]) + default_requests({"mae": teacher}), 257)
+    targets = compute_targets({"mae": teacher}, pixels, specs, mask)
     with torch.no_grad():
         expected = loaded_by_hand().forward_features(teacher.preprocess(pixels))
-    torch.testing.assert_close(targets.features["mae"], expected, rtol=1e-4, atol=1e-4)
-    assert spec.relation_blocks == {"mae": (9, 10)} and spec.mask.blocks == (0, 4, 8)
+    torch.testing.assert_close(targets.values["feat.mae"], expected, rtol=1e-4, atol=1e-4)
+    assert [t.name for t in specs if t.kind == "rel"] == ["rel.mae.b9", "rel.mae.b10"] and mask.blocks == (0, 4, 8)
     assert targets.mask.keep_idx.shape == (4, 89)  # 256 -> 180 -> 126 -> 89
     for block in (9, 10):
-        r = targets.relations["mae"][block]
+        r = targets.values[f"rel.mae.b{block}"]
         assert r.shape == (4, 6, 257, 257) and torch.isfinite(r).all()
         assert r.abs().max() < 60000, "a real teacher's Q K^T fits in float16"
     # every stage dropped tokens and some were kept to the end

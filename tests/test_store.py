@@ -59,10 +59,14 @@ def precompute(data, out, **overrides):
     return run_precompute(cfg, str(out), Runtime(workers=overrides.pop("workers", 0), progress=False)), cfg
 
 
+# every kind of target, from both teachers (the defaults are tested in test_teachers and test_inputs_cli)
+EVERY_KIND = ["mae:feat", "clip:feat", "mae:rel@1,2", "mae:feat@2", "mae:msa@1", "clip:msa@0", "clip:rel@-1"]
+
+
 @pytest.fixture(scope="module")
 def kept_store(photos, tmp_path_factory):
     out = tmp_path_factory.mktemp("stores") / "kept"
-    manifest, cfg = precompute(photos, out, views=2)
+    manifest, cfg = precompute(photos, out, views=2, targets=EVERY_KIND, formats=["wds", "zarr"])
     return out, manifest, cfg
 
 
@@ -94,7 +98,7 @@ def assert_fp16_close(stored, reference):
 
 def test_round_trip_against_recomputed_targets(kept_store):
     store, manifest, cfg = kept_store
-    assert manifest["complete"] and manifest["samples"] == 12 and manifest["skipped"] == []
+    assert manifest.complete and manifest.samples == 12 and manifest.skipped == []
     teachers = build_teachers(cfg, "cpu")
     samples = wds_samples(store)
     assert len(samples) == 12
@@ -103,22 +107,25 @@ def test_round_trip_against_recomputed_targets(kept_store):
     for key, s in samples.items():
         meta = s["json"]
         view = expected_view(meta)
-        final = {}
-        for role, teacher in teachers.items():
-            final[role], relations, outputs = reference_forward(teacher, torch.from_numpy(view.copy())[None])
-            if role == "mae":
-                stage, kept = loop_mask([outputs[b][0].numpy() for b in (0, 1, 2)], ratio_tenths=3)
-                mae_relations = relations
+        ref = {role: reference_forward(teacher, torch.from_numpy(view.copy())[None])
+               for role, teacher in teachers.items()}
+        stage, kept = loop_mask([ref["mae"][2][b][0].numpy() for b in (0, 1, 2)], ratio_tenths=3)
         np.testing.assert_array_equal(s["stage.npy"], stage)
         np.testing.assert_array_equal(s["keep.npy"], kept)
         assert s["keep.npy"].dtype == np.int16 and len(kept) == 7  # 16 -> 12 -> 9 -> 7
         for i, p in enumerate(kept):
             np.testing.assert_array_equal(s["pixels.npy"][i], patch_of(view, p, 16))
         tokens = [0] + [int(p) + 1 for p in kept]
-        for role in ("mae", "clip"):
-            assert_fp16_close(s[f"feat.{role}.npy"], final[role][0][tokens])
-        for b in (1, 2):
-            assert_fp16_close(s[f"rel.mae.b{b}.npy"], mae_relations[b][0][:, tokens][:, :, tokens])
+        rows = lambda t: t[0][tokens]  # noqa: E731
+        square = lambda t: t[0][:, tokens][:, :, tokens]  # noqa: E731
+        expected = {"feat.mae": rows(ref["mae"][0]), "feat.clip": rows(ref["clip"][0]),
+                    "rel.mae.b1": square(ref["mae"][1][1]), "rel.mae.b2": square(ref["mae"][1][2]),
+                    "feat.mae.b2": rows(ref["mae"][2][2]), "msa.mae.b1": rows(ref["mae"][3][1]),
+                    "msa.clip.b0": rows(ref["clip"][3][0]), "rel.clip.b2": square(ref["clip"][1][2])}
+        assert sorted(t.name for t in manifest.targets) == sorted(expected)
+        assert {e[:-4] for e in s if e.endswith(".npy")} == {"stage", "keep", "pixels", *expected}
+        for name, value in expected.items():
+            assert_fp16_close(s[f"{name}.npy"], value)
 
 
 def test_zarr_holds_the_same_arrays(kept_store):
@@ -133,14 +140,15 @@ def test_zarr_holds_the_same_arrays(kept_store):
         c = s["json"]["crop"]
         assert group["box"][slot].tolist() == [c["top"], c["left"], c["height"], c["width"]]
         assert bool(group["flip"][slot]) == s["json"]["flip"]
-        for entry in ("stage.npy", "keep.npy", "pixels.npy", "feat.mae.npy", "feat.clip.npy",
-                      "rel.mae.b1.npy", "rel.mae.b2.npy"):
-            np.testing.assert_array_equal(group[entry[:-4].replace(".", "/")][slot], s[entry])
+        entries = [e for e in s if e.endswith(".npy")]
+        assert len(entries) == 3 + len(manifest.targets)
+        for entry in entries:
+            np.testing.assert_array_equal(group[entry[:-4]][slot], s[entry])
 
 
 def test_kept_store_is_full_store_sliced_by_keep(kept_store, photos, tmp_path):
     store, _, _ = kept_store
-    precompute(photos, tmp_path / "full", views=2, store="full", formats=["wds"])
+    precompute(photos, tmp_path / "full", views=2, store="full", targets=EVERY_KIND)
     kept, full = wds_samples(store), wds_samples(tmp_path / "full")
     assert kept.keys() == full.keys()
     for key, k in kept.items():
@@ -150,10 +158,10 @@ def test_kept_store_is_full_store_sliced_by_keep(kept_store, photos, tmp_path):
         idx = k["keep.npy"]
         np.testing.assert_array_equal(f["pixels.npy"][idx], k["pixels.npy"])
         tokens = np.concatenate([[0], idx + 1])
-        for role in ("mae", "clip"):
-            np.testing.assert_array_equal(f[f"feat.{role}.npy"][tokens], k[f"feat.{role}.npy"])
-        for b in (1, 2):
-            np.testing.assert_array_equal(f[f"rel.mae.b{b}.npy"][:, tokens][:, :, tokens], k[f"rel.mae.b{b}.npy"])
+        for name in ("feat.mae", "feat.clip", "feat.mae.b2", "msa.mae.b1", "msa.clip.b0"):
+            np.testing.assert_array_equal(f[f"{name}.npy"][tokens], k[f"{name}.npy"])
+        for name in ("rel.mae.b1", "rel.mae.b2", "rel.clip.b2"):
+            np.testing.assert_array_equal(f[f"{name}.npy"][:, tokens][:, :, tokens], k[f"{name}.npy"])
 
 
 def encoded(img, fmt, **kw):
@@ -176,10 +184,10 @@ def test_bad_inputs_are_recorded_and_do_not_stop_the_run(tmp_path):
     for name, data in {**bad, **odd}.items():
         (folder / name).write_bytes(data)
     manifest, _ = precompute(folder, tmp_path / "store")
-    skipped = {Path(s["source"]).name: s["reason"] for s in manifest["skipped"]}
+    skipped = {Path(s["source"]).name: s["reason"] for s in manifest.skipped}
     assert set(skipped) == set(bad)
     assert "empty file" in skipped["empty.jpg"] and "not a readable image" in skipped["notes.jpg"]
-    assert manifest["samples"] == 3 + len(odd)
+    assert manifest.samples == 3 + len(odd)
     stored = {s["json"]["image_id"] for s in wds_samples(tmp_path / "store").values()}
     assert {Path(n).stem for n in odd} <= stored
     result = CliRunner().invoke(cli, ["inspect", str(tmp_path / "store")])
@@ -191,11 +199,11 @@ def test_changed_configuration_is_refused(kept_store, photos, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(store, copy)
     with pytest.raises(HdistillError, match="another configuration.*--mask-ratio"):
-        precompute(photos, copy, views=2, mask_ratio=0.5)
+        precompute(photos, copy, views=2, mask_ratio=0.5, targets=EVERY_KIND, formats=["wds", "zarr"])
     assert json.loads((copy / "manifest.json").read_text()) == json.loads((store / "manifest.json").read_text())
     # the same configuration finds everything committed and leaves the store as it was
-    manifest, _ = precompute(photos, copy, views=2)
-    assert manifest == json.loads((store / "manifest.json").read_text())
+    manifest, _ = precompute(photos, copy, views=2, targets=EVERY_KIND, formats=["wds", "zarr"])
+    assert manifest.to_dict() == json.loads((store / "manifest.json").read_text())
 
 
 def test_full_disk_fails_clearly_and_keeps_committed_shards(photos, tmp_path, monkeypatch):
@@ -218,7 +226,7 @@ def test_full_disk_fails_clearly_and_keeps_committed_shards(photos, tmp_path, mo
     committed = json.loads((tmp_path / "store" / "commits" / "view0-000000.json").read_text())
     assert hashlib.sha256((wds_dir / "view0-000000.tar").read_bytes()).hexdigest() == committed["sha256"]
     manifest, _ = precompute(photos, tmp_path / "store", formats=["wds"])
-    assert manifest["complete"] and manifest["samples"] == 6
+    assert manifest.complete and manifest.samples == 6
 
 
 def test_verify_names_a_shard_with_a_flipped_byte(kept_store, tmp_path):

@@ -12,7 +12,8 @@ from reference import loop_mask, reference_forward
 from tinymodels import OPEN_CLIP_TINY, TIMM_TINY, random_pixels
 from hdistill.common.specs import MaskSpec
 from hdistill.precompute.mask import progressive_mask
-from hdistill.precompute.targets import compute_targets, plan_targets
+from hdistill.common.targets import TargetRequest
+from hdistill.precompute.targets import compute_targets, plan_mask, plan_targets
 from hdistill.precompute.teachers import OpenClipTeacher, WeightSource, build_teacher
 
 
@@ -40,28 +41,85 @@ def test_models_cover_the_required_variants(teachers):
     assert all(torch.allclose(g, torch.full_like(g, 0.5)) for g in ls_gammas)
 
 
+ALL_KINDS = [TargetRequest("mae", "feat"), TargetRequest("mae", "feat", 1), TargetRequest("mae", "feat", -1),
+             TargetRequest("mae", "rel", 1), TargetRequest("mae", "rel", 2), TargetRequest("mae", "msa", 0),
+             TargetRequest("mae", "msa", 2)]
+
+
 @pytest.mark.parametrize("index", range(len(TIMM_TINY) + len(OPEN_CLIP_TINY)))
-def test_targets_match_hand_computed_forward(teachers, index):
+def test_every_target_kind_matches_hand_computed_forward(teachers, index):
     label, teacher = teachers[index]
-    spec = plan_targets({"mae": teacher}, relation_blocks=[1, 2], mask_ratio=0.3)
-    pixels = random_pixels(3, teacher.info.image_size, seed=index)
-    targets = compute_targets({"mae": teacher}, pixels, spec)
-    final, relations, outputs = reference_forward(teacher, pixels)
-
     T = teacher.info.grid.num_patches + 1
-    assert targets.features["mae"].shape == (3, T, teacher.info.width)
-    torch.testing.assert_close(targets.features["mae"], final, rtol=1e-4, atol=1e-4)
-    assert sorted(targets.relations["mae"]) == [1, 2]
-    for b in (1, 2):
-        got = targets.relations["mae"][b]
-        assert got.shape == (3, teacher.info.heads, T, T)
-        torch.testing.assert_close(got, relations[b], rtol=1e-4, atol=1e-4 * relations[b].abs().max().item())
+    mask = plan_mask({"mae": teacher}, ratio=0.3)
+    targets = plan_targets({"mae": teacher}, ALL_KINDS, T)
+    assert [t.name for t in targets] == ["feat.mae", "feat.mae.b1", "feat.mae.b3", "rel.mae.b1", "rel.mae.b2",
+                                         "msa.mae.b0", "msa.mae.b2"]
+    pixels = random_pixels(3, teacher.info.image_size, seed=index)
+    values = compute_targets({"mae": teacher}, pixels, targets, mask).values
+    final, relations, outputs, msa = reference_forward(teacher, pixels)
 
-    assert spec.mask.blocks == (0, 1, 2)  # [0, L/3, 2L/3] for L = 4
+    def close(got, want):
+        assert got.shape == want.shape and got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+    close(values["feat.mae"], final)
+    for b in (1, 3):
+        close(values[f"feat.mae.b{b}"], outputs[b])
+    for b in (1, 2):
+        assert values[f"rel.mae.b{b}"].shape == (3, teacher.info.heads, T, T)
+        close(values[f"rel.mae.b{b}"], relations[b])
+    for b in (0, 2):
+        close(values[f"msa.mae.b{b}"], msa[b])
+
+    assert mask.blocks == (0, 1, 2)  # [0, L/3, 2L/3] for L = 4
+    m = compute_targets({"mae": teacher}, pixels, targets, mask).mask
     for v in range(3):
-        stage, kept = loop_mask([outputs[b][v].numpy() for b in spec.mask.blocks], ratio_tenths=3)
-        np.testing.assert_array_equal(targets.mask.stage[v].numpy(), stage)
-        np.testing.assert_array_equal(targets.mask.keep_idx[v].numpy(), kept)
+        stage, kept = loop_mask([outputs[b][v].numpy() for b in mask.blocks], ratio_tenths=3)
+        np.testing.assert_array_equal(m.stage[v].numpy(), stage)
+        np.testing.assert_array_equal(m.keep_idx[v].numpy(), kept)
+
+
+def test_msa_is_taken_before_layerscale(teachers):
+    """With LayerScale 0.5 the residual adds half the attention output: msa must be the unscaled output."""
+    labels = dict(teachers)
+    for label in ("timm-p14-ls", "hdtest-vit-p14-ls"):
+        teacher = labels[label]
+        pixels = random_pixels(2, teacher.info.image_size, seed=5)
+        targets = plan_targets({"mae": teacher}, [TargetRequest("mae", "msa", 1), TargetRequest("mae", "feat", 0),
+                                                  TargetRequest("mae", "feat", 1)], 17)
+        values = compute_targets({"mae": teacher}, pixels, targets, MaskSpec(ratio=0.0)).values
+        _, _, outputs, msa = reference_forward(teacher, pixels)
+        # residual after block 1 = after block 0 + 0.5 * msa(1) + 0.5 * mlp(...): msa alone is not half of it
+        torch.testing.assert_close(values["msa.mae.b1"], msa[1], rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(values["msa.mae.b1"] * 0.5, msa[1], atol=1e-3)
+
+
+def test_mask_variants_against_plain_loop(teachers):
+    label, teacher = teachers[0]
+    pixels = random_pixels(4, teacher.info.image_size, seed=9)
+    _, _, outputs, _ = reference_forward(teacher, pixels)
+    for blocks, mean in [((2,), "raw"), ((0, 2), "normalized"), ((1,), "normalized")]:
+        mask = plan_mask({"mae": teacher}, ratio=0.5, blocks=list(blocks), mean=mean)
+        assert (mask.blocks, mask.mean, mask.role) == (blocks, mean, "mae")
+        m = compute_targets({"mae": teacher}, pixels, [], mask).mask
+        assert m.keep_idx.shape[1] == mask.kept_counts(16)[-1]
+        for v in range(4):
+            stage, kept = loop_mask([outputs[b][v].numpy() for b in blocks], ratio_tenths=5,
+                                    normalized=mean == "normalized")
+            np.testing.assert_array_equal(m.stage[v].numpy(), stage)
+            np.testing.assert_array_equal(m.keep_idx[v].numpy(), kept)
+
+
+def test_normalized_mean_changes_the_ranking():
+    """Two token groups of different norms: the raw mean points at the large ones, the normalised mean between."""
+    g = torch.Generator().manual_seed(3)
+    big, small = torch.tensor([10.0, 0.0]), torch.tensor([0.0, 1.0])
+    patches = torch.stack([big] * 4 + [small] * 6) + 0.01 * torch.randn(10, 2, generator=g)
+    tokens = torch.cat([torch.zeros(1, 2), patches])[None]                    # [1, 1+10, 2]
+    raw = progressive_mask([tokens], MaskSpec(ratio=0.3, blocks=(0,), role="mae", mean="raw"))
+    normalized = progressive_mask([tokens], MaskSpec(ratio=0.3, blocks=(0,), role="mae", mean="normalized"))
+    assert set(torch.nonzero(raw.stage[0]).flatten().tolist()) <= {0, 1, 2, 3}       # drops big ones
+    assert set(torch.nonzero(normalized.stage[0]).flatten().tolist()) <= set(range(4, 10))  # drops small ones
 
 
 def test_fused_attention_is_on(teachers):

@@ -6,7 +6,8 @@ from safetensors.torch import save_file
 from tinymodels import TIMM_TINY, random_pixels
 from hdistill.common.errors import HdistillError
 from hdistill.common.specs import TokenGrid, check_same_grid
-from hdistill.precompute.targets import plan_targets
+from hdistill.common.targets import parse_encodings, parse_targets
+from hdistill.precompute.targets import plan_mask, plan_targets
 from hdistill.precompute.teachers import WeightSource, build_teacher
 
 
@@ -89,13 +90,35 @@ def test_weight_file_that_does_not_fit(tmp_path):
         build_teacher("dino", WeightSource("file", path=str(junk)), size, name, kwargs)
 
 
-def test_relation_block_out_of_range():
+def test_target_table_defaults_blocks_and_errors():
     name, kwargs, size = TIMM_TINY["timm-p16"]
     mae = build_teacher("mae", WeightSource("random"), size, name, kwargs)
-    with pytest.raises(HdistillError, match=r"--relation-blocks for teacher 'mae': block 4 is out of range for a 4-block"):
-        plan_targets({"mae": mae}, relation_blocks=[2, 4])
-    assert plan_targets({"mae": mae}, relation_blocks=[-3, -2]).relation_blocks == {"mae": (1, 2)}
-    assert plan_targets({"mae": mae}).relation_blocks == {"mae": (1, 2)}  # L-3, L-2 by default
+    clip = build_teacher("clip", WeightSource("random"), size, name, kwargs)
+    with pytest.raises(HdistillError, match=r"--target mae:rel@4: block 4 is out of range for a 4-block"):
+        plan_targets({"mae": mae}, parse_targets(["mae:rel@2,4"]), 17)
+    with pytest.raises(HdistillError, match=r"--target deit:feat: 'deit' is not among the teachers"):
+        plan_targets({"mae": mae}, parse_targets(["deit:feat"]), 17)
+    names = lambda specs: [t.name for t in specs]  # noqa: E731
+    assert names(plan_targets({"mae": mae}, parse_targets(["mae:rel@-3,-2"]), 17)) == ["rel.mae.b1", "rel.mae.b2"]
+    # the paper's defaults: features of every non-MIM teacher, Q K^T of the MIM teacher at L-3, L-2; no MAE features
+    defaults = plan_targets({"mae": mae, "clip": clip}, None, 17)
+    assert names(defaults) == ["feat.clip", "rel.mae.b1", "rel.mae.b2"]
+    assert [(t.shape, t.dtype, t.encoding) for t in defaults] == [((17, 32), "float16", "fp16"),
+                                                                  ((4, 17, 17), "float16", "fp16")] + \
+        [((4, 17, 17), "float16", "fp16")]
+    asked = plan_targets({"mae": mae, "clip": clip}, parse_targets(["mae:feat", "clip:feat", "mae:msa@0"]), 17,
+                         parse_encodings(["int8", "feat.clip=fp16"]))
+    assert [(t.name, t.encoding) for t in asked] == [("feat.clip", "fp16"), ("feat.mae", "int8"),
+                                                     ("msa.mae.b0", "int8")]
+    assert asked[1].arrays() == {"feat.mae": ((17, 32), "int8"), "scale.feat.mae": ((17,), "float16")}
+    with pytest.raises(HdistillError, match=r"--encoding rel: no such target"):
+        plan_targets({"mae": mae, "clip": clip}, parse_targets(["clip:feat"]), 17, parse_encodings(["rel=int8"]))
+    for bad, message in [("mae", "expected ROLE:KIND"), ("mae:rel", "rel needs blocks"), ("mae:att@3", "expected"),
+                         ("mae:rel@x", "blocks must be integers")]:
+        with pytest.raises(HdistillError, match=message):
+            parse_targets([bad])
+    with pytest.raises(HdistillError, match="--encoding .rel=int4.: expected"):
+        parse_encodings(["rel=int4"])
 
 
 def test_patch_grid_mismatch():
@@ -104,7 +127,7 @@ def test_patch_grid_mismatch():
     mae = build_teacher("mae", WeightSource("random"), 112, p16, kw16)    # 7x7 of 16px
     dino = build_teacher("dino", WeightSource("random"), 112, p14, kw14)  # 8x8 of 14px
     with pytest.raises(HdistillError, match="patch grid mismatch.*7x7 patches of 16px.*8x8 patches of 14px"):
-        plan_targets({"mae": mae, "dino": dino})
+        plan_mask({"mae": mae, "dino": dino})
     with pytest.raises(HdistillError, match="student cuts 112px views into 8x8"):
         check_same_grid({"teacher 'mae'": mae.info.grid, "student": TokenGrid(112, 14)})
     with pytest.raises(HdistillError, match="not a multiple of its patch size 16"):

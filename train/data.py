@@ -13,15 +13,13 @@ from __future__ import annotations
 import random
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 
 from hdistill.common.errors import HdistillError
-from hdistill.common.specs import MaskSpec
-from hdistill.shards.format import ZARR_DIR, StoreLayout, feat_entry, npy_load, read_manifest, rel_entry, sample_key
+from hdistill.shards.manifest import Manifest, read_manifest
+from hdistill.shards.reader import Sample, StoreReader
 
 MASKS = ("progressive", "none", "random")
 
@@ -35,30 +33,45 @@ class TargetChoice:
     relation_blocks: tuple[int, ...]     # teacher blocks
     mask: str = "progressive"
 
+    @property
+    def feature_target(self) -> str:
+        return f"feat.{self.feature_role}"
 
-def open_store(path: str, reader: str = "wds") -> dict:
+    def relation_target(self, block: int) -> str:
+        return f"rel.{self.relation_role}.b{block}"
+
+    def target_names(self) -> list[str]:
+        return [self.feature_target, *(self.relation_target(b) for b in self.relation_blocks)]
+
+
+def open_store(path: str, reader: str = "wds") -> Manifest:
     manifest = read_manifest(path)
-    if not manifest.get("complete"):
+    if not manifest.complete:
         raise HdistillError(f"--shards {path}: the store is not complete; finish its precompute run first")
-    if reader not in manifest["config"]["formats"]:
-        raise HdistillError(f"--reader {reader}: the store {path} holds only {','.join(manifest['config']['formats'])}")
+    if reader not in manifest.formats:
+        raise HdistillError(f"--reader {reader}: the store {path} holds only {','.join(manifest.formats)}")
     return manifest
 
 
-def choose_targets(manifest: dict, feature_role: str | None, relation_role: str | None,
+def choose_targets(manifest: Manifest, feature_role: str | None, relation_role: str | None,
                    relation_blocks: list[int] | None, mask: str) -> TargetChoice:
     """Defaults from the store, checked against what it holds; every refusal names the option."""
-    targets = manifest["targets"]
-    stored_feats, stored_rels = targets["feature_roles"], targets["relation_blocks"]
-    mim = list(stored_rels)
+    stored_feats = [t.role for t in manifest.targets if t.kind == "feat" and t.block is None]
+    stored_rels: dict[str, list[int]] = {}
+    for t in manifest.targets:
+        if t.kind == "rel":
+            stored_rels.setdefault(t.role, []).append(t.block)
     if feature_role is None:
-        non_mim = [r for r in stored_feats if r not in mim]
-        feature_role = (non_mim or stored_feats)[0]
+        if not stored_feats:
+            raise HdistillError(f"--shards {manifest.config.get('data')}: the store holds no final features (feat) "
+                                "to train against")
+        others = [r for r in stored_feats if r != manifest.mask.role]
+        feature_role = (others or stored_feats)[0]
     if feature_role not in stored_feats:
         raise HdistillError(f"--feature-teacher {feature_role}: the store holds features of "
-                            f"{', '.join(stored_feats)} only")
-    if relation_role is None and mim:
-        relation_role = mim[0]
+                            f"{', '.join(stored_feats) or 'no teacher'}")
+    if relation_role is None and stored_rels:
+        relation_role = manifest.mask.role if manifest.mask.role in stored_rels else next(iter(stored_rels))
     blocks: tuple[int, ...] = ()
     if relation_role is not None:
         if relation_role not in stored_rels:
@@ -72,16 +85,10 @@ def choose_targets(manifest: dict, feature_role: str | None, relation_role: str 
                                 f"{relation_role} at blocks {available} only")
     if mask not in MASKS:
         raise HdistillError(f"--mask {mask!r}: choose one of {', '.join(MASKS)}")
-    if mask != "progressive" and manifest["config"]["store"] != "full":
+    if mask != "progressive" and manifest.store_mode != "full":
         raise HdistillError(f"--mask {mask} needs a store made with --store full; this one holds only the "
                             "progressive mask's tokens (--store kept)")
     return TargetChoice(feature_role, relation_role, blocks, mask)
-
-
-def kept_count(layout: StoreLayout, manifest: dict) -> int:
-    """Patches per sample the student sees under the progressive mask."""
-    mask = manifest["targets"]["mask"]
-    return MaskSpec(ratio=mask["ratio"], blocks=tuple(mask["blocks"])).kept_counts(layout.num_patches)[-1]
 
 
 class StoreStream(torch.utils.data.IterableDataset):
@@ -91,23 +98,22 @@ class StoreStream(torch.utils.data.IterableDataset):
     both give the same samples in the same order.
     """
 
-    def __init__(self, store: str, manifest: dict, choice: TargetChoice, seed: int, shuffle_buffer: int = 1000,
+    def __init__(self, store: str, manifest: Manifest, choice: TargetChoice, seed: int, shuffle_buffer: int = 1000,
                  rank: int = 0, world_size: int = 1, reader: str = "wds"):
         self.store, self.manifest, self.choice, self.seed = store, manifest, choice, seed
-        self.layout = StoreLayout.from_dict(manifest["layout"])
+        self.layout = manifest.layout
         self.shuffle_buffer, self.rank, self.world_size = shuffle_buffer, rank, world_size
-        self.reader = reader
-        self.full = manifest["config"]["store"] == "full"
-        self.n_keep = kept_count(self.layout, manifest)
+        self.reader = StoreReader(store, manifest, reader, choice.target_names())
+        self.full = manifest.store_mode == "full"
+        self.n_keep = manifest.mask.kept_counts(self.layout.num_patches)[-1]
         self.epoch = 0
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
 
-    def shards(self) -> list[dict]:
+    def shards(self):
         """This epoch's view's shard records, shuffled from the seed, split by rank, then by worker."""
-        view = self.epoch % self.layout.views
-        shards = [s for s in self.manifest["shards"] if s["view"] == view and s["samples"]]
+        shards = [s for s in self.manifest.view_shards(self.epoch % self.layout.views) if s.samples]
         random.Random(f"{self.seed}-{self.epoch}").shuffle(shards)
         shards = shards[self.rank::self.world_size]
         info = torch.utils.data.get_worker_info()
@@ -131,58 +137,26 @@ class StoreStream(torch.utils.data.IterableDataset):
         yield from buffer
 
     def _samples(self):
-        read = self._read_zarr if self.reader == "zarr" else self._read_wds
         for shard in self.shards():
-            where = shard.get("file") or f"{ZARR_DIR} shard {shard['name']}"
             try:
-                yield from read(shard)
+                for stored in self.reader.read(shard):
+                    yield self.sample(stored)
             except HdistillError as err:
                 yield {"error": str(err)}
             except Exception as err:  # noqa: BLE001 - any failure to read a shard is reported with its name
-                yield {"error": f"{Path(self.store) / where}: unreadable shard ({type(err).__name__}: {err}); "
+                yield {"error": f"{self.reader.where(shard)}: unreadable shard ({type(err).__name__}: {err}); "
                                 "run hdistill verify"}
 
-    def _read_wds(self, shard: dict):
-        url = str(Path(self.store) / shard["file"])
+    def sample(self, stored: Sample) -> dict:
+        """The training sample: the patches the student sees and the targets over those tokens."""
         c = self.choice
-        names = {"stage": "stage.npy", "keep": "keep.npy", "pixels": "pixels.npy",
-                 "features": feat_entry(c.feature_role), **{b: rel_entry(c.relation_role, b) for b in c.relation_blocks}}
-        # one url, already split by rank and worker: webdataset must not split again
-        for raw in wds.WebDataset(url, shardshuffle=False, handler=wds.reraise_exception,
-                                  nodesplitter=_as_is, workersplitter=_as_is):
-            key = raw["__key__"]
-            try:
-                arrays = {field: npy_load(raw[entry]) for field, entry in names.items()}
-            except (KeyError, ValueError) as err:
-                raise HdistillError(f"{url}: sample {key}: missing or damaged entry ({err})") from None
-            yield self.sample(url, key, arrays, names)
-
-    def _read_zarr(self, shard: dict):
-        import zarr
-        where = str(Path(self.store) / ZARR_DIR)
-        group = zarr.open_group(where, mode="r")
-        c = self.choice
-        start = self.layout.slot(shard["view"], shard["index"] * self.layout.shard_size)
-        region = slice(start, start + self.layout.shard_size)
-        names = {"stage": "stage", "keep": "keep", "pixels": "pixels", "features": f"feat/{c.feature_role}",
-                 **{b: f"rel/{c.relation_role}/b{b}" for b in c.relation_blocks}}
-        columns = {field: group[name][region] for field, name in names.items()}
-        image_ids, valid = group["image_id"][region], group["valid"][region]
-        for i in np.flatnonzero(valid):
-            key = sample_key(str(image_ids[i]), shard["view"])
-            yield self.sample(where, key, {field: col[i] for field, col in columns.items()}, names)
-
-    def sample(self, where: str, key: str, arrays: dict, names: dict) -> dict:
-        """Checked, masked training sample from one stored sample's arrays."""
-        for field in ("features", *self.choice.relation_blocks):
-            if not np.isfinite(arrays[field]).all():
-                raise HdistillError(f"{where}: sample {key}: {names[field]} holds NaN or Inf")
         sel = np.arange(self.n_keep) if not self.full else \
-            select_patches(self.choice.mask, arrays["stage"], key, self.seed, self.epoch, self.n_keep)
+            select_patches(c.mask, stored.stage, stored.key, self.seed, self.epoch, self.n_keep)
         tokens = np.concatenate([[0], sel + 1])                                # [1+n]
-        return {"key": key, "pixels": arrays["pixels"][sel], "keep": arrays["keep"][sel].astype(np.int64),
-                "features": arrays["features"][tokens],
-                "relations": {b: arrays[b][:, tokens][:, :, tokens] for b in self.choice.relation_blocks}}
+        return {"key": stored.key, "pixels": stored.pixels[sel], "keep": stored.keep[sel].astype(np.int64),
+                "features": stored.targets[c.feature_target][tokens],
+                "relations": {b: stored.targets[c.relation_target(b)][:, tokens][:, :, tokens]
+                              for b in c.relation_blocks}}
 
 
 def select_patches(mask: str, stage: np.ndarray, key: str, seed: int, epoch: int, n_keep: int) -> np.ndarray:
@@ -193,10 +167,6 @@ def select_patches(mask: str, stage: np.ndarray, key: str, seed: int, epoch: int
         return np.arange(len(stage))
     rng = np.random.default_rng([seed, epoch, zlib.crc32(key.encode())])
     return np.sort(rng.choice(len(stage), size=n_keep, replace=False))
-
-
-def _as_is(urls):
-    return urls
 
 
 def collate(samples: list[dict]) -> dict:
@@ -210,6 +180,5 @@ def collate(samples: list[dict]) -> dict:
                           for b in samples[0]["relations"]}}
 
 
-def epoch_samples(manifest: dict, epoch: int) -> int:
-    view = epoch % manifest["layout"]["views"]
-    return sum(s["samples"] for s in manifest["shards"] if s["view"] == view)
+def epoch_samples(manifest: Manifest, epoch: int) -> int:
+    return sum(s.samples for s in manifest.view_shards(epoch % manifest.layout.views))

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from hdistill.common.errors import HdistillError
 from hdistill.common.specs import TokenGrid, check_same_grid
 from hdistill.shards.atomic import atomic_open
-from hdistill.shards.format import StoreLayout
+from hdistill.shards.manifest import Manifest
 
 from .data import StoreStream, choose_targets, collate, epoch_samples, open_store
 from .dist import barrier, gather, init_distributed, mean_over_ranks
@@ -78,7 +78,7 @@ def base_lr(cfg: TrainConfig) -> float:
     return cfg.lr if cfg.lr is not None else 6e-4 * cfg.batch_size / 1024
 
 
-def total_steps(cfg: TrainConfig, manifest: dict) -> int:
+def total_steps(cfg: TrainConfig, manifest: Manifest) -> int:
     if (cfg.steps is None) == (cfg.epochs is None):
         raise HdistillError("give exactly one of --steps and --epochs")
     if cfg.steps is not None:
@@ -159,23 +159,22 @@ class Trainer:
             raise HdistillError(f"--batch-size {cfg.batch_size} is not divisible by the {self.dist.world_size} ranks")
         self.local_batch = cfg.batch_size // self.dist.world_size
         self.manifest = open_store(cfg.shards, cfg.reader)
-        layout = StoreLayout.from_dict(self.manifest["layout"])
+        layout = self.manifest.layout
         self.choice = choose_targets(self.manifest, cfg.feature_teacher, cfg.relation_teacher,
                                      cfg.relation_blocks, cfg.mask)
         self.steps = total_steps(cfg, self.manifest)
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, self.steps // 20)
         _seed_everything(cfg.seed)
         self.student = build_student(cfg.student, layout.image_size, cfg.student_args).to(rt.device)
-        check_same_grid({f"the store ({self.manifest['config']['data']})": TokenGrid(layout.image_size,
-                                                                                    layout.patch_size),
+        check_same_grid({f"the store ({self.manifest.config['data']})": TokenGrid(layout.image_size,
+                                                                                  layout.patch_size),
                          f"student {cfg.student}": self.student.grid})
-        teachers = {t["role"]: t for t in self.manifest["teachers"]}
-        feat_t = teachers[self.choice.feature_role]
-        rel_t = teachers.get(self.choice.relation_role)
-        self.pairs = list(zip(student_blocks(cfg, self.choice.relation_blocks, rel_t["depth"], self.student),
+        feat_t = self.manifest.teacher(self.choice.feature_role)
+        rel_t = self.manifest.teacher(self.choice.relation_role) if self.choice.relation_role else None
+        self.pairs = list(zip(student_blocks(cfg, self.choice.relation_blocks, rel_t.depth, self.student),
                               self.choice.relation_blocks)) if rel_t else []
-        self.loss_fn = HybridLoss(self.student.width, feat_t["width"], self.student.heads,
-                                  rel_t["heads"] if rel_t else 1, self.pairs,
+        self.loss_fn = HybridLoss(self.student.width, feat_t.width, self.student.heads,
+                                  rel_t.heads if rel_t else 1, self.pairs,
                                   LossConfig(cfg.alpha, cfg.beta, cfg.standardize_targets)).to(rt.device)
         cuda = rt.device.startswith("cuda")
         self.optimizer = torch.optim.AdamW(param_groups([self.student, self.loss_fn], cfg.weight_decay),

@@ -15,7 +15,7 @@ from torch import nn
 
 from hdistill.common.errors import HdistillError
 from hdistill.common.specs import TokenGrid
-from hdistill.common.tokens import gather_rows, split_qk
+from hdistill.common.tokens import gather_rows, qk_relations, split_qk
 
 
 @dataclass
@@ -76,7 +76,7 @@ class Student(nn.Module):
 
         def hook(_module, _args, qkv):
             q, k = split_qk(qkv, attn.num_heads, attn.q_norm, attn.k_norm)
-            self._captured[block] = q.float() @ k.float().transpose(-2, -1)  # [B, H, 1+n, 1+n]
+            self._captured[block] = qk_relations(q, k)                       # [B, H, 1+n, 1+n]
         return hook
 
     def forward(self, pixels: torch.Tensor, keep_idx: torch.Tensor) -> StudentOutput:

@@ -1,0 +1,134 @@
+"""The manifest: what a store holds and how it was made, as one typed record (manifest.json)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hdistill.common.errors import HdistillError
+from hdistill.common.specs import MaskSpec, TeacherInfo
+from hdistill.common.targets import TargetSpec
+
+from .atomic import atomic_write
+from .format import FORMAT_VERSION, MANIFEST, StoreLayout, sample_arrays
+
+
+@dataclass
+class ShardRecord:
+    """One committed shard (commits/<name>.json; the manifest lists them once the store is complete).
+
+    file/bytes/sha256: the webdataset tar (wds stores); zarr_sha256: digest of the shard's zarr region.
+    skipped: the unreadable inputs of the shard (commit records only; the manifest gathers them).
+    """
+
+    name: str
+    view: int
+    index: int
+    samples: int
+    file: str | None = None
+    bytes: int | None = None
+    sha256: str | None = None
+    zarr_sha256: str | None = None
+    skipped: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ShardRecord":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+@dataclass
+class Manifest:
+    config: dict                              # the precompute options that made the store
+    teachers: list[TeacherInfo]
+    targets: list[TargetSpec]
+    mask: MaskSpec
+    layout: StoreLayout
+    formats: list[str]
+    complete: bool = False
+    shards: list[ShardRecord] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    format_version: int = FORMAT_VERSION
+
+    # ---------------------------------------------------------------- questions readers ask
+
+    @property
+    def samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+    @property
+    def store_mode(self) -> str:
+        return "full" if self.layout.stored_patches == self.layout.num_patches else "kept"
+
+    def teacher(self, role: str) -> TeacherInfo:
+        return next(t for t in self.teachers if t.role == role)
+
+    def target(self, name: str) -> TargetSpec:
+        return next(t for t in self.targets if t.name == name)
+
+    def has_target(self, name: str) -> bool:
+        return any(t.name == name for t in self.targets)
+
+    def arrays(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        return sample_arrays(self.layout, self.targets)
+
+    def view_shards(self, view: int) -> list[ShardRecord]:
+        return [s for s in self.shards if s.view == view]
+
+    def bytes_per_view(self) -> float:
+        return sum(s.bytes or 0 for s in self.shards) / max(self.samples, 1)
+
+    # ---------------------------------------------------------------- json
+
+    def identity(self) -> dict:
+        """What must match for a run to continue an existing store."""
+        d = self.to_dict()
+        for key in ("complete", "shards", "skipped", "samples"):
+            d.pop(key)
+        return d
+
+    def to_dict(self) -> dict:
+        n, g = self.layout.stored_patches, self.layout.image_size // self.layout.patch_size
+        return json.loads(json.dumps({
+            "format_version": self.format_version, "config": self.config,
+            "teachers": [t.to_dict() for t in self.teachers], "targets": [t.to_dict() for t in self.targets],
+            "mask": self.mask.to_dict(), "layout": self.layout.to_dict(), "formats": self.formats,
+            "token_layout": {"order": "CLS first, then stored patches in keep order",
+                             "patch_order": "raster (row-major) over the patch grid", "grid": [g, g],
+                             "patch_size": self.layout.patch_size, "num_patches": self.layout.num_patches,
+                             "stored_patches": n},
+            "complete": self.complete, "shards": [s.to_dict() for s in self.shards], "skipped": self.skipped,
+            "samples": self.samples}))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Manifest":
+        return cls(config=d["config"], teachers=[TeacherInfo.from_dict(t) for t in d["teachers"]],
+                   targets=[TargetSpec.from_dict(t) for t in d["targets"]], mask=MaskSpec.from_dict(d["mask"]),
+                   layout=StoreLayout.from_dict(d["layout"]), formats=list(d["formats"]), complete=d["complete"],
+                   shards=[ShardRecord.from_dict(s) for s in d["shards"]], skipped=d["skipped"],
+                   format_version=d["format_version"])
+
+
+def read_manifest(store: str | Path) -> Manifest:
+    path = Path(store) / MANIFEST
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise HdistillError(f"{store} is not an hdistill store: {path} does not exist") from None
+    except (OSError, json.JSONDecodeError) as err:
+        raise HdistillError(f"{path}: unreadable manifest ({err})") from None
+    version = data.get("format_version") if isinstance(data, dict) else None
+    if version != FORMAT_VERSION:
+        raise HdistillError(f"{path}: store format version {version}; this hdistill reads version {FORMAT_VERSION} "
+                            "only. Make the store again with this hdistill's `hdistill precompute` (same --data, "
+                            "teachers and seed) into a new --out.")
+    try:
+        return Manifest.from_dict(data)
+    except (KeyError, TypeError, ValueError, HdistillError) as err:
+        raise HdistillError(f"{path}: malformed v{FORMAT_VERSION} manifest ({type(err).__name__}: {err})") from None
+
+
+def write_manifest(store: str | Path, manifest: Manifest):
+    atomic_write(Path(store) / MANIFEST, (json.dumps(manifest.to_dict(), indent=1, sort_keys=True) + "\n").encode())

@@ -1,0 +1,120 @@
+"""Reading a store: the samples of a shard from its webdataset tar or from its zarr region.
+
+Both forms give the same samples in the same order (store order within the shard), with every
+array checked against the manifest's shapes and dtypes, targets decoded from their encoding and
+checked to be finite. Errors name the shard's file or zarr region and the sample.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from hdistill.common.errors import HdistillError
+
+from .encoding import decode
+from .format import FORMATS, ZARR_DIR, npy_load, sample_key
+from .manifest import Manifest, ShardRecord
+from .zarr_store import read_region
+
+ZARR_BLOCK = 64   # slots read at a time from a zarr region: bounds a reader's memory on full stores
+
+
+@dataclass
+class Sample:
+    """One stored sample, decoded: the mask, the pixels and the chosen targets (by target name).
+
+    stage uint8 [N]; keep int16 [n]; pixels uint8 [n, P, P, 3]; targets: float16, or float32 for int8.
+    """
+
+    key: str
+    stage: np.ndarray
+    keep: np.ndarray
+    pixels: np.ndarray
+    targets: dict[str, np.ndarray] = field(default_factory=dict)
+    meta: dict | None = None            # the view record (webdataset json); None from zarr
+
+
+class StoreReader:
+    def __init__(self, store: str | Path, manifest: Manifest, fmt: str = "wds", targets: list[str] | None = None):
+        if fmt not in FORMATS:
+            raise HdistillError(f"unknown store format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        if fmt not in manifest.formats:
+            raise HdistillError(f"--reader {fmt}: the store {store} holds only {','.join(manifest.formats)}")
+        names = [t.name for t in manifest.targets] if targets is None else targets
+        missing = [n for n in names if not manifest.has_target(n)]
+        if missing:
+            raise HdistillError(f"{store}: no target {', '.join(missing)} in the store "
+                                f"(it holds {', '.join(t.name for t in manifest.targets)})")
+        self.store, self.manifest, self.fmt = str(store), manifest, fmt
+        self.specs = [manifest.target(n) for n in names]
+        shapes = manifest.arrays()
+        self.arrays = {n: shapes[n] for n in ("stage", "keep", "pixels")}
+        for spec in self.specs:
+            self.arrays.update(spec.arrays())
+
+    def where(self, shard: ShardRecord) -> str:
+        if self.fmt == "wds":
+            return f"{self.store}/{shard.file}"
+        return f"{self.store}/{ZARR_DIR} shard {shard.name}"
+
+    def read(self, shard: ShardRecord) -> Iterator[Sample]:
+        return self._read_wds(shard) if self.fmt == "wds" else self._read_zarr(shard)
+
+    def _read_wds(self, shard: ShardRecord) -> Iterator[Sample]:
+        import json
+
+        import webdataset as wds
+        url = self.where(shard)
+        # one url, already split by rank and worker by the caller: webdataset must not split again
+        for raw in wds.WebDataset(url, shardshuffle=False, handler=wds.reraise_exception,
+                                  nodesplitter=_as_is, workersplitter=_as_is, empty_check=False):
+            key = raw["__key__"]
+            arrays = {}
+            for name in self.arrays:
+                try:
+                    arrays[name] = npy_load(raw[f"{name}.npy"])
+                except (KeyError, ValueError) as err:
+                    raise HdistillError(f"{url}: sample {key}: missing or damaged {name}.npy ({err})") from None
+            meta = json.loads(raw["json"]) if "json" in raw else None
+            yield self._sample(url, key, arrays, meta)
+
+    def _read_zarr(self, shard: ShardRecord) -> Iterator[Sample]:
+        where, layout = self.where(shard), self.manifest.layout
+        records = read_region(Path(self.store), self.manifest, shard.view, shard.index, ["valid", "image_id"])
+        slots = np.flatnonzero(records["valid"])
+        base = layout.slot(shard.view, shard.index * layout.shard_size)
+        for start in range(0, len(slots), ZARR_BLOCK):
+            block = slots[start:start + ZARR_BLOCK]
+            columns = _read_slots(Path(self.store), list(self.arrays), base + block)
+            for j, i in enumerate(block):
+                key = sample_key(str(records["image_id"][i]), shard.view)
+                yield self._sample(where, key, {name: col[j] for name, col in columns.items()}, None)
+
+    def _sample(self, where: str, key: str, arrays: dict[str, np.ndarray], meta: dict | None) -> Sample:
+        for name, (shape, dtype) in self.arrays.items():
+            a = arrays[name]
+            if a.shape != tuple(shape) or a.dtype != dtype:
+                raise HdistillError(f"{where}: sample {key}: {name} is {a.dtype}{list(a.shape)}, the manifest "
+                                    f"says {dtype}{list(shape)}")
+        targets = {}
+        for spec in self.specs:
+            values = decode(spec, arrays)
+            if not np.isfinite(values).all():
+                raise HdistillError(f"{where}: sample {key}: {spec.name} holds NaN or Inf")
+            targets[spec.name] = values
+        return Sample(key, arrays["stage"], arrays["keep"], arrays["pixels"], targets, meta)
+
+
+def _read_slots(store: Path, names: list[str], slots: np.ndarray) -> dict[str, np.ndarray]:
+    """zarr array -> values at the given (ascending, contiguous-ish) slots, read as one range."""
+    import zarr
+    group = zarr.open_group(store / ZARR_DIR, mode="r")
+    lo, hi = int(slots[0]), int(slots[-1]) + 1
+    return {name: group[name][lo:hi][slots - lo] for name in names}
+
+
+def _as_is(urls):
+    return urls

@@ -1,0 +1,126 @@
+"""Writing a store: create or reopen it, lock a rank's shards, commit shards, finalize the manifest.
+
+A shard is committed when its tar (atomic) and zarr region are written and then its commit record
+commits/<shard>.json (atomic). A shard without a commit record is not part of the store and is
+rewritten by the next run. The manifest is rewritten, complete, by the last rank to finish.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from pathlib import Path
+
+from hdistill.common.errors import HdistillError
+
+from . import wds, zarr_store
+from .atomic import atomic_write, remove_stale_temporaries, write_error
+from .format import COMMITS_DIR, LOCKS_DIR, MANIFEST, WDS_DIR, StoredSample, shard_name
+from .manifest import Manifest, ShardRecord, read_manifest, write_manifest
+
+
+class StoreWriter:
+    def __init__(self, store: str | Path, manifest: Manifest):
+        self.store, self.manifest = Path(store), manifest
+        self._lock = None
+
+    # ---------------------------------------------------------------- opening
+
+    def open(self):
+        """Create the store, or check that an existing one was made by the same configuration."""
+        store = self.store
+        if (store / MANIFEST).exists():
+            existing = read_manifest(store)
+            if existing.identity() != self.manifest.identity():
+                raise HdistillError(f"{store} holds a store made with another configuration ({self._diff(existing)}). "
+                                    "Use a new --out, or rerun with the original options to resume.")
+        else:
+            if store.exists() and not store.is_dir():
+                raise HdistillError(f"--out {store} is a file; give a folder for the store")
+            if store.exists() and any(p for p in store.iterdir() if not p.name.startswith(".")):
+                raise HdistillError(f"--out {store} exists and is not an hdistill store; choose an empty or new folder")
+            write_manifest(store, self.manifest)
+        if "zarr" in self.manifest.formats:
+            zarr_store.create(store, self.manifest)
+
+    def _diff(self, existing: Manifest) -> str:
+        old, new = existing.config, self.manifest.config
+        diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        if diff:
+            return "options that differ: " + ", ".join("--" + d.replace("_", "-") for d in diff)
+        return "the teachers or their weights differ"
+
+    def lock_rank(self, rank: int, world_size: int):
+        """Hold locks/rank<r>-of<W>.lock for this process's life: a second writer of the same shards is refused.
+
+        flock locks belong to the open file, so the kernel releases them when the process dies, SIGKILL
+        included: a killed run's rerun is never locked out.
+        """
+        path = self.store / LOCKS_DIR / f"rank{rank}-of{world_size}.lock"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(path, "a+")
+        except OSError as err:
+            raise write_error(path, err) from None
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise HdistillError(f"{self.store}: rank {rank} of {world_size} is being written by {holder} "
+                                f"(lock {path}); wait for it to finish, or stop it, then run again") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        f.flush()
+        self._lock = f
+
+    def release(self):
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    # ---------------------------------------------------------------- shards
+
+    def commit_path(self, name: str) -> Path:
+        return self.store / COMMITS_DIR / f"{name}.json"
+
+    def committed(self) -> dict[str, ShardRecord]:
+        out = {}
+        for view, index in self.manifest.layout.shards():
+            path = self.commit_path(shard_name(view, index))
+            if path.exists():
+                out[path.stem] = ShardRecord.from_dict(json.loads(path.read_text()))
+        return out
+
+    def commit(self, view: int, index: int, samples: list[tuple[int, StoredSample]], skipped: list[dict]):
+        """Write one shard: `samples` are (position, sample); `skipped` holds one record per unreadable input
+        ({"position", "source", "image_id", "view", "reason"})."""
+        name = shard_name(view, index)
+        samples = sorted(samples, key=lambda s: s[0])
+        record = ShardRecord(name=name, view=view, index=index, samples=len(samples),
+                             skipped=sorted(skipped, key=lambda s: s["position"]))
+        tar_path = self.store / WDS_DIR / f"{name}.tar"
+        for path in (tar_path, self.commit_path(name)):
+            remove_stale_temporaries(path)  # this rank owns the shard (lock_rank); a killed run may have left these
+        if "wds" in self.manifest.formats:
+            record.bytes, record.sha256 = wds.write_shard(tar_path, (s for _, s in samples))
+            record.file = f"{WDS_DIR}/{name}.tar"
+        if "zarr" in self.manifest.formats:
+            record.zarr_sha256 = zarr_store.write_shard(self.store, self.manifest, view, index, samples)
+        atomic_write(self.commit_path(name), json.dumps(record.to_dict(), sort_keys=True).encode())
+
+    def finalize(self) -> Manifest | None:
+        """The complete manifest, written once every shard of every rank is committed; else None."""
+        commits = self.committed()
+        layout = self.manifest.layout
+        if len(commits) < len(layout.shards()):
+            return None
+        shards = [commits[shard_name(v, k)] for v, k in layout.shards()]
+        skipped = [{k: v for k, v in s.items() if k != "position"} for record in shards for s in record.skipped]
+        for record in shards:
+            record.skipped = []
+        self.manifest.complete, self.manifest.shards, self.manifest.skipped = True, shards, skipped
+        write_manifest(self.store, self.manifest)
+        return self.manifest
