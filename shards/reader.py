@@ -17,7 +17,7 @@ from hdistill.common.errors import HdistillError
 from .encoding import decode
 from .format import FORMATS, ZARR_DIR, npy_load, sample_key
 from .manifest import Manifest, ShardRecord
-from .zarr_store import read_region
+from .zarr_store import read_region, read_slots
 
 ZARR_BLOCK = 64   # slots read at a time from a zarr region: bounds a reader's memory on full stores
 
@@ -88,7 +88,7 @@ class StoreReader:
         base = layout.slot(shard.view, shard.index * layout.shard_size)
         for start in range(0, len(slots), ZARR_BLOCK):
             block = slots[start:start + ZARR_BLOCK]
-            columns = _read_slots(Path(self.store), list(self.arrays), base + block)
+            columns = read_slots(Path(self.store), list(self.arrays), base + block)
             for j, i in enumerate(block):
                 key = sample_key(str(records["image_id"][i]), shard.view)
                 yield self._sample(where, key, {name: col[j] for name, col in columns.items()}, None)
@@ -106,14 +106,6 @@ class StoreReader:
                 raise HdistillError(f"{where}: sample {key}: {spec.name} holds NaN or Inf")
             targets[spec.name] = values
         return Sample(key, arrays["stage"], arrays["keep"], arrays["pixels"], targets, meta)
-
-
-def _read_slots(store: Path, names: list[str], slots: np.ndarray) -> dict[str, np.ndarray]:
-    """zarr array -> values at the given (ascending, contiguous-ish) slots, read as one range."""
-    import zarr
-    group = zarr.open_group(store / ZARR_DIR, mode="r")
-    lo, hi = int(slots[0]), int(slots[-1]) + 1
-    return {name: group[name][lo:hi][slots - lo] for name in names}
 
 
 def _as_is(urls):

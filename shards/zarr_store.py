@@ -20,6 +20,7 @@ import hashlib
 import os
 import shutil
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,15 @@ VIEW_RECORDS = {"valid": ((), "bool"), "image_id": ((), "str"), "view": ((), "in
                 "flip": ((), "bool")}
 
 
+@contextmanager
+def _quiet():
+    """Without zarr's notices that str arrays and numcodecs filters (BitRound) are outside the v3 spec."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The data type .* does not have a Zarr V3 specification")
+        warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
+        yield
+
+
 def array_shapes(manifest: Manifest) -> dict[str, tuple[tuple[int, ...], str]]:
     """zarr array -> (per-sample shape, dtype): the per-view records, then every sample array."""
     return {**VIEW_RECORDS, **manifest.arrays()}
@@ -55,12 +65,12 @@ def create(store: Path, manifest: Manifest):
     final = store / ZARR_DIR
     if final.exists():
         return
-    layout, filters = manifest.layout, _filters(manifest)
+    with _quiet():
+        layout, filters = manifest.layout, _filters(manifest)
     tmp = store / f".{ZARR_DIR}.tmp-{os.getpid()}"
     group = zarr.open_group(tmp, mode="w", zarr_format=3)
     for name, (shape, dtype) in array_shapes(manifest).items():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # zarr notes that str arrays are not yet in the v3 spec
+        with _quiet():
             group.create_array(
                 name, shape=(layout.num_slots, *shape), dtype=dtype,
                 chunks=(1, *shape), shards=(layout.shard_size, *shape),
@@ -112,13 +122,21 @@ def write_shard(store: Path, manifest: Manifest, view: int, index: int,
         for name, data in sample.arrays.items():
             arrays[name][i] = data
     where = region(manifest, view, index)
-    for name, values in arrays.items():
-        group[name][where] = values.astype(str) if values.dtype == object else values
+    with _quiet():
+        for name, values in arrays.items():
+            group[name][where] = values.astype(str) if values.dtype == object else values
     return region_digest(read_region(store, manifest, view, index, list(arrays)))
 
 
 def read_region(store: Path, manifest: Manifest, view: int, index: int, names: list[str]) -> dict[str, np.ndarray]:
     """zarr array -> the store shard's values [shard_size, ...]."""
-    group = zarr.open_group(store / ZARR_DIR, mode="r")
-    where = region(manifest, view, index)
-    return {name: group[name][where] for name in names}
+    group, where = zarr.open_group(store / ZARR_DIR, mode="r"), region(manifest, view, index)
+    with _quiet():
+        return {name: group[name][where] for name in names}
+
+
+def read_slots(store: Path, names: list[str], slots: np.ndarray) -> dict[str, np.ndarray]:
+    """zarr array -> values at the given ascending slots [len(slots), ...], read as one range."""
+    group, lo, hi = zarr.open_group(store / ZARR_DIR, mode="r"), int(slots[0]), int(slots[-1]) + 1
+    with _quiet():
+        return {name: group[name][lo:hi][slots - lo] for name in names}

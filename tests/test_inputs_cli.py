@@ -81,3 +81,17 @@ def test_every_command_explains_its_options():
                    "--target", "--encoding", "--mask-ratio", "--mask-blocks", "--mask-mean", "--store", "--format", "--seed", "--batch-size",
                    "--device", "--workers", "--shard-size", "--limit", "--rank", "--world-size"):
         assert option in text
+
+
+def test_device_under_torchrun_and_worker_count(monkeypatch):
+    import torch
+
+    from hdistill.cli import loader_workers, resolve_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert resolve_device("cuda") == "cuda:3" and resolve_device("auto") == "cuda:3"
+    assert resolve_device("cuda:1") == "cuda:1" and resolve_device("cpu") == "cpu"
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: {0, 1})
+    assert loader_workers(None) == 2 and loader_workers(1) == 1 and loader_workers(8) == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")                 # two ranks share the two CPUs
+    assert loader_workers(None) == 1

@@ -92,3 +92,39 @@ def test_array_job_ranks_complete_the_store_when_the_last_finishes(photos, refer
                                 capture_output=True, text=True, check=True)
         assert ("store complete" in result.stdout) == (rank == 1)
     assert store_digest(out) == store_digest(reference_store)
+
+
+HOLD_LOCK = """
+import sys, time
+from hdistill.shards.writer import StoreWriter
+from hdistill.shards.manifest import read_manifest
+writer = StoreWriter(sys.argv[1], read_manifest(sys.argv[1]))
+writer.lock_rank(int(sys.argv[2]), int(sys.argv[3]))
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_writer_of_the_same_rank_is_refused_until_the_first_dies(photos, reference_store, tmp_path):
+    out = tmp_path / "store"
+    args = ["--views", "2", "--shard-size", "2", "--limit", "8"]
+    subprocess.run(command(photos, out, *args, "--world-size", "2", "--rank", "1"), check=True, env=env(),
+                   capture_output=True)                      # makes the store; rank 1's shards are done
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out), "0", "2"], env=env(),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        refused = subprocess.run(command(photos, out, *args, "--world-size", "2", "--rank", "0"), env=env(),
+                                 capture_output=True, text=True)
+        assert refused.returncode == 1
+        assert f"rank 0 of 2 is being written by pid {holder.pid}" in refused.stderr, refused.stderr
+        assert not list((out / "commits").glob("view*-000000.json")), "the refused run wrote nothing"
+        # another rank's lock is another file: rank 1 is free
+        subprocess.run(command(photos, out, *args, "--world-size", "2", "--rank", "1"), check=True, env=env(),
+                       capture_output=True)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    done = subprocess.run(command(photos, out, *args, "--world-size", "2", "--rank", "0"), env=env(),
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and "store complete" in done.stdout, done.stderr

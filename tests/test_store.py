@@ -244,3 +244,44 @@ def test_verify_names_a_shard_with_a_flipped_byte(kept_store, tmp_path):
     assert bad.exit_code != 0
     assert "BAD  wds/view1-000001.tar: sha256 differs" in bad.output
     assert "view0-000000" not in bad.output
+
+
+def test_manifest_is_typed_and_round_trips(kept_store):
+    from hdistill.shards.manifest import Manifest, read_manifest
+    store, manifest, _ = kept_store
+    on_disk = json.loads((store / "manifest.json").read_text())
+    assert on_disk["format_version"] == 2
+    assert Manifest.from_dict(on_disk) == manifest == read_manifest(store)
+    assert [t["name"] for t in on_disk["targets"]] == [t.name for t in manifest.targets]
+    assert on_disk["mask"] == {"rule": "progressive-cosine-to-mean", "role": "mae", "ratio": 0.3, "blocks": [0, 1, 2],
+                               "mean": "raw", "rounding": "floor(ratio * kept)"}
+
+
+def test_a_v1_store_is_refused_with_what_to_do(kept_store, tmp_path):
+    store, _, _ = kept_store
+    old = tmp_path / "v1"
+    shutil.copytree(store, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    (old / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    for command in (["inspect", str(old)], ["verify", str(old)],
+                    ["train", "--shards", str(old), "--out", str(tmp_path / "run"), "--steps", "1"]):
+        result = CliRunner().invoke(cli, command)
+        assert result.exit_code == 1
+        assert "store format version 1; this hdistill reads version 2 only. Make the store again" in result.output
+
+
+def test_verify_checks_a_zarr_only_store(photos, tmp_path):
+    manifest, _ = precompute(photos, tmp_path / "store", formats=["zarr"], shard_size=2)
+    runner = CliRunner()
+    ok = runner.invoke(cli, ["verify", str(tmp_path / "store")])
+    assert ok.exit_code == 0 and "3 shards, 6 samples verified in zarr" in ok.output, ok.output
+    assert not (tmp_path / "store" / "wds").exists() and all(s.zarr_sha256 for s in manifest.shards)
+    # damage the feature array of store shard 1 (slots 2-3: zarr shard file c/1/0 of feat.clip)
+    chunk = tmp_path / "store" / "targets.zarr" / "feat.clip" / "c" / "1" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    chunk.write_bytes(bytes(data))
+    bad = runner.invoke(cli, ["verify", str(tmp_path / "store")])
+    assert bad.exit_code == 1
+    assert "BAD  targets.zarr shard view0-000001" in bad.output, bad.output
+    assert "view0-000000" not in bad.output and "view0-000002" not in bad.output

@@ -1,0 +1,157 @@
+"""Lossy target encodings on a real teacher: their errors, and what they do to training.
+
+Part 1 (errors): the real ViT-S/14 of ../shared/assets computes every kind of target on views of the
+real ImageNet images (kept tokens, as a default store holds them); each encoding's decoded values are
+compared with the float32 targets: max and mean absolute error, and both relative to the targets'
+max and mean magnitude.
+
+Part 2 (training): the same ViT-S/14 serves as the MIM teacher (mask + Q K^T at blocks 9, 10) and the
+feature teacher; one store per encoding (fp16 and int8 as webdataset, bf16 as zarr) over the first
+--train-images images, one held-out fp16 store over the rest. A small student trains the same steps,
+same seed, from each store; the script prints the training loss curve of each, and the loss of each
+final student on the held-out store (fp16 targets), the measure that says whether an encoding costs
+quality.
+
+    python benchmarks/encodings.py
+    python benchmarks/encodings.py --steps 300 --device cuda --precision bf16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hdistill.common.targets import ENCODINGS, TargetSpec, parse_targets
+from hdistill.precompute.run import PrecomputeConfig, Runtime, run_precompute
+from hdistill.precompute.targets import compute_targets, plan_mask, plan_targets
+from hdistill.shards.encoding import BF16_KEEPBITS, decode, encode
+from hdistill.train.data import StoreStream, collate
+from hdistill.train.run import TrainConfig, Trainer, TrainRuntime
+
+ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
+WEIGHTS = ASSETS / "vit_small_patch14_dinov2.imgfocus_fp16.safetensors"
+IMAGES = ASSETS / "imagenet-sample-100"
+TEACHER = "vit_small_patch14_dinov2"
+STUDENT = ("vit_small_patch14_dinov2", {"depth": 4, "embed_dim": 192, "num_heads": 3})
+TARGETS = ["dino:feat", "mae:rel@9,10", "mae:msa@9", "mae:feat@8"]
+
+
+def bitround(values: np.ndarray) -> np.ndarray:
+    """What the zarr BitRound filter stores for float16 values (keep BF16_KEEPBITS mantissa bits)."""
+    import numcodecs
+    return numcodecs.BitRound(keepbits=BF16_KEEPBITS).decode(numcodecs.BitRound(keepbits=BF16_KEEPBITS).encode(
+        values.astype(np.float16))).view(np.float16).reshape(values.shape)
+
+
+def encoding_errors(args, device):
+    from PIL import Image
+
+    from hdistill.common.tokens import gather_relations, gather_rows, token_index
+    from hdistill.precompute.teachers import WeightSource, build_teacher
+    from hdistill.precompute.view import make_view
+
+    teacher = build_teacher("mae", WeightSource("file", path=str(WEIGHTS)), 224, TEACHER).to(device)
+    files = sorted(IMAGES.glob("*.JPEG"))[:args.error_images]
+    pixels = torch.stack([torch.from_numpy(make_view(Image.open(f).convert("RGB"), f.stem, 0, 0, 224)[0])
+                          for f in files]).to(device)
+    mask = plan_mask({"mae": teacher})
+    n = mask.kept_counts(teacher.info.grid.num_patches)[-1]
+    specs = plan_targets({"mae": teacher}, parse_targets(["mae:feat", "mae:rel@9,10", "mae:msa@9", "mae:feat@8"]),
+                         1 + n)
+    values = compute_targets({"mae": teacher}, pixels, specs, mask, args.precision)
+    tokens = token_index(values.mask.keep_idx)
+    print(f"\nencoding errors: real ViT-S/14 ({WEIGHTS.name}), {len(files)} ImageNet views, kept tokens "
+          f"(1+{n}), against the float32 targets")
+    print(f"{'target':12s} {'encoding':8s} {'max |err|':>10s} {'mean |err|':>11s} {'max/max|x|':>11s} "
+          f"{'mean/mean|x|':>13s}")
+    for spec in specs:
+        v = values.values[spec.name]
+        x = (gather_relations(v, tokens) if spec.kind == "rel" else gather_rows(v, tokens)).float()
+        ref = x.cpu().numpy()
+        for enc in ENCODINGS:
+            s = TargetSpec(spec.kind, spec.role, spec.block, spec.shape, enc)
+            arrays = {k: a.cpu().numpy() for k, a in encode(s, x, who=str).items()}
+            got = np.stack([decode(s, {k: a[i] for k, a in arrays.items()}) for i in range(len(files))])
+            if enc == "bf16":
+                got = bitround(got)
+            err = np.abs(got.astype(np.float64) - ref)
+            print(f"{spec.name:12s} {enc:8s} {err.max():10.3g} {err.mean():11.3g} {err.max() / np.abs(ref).max():11.2e} "
+                  f"{err.mean() / np.abs(ref).mean():13.2e}")
+
+
+def make_store(args, device, out, encodings, formats, images: slice):
+    cfg = PrecomputeConfig(data=str(IMAGES), teachers=["mae", "dino"], models={"mae": TEACHER, "dino": TEACHER},
+                           weights={"mae": str(WEIGHTS), "dino": str(WEIGHTS)}, targets=TARGETS,
+                           encodings=encodings, formats=formats, views=1, batch_size=16, shard_size=20,
+                           limit=images.stop, precision=args.precision, seed=0)
+    if images.start:
+        list_file = Path(out).with_suffix(".txt")
+        list_file.write_text("".join(f"{p}\n" for p in sorted(IMAGES.glob("*.JPEG"))[images]))
+        cfg.data, cfg.limit = str(list_file), None
+    return run_precompute(cfg, out, Runtime(device=device, workers=0, progress=False))
+
+
+@torch.no_grad()
+def held_out_loss(trainer: Trainer, store: str, manifest) -> float:
+    """Mean loss of the trained student and projection over every sample of the held-out store."""
+    stream = StoreStream(store, manifest, trainer.choice, seed=0, shuffle_buffer=1)
+    batches = [collate(list(stream)[i:i + 16]) for i in range(0, manifest.samples, 16)]
+    trainer.model.eval()
+    dev = trainer.rt.device
+    total = 0.0
+    for b in batches:
+        terms = trainer.model(b["pixels"].to(dev), b["keep"].to(dev), b["features"].to(dev),
+                              {k: r.to(dev) for k, r in b["relations"].items()})
+        total += terms["loss"].item() * b["count"]
+    trainer.model.train()
+    return total / manifest.samples
+
+
+def training(args, device, tmp):
+    train_images, all_images = slice(0, args.train_images), len(list(IMAGES.glob("*.JPEG")))
+    stores = {"fp16": (["fp16"], ["wds"]), "int8": (["int8"], ["wds"]), "bf16": (["bf16"], ["zarr"])}
+    val = make_store(args, device, f"{tmp}/val", [], ["wds"], slice(args.train_images, all_images))
+    print(f"\ntraining: student {STUDENT[0]} {STUDENT[1]}, {args.steps} steps, batch {args.batch_size}, "
+          f"{args.train_images} training images, {val.samples} held-out images (fp16 targets)")
+    curves, held_out = {}, {}
+    for name, (encodings, formats) in stores.items():
+        make_store(args, device, f"{tmp}/{name}", encodings, formats, train_images)
+        cfg = TrainConfig(shards=f"{tmp}/{name}", student=STUDENT[0], student_args=STUDENT[1], steps=args.steps,
+                          batch_size=args.batch_size, lr=1e-3, workers=0, shuffle_buffer=64, reader=formats[0])
+        trainer = Trainer(cfg, f"{tmp}/run-{name}", TrainRuntime(device=device, log_every=10, progress=False,
+                                                                  checkpoint_every=10 ** 9))
+        trainer.run()
+        curves[name] = [json.loads(line) for line in Path(f"{tmp}/run-{name}/metrics.jsonl").read_text().splitlines()]
+        held_out[name] = held_out_loss(trainer, f"{tmp}/val", val)
+    print(f"{'step':>5s} " + " ".join(f"{n:>10s}" for n in curves))
+    for i, record in enumerate(curves["fp16"]):
+        print(f"{record['step']:5d} " + " ".join(f"{curves[n][i]['loss']:10.4f}" for n in curves))
+    print("held-out loss " + " ".join(f"{n} {v:.4f}" for n, v in held_out.items()))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--error-images", type=int, default=32)
+    ap.add_argument("--train-images", type=int, default=80)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--skip-training", action="store_true")
+    args = ap.parse_args()
+    if not WEIGHTS.exists():
+        raise SystemExit(f"{WEIGHTS} is missing: this benchmark needs ../shared/assets")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    print(f"device {device}; torch {torch.__version__}; teachers' precision {args.precision}")
+    encoding_errors(args, device)
+    if not args.skip_training:
+        with tempfile.TemporaryDirectory() as tmp:
+            training(args, device, tmp)
+
+
+if __name__ == "__main__":
+    main()
