@@ -13,13 +13,13 @@ import numpy as np
 import torch
 
 from hdistill.common.errors import HdistillError
+from hdistill.common.specs import sample_key
 from hdistill.common.tokens import gather_relations, gather_rows, patchify, token_index
 from hdistill.precompute.data import list_images
 from hdistill.precompute.image import decode_image
 from hdistill.precompute.run import PrecomputeConfig, build_teachers, plan_store
 from hdistill.precompute.targets import compute_targets
 from hdistill.precompute.view import make_view
-from hdistill.shards.format import sample_key
 from hdistill.shards.manifest import Manifest
 from hdistill.train.data import StoreStream, select_patches
 

@@ -3,7 +3,8 @@
 Same teachers, batch size and device for both measurements:
   teachers-only   each teacher's plain forward on ready uint8 batches already on the device
   precompute      the full run (decode, views, forward + hooks, mask, gather, fp16, encode, write)
-Then bytes per view of every --store / --format choice.
+Then bytes per view, all files of the store included (shards, zarr arrays, commit records, manifest,
+locks), for each --store mode, encoding and format.
 
     python benchmarks/precompute.py                          # ViT-B/16 MAE + CLIP, auto device
     python benchmarks/precompute.py --preset small --device cpu
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from hdistill.precompute.run import PrecomputeConfig, Runtime, build_teachers, run_precompute
+from hdistill.shards.format import store_bytes
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "assets" / "imagenet-sample-100"
 PRESETS = {
@@ -36,8 +38,9 @@ def sync(device: str):
         torch.cuda.synchronize()
 
 
-def folder_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+# (label, --encoding values, formats)
+ENCODINGS = [("fp16", [], ["wds"]), ("fp16", [], ["zarr"]), ("int8 rel", ["rel=int8"], ["wds"]),
+             ("int8", ["int8"], ["wds"]), ("int8", ["int8"], ["zarr"]), ("bf16", ["bf16"], ["zarr"])]
 
 
 @torch.inference_mode()
@@ -79,6 +82,7 @@ def main():
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved measurements; medians are reported")
     ap.add_argument("--size-images", type=int, default=16, help="images for the bytes-per-view table")
+    ap.add_argument("--bytes-only", action="store_true", help="only the bytes-per-view table")
     args = ap.parse_args()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.workers is None:
@@ -95,6 +99,12 @@ def main():
           f"batch {cfg.batch_size}; {cfg.image_size}px; precision {cfg.precision}; workers {args.workers}; "
           f"data {cfg.data} (first {args.images})")
 
+    if not args.bytes_only:
+        speed(cfg, teachers, rt, device, args)
+    bytes_per_view(cfg, teachers, rt, args)
+
+
+def speed(cfg, teachers, rt, device, args):
     forward, full_run = [], []
     with tempfile.TemporaryDirectory() as tmp:
         warm = PrecomputeConfig(**{**cfg.__dict__, "limit": cfg.batch_size})
@@ -105,23 +115,25 @@ def main():
             start = time.perf_counter()
             manifest = run_precompute(cfg, f"{tmp}/store{r}", rt, teachers)
             sync(device)
-            full_run.append(manifest["samples"] / (time.perf_counter() - start))
+            full_run.append(manifest.samples / (time.perf_counter() - start))
     fwd, pre = statistics.median(forward), statistics.median(full_run)
     runs = lambda xs: ", ".join(f"{x:.2f}" for x in xs)  # noqa: E731
     print(f"teachers-only forward : {fwd:8.2f} images/s  (median of {runs(forward)})")
     print(f"precompute end to end : {pre:8.2f} images/s  (median of {runs(full_run)})")
     print(f"precompute / teachers-only: {100 * pre / fwd:.0f}%")
 
-    print(f"\nbytes per view ({args.size_images} images, {cfg.image_size}px):")
-    print(f"{'store':6s} {'format':6s} {'bytes/view':>12s}")
+
+def bytes_per_view(cfg, teachers, rt, args):
+    print(f"\nbytes per view, all files of the store ({args.size_images} images, {cfg.image_size}px, default targets):")
+    print(f"{'store':6s} {'encoding':9s} {'format':6s} {'bytes/view':>12s}")
     for mode in ("kept", "full"):
-        with tempfile.TemporaryDirectory() as tmp:
-            sized = PrecomputeConfig(**{**cfg.__dict__, "limit": args.size_images, "store": mode,
-                                        "shard_size": args.size_images})
-            m = run_precompute(sized, tmp, rt, teachers)
-            for fmt, sub in (("wds", "wds"), ("zarr", "targets.zarr")):
-                per_view = folder_bytes(Path(tmp) / sub) / m["samples"]
-                print(f"{mode:6s} {fmt:6s} {per_view / 1024:10.1f} KB")
+        for label, encodings, formats in ENCODINGS:
+            with tempfile.TemporaryDirectory() as tmp:
+                sized = PrecomputeConfig(**{**cfg.__dict__, "limit": args.size_images, "store": mode,
+                                            "shard_size": args.size_images, "encodings": encodings,
+                                            "formats": formats})
+                m = run_precompute(sized, tmp, rt, teachers)
+                print(f"{mode:6s} {label:9s} {formats[0]:6s} {store_bytes(tmp) / m.samples / 1000:10.1f} kB")
 
 
 if __name__ == "__main__":

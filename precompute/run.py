@@ -22,11 +22,11 @@ import torch
 from tqdm import tqdm
 
 from hdistill.common.errors import HdistillError
-from hdistill.common.specs import ViewTargets
+from hdistill.common.specs import ViewRecord, ViewTargets
 from hdistill.common.targets import TargetSpec, parse_encodings, parse_targets
 from hdistill.common.tokens import gather_relations, gather_rows, patchify, token_index
 from hdistill.shards.encoding import encode
-from hdistill.shards.format import FORMATS, StoredSample, StoreLayout, sample_key, shard_name
+from hdistill.shards.format import FORMATS, StoredSample, StoreLayout, shard_name
 from hdistill.shards.manifest import Manifest
 from hdistill.shards.writer import StoreWriter
 
@@ -151,16 +151,14 @@ class ViewDataset(torch.utils.data.Dataset):
         except OSError as err:
             return {**out, "error": {"source": ref.source, "image_id": ref.image_id,
                                      "reason": f"{ref.source}: cannot read ({err.strerror or err})"}}
-        meta = {"source": ref.source, "image_id": ref.image_id, "view": view, "source_size": list(img.size),
-                "crop": {"top": params.top, "left": params.left, "height": params.height, "width": params.width},
-                "flip": params.flip, "size": params.size, "interpolation": params.interpolation}
-        return {**out, "pixels": torch.from_numpy(pixels), "meta": meta}
+        record = ViewRecord(ref.source, img.size, params)
+        return {**out, "pixels": torch.from_numpy(pixels), "record": record}
 
 
 def collate_views(items: list[dict]) -> dict:
     ok = [it for it in items if "pixels" in it]
     return {"pixels": torch.stack([it["pixels"] for it in ok]) if ok else None,
-            "ok": [{k: it[k] for k in ("view", "shard", "position", "meta")} for it in ok],
+            "ok": [{k: it[k] for k in ("view", "shard", "position", "record")} for it in ok],
             "failed": [{k: it[k] for k in ("view", "shard", "position", "error")} for it in items if "error" in it]}
 
 
@@ -177,8 +175,8 @@ def shard_batches(items: list[tuple[int, int, int]], batch_size: int) -> list[li
 
 # ---------------------------------------------------------------- targets -> stored samples
 
-def stored_samples(values: ViewTargets, targets: list[TargetSpec], pixels: torch.Tensor, metas: list[dict],
-                   patch: int, full: bool) -> list[StoredSample]:
+def stored_samples(values: ViewTargets, targets: list[TargetSpec], pixels: torch.Tensor,
+                   records: list[ViewRecord], patch: int, full: bool) -> list[StoredSample]:
     """Keep the stored tokens' rows/columns, encode each target, move to the CPU -> samples."""
     mask = values.mask
     keep_idx = torch.arange(mask.stage.shape[1], device=mask.stage.device).expand_as(mask.stage) \
@@ -186,15 +184,13 @@ def stored_samples(values: ViewTargets, targets: list[TargetSpec], pixels: torch
     tokens = token_index(keep_idx)                                               # [B, 1+n]
     arrays = {"stage": mask.stage, "keep": keep_idx.to(torch.int16),
               "pixels": gather_rows(patchify(pixels.to(keep_idx.device), patch), keep_idx)}  # [B, n, P, P, 3]
-    who = lambda rows: ", ".join(metas[i]["source"] for i in rows[:5])  # noqa: E731
+    who = lambda rows: ", ".join(records[i].source for i in rows[:5])  # noqa: E731
     for spec in targets:
         value = values.values[spec.name]
         kept = gather_relations(value, tokens) if spec.kind == "rel" else gather_rows(value, tokens)
         arrays.update(encode(spec, kept, who))
     arrays = {name: a.cpu().numpy() for name, a in arrays.items()}
-    return [StoredSample(key=sample_key(m["image_id"], m["view"]), meta=m,
-                         arrays={name: a[i] for name, a in arrays.items()})
-            for i, m in enumerate(metas)]
+    return [StoredSample(record, {name: a[i] for name, a in arrays.items()}) for i, record in enumerate(records)]
 
 
 # ---------------------------------------------------------------- writing (writer thread)
@@ -291,8 +287,8 @@ def _process(cfg, rt, writer, teachers, images, items):
             if batch["pixels"] is not None:
                 pixels = batch["pixels"].to(rt.device, non_blocking=True)
                 values = compute_targets(teachers, pixels, manifest.targets, manifest.mask, cfg.precision)
-                metas = [it["meta"] for it in batch["ok"]]
-                stored = stored_samples(values, manifest.targets, pixels, metas, manifest.layout.patch_size,
+                records = [it["record"] for it in batch["ok"]]
+                stored = stored_samples(values, manifest.targets, pixels, records, manifest.layout.patch_size,
                                         cfg.store == "full")
                 samples = [(it["view"], it["shard"], it["position"], s) for it, s in zip(batch["ok"], stored)]
             committer.put(samples, batch["failed"])

@@ -9,6 +9,7 @@ from functools import cached_property
 
 import numpy as np
 
+from hdistill.common.specs import ViewRecord
 from hdistill.common.targets import TargetSpec
 
 FORMAT_VERSION = 2
@@ -22,10 +23,6 @@ FORMATS = ("wds", "zarr")
 
 def shard_name(view: int, index: int) -> str:
     return f"view{view}-{index:06d}"
-
-
-def sample_key(image_id: str, view: int) -> str:
-    return f"{image_id}-v{view}"
 
 
 def image_id_from_path(relative: str) -> str:
@@ -125,7 +122,7 @@ def sample_arrays(layout: StoreLayout, targets: list[TargetSpec]) -> dict[str, t
 class StoredSample:
     """One sample of the store: one augmented view of one image.
 
-    meta    the view record (source, image_id, view, crop, flip, size, interpolation, source_size)
+    record  the view record: source, source size, crop box, flip (the json entry)
     arrays  array name -> numpy array, in sample_arrays order:
               stage   uint8  [N]             0 = kept by the progressive mask, s = dropped at stage s
               keep    int16  [n]             patch indices of the stored tokens, ascending
@@ -133,11 +130,14 @@ class StoredSample:
               <target name> (and any companion such as scale.<name>) as the target table says
     """
 
-    key: str
-    meta: dict
+    record: ViewRecord
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return self.record.key
 
     def entries(self) -> dict[str, bytes]:
         """webdataset entries (json first, then one npy per array), in the order they are written."""
-        return {"json": json.dumps(self.meta, sort_keys=True).encode(),
+        return {"json": json.dumps(self.record.to_json(), sort_keys=True).encode(),
                 **{f"{name}.npy": npy_bytes(a) for name, a in self.arrays.items()}}

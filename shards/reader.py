@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from hdistill.common.errors import HdistillError
+from hdistill.common.specs import ViewRecord, sample_key
 
 from .encoding import decode
-from .format import FORMATS, ZARR_DIR, npy_load, sample_key
+from .format import FORMATS, ZARR_DIR, npy_load
 from .manifest import Manifest, ShardRecord
 from .zarr_store import read_region, read_slots
 
@@ -34,7 +35,7 @@ class Sample:
     keep: np.ndarray
     pixels: np.ndarray
     targets: dict[str, np.ndarray] = field(default_factory=dict)
-    meta: dict | None = None            # the view record (webdataset json); None from zarr
+    record: ViewRecord | None = None    # the view record (webdataset json); None from zarr
 
 
 class StoreReader:
@@ -78,8 +79,8 @@ class StoreReader:
                     arrays[name] = npy_load(raw[f"{name}.npy"])
                 except (KeyError, ValueError) as err:
                     raise HdistillError(f"{url}: sample {key}: missing or damaged {name}.npy ({err})") from None
-            meta = json.loads(raw["json"]) if "json" in raw else None
-            yield self._sample(url, key, arrays, meta)
+            record = ViewRecord.from_json(json.loads(raw["json"])) if "json" in raw else None
+            yield self._sample(url, key, arrays, record)
 
     def _read_zarr(self, shard: ShardRecord) -> Iterator[Sample]:
         where, layout = self.where(shard), self.manifest.layout
@@ -93,7 +94,7 @@ class StoreReader:
                 key = sample_key(str(records["image_id"][i]), shard.view)
                 yield self._sample(where, key, {name: col[j] for name, col in columns.items()}, None)
 
-    def _sample(self, where: str, key: str, arrays: dict[str, np.ndarray], meta: dict | None) -> Sample:
+    def _sample(self, where: str, key: str, arrays: dict[str, np.ndarray], record: ViewRecord | None) -> Sample:
         for name, (shape, dtype) in self.arrays.items():
             a = arrays[name]
             if a.shape != tuple(shape) or a.dtype != dtype:
@@ -105,7 +106,7 @@ class StoreReader:
             if not np.isfinite(values).all():
                 raise HdistillError(f"{where}: sample {key}: {spec.name} holds NaN or Inf")
             targets[spec.name] = values
-        return Sample(key, arrays["stage"], arrays["keep"], arrays["pixels"], targets, meta)
+        return Sample(key, arrays["stage"], arrays["keep"], arrays["pixels"], targets, record)
 
 
 def _as_is(urls):

@@ -106,23 +106,23 @@ def region_digest(arrays: dict[str, np.ndarray]) -> str:
 def write_shard(store: Path, manifest: Manifest, view: int, index: int,
                 samples: list[tuple[int, StoredSample]]) -> str:
     """Write one store shard's slots in one region; `samples` are (position, sample). -> region digest."""
-    group = zarr.open_group(store / ZARR_DIR, mode="r+")
     size = manifest.layout.shard_size
     arrays = {name: np.zeros((size, *shape), dtype=object if dtype == "str" else dtype)
               for name, (shape, dtype) in array_shapes(manifest).items()}
     arrays["image_id"][:] = ""
     for position, sample in samples:
         i = position - index * size
-        m = sample.meta
+        record = sample.record
         arrays["valid"][i] = True
-        arrays["image_id"][i] = m["image_id"]
-        arrays["view"][i] = m["view"]
-        arrays["box"][i] = [m["crop"]["top"], m["crop"]["left"], m["crop"]["height"], m["crop"]["width"]]
-        arrays["flip"][i] = m["flip"]
+        arrays["image_id"][i] = record.params.image_id
+        arrays["view"][i] = record.params.view
+        arrays["box"][i] = record.box
+        arrays["flip"][i] = record.params.flip
         for name, data in sample.arrays.items():
             arrays[name][i] = data
     where = region(manifest, view, index)
     with _quiet():
+        group = zarr.open_group(store / ZARR_DIR, mode="r+")
         for name, values in arrays.items():
             group[name][where] = values.astype(str) if values.dtype == object else values
     return region_digest(read_region(store, manifest, view, index, list(arrays)))
@@ -130,13 +130,14 @@ def write_shard(store: Path, manifest: Manifest, view: int, index: int,
 
 def read_region(store: Path, manifest: Manifest, view: int, index: int, names: list[str]) -> dict[str, np.ndarray]:
     """zarr array -> the store shard's values [shard_size, ...]."""
-    group, where = zarr.open_group(store / ZARR_DIR, mode="r"), region(manifest, view, index)
     with _quiet():
+        group, where = zarr.open_group(store / ZARR_DIR, mode="r"), region(manifest, view, index)
         return {name: group[name][where] for name in names}
 
 
 def read_slots(store: Path, names: list[str], slots: np.ndarray) -> dict[str, np.ndarray]:
     """zarr array -> values at the given ascending slots [len(slots), ...], read as one range."""
-    group, lo, hi = zarr.open_group(store / ZARR_DIR, mode="r"), int(slots[0]), int(slots[-1]) + 1
+    lo, hi = int(slots[0]), int(slots[-1]) + 1
     with _quiet():
+        group = zarr.open_group(store / ZARR_DIR, mode="r")
         return {name: group[name][lo:hi][slots - lo] for name in names}
