@@ -250,8 +250,9 @@ def precompute(data, out, teachers, models, model_args, weights, random_init, im
 @click.option("--seed", default=0)
 @click.option("--shuffle-buffer", default=1000, help="Samples in the shuffle buffer.")
 @click.option("--workers", default=2, help="Loader processes.")
-@click.option("--reader", default="wds", type=click.Choice(["wds", "zarr"]),
-              help="Read the store's webdataset shards or its zarr arrays (same samples, same order).")
+@click.option("--reader", default=None, type=click.Choice(["wds", "zarr"]),
+              help="Read the store's webdataset shards or its zarr arrays (same samples, same order). "
+                   "Default: wds when the store holds it, else zarr.")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 @click.option("--log-every", default=10, help="Steps between metrics records.")
 @click.option("--checkpoint-every", default=500, help="Steps between checkpoints.")

@@ -299,6 +299,12 @@ def test_zarr_reader_gives_the_webdataset_losses(tmp_path):
         run_train(cfg, str(tmp_path / reader), TrainRuntime(progress=False, log_every=1))
         losses[reader] = [json.loads(line) for line in (tmp_path / reader / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in losses["zarr"]] == [r["loss"] for r in losses["wds"]]
+    # a zarr-only store is read from zarr without being told
+    precompute(tmp_path / "photos", tmp_path / "zarr-only", views=2, store="full", formats=["zarr"])
+    run_train(config(tmp_path / "zarr-only", steps=6, mask="random", workers=1), str(tmp_path / "default"),
+              TrainRuntime(progress=False, log_every=1))
+    default = [json.loads(line)["loss"] for line in (tmp_path / "default" / "metrics.jsonl").read_text().splitlines()]
+    assert default == [r["loss"] for r in losses["zarr"]]
     precompute(tmp_path / "photos", tmp_path / "wds-only", formats=["wds"])
     with pytest.raises(HdistillError, match="--reader zarr: the store .* holds only wds"):
         open_store(str(tmp_path / "wds-only"), "zarr")

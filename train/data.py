@@ -44,11 +44,12 @@ class TargetChoice:
         return [self.feature_target, *(self.relation_target(b) for b in self.relation_blocks)]
 
 
-def open_store(path: str, reader: str = "wds") -> Manifest:
+def open_store(path: str, reader: str | None = None) -> Manifest:
+    """The manifest of a complete store that holds the form `reader` (None: any)."""
     manifest = read_manifest(path)
     if not manifest.complete:
         raise HdistillError(f"--shards {path}: the store is not complete; finish its precompute run first")
-    if reader not in manifest.formats:
+    if reader is not None and reader not in manifest.formats:
         raise HdistillError(f"--reader {reader}: the store {path} holds only {','.join(manifest.formats)}")
     return manifest
 

@@ -62,7 +62,7 @@ class TrainConfig:
     seed: int = 0
     shuffle_buffer: int = 1000
     workers: int = 2
-    reader: str = "wds"                  # "wds" | "zarr": which form of the store to read
+    reader: str | None = None            # "wds" | "zarr": which form of the store to read (None: wds if stored)
 
 
 @dataclass
@@ -159,6 +159,7 @@ class Trainer:
             raise HdistillError(f"--batch-size {cfg.batch_size} is not divisible by the {self.dist.world_size} ranks")
         self.local_batch = cfg.batch_size // self.dist.world_size
         self.manifest = open_store(cfg.shards, cfg.reader)
+        self.reader = cfg.reader or ("wds" if "wds" in self.manifest.formats else self.manifest.formats[0])
         layout = self.manifest.layout
         self.choice = choose_targets(self.manifest, cfg.feature_teacher, cfg.relation_teacher,
                                      cfg.relation_blocks, cfg.mask)
@@ -189,7 +190,7 @@ class Trainer:
             self.ddp = torch.compile(self.ddp)
         self.source = source(self) if source else StoredTargets(
             StoreStream(cfg.shards, self.manifest, self.choice, cfg.seed, cfg.shuffle_buffer,
-                        self.dist.rank, self.dist.world_size, cfg.reader))
+                        self.dist.rank, self.dist.world_size, self.reader))
         self.step, self.epoch, self.epoch_batches = 0, 0, 0
 
     # ---------------------------------------------------------------- state
