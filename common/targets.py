@@ -24,7 +24,6 @@ KINDS = {
     "rel": "raw per-head Q K^T at block B",
     "msa": "block B's attention sub-layer output (after its output projection, before LayerScale and the residual)",
 }
-TOKEN_KINDS = ("feat", "msa")          # [1+n, D] per sample; "rel" is [H, 1+n, 1+n]
 
 ENCODINGS = {
     "fp16": "float16 (the default; the targets are computed in float32)",

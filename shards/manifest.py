@@ -77,9 +77,6 @@ class Manifest:
     def view_shards(self, view: int) -> list[ShardRecord]:
         return [s for s in self.shards if s.view == view]
 
-    def bytes_per_view(self) -> float:
-        return sum(s.bytes or 0 for s in self.shards) / max(self.samples, 1)
-
     # ---------------------------------------------------------------- json
 
     def identity(self) -> dict:

@@ -2,14 +2,14 @@
 
 Every member has mtime 0, mode 0444, uid/gid 0 and no user names; samples are written in
 store order with their entries in StoredSample.entries() order. Plain `webdataset.WebDataset`
-reads the shards; `iter_samples` is a dependency-free reader used by `verify`.
+reads the shards (shards.reader does, for train and verify).
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 from .atomic import atomic_open
@@ -37,21 +37,3 @@ def write_shard(path: Path, samples: Iterable[StoredSample]) -> tuple[int, str]:
                     info.size, info.mtime, info.mode = len(data), 0, 0o444
                     tar.addfile(info, io.BytesIO(data))
     return out.bytes, out.sha.hexdigest()
-
-
-def iter_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {entry: bytes}) for each sample of a shard, in order."""
-    key, entries = None, {}
-    with tarfile.open(path, "r|") as tar:
-        for member in tar:
-            name = member.name
-            slash = name.rfind("/")
-            dot = name.find(".", slash + 1)
-            k, ext = name[:dot], name[dot + 1:]
-            if k != key and entries:
-                yield key, entries
-                entries = {}
-            key = k
-            entries[ext] = tar.extractfile(member).read()
-    if entries:
-        yield key, entries

@@ -55,3 +55,23 @@ def test_real_vit_s14_from_file_matches_the_documented_recipe():
         assert r.abs().max() < 60000, "a real teacher's Q K^T fits in float16"
     # every stage dropped tokens and some were kept to the end
     assert np.unique(targets.mask.stage.numpy()).tolist() == [0, 1, 2, 3]
+
+
+def test_int8_encoding_of_real_targets_stays_within_its_bound():
+    from hdistill.common.targets import parse_encodings
+    from hdistill.shards.encoding import decode, encode
+    teacher = build_teacher("mae", WeightSource("file", path=str(WEIGHTS)), 224, "vit_small_patch14_dinov2")
+    files = sorted(IMAGES.glob("*.JPEG"))[4:8]
+    pixels = torch.stack([torch.from_numpy(make_view(Image.open(f).convert("RGB"), f.stem, 0, 0, 224)[0])
+                          for f in files])
+    specs = plan_targets({"mae": teacher}, parse_targets(["mae:rel@9", "mae:msa@9", "mae:feat@8"]), 257,
+                         parse_encodings(["int8"]))
+    values = compute_targets({"mae": teacher}, pixels, specs, plan_mask({"mae": teacher}, ratio=0.0)).values
+    for spec in specs:
+        x = values[spec.name]
+        arrays = encode(spec, x, who=str)
+        for i in range(len(files)):
+            got = decode(spec, {k: a[i].numpy() for k, a in arrays.items()})
+            ref = x[i].numpy().astype(np.float64)
+            row_max = np.abs(ref).max(-1, keepdims=True)
+            assert (np.abs(got - ref) <= row_max / 254 + row_max / 2048).all(), spec.name
