@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import warnings
 from pathlib import Path
 
 from hdistill.common.errors import HdistillError
@@ -70,6 +71,9 @@ class StoreWriter:
             f.close()
             raise HdistillError(f"{self.store}: rank {rank} of {world_size} is being written by {holder} "
                                 f"(lock {path}); wait for it to finish, or stop it, then run again") from None
+        except OSError as err:  # a file system without flock (some NFS mounts): write on, unguarded
+            warnings.warn(f"{path}: cannot lock ({err.strerror}); this file system does not refuse a second "
+                          f"writer of rank {rank}, so start each rank once", stacklevel=2)
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
