@@ -236,15 +236,23 @@ def precompute(data, out, teachers, models, model_args, weights, random_init, im
 @click.option("--weight-decay", default=0.05)
 @click.option("--warmup-steps", type=int, default=None, help="Linear warm-up steps (default 5% of the steps).")
 @click.option("--clip-grad", default=3.0, help="Gradient norm clipping.")
-@click.option("--alpha", default=1.0, help="Weight of the relation loss.")
+@click.option("--loss", "losses", multiple=True, metavar="ROLE:KIND[@B[,B...]]=WEIGHT",
+              help="A loss term on a stored target, repeatable: feat (final features), feat@B, msa@B (through a "
+                   "linear projection to the per-token standardised target) or rel@B (raw Q K^T), e.g. "
+                   "--loss clip:feat=1 --loss mae:rel@9,10=0.5. Default: the paper's Eq. 1, the feature teacher's "
+                   "feat at 1 plus the MIM teacher's rel at its stored blocks at --alpha (their mean).")
+@click.option("--alpha", default=1.0, help="Weight of the relation loss in the default objective.")
 @click.option("--beta", default=2.0, help="SmoothL1 beta.")
 @click.option("--standardize-targets/--raw-targets", default=True,
               help="Per-token standardisation of the feature targets.")
-@click.option("--feature-teacher", default=None, help="Role whose features are the target (default: CLIP/DeiT/DINO in the store).")
-@click.option("--relation-teacher", default=None, help="Role whose Q K^T is the target (default: the MIM teacher).")
-@click.option("--relation-blocks", default=None, metavar="I,J", help="Stored teacher blocks to distill (default: all stored).")
-@click.option("--student-relation-blocks", default=None, metavar="I,J",
-              help="Student blocks paired with them (default: same offset from the end).")
+@click.option("--feature-teacher", default=None,
+              help="Default objective: role whose final features are the target (default: CLIP/DeiT/DINO in the store).")
+@click.option("--relation-teacher", default=None,
+              help="Default objective: role whose Q K^T is the target (default: the MIM teacher).")
+@click.option("--relation-blocks", default=None, metavar="I,J",
+              help="Default objective: stored teacher blocks to distill (default: all stored).")
+@click.option("--student-blocks", default=None, metavar="T=S[,T=S...]",
+              help="Student block S matched with teacher block T (default: the same offset from the end).")
 @click.option("--mask", default="progressive", type=click.Choice(["progressive", "none", "random"]),
               help="Tokens the student sees; none and random need a --store full store.")
 @click.option("--seed", default=0)
@@ -261,18 +269,19 @@ def precompute(data, out, teachers, models, model_args, weights, random_init, im
               help="Compute the same targets live with the store's teachers (baseline and correctness reference).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(shards, out, student, student_args, steps, epochs, batch_size, lr, weight_decay, warmup_steps, clip_grad,
-          alpha, beta, standardize_targets, feature_teacher, relation_teacher, relation_blocks,
-          student_relation_blocks, mask, seed, shuffle_buffer, workers, reader, device, log_every, checkpoint_every,
+          losses, alpha, beta, standardize_targets, feature_teacher, relation_teacher, relation_blocks,
+          student_blocks, mask, seed, shuffle_buffer, workers, reader, device, log_every, checkpoint_every,
           compile_model, online, quiet):
     """Train a ViT student from a store's targets: no teacher is loaded, no image decoded."""
     from hdistill.train.run import TrainConfig, TrainRuntime, run_train
 
     cfg = TrainConfig(shards=shards, student=student, student_args=parse_student_args(student_args), steps=steps, epochs=epochs,
                       batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
-                      clip_grad=clip_grad, alpha=alpha, beta=beta, standardize_targets=standardize_targets,
+                      clip_grad=clip_grad, losses=list(losses) or None, alpha=alpha, beta=beta,
+                      standardize_targets=standardize_targets,
                       feature_teacher=feature_teacher, relation_teacher=relation_teacher,
                       relation_blocks=parse_ints(relation_blocks, "--relation-blocks"),
-                      student_relation_blocks=parse_ints(student_relation_blocks, "--student-relation-blocks"),
+                      student_blocks=parse_block_pairs(student_blocks),
                       mask=mask, seed=seed, shuffle_buffer=shuffle_buffer, workers=workers, reader=reader)
     rt = TrainRuntime(device=resolve_device(device), log_every=log_every, checkpoint_every=checkpoint_every,
                       progress=not quiet and sys.stderr.isatty(), compile=compile_model)
@@ -331,6 +340,16 @@ def verify(store):
     if problems:
         raise click.ClickException(f"{len(problems)} problem(s) in {store}")
     click.echo(f"ok: {len(manifest.shards)} shards, {manifest.samples} samples verified in {','.join(manifest.formats)}")
+
+
+def parse_block_pairs(value: str | None) -> dict[int, int] | None:
+    """--student-blocks "9=5,10=6" -> {9: 5, 10: 6}."""
+    if value is None:
+        return None
+    try:
+        return {int(t): int(v) for t, _, v in (pair.partition("=") for pair in _split(value))}
+    except ValueError:
+        raise HdistillError(f"--student-blocks {value!r}: expected TEACHER=STUDENT block pairs, e.g. 9=5,10=6") from None
 
 
 def parse_student_args(values) -> dict:

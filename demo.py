@@ -27,8 +27,9 @@ def plot_losses(metrics: Path, out: Path) -> Path:
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     steps = [r["step"] for r in records]
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for key, label in (("loss", "total"), ("loss_feature", "feature (SmoothL1 to CLIP-role features)"),
-                       ("loss_relation", "relation (SmoothL1 to MAE-role Q K^T)")):
+    terms = [k for k in records[0] if k.startswith("loss/")]
+    for key in ["loss", *terms]:
+        label = "total" if key == "loss" else f"{key[5:]} (SmoothL1)"
         ax.plot(steps, [r[key] for r in records], label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")

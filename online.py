@@ -27,9 +27,9 @@ from hdistill.train.data import StoreStream, select_patches
 class LiveViews(StoreStream):
     """The store's sample order; each sample is its view rendered again: {"key", "pixels" [S, S, 3]}."""
 
-    def __init__(self, store: str, manifest: Manifest, choice, seed: int, shuffle_buffer: int, rank: int,
-                 world_size: int, images):
-        super().__init__(store, manifest, choice, seed, shuffle_buffer, rank, world_size, manifest.formats[0])
+    def __init__(self, store: str, manifest: Manifest, targets, mask: str, seed: int, shuffle_buffer: int,
+                 rank: int, world_size: int, images):
+        super().__init__(store, manifest, targets, mask, seed, shuffle_buffer, rank, world_size, manifest.formats[0])
         self.images = images
         self.view_seed = manifest.config["seed"]
         self.skipped = {(s["image_id"], s["view"]) for s in manifest.skipped}
@@ -64,7 +64,7 @@ class LiveTargets:
     collate = staticmethod(collate_views)
 
     def __init__(self, trainer):
-        manifest, choice = trainer.manifest, trainer.choice
+        manifest = trainer.manifest
         self.pcfg = PrecomputeConfig(**manifest.config)
         self.device = trainer.rt.device
         self.teachers = build_teachers(self.pcfg, self.device)
@@ -76,24 +76,22 @@ class LiveTargets:
             raise HdistillError("--online: the teachers rebuilt from the store's manifest do not give its targets")
         self.manifest = manifest
         cfg = trainer.cfg
-        self.stream = LiveViews(cfg.shards, manifest, choice, cfg.seed, cfg.shuffle_buffer, trainer.dist.rank,
-                                trainer.dist.world_size, images)
-        self.choice, self.seed = choice, cfg.seed
+        self.targets, self.mask, self.seed = [t.target for t in trainer.terms], trainer.mask, cfg.seed
+        self.stream = LiveViews(cfg.shards, manifest, self.targets, self.mask, cfg.seed, cfg.shuffle_buffer,
+                                trainer.dist.rank, trainer.dist.world_size, images)
 
     def prepare(self, batch: dict) -> dict:
         """Views -> the batch the offline loader would give, with float32 targets."""
         pixels = batch["pixels"].to(self.device, non_blocking=True)
-        targets = compute_targets(self.teachers, pixels, self.manifest.targets, self.manifest.mask,
-                                  self.pcfg.precision)
+        targets = compute_targets(self.teachers, pixels, self.targets, self.manifest.mask, self.pcfg.precision)
         stage = targets.mask.stage.cpu().numpy()
         n_keep = self.stream.n_keep
         sel = torch.from_numpy(np.stack([
-            select_patches(self.choice.mask, stage[i], key, self.seed, self.stream.epoch, n_keep)
+            select_patches(self.mask, stage[i], key, self.seed, self.stream.epoch, n_keep)
             for i, key in enumerate(batch["keys"])])).to(self.device)             # [B, n]
         tokens = token_index(sel)                                                  # [B, 1+n]
         return {"count": batch["count"],
                 "pixels": gather_rows(patchify(pixels, self.stream.layout.patch_size), sel),
                 "keep": sel,
-                "features": gather_rows(targets.values[self.choice.feature_target], tokens),
-                "relations": {b: gather_relations(targets.values[self.choice.relation_target(b)], tokens)
-                              for b in self.choice.relation_blocks}}
+                "targets": {t.name: gather(targets.values[t.name], tokens) for t in self.targets
+                            for gather in [gather_relations if t.kind == "rel" else gather_rows]}}

@@ -98,14 +98,13 @@ def make_store(args, device, out, encodings, formats, images: slice):
 @torch.no_grad()
 def held_out_loss(trainer: Trainer, store: str, manifest) -> float:
     """Mean loss of the trained student and projection over every sample of the held-out store."""
-    stream = StoreStream(store, manifest, trainer.choice, seed=0, shuffle_buffer=1)
+    stream = StoreStream(store, manifest, [t.target for t in trainer.terms], "progressive", seed=0, shuffle_buffer=1)
     batches = [collate(list(stream)[i:i + 16]) for i in range(0, manifest.samples, 16)]
     trainer.model.eval()
     dev = trainer.rt.device
     total = 0.0
     for b in batches:
-        terms = trainer.model(b["pixels"].to(dev), b["keep"].to(dev), b["features"].to(dev),
-                              {k: r.to(dev) for k, r in b["relations"].items()})
+        terms = trainer.model(b["pixels"].to(dev), b["keep"].to(dev), {n: t.to(dev) for n, t in b["targets"].items()})
         total += terms["loss"].item() * b["count"]
     trainer.model.train()
     return total / manifest.samples

@@ -15,8 +15,9 @@ from click.testing import CliRunner
 from test_store import precompute, write_photos
 from hdistill.cli import cli
 from hdistill.common.errors import HdistillError
-from hdistill.train.data import StoreStream, choose_targets, collate, open_store
-from hdistill.train.loss import HybridLoss, LossConfig, group_heads
+from hdistill.common.targets import TargetSpec
+from hdistill.train.data import StoreStream, collate, open_store
+from hdistill.train.loss import DistillLoss, LossConfig, LossTerm, group_heads, parse_losses, plan_losses
 from hdistill.train.run import TrainConfig, TrainRuntime, Trainer, run_train
 from hdistill.train.student import build_student
 
@@ -27,7 +28,8 @@ STUDENT = dict(student="vit_base_patch16_224", student_args=dict(depth=3, embed_
 def stores(tmp_path_factory):
     root = tmp_path_factory.mktemp("train-stores")
     write_photos(root / "photos", 12, seed=11)
-    precompute(root / "photos", root / "kept", views=2, formats=["wds"])
+    precompute(root / "photos", root / "kept", views=2, formats=["wds"],
+               targets=["clip:feat", "mae:rel@1,2", "mae:msa@1", "mae:feat@2"])
     precompute(root / "photos", root / "full", views=2, formats=["wds"], store="full")
     return root
 
@@ -37,10 +39,13 @@ def config(store, **overrides):
                                              "shuffle_buffer": 8, **overrides})
 
 
+def default_targets(manifest):
+    return [manifest.target(n) for n in ("feat.clip", "rel.mae.b1", "rel.mae.b2")]
+
+
 def first_batch(store, mask="progressive"):
     manifest = open_store(str(store))
-    stream = StoreStream(str(store), manifest, choose_targets(manifest, None, None, None, mask), seed=0,
-                         shuffle_buffer=1)
+    stream = StoreStream(str(store), manifest, default_targets(manifest), mask, seed=0, shuffle_buffer=1)
     return collate(list(stream)[:4])
 
 
@@ -57,24 +62,41 @@ def test_student_sees_kept_patches_like_a_full_forward_restricted_to_them():
     keep = torch.tensor([[0, 3, 5, 6, 9, 15], [1, 2, 4, 8, 10, 11]])
     patches = image.reshape(2, 4, 16, 4, 16, 3).permute(0, 1, 3, 2, 4, 5).reshape(2, 16, 16, 16, 3)
     kept_pixels = torch.stack([patches[b, keep[b]] for b in range(2)])
+    taps = [("rel", 1), ("rel", 2), ("feat", 0), ("msa", 2)]
     with torch.no_grad():
-        student.capture_relations([1, 2])
+        student.capture(taps)
         out = student(kept_pixels, keep)
         x = (image.permute(0, 3, 1, 2).float() / 255 - student.mean.view(1, 3, 1, 1)) / student.std.view(1, 3, 1, 1)
         tokens = m.patch_embed(x) + m.pos_embed[:, 1:]                    # conv over the whole image
         tokens = torch.stack([tokens[b, keep[b]] for b in range(2)])
         x = torch.cat([m.cls_token.expand(2, -1, -1) + m.pos_embed[:, :1], tokens], 1)
-        relations = {}
+        expected = {}
         for i, blk in enumerate(m.blocks):
             h = blk.norm1(x)
-            q, k, _ = (h @ blk.attn.qkv.weight.T + blk.attn.qkv.bias).split(24, dim=-1)
-            relations[i] = torch.einsum("bqhd,bkhd->bhqk", q.reshape(2, 7, 6, 4), k.reshape(2, 7, 6, 4))
-            x = blk(x)
+            q, k, v = (t.reshape(2, 7, 6, 4) for t in (h @ blk.attn.qkv.weight.T + blk.attn.qkv.bias).split(24, dim=-1))
+            expected[("rel", i)] = torch.einsum("bqhd,bkhd->bhqk", q, k)
+            attn = torch.softmax(expected[("rel", i)] / 2.0, dim=-1)          # 1 / sqrt(head dim 4)
+            expected[("msa", i)] = blk.attn.proj(torch.einsum("bhqk,bkhd->bqhd", attn, v).reshape(2, 7, 24))
+            x = x + expected[("msa", i)]
+            x = x + blk.mlp(blk.norm2(x))
+            expected[("feat", i)] = x
         final = m.norm(x)
     torch.testing.assert_close(out.tokens, final, rtol=1e-5, atol=1e-5)
-    assert sorted(out.relations) == [1, 2]
-    for b in (1, 2):
-        torch.testing.assert_close(out.relations[b], relations[b], rtol=1e-5, atol=1e-5)
+    assert sorted(out.taps) == sorted(taps)
+    for tap in taps:
+        torch.testing.assert_close(out.taps[tap], expected[tap], rtol=1e-5, atol=1e-5)
+
+
+def test_student_relations_are_float32_under_bf16_autocast():
+    student = build_student("vit_base_patch16_224", 64, dict(depth=2, embed_dim=24, num_heads=6))
+    student.capture([("rel", 1)])
+    qkv_dtype = []
+    student.model.blocks[1].attn.qkv.register_forward_hook(lambda _m, _a, out: qkv_dtype.append(out.dtype))
+    keep = torch.arange(16).expand(2, -1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = student(torch.zeros(2, 16, 16, 16, 3, dtype=torch.uint8), keep)
+    assert qkv_dtype == [torch.bfloat16], "the projection itself runs in bf16"
+    assert out.taps[("rel", 1)].dtype == torch.float32
 
 
 def test_grouped_heads_equal_the_product_of_concatenated_heads():
@@ -91,31 +113,74 @@ def test_grouped_heads_equal_the_product_of_concatenated_heads():
 
 def test_loss_equals_hand_written_reference_on_a_fixed_batch():
     g = torch.Generator().manual_seed(2)
-    tokens, feats = torch.randn(3, 8, 24, generator=g), 3 * torch.randn(3, 8, 32, generator=g) + 1
-    s_rel = {1: 4 * torch.randn(3, 6, 8, 8, generator=g), 2: 4 * torch.randn(3, 6, 8, 8, generator=g)}
-    t_rel = {9: 4 * torch.randn(3, 4, 8, 8, generator=g), 10: 4 * torch.randn(3, 4, 8, 8, generator=g)}
-    loss_fn = HybridLoss(24, 32, 6, 4, [(1, 9), (2, 10)], LossConfig(alpha=0.7, beta=2.0))
-    terms = loss_fn(tokens, s_rel, feats, t_rel)
+    tokens = torch.randn(3, 8, 24, generator=g)
+    taps = {("rel", 1): 4 * torch.randn(3, 6, 8, 8, generator=g), ("rel", 2): 4 * torch.randn(3, 6, 8, 8, generator=g),
+            ("msa", 2): torch.randn(3, 8, 24, generator=g), ("feat", 1): torch.randn(3, 8, 24, generator=g)}
+    targets = {"feat.clip": 3 * torch.randn(3, 8, 32, generator=g) + 1, "msa.mae.b10": torch.randn(3, 8, 16, generator=g),
+               "feat.mae.b8": 2 * torch.randn(3, 8, 16, generator=g) - 1,
+               "rel.mae.b9": 4 * torch.randn(3, 4, 8, 8, generator=g), "rel.mae.b10": 4 * torch.randn(3, 4, 8, 8, generator=g)}
+    terms = [LossTerm(TargetSpec("feat", "clip", None, (8, 32)), None, 1.0),
+             LossTerm(TargetSpec("rel", "mae", 9, (4, 8, 8)), 1, 0.35), LossTerm(TargetSpec("rel", "mae", 10, (4, 8, 8)), 2, 0.35),
+             LossTerm(TargetSpec("msa", "mae", 10, (8, 16)), 2, 0.2), LossTerm(TargetSpec("feat", "mae", 8, (8, 16)), 1, 0.1)]
+    loss_fn = DistillLoss(terms, 24, 6, LossConfig(beta=2.0))
+    got = loss_fn(tokens, taps, targets)
 
-    projected = tokens @ loss_fn.proj.weight.T + loss_fn.proj.bias
-    mean, var = feats.mean(-1, keepdim=True), feats.var(-1, unbiased=False, keepdim=True)
-    feature = smooth_l1(projected, (feats - mean) / torch.sqrt(var + 1e-6), 2.0)
-    # gcd(6, 4) = 2 relation heads: student heads {0,1,2} and {3,4,5}, teacher heads {0,1} and {2,3}
-    relation = sum(smooth_l1(torch.stack([s_rel[s][:, :3].sum(1), s_rel[s][:, 3:].sum(1)], 1),
-                             torch.stack([t_rel[t][:, :2].sum(1), t_rel[t][:, 2:].sum(1)], 1), 2.0)
-                   for s, t in [(1, 9), (2, 10)]) / 2
-    torch.testing.assert_close(terms["loss_feature"], feature)
-    torch.testing.assert_close(terms["loss_relation"], relation)
-    torch.testing.assert_close(terms["loss"], feature + 0.7 * relation)
-    assert set(terms) == {"loss", "loss_feature", "loss_relation"}
+    def feature(student, target, proj):
+        mean, var = target.mean(-1, keepdim=True), target.var(-1, unbiased=False, keepdim=True)
+        return smooth_l1(student @ proj.weight.T + proj.bias, (target - mean) / torch.sqrt(var + 1e-6), 2.0)
+
+    def relation(student, teacher):
+        # gcd(6, 4) = 2 relation heads: student heads {0,1,2} and {3,4,5}, teacher heads {0,1} and {2,3}
+        return smooth_l1(torch.stack([student[:, :3].sum(1), student[:, 3:].sum(1)], 1),
+                         torch.stack([teacher[:, :2].sum(1), teacher[:, 2:].sum(1)], 1), 2.0)
+
+    expected = {"loss/feat.clip": feature(tokens, targets["feat.clip"], loss_fn.proj["feat_clip"]),
+                "loss/rel.mae.b9": relation(taps[("rel", 1)], targets["rel.mae.b9"]),
+                "loss/rel.mae.b10": relation(taps[("rel", 2)], targets["rel.mae.b10"]),
+                "loss/msa.mae.b10": feature(taps[("msa", 2)], targets["msa.mae.b10"], loss_fn.proj["msa_mae_b10"]),
+                "loss/feat.mae.b8": feature(taps[("feat", 1)], targets["feat.mae.b8"], loss_fn.proj["feat_mae_b8"])}
+    assert set(got) == {"loss", *expected}
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value)
+    weights = [1.0, 0.35, 0.35, 0.2, 0.1]
+    torch.testing.assert_close(got["loss"], sum(w * v for w, v in zip(weights, expected.values())))
+
+
+def test_default_objective_is_eq1_and_loss_options_pick_stored_targets(stores):
+    manifest = open_store(str(stores / "kept"))
+    terms = plan_losses(manifest, None, student_depth=3, alpha=0.6)
+    assert [(t.name, t.student_block, t.weight) for t in terms] == \
+        [("feat.clip", None, 1.0), ("rel.mae.b1", 0, 0.3), ("rel.mae.b2", 1, 0.3)]   # 4-block teacher, 3-block student
+    chosen = plan_losses(manifest, parse_losses(["mae:rel@-2=2", "mae:msa@1=0.5", "mae:feat@2=0.25"]), 3,
+                         student_blocks={1: 2})
+    assert [(t.name, t.student_block, t.weight) for t in chosen] == \
+        [("rel.mae.b2", 1, 2.0), ("msa.mae.b1", 2, 0.5), ("feat.mae.b2", 1, 0.25)]
+
+
+def test_every_loss_kind_trains_offline_and_online_alike(stores, tmp_path):
+    from hdistill.online import LiveTargets
+    losses = ["clip:feat=1", "mae:rel@1,2=0.5", "mae:msa@1=0.3", "mae:feat@2=0.2"]
+    cfg = config(stores / "kept", steps=4, losses=losses)
+    run_train(cfg, str(tmp_path / "off"), TrainRuntime(progress=False, log_every=1))
+    run_train(cfg, str(tmp_path / "on"), TrainRuntime(progress=False, log_every=1), source=LiveTargets)
+    off, on = ([json.loads(line) for line in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
+               for r in ("off", "on"))
+    keys = {"loss", "loss/feat.clip", "loss/rel.mae.b1", "loss/rel.mae.b2", "loss/msa.mae.b1", "loss/feat.mae.b2"}
+    assert keys <= set(off[0])
+    for a, b in zip(off, on):
+        for key in keys:
+            assert b[key] == pytest.approx(a[key], rel=2e-3, abs=1e-6), (a["step"], key)
+    assert off[-1]["loss"] == pytest.approx(sum(w * off[-1][f"loss/{n}"] for n, w in [
+        ("feat.clip", 1), ("rel.mae.b1", 0.5), ("rel.mae.b2", 0.5), ("msa.mae.b1", 0.3), ("feat.mae.b2", 0.2)]), rel=1e-6)
 
 
 def test_mask_strategies_from_a_full_store(stores):
     kept, full = first_batch(stores / "kept"), first_batch(stores / "full")
-    for name in ("pixels", "keep", "features"):
+    for name in ("pixels", "keep"):
         torch.testing.assert_close(full[name], kept[name], rtol=0, atol=0)
-    for b in kept["relations"]:
-        torch.testing.assert_close(full["relations"][b], kept["relations"][b], rtol=0, atol=0)
+    assert kept["targets"].keys() == {"feat.clip", "rel.mae.b1", "rel.mae.b2"}
+    for name, value in kept["targets"].items():
+        torch.testing.assert_close(full["targets"][name], value, rtol=0, atol=0)
     none = first_batch(stores / "full", "none")
     assert none["keep"].shape == (4, 16) and (none["keep"] == torch.arange(16)).all()
     random_mask = first_batch(stores / "full", "random")
@@ -163,8 +228,7 @@ def test_sigkill_then_resume_reaches_the_same_losses(stores, tmp_path):
     resumed = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in resumed] == list(range(1, 11))
     for a, b in zip(resumed, reference):
-        assert (a["loss"], a["loss_feature"], a["loss_relation"], a["lr"]) == \
-            (b["loss"], b["loss_feature"], b["loss_relation"], b["lr"])
+        assert {k: v for k, v in a.items() if k != "samples_per_s"} == {k: v for k, v in b.items() if k != "samples_per_s"}
 
 
 def test_clear_errors_before_any_step(stores, tmp_path):
@@ -177,7 +241,14 @@ def test_clear_errors_before_any_step(stores, tmp_path):
          "patch grid mismatch.*student vit_base_patch16_224 cuts 64px views into 8x8"),
         (config(full, steps=None), "exactly one of --steps and --epochs"),
         (config(kept, student_args=dict(depth=2, embed_dim=24, num_heads=6)),
-         r"student relation blocks \[-3, -2\] do not fit a 2-block student"),
+         r"rel.mae.b1: teacher block 1 pairs with student block -1 by the same offset from the end \(-3\), outside "
+         r"a 2-block student; give --student-blocks 1=S"),
+        (config(kept, student_blocks={2: 3}), r"--student-blocks 2=3, outside a 3-block student"),
+        (config(kept, losses=["mae:rel@0=1"]), r"--loss mae:rel@0: the store holds no rel.mae.b0 \(it holds feat.clip, "
+         r"feat.mae.b2, rel.mae.b1, rel.mae.b2, msa.mae.b1\); add it with precompute --target"),
+        (config(kept, losses=["mae:feat=1"]), r"the store holds no feat.mae"),
+        (config(kept, losses=["clip:feat=1"], feature_teacher="clip"), "--loss names every term"),
+        (config(kept, losses=["clip:feat"]), r"--loss 'clip:feat': expected ROLE:KIND\[@B\[,B...\]\]=WEIGHT"),
     ]
     for cfg, message in cases:
         with pytest.raises(HdistillError, match=message):
@@ -221,7 +292,8 @@ def test_train_cli(stores, tmp_path):
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
-    assert {"step", "loss", "loss_feature", "loss_relation", "lr", "samples_per_s"} <= set(records[0])
+    assert {"step", "loss", "loss/feat.clip", "loss/rel.mae.b1", "loss/rel.mae.b2", "lr", "samples_per_s"} \
+        == set(records[0]) - {"epoch"}
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(tmp_path / "r" / "tensorboard"))
     events.Reload()
@@ -261,15 +333,15 @@ def test_online_and_offline_give_the_same_losses(stores, tmp_path, store, mask):
                for r in ("off", "on"))
     assert len(off) == len(on) == 20
     for a, b in zip(off, on):
-        for term in ("loss", "loss_feature", "loss_relation"):
+        for term in ("loss", "loss/feat.clip", "loss/rel.mae.b1", "loss/rel.mae.b2"):
             # stored targets are float16 (relative rounding 4.9e-4), online ones float32
             assert b[term] == pytest.approx(a[term], rel=2e-3, abs=1e-6), (a["step"], term)
 
 
 def test_each_epoch_reads_the_next_view_and_epochs_count_samples(stores):
     manifest = open_store(str(stores / "kept"))
-    stream = StoreStream(str(stores / "kept"), manifest, choose_targets(manifest, None, None, None, "progressive"),
-                         seed=0, shuffle_buffer=4)
+    stream = StoreStream(str(stores / "kept"), manifest, default_targets(manifest), "progressive", seed=0,
+                         shuffle_buffer=4)
     keys = {}
     for epoch in range(3):
         stream.set_epoch(epoch)

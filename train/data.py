@@ -12,36 +12,16 @@ from __future__ import annotations
 
 import random
 import zlib
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from hdistill.common.errors import HdistillError
+from hdistill.common.targets import TargetSpec
 from hdistill.shards.manifest import Manifest, read_manifest
 from hdistill.shards.reader import Sample, StoreReader
 
 MASKS = ("progressive", "none", "random")
-
-
-@dataclass(frozen=True)
-class TargetChoice:
-    """Which stored targets a run trains against."""
-
-    feature_role: str
-    relation_role: str | None
-    relation_blocks: tuple[int, ...]     # teacher blocks
-    mask: str = "progressive"
-
-    @property
-    def feature_target(self) -> str:
-        return f"feat.{self.feature_role}"
-
-    def relation_target(self, block: int) -> str:
-        return f"rel.{self.relation_role}.b{block}"
-
-    def target_names(self) -> list[str]:
-        return [self.feature_target, *(self.relation_target(b) for b in self.relation_blocks)]
 
 
 def open_store(path: str, reader: str | None = None) -> Manifest:
@@ -54,42 +34,13 @@ def open_store(path: str, reader: str | None = None) -> Manifest:
     return manifest
 
 
-def choose_targets(manifest: Manifest, feature_role: str | None, relation_role: str | None,
-                   relation_blocks: list[int] | None, mask: str) -> TargetChoice:
-    """Defaults from the store, checked against what it holds; every refusal names the option."""
-    stored_feats = [t.role for t in manifest.targets if t.kind == "feat" and t.block is None]
-    stored_rels: dict[str, list[int]] = {}
-    for t in manifest.targets:
-        if t.kind == "rel":
-            stored_rels.setdefault(t.role, []).append(t.block)
-    if feature_role is None:
-        if not stored_feats:
-            raise HdistillError(f"--shards {manifest.config.get('data')}: the store holds no final features (feat) "
-                                "to train against")
-        others = [r for r in stored_feats if r != manifest.mask.role]
-        feature_role = (others or stored_feats)[0]
-    if feature_role not in stored_feats:
-        raise HdistillError(f"--feature-teacher {feature_role}: the store holds features of "
-                            f"{', '.join(stored_feats) or 'no teacher'}")
-    if relation_role is None and stored_rels:
-        relation_role = manifest.mask.role if manifest.mask.role in stored_rels else next(iter(stored_rels))
-    blocks: tuple[int, ...] = ()
-    if relation_role is not None:
-        if relation_role not in stored_rels:
-            raise HdistillError(f"--relation-teacher {relation_role}: the store holds relations of "
-                                f"{', '.join(stored_rels) or 'no teacher'}")
-        available = stored_rels[relation_role]
-        blocks = tuple(available if relation_blocks is None else relation_blocks)
-        missing = [b for b in blocks if b not in available]
-        if missing:
-            raise HdistillError(f"--relation-blocks {','.join(map(str, blocks))}: the store holds relations of "
-                                f"{relation_role} at blocks {available} only")
+def check_mask(manifest: Manifest, mask: str) -> str:
     if mask not in MASKS:
         raise HdistillError(f"--mask {mask!r}: choose one of {', '.join(MASKS)}")
     if mask != "progressive" and manifest.store_mode != "full":
         raise HdistillError(f"--mask {mask} needs a store made with --store full; this one holds only the "
                             "progressive mask's tokens (--store kept)")
-    return TargetChoice(feature_role, relation_role, blocks, mask)
+    return mask
 
 
 class StoreStream(torch.utils.data.IterableDataset):
@@ -99,12 +50,12 @@ class StoreStream(torch.utils.data.IterableDataset):
     both give the same samples in the same order.
     """
 
-    def __init__(self, store: str, manifest: Manifest, choice: TargetChoice, seed: int, shuffle_buffer: int = 1000,
-                 rank: int = 0, world_size: int = 1, reader: str = "wds"):
-        self.store, self.manifest, self.choice, self.seed = store, manifest, choice, seed
+    def __init__(self, store: str, manifest: Manifest, targets: list[TargetSpec], mask: str, seed: int,
+                 shuffle_buffer: int = 1000, rank: int = 0, world_size: int = 1, reader: str = "wds"):
+        self.store, self.manifest, self.targets, self.mask, self.seed = store, manifest, targets, mask, seed
         self.layout = manifest.layout
         self.shuffle_buffer, self.rank, self.world_size = shuffle_buffer, rank, world_size
-        self.reader = StoreReader(store, manifest, reader, choice.target_names())
+        self.reader = StoreReader(store, manifest, reader, [t.name for t in targets])
         self.full = manifest.store_mode == "full"
         self.n_keep = manifest.mask.kept_counts(self.layout.num_patches)[-1]
         self.epoch = 0
@@ -150,14 +101,18 @@ class StoreStream(torch.utils.data.IterableDataset):
 
     def sample(self, stored: Sample) -> dict:
         """The training sample: the patches the student sees and the targets over those tokens."""
-        c = self.choice
         sel = np.arange(self.n_keep) if not self.full else \
-            select_patches(c.mask, stored.stage, stored.key, self.seed, self.epoch, self.n_keep)
+            select_patches(self.mask, stored.stage, stored.key, self.seed, self.epoch, self.n_keep)
         tokens = np.concatenate([[0], sel + 1])                                # [1+n]
         return {"key": stored.key, "pixels": stored.pixels[sel], "keep": stored.keep[sel].astype(np.int64),
-                "features": stored.targets[c.feature_target][tokens],
-                "relations": {b: stored.targets[c.relation_target(b)][:, tokens][:, :, tokens]
-                              for b in c.relation_blocks}}
+                "targets": {t.name: select_tokens(t, stored.targets[t.name], tokens) for t in self.targets}}
+
+
+def select_tokens(target: TargetSpec, values, tokens):
+    """A target's values over the chosen tokens: rows ([T, D]), or rows and columns of relations ([H, T, T])."""
+    if target.kind == "rel":
+        return values[:, tokens][:, :, tokens]
+    return values[tokens]
 
 
 def select_patches(mask: str, stage: np.ndarray, key: str, seed: int, epoch: int, n_keep: int) -> np.ndarray:
@@ -176,9 +131,8 @@ def collate(samples: list[dict]) -> dict:
         return {"error": errors[0]}
     return {"count": len(samples), "pixels": torch.from_numpy(np.stack([s["pixels"] for s in samples])),
             "keep": torch.from_numpy(np.stack([s["keep"] for s in samples])),
-            "features": torch.from_numpy(np.stack([s["features"] for s in samples])),
-            "relations": {b: torch.from_numpy(np.stack([s["relations"][b] for s in samples]))
-                          for b in samples[0]["relations"]}}
+            "targets": {name: torch.from_numpy(np.stack([s["targets"][name] for s in samples]))
+                        for name in samples[0]["targets"]}}
 
 
 def epoch_samples(manifest: Manifest, epoch: int) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,9 +28,9 @@ from hdistill.common.specs import TokenGrid, check_same_grid
 from hdistill.shards.atomic import atomic_open
 from hdistill.shards.manifest import Manifest
 
-from .data import StoreStream, choose_targets, collate, epoch_samples, open_store
+from .data import StoreStream, check_mask, collate, epoch_samples, open_store
 from .dist import barrier, gather, init_distributed, mean_over_ranks
-from .loss import HybridLoss, LossConfig
+from .loss import DistillLoss, LossConfig, parse_losses, plan_losses
 from .student import Student, build_student
 
 CHECKPOINT = "checkpoint.pt"
@@ -51,13 +52,14 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_steps: int | None = None      # default: 5% of the steps
     clip_grad: float = 3.0
+    losses: list[str] | None = None      # --loss ROLE:KIND[@B,...]=WEIGHT; None: Eq. 1 from the options below
     alpha: float = 1.0
     beta: float = 2.0
     standardize_targets: bool = True
     feature_teacher: str | None = None
     relation_teacher: str | None = None
     relation_blocks: list[int] | None = None
-    student_relation_blocks: list[int] | None = None
+    student_blocks: dict[int, int] | None = None   # teacher block -> student block (default: same offset from the end)
     mask: str = "progressive"
     seed: int = 0
     shuffle_buffer: int = 1000
@@ -106,16 +108,6 @@ def param_groups(modules: list[torch.nn.Module], weight_decay: float) -> list[di
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def student_blocks(cfg: TrainConfig, teacher_blocks: tuple[int, ...], teacher_depth: int, student: Student):
-    """Student relation blocks: as given, else the same offset from the end as the teacher's."""
-    blocks = cfg.student_relation_blocks or [b - teacher_depth for b in teacher_blocks]
-    resolved = [b + student.depth if b < 0 else b for b in blocks]
-    if len(resolved) != len(teacher_blocks) or not all(0 <= b < student.depth for b in resolved):
-        raise HdistillError(f"student relation blocks {blocks} do not fit a {student.depth}-block student "
-                            f"paired with teacher blocks {list(teacher_blocks)}")
-    return resolved
-
-
 class StoredTargets:
     """The default source: batches of stored targets, ready as they are."""
 
@@ -132,13 +124,13 @@ class StoredTargets:
 class Distiller(torch.nn.Module):
     """Student + loss as one module, so DDP sees every trained parameter (the projection too)."""
 
-    def __init__(self, student: Student, loss_fn: HybridLoss):
+    def __init__(self, student: Student, loss_fn: DistillLoss):
         super().__init__()
         self.student, self.loss_fn = student, loss_fn
 
-    def forward(self, pixels, keep, features, relations) -> dict[str, torch.Tensor]:
+    def forward(self, pixels, keep, targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = self.student(pixels, keep)
-        return self.loss_fn(out.tokens, out.relations, features, relations)
+        return self.loss_fn(out.tokens, out.taps, targets)
 
 
 class Trainer:
@@ -161,8 +153,7 @@ class Trainer:
         self.manifest = open_store(cfg.shards, cfg.reader)
         self.reader = cfg.reader or ("wds" if "wds" in self.manifest.formats else self.manifest.formats[0])
         layout = self.manifest.layout
-        self.choice = choose_targets(self.manifest, cfg.feature_teacher, cfg.relation_teacher,
-                                     cfg.relation_blocks, cfg.mask)
+        self.mask = check_mask(self.manifest, cfg.mask)
         self.steps = total_steps(cfg, self.manifest)
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, self.steps // 20)
         _seed_everything(cfg.seed)
@@ -170,27 +161,25 @@ class Trainer:
         check_same_grid({f"the store ({self.manifest.config['data']})": TokenGrid(layout.image_size,
                                                                                   layout.patch_size),
                          f"student {cfg.student}": self.student.grid})
-        feat_t = self.manifest.teacher(self.choice.feature_role)
-        rel_t = self.manifest.teacher(self.choice.relation_role) if self.choice.relation_role else None
-        self.pairs = list(zip(student_blocks(cfg, self.choice.relation_blocks, rel_t.depth, self.student),
-                              self.choice.relation_blocks)) if rel_t else []
-        self.loss_fn = HybridLoss(self.student.width, feat_t.width, self.student.heads,
-                                  rel_t.heads if rel_t else 1, self.pairs,
-                                  LossConfig(cfg.alpha, cfg.beta, cfg.standardize_targets)).to(rt.device)
+        self.terms = plan_losses(self.manifest, None if cfg.losses is None else parse_losses(cfg.losses),
+                                 self.student.depth, cfg.alpha, cfg.feature_teacher, cfg.relation_teacher,
+                                 cfg.relation_blocks, cfg.student_blocks)
+        self.loss_fn = DistillLoss(self.terms, self.student.width, self.student.heads,
+                                   LossConfig(cfg.beta, cfg.standardize_targets)).to(rt.device)
         cuda = rt.device.startswith("cuda")
         self.optimizer = torch.optim.AdamW(param_groups([self.student, self.loss_fn], cfg.weight_decay),
                                            lr=base_lr(cfg), betas=(0.9, 0.95), fused=cuda or None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.steps, self.warmup))
-        self.student.capture_relations([s for s, _ in self.pairs])
+        self.student.capture(sorted({t.student_tap for t in self.terms if t.student_tap}))
         self.model = Distiller(self.student, self.loss_fn)
         self.ddp = self.model if self.dist.world_size == 1 else torch.nn.parallel.DistributedDataParallel(
             self.model, device_ids=[device] if cuda else None)
         if rt.compile:
             self.ddp = torch.compile(self.ddp)
         self.source = source(self) if source else StoredTargets(
-            StoreStream(cfg.shards, self.manifest, self.choice, cfg.seed, cfg.shuffle_buffer,
-                        self.dist.rank, self.dist.world_size, self.reader))
+            StoreStream(cfg.shards, self.manifest, [t.target for t in self.terms], self.mask, cfg.seed,
+                        cfg.shuffle_buffer, self.dist.rank, self.dist.world_size, self.reader))
         self.step, self.epoch, self.epoch_batches = 0, 0, 0
 
     # ---------------------------------------------------------------- state
@@ -267,8 +256,7 @@ class Trainer:
         to = lambda t: t.to(dev, non_blocking=True)  # noqa: E731
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.startswith("cuda"))
         with autocast:
-            terms = self.ddp(to(batch["pixels"]), to(batch["keep"]), to(batch["features"]),
-                             {b: to(r) for b, r in batch["relations"].items()})
+            terms = self.ddp(to(batch["pixels"]), to(batch["keep"]), {n: to(t) for n, t in batch["targets"].items()})
         if not torch.isfinite(terms["loss"]):
             raise HdistillError(f"the loss became {terms['loss'].item()} at step {self.step}; lower --lr or check "
                                 "the store with hdistill verify")
@@ -284,6 +272,8 @@ class Trainer:
     def run(self) -> Path:
         self.out.mkdir(parents=True, exist_ok=True)
         resumed = self.resume()
+        if self.dist.main:
+            print("train: loss = " + " + ".join(t.describe() for t in self.terms), file=sys.stderr)
         metrics = _MetricsLog(self.out / METRICS, keep_until=self.step if resumed else 0) if self.dist.main else None
         bar = tqdm(total=self.steps, initial=self.step, unit="step", disable=not self.rt.progress)
         data, last_time, last_step = self.batches(), time.perf_counter(), self.step

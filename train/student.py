@@ -2,8 +2,10 @@
 
 Like the MAE encoder, the student embeds only the stored (kept) patches: the patch embedding
 is applied to their exact pixels and the position embeddings are gathered at their indices.
-Q K^T at the relation blocks is taken from each block's own qkv Linear output by a hook, so
-every block still runs fused attention (SDPA).
+What the loss compares at inner blocks is captured by hooks registered once (`capture`), so every
+block still runs fused attention (SDPA): Q K^T from a block's own qkv Linear output (computed in
+float32, also under bf16 autocast), the residual stream after a block, a block's attention output
+(after its projection, before LayerScale and the residual add).
 """
 from __future__ import annotations
 
@@ -20,10 +22,12 @@ from hdistill.common.tokens import gather_rows, qk_relations, split_qk
 
 @dataclass
 class StudentOutput:
-    """tokens: last block after the final norm [B, 1+n, D]; relations: block -> raw Q K^T [B, H, 1+n, 1+n]."""
+    """tokens: last block after the final norm [B, 1+n, D]; taps: (kind, block) -> captured tensor:
+    ("rel", b) raw Q K^T [B, H, 1+n, 1+n], ("feat", b) residual stream and ("msa", b) attention output
+    [B, 1+n, D]."""
 
     tokens: torch.Tensor
-    relations: dict[int, torch.Tensor]
+    taps: dict[tuple[str, int], torch.Tensor]
 
 
 class Student(nn.Module):
@@ -64,19 +68,22 @@ class Student(nn.Module):
         cls = m.cls_token.expand(x.shape[0], -1, -1) + pos[:, :1]
         return torch.cat([cls, x], dim=1)
 
-    def capture_relations(self, blocks):
-        """From now on, every forward also returns raw Q K^T of `blocks` (hooks registered once,
-        so torch.compile sees them from the start)."""
-        self._captured: dict[int, torch.Tensor] = {}
-        for b in blocks:
-            self.model.blocks[b].attn.qkv.register_forward_hook(self._relation_hook(b))
+    def capture(self, taps):
+        """From now on, every forward also returns the (kind, block) tensors of `taps` (hooks registered
+        once, so torch.compile sees them from the start)."""
+        self._captured: dict[tuple[str, int], torch.Tensor] = {}
+        for kind, block in taps:
+            blk = self.model.blocks[block]
+            module = {"rel": blk.attn.qkv, "msa": blk.attn, "feat": blk}[kind]
+            module.register_forward_hook(self._hook(kind, block))
 
-    def _relation_hook(self, block: int):
+    def _hook(self, kind: str, block: int):
         attn = self.model.blocks[block].attn
 
-        def hook(_module, _args, qkv):
-            q, k = split_qk(qkv, attn.num_heads, attn.q_norm, attn.k_norm)
-            self._captured[block] = qk_relations(q, k)                       # [B, H, 1+n, 1+n]
+        def hook(_module, _args, out):
+            if kind == "rel":
+                out = qk_relations(*split_qk(out, attn.num_heads, attn.q_norm, attn.k_norm))  # [B, H, 1+n, 1+n]
+            self._captured[(kind, block)] = out
         return hook
 
     def forward(self, pixels: torch.Tensor, keep_idx: torch.Tensor) -> StudentOutput:
@@ -84,9 +91,9 @@ class Student(nn.Module):
         x = m.norm_pre(self.embed(pixels, keep_idx))
         tokens = m.norm(m.blocks(x))
         captured = getattr(self, "_captured", {})
-        relations = dict(captured)
+        taps = dict(captured)
         captured.clear()
-        return StudentOutput(tokens=tokens, relations=relations)
+        return StudentOutput(tokens=tokens, taps=taps)
 
 
 def build_student(name: str, image_size: int, kwargs: dict | None = None) -> Student:
