@@ -75,11 +75,13 @@ def load_views(data: str, count: int, size: int, seed: int = 0) -> torch.Tensor:
 
 
 def student_as_teacher(path: str, name: str, image_size: int, kwargs: dict) -> Teacher:
-    """A trained student (student.safetensors) through timm's pretrained path, wrapped for analysis."""
+    """A trained student (student.safetensors) through timm's pretrained path, wrapped for analysis, with the
+    input normalisation it was trained with (the file's mean/std metadata)."""
     import timm
     try:
+        norm = student_normalization(path)
         model = timm.create_model(name, pretrained=True, num_classes=0, img_size=image_size,
-                                  pretrained_cfg_overlay=dict(file=path, num_classes=0), **kwargs)
+                                  pretrained_cfg_overlay=dict(file=path, num_classes=0, **norm), **kwargs)
     except (RuntimeError, KeyError, ValueError, TypeError) as err:
         raise HdistillError(f"--student {path} does not fit timm model {name} {kwargs}: "
                             f"{str(err).splitlines()[0][:400]}") from None
@@ -87,9 +89,19 @@ def student_as_teacher(path: str, name: str, image_size: int, kwargs: dict) -> T
     info = TeacherInfo(role="student", model=f"timm:{name}", weights={"source": "file", "path": path},
                        patch_size=model.patch_embed.patch_size[0], image_size=image_size, width=model.embed_dim,
                        depth=len(model.blocks), heads=model.blocks[0].attn.num_heads,
-                       mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
-                       std=tuple(cfg.get("std", (0.229, 0.224, 0.225))))
+                       mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
     return TimmTeacher(info, model)
+
+
+def student_normalization(path: str) -> dict:
+    """{"mean", "std"} from an exported student's metadata (empty for files without it, e.g. a .pth)."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+    except SafetensorError:
+        return {}
+    return {k: tuple(json.loads(meta[k])) for k in ("mean", "std") if k in meta}
 
 
 @torch.inference_mode()

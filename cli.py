@@ -229,6 +229,17 @@ def precompute(data, out, teachers, models, model_args, weights, random_init, im
 @click.option("--student", default="vit_base_patch16_224", help="timm ViT name of the student (random init).")
 @click.option("--student-arg", "student_args", multiple=True, metavar="KEY=VALUE",
               help="timm constructor argument of the student, e.g. depth=6. Repeatable.")
+@click.option("--drop-path", default=0.2, show_default=True,
+              help="Stochastic depth rate of the student. 0.2 is FD's ViT-B recipe for a CLIP teacher, the "
+                   "paper's main feature teacher (FD uses 0.3 with DeiT); use 0.1 or less for small students.")
+@click.option("--student-mean", default="0.485,0.456,0.406", show_default=True,
+              help="Per-channel mean the student normalises its input pixels with (ImageNet's, as MAE/dBOT "
+                   "fine-tuning uses); written into student.safetensors.")
+@click.option("--student-std", default="0.229,0.224,0.225", show_default=True,
+              help="Per-channel std of the student's input normalisation.")
+@click.option("--precision", default=None, type=click.Choice(["bf16", "fp16", "fp32"]),
+              help="Student autocast precision (default: bf16 on CUDA, fp32 on the CPU); fp16 uses a gradient "
+                   "scaler, for GPUs without bf16.")
 @click.option("--steps", type=int, default=None, help="Optimiser steps (or give --epochs).")
 @click.option("--epochs", type=float, default=None, help="Epochs over the store; epoch e uses view e mod V.")
 @click.option("--batch-size", default=256, help="Samples per step.")
@@ -268,14 +279,16 @@ def precompute(data, out, teachers, models, model_args, weights, random_init, im
 @click.option("--online", is_flag=True,
               help="Compute the same targets live with the store's teachers (baseline and correctness reference).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(shards, out, student, student_args, steps, epochs, batch_size, lr, weight_decay, warmup_steps, clip_grad,
+def train(shards, out, student, student_args, drop_path, student_mean, student_std, precision, steps, epochs, batch_size, lr, weight_decay, warmup_steps, clip_grad,
           losses, alpha, beta, standardize_targets, feature_teacher, relation_teacher, relation_blocks,
           student_blocks, mask, seed, shuffle_buffer, workers, reader, device, log_every, checkpoint_every,
           compile_model, online, quiet):
     """Train a ViT student from a store's targets: no teacher is loaded, no image decoded."""
     from hdistill.train.run import TrainConfig, TrainRuntime, run_train
 
-    cfg = TrainConfig(shards=shards, student=student, student_args=parse_student_args(student_args), steps=steps, epochs=epochs,
+    cfg = TrainConfig(shards=shards, student=student, student_args=parse_student_args(student_args),
+                      drop_path=drop_path, student_mean=parse_rgb(student_mean, "--student-mean"),
+                      student_std=parse_rgb(student_std, "--student-std"), precision=precision, steps=steps, epochs=epochs,
                       batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
                       clip_grad=clip_grad, losses=list(losses) or None, alpha=alpha, beta=beta,
                       standardize_targets=standardize_targets,
@@ -340,6 +353,16 @@ def verify(store):
     if problems:
         raise click.ClickException(f"{len(problems)} problem(s) in {store}")
     click.echo(f"ok: {len(manifest.shards)} shards, {manifest.samples} samples verified in {','.join(manifest.formats)}")
+
+
+def parse_rgb(value: str, option: str) -> tuple[float, float, float]:
+    try:
+        rgb = tuple(float(v) for v in _split(value))
+    except ValueError:
+        rgb = ()
+    if len(rgb) != 3:
+        raise HdistillError(f"{option} {value!r}: expected three comma-separated numbers (R,G,B)")
+    return rgb
 
 
 def parse_block_pairs(value: str | None) -> dict[int, int] | None:

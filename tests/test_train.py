@@ -200,6 +200,40 @@ def test_export_loads_in_timm_with_strict_keys(stores, tmp_path):
                       pretrained_cfg_overlay=dict(file=str(path), num_classes=0), **STUDENT["student_args"])
 
 
+def test_input_normalisation_is_explicit_and_travels_with_the_export(stores, tmp_path):
+    import timm
+    from safetensors import safe_open
+
+    from hdistill.analyze import student_normalization
+    mean, std = (0.1, 0.2, 0.3), (0.6, 0.5, 0.4)
+    trainer = Trainer(config(stores / "kept", steps=1, student_mean=mean, student_std=std), str(tmp_path / "run"),
+                      TrainRuntime(progress=False))
+    pixels = torch.full((1, 1, 16, 16, 3), 51, dtype=torch.uint8)            # 0.2 in every channel
+    normalised = (pixels.permute(0, 1, 4, 2, 3).float() / 255 - trainer.student.mean) / trainer.student.std
+    torch.testing.assert_close(normalised[0, 0, :, 0, 0], torch.tensor([(0.2 - m) / s for m, s in zip(mean, std)]))
+    path = trainer.run()
+    with safe_open(str(path), framework="pt") as f:
+        assert json.loads(f.metadata()["mean"]) == list(mean) and json.loads(f.metadata()["std"]) == list(std)
+    # a timm fine-tune takes them through pretrained_cfg_overlay, as the README shows
+    model = timm.create_model("vit_base_patch16_224", pretrained=True, img_size=64, num_classes=10,
+                              pretrained_cfg_overlay=dict(file=str(path), num_classes=0, **student_normalization(str(path))),
+                              **STUDENT["student_args"])
+    assert timm.data.resolve_data_config({}, model=model)["mean"] == mean
+
+
+def test_stochastic_depth_and_fp16_with_a_gradient_scaler(stores, tmp_path):
+    trainer = Trainer(config(stores / "kept", steps=3, drop_path=0.3, precision="fp16"), str(tmp_path / "run"),
+                      TrainRuntime(progress=False, log_every=1))
+    blocks = trainer.student.model.blocks                                       # timm: linear in depth, 0 to the rate
+    rates = [getattr(b.drop_path1, "drop_prob", 0.0) for b in blocks]          # rate 0: an Identity
+    assert rates == pytest.approx([0.0, 0.15, 0.3])
+    trainer.run()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 3 and all(np.isfinite(r["loss"]) for r in records)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert state["scaler"]["scale"] > 0 and state["config"]["precision"] == "fp16"
+
+
 def train_command(store, out, steps=8):
     return [sys.executable, "-m", "hdistill", "train", "--shards", str(store), "--out", str(out), "--steps", str(steps),
             "--batch-size", "4", "--lr", "1e-3", "--workers", "0", "--device", "cpu", "--log-every", "1",
@@ -240,6 +274,8 @@ def test_clear_errors_before_any_step(stores, tmp_path):
         (config(kept, student_args=dict(depth=3, embed_dim=24, num_heads=6, patch_size=8)),
          "patch grid mismatch.*student vit_base_patch16_224 cuts 64px views into 8x8"),
         (config(full, steps=None), "exactly one of --steps and --epochs"),
+        (config(kept, student_args=dict(depth=3, embed_dim=24, num_heads=6, img_size=224)),
+         "--student-arg img_size: the store's views are 64 px"),
         (config(kept, student_args=dict(depth=2, embed_dim=24, num_heads=6)),
          r"rel.mae.b1: teacher block 1 pairs with student block -1 by the same offset from the end \(-3\), outside "
          r"a 2-block student; give --student-blocks 1=S"),
@@ -354,7 +390,7 @@ def test_each_epoch_reads_the_next_view_and_epochs_count_samples(stores):
 
 
 def test_compiled_training_gives_the_eager_losses(stores, tmp_path):
-    cfg = config(stores / "kept", steps=3)
+    cfg = config(stores / "kept", steps=3, drop_path=0.0)   # compiled code draws other random numbers
     run_train(cfg, str(tmp_path / "eager"), TrainRuntime(progress=False, log_every=1))
     run_train(cfg, str(tmp_path / "compiled"), TrainRuntime(progress=False, log_every=1, compile=True))
     eager, compiled = ([json.loads(line)["loss"] for line in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]

@@ -31,8 +31,9 @@ from hdistill.shards.manifest import Manifest
 from .data import StoreStream, check_mask, collate, epoch_samples, open_store
 from .dist import barrier, gather, init_distributed, mean_over_ranks
 from .loss import DistillLoss, LossConfig, parse_losses, plan_losses
-from .student import Student, build_student
+from .student import IMAGENET_MEAN, IMAGENET_STD, Student, build_student
 
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 EXPORT = "student.safetensors"
@@ -45,6 +46,10 @@ class TrainConfig:
     shards: str
     student: str = "vit_base_patch16_224"
     student_args: dict = field(default_factory=dict)
+    drop_path: float = 0.2               # stochastic depth; FD's ViT-B recipe with a CLIP teacher
+    student_mean: tuple[float, float, float] = IMAGENET_MEAN
+    student_std: tuple[float, float, float] = IMAGENET_STD
+    precision: str | None = None         # "bf16" | "fp16" | "fp32"; None: bf16 on CUDA, fp32 on the CPU
     steps: int | None = None
     epochs: float | None = None
     batch_size: int = 256
@@ -157,7 +162,12 @@ class Trainer:
         self.steps = total_steps(cfg, self.manifest)
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, self.steps // 20)
         _seed_everything(cfg.seed)
-        self.student = build_student(cfg.student, layout.image_size, cfg.student_args).to(rt.device)
+        self.student = build_student(cfg.student, layout.image_size, cfg.student_args, cfg.drop_path,
+                                     cfg.student_mean, cfg.student_std).to(rt.device)
+        self.precision = cfg.precision or ("bf16" if rt.device.startswith("cuda") else "fp32")
+        if self.precision not in PRECISIONS:
+            raise HdistillError(f"--precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        self.scaler = torch.amp.GradScaler(torch.device(rt.device).type, enabled=self.precision == "fp16")
         check_same_grid({f"the store ({self.manifest.config['data']})": TokenGrid(layout.image_size,
                                                                                   layout.patch_size),
                          f"student {cfg.student}": self.student.grid})
@@ -189,7 +199,7 @@ class Trainer:
         return {"config": asdict(self.cfg), "step": self.step, "world_size": self.dist.world_size,
                 "positions": gather((self.epoch, self.epoch_batches), self.dist), "student": self.student.state_dict(),
                 "loss": self.loss_fn.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                         "python": random.getstate()}}
 
@@ -214,6 +224,7 @@ class Trainer:
         self.loss_fn.load_state_dict(state["loss"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
         if state["world_size"] != self.dist.world_size:
             raise HdistillError(f"{path} was written by {state['world_size']} ranks; resume it with as many")
         self.step = state["step"]
@@ -229,9 +240,12 @@ class Trainer:
         """Endless batches, epoch after epoch, starting at the saved position."""
         while True:
             self.source.stream.set_epoch(self.epoch)
+            # its own generator: making the iterator draws a seed, which must not shift the global RNG that the
+            # student's stochastic depth uses (a resume makes the iterator at another point of the RNG stream)
             loader = torch.utils.data.DataLoader(
                 self.source.stream, batch_size=self.local_batch, collate_fn=self.source.collate, drop_last=False,
-                num_workers=self.cfg.workers, pin_memory=self.rt.device.startswith("cuda"))
+                num_workers=self.cfg.workers, pin_memory=self.rt.device.startswith("cuda"),
+                generator=torch.Generator().manual_seed(self.cfg.seed * 100_003 + self.epoch))
             produced = 0
             for i, batch in enumerate(loader):
                 if "error" in batch:
@@ -254,17 +268,20 @@ class Trainer:
     def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
         dev = self.rt.device
         to = lambda t: t.to(dev, non_blocking=True)  # noqa: E731
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.startswith("cuda"))
+        autocast = torch.autocast(torch.device(dev).type, dtype=PRECISIONS[self.precision],
+                                  enabled=self.precision != "fp32")
         with autocast:
             terms = self.ddp(to(batch["pixels"]), to(batch["keep"]), {n: to(t) for n, t in batch["targets"].items()})
         if not torch.isfinite(terms["loss"]):
             raise HdistillError(f"the loss became {terms['loss'].item()} at step {self.step}; lower --lr or check "
                                 "the store with hdistill verify")
         self.optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
+        self.scaler.scale(terms["loss"]).backward()          # fp16: scaled against underflow; else as is
+        self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
                                        self.cfg.clip_grad)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.scheduler.step()
         self.step += 1
         return terms
@@ -333,7 +350,8 @@ def export_student(student: Student, path: Path) -> Path:
 
     state = {k: v.detach().cpu().contiguous() for k, v in student.model.state_dict().items()}
     with atomic_open(path) as f:
-        f.write(save(state, metadata={"timm_model": student.name, "format": "pt"}))
+        f.write(save(state, metadata={"timm_model": student.name, "format": "pt",
+                                      "mean": json.dumps(student.input_mean), "std": json.dumps(student.input_std)}))
     return path
 
 

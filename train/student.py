@@ -30,15 +30,17 @@ class StudentOutput:
     taps: dict[tuple[str, int], torch.Tensor]
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)   # what MAE / dBOT pre-training and fine-tuning normalise with
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
 class Student(nn.Module):
-    def __init__(self, name: str, model: nn.Module, image_size: int):
+    def __init__(self, name: str, model: nn.Module, image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         super().__init__()
         self.name, self.model, self.image_size = name, model, image_size
-        cfg = model.pretrained_cfg
-        self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 1, 3, 1, 1),
-                             persistent=False)
-        self.register_buffer("std", torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 1, 3, 1, 1),
-                             persistent=False)
+        self.input_mean, self.input_std = tuple(mean), tuple(std)
+        self.register_buffer("mean", torch.tensor(self.input_mean).view(1, 1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(self.input_std).view(1, 1, 3, 1, 1), persistent=False)
 
     @property
     def depth(self) -> int:
@@ -96,15 +98,22 @@ class Student(nn.Module):
         return StudentOutput(tokens=tokens, taps=taps)
 
 
-def build_student(name: str, image_size: int, kwargs: dict | None = None) -> Student:
+def build_student(name: str, image_size: int, kwargs: dict | None = None, drop_path: float = 0.0,
+                  mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Student:
+    """A randomly initialised timm ViT for views of `image_size` px (the store's), with stochastic depth."""
     import timm
     from timm.models.vision_transformer import VisionTransformer
 
     arch = name.split(".")[0]
     if not timm.is_model(arch):
         raise HdistillError(f"--student: unknown timm model {name!r}")
+    kwargs = dict(kwargs or {})
+    if kwargs.pop("img_size", image_size) != image_size:
+        raise HdistillError(f"--student-arg img_size: the store's views are {image_size} px, and the student "
+                            f"takes them as they are; drop the argument or give img_size={image_size}")
     try:
-        model = timm.create_model(name, pretrained=False, num_classes=0, img_size=image_size, **(kwargs or {}))
+        model = timm.create_model(name, pretrained=False, num_classes=0, img_size=image_size,
+                                  drop_path_rate=drop_path, **kwargs)
     except (TypeError, ValueError, RuntimeError) as err:
         raise HdistillError(f"--student {name} with {kwargs or {}}: {err}") from None
     if not isinstance(model, VisionTransformer) or model.cls_token is None or model.num_prefix_tokens != 1 \
@@ -113,4 +122,4 @@ def build_student(name: str, image_size: int, kwargs: dict | None = None) -> Stu
                             "a learned position embedding for it, and a fixed image size")
     if not all(hasattr(b.attn, "qkv") for b in model.blocks):
         raise HdistillError(f"--student {name}: its attention has no fused qkv projection to take Q K^T from")
-    return Student(name, model, image_size)
+    return Student(name, model, image_size, mean, std)
