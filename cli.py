@@ -164,6 +164,9 @@ def cli():
                    "copies (normalized, as PCAE's code).")
 @click.option("--mask-teacher", default=None, help="Role whose blocks drive the mask (default: the MIM teacher).")
 @click.option("--views", default=1, show_default=True, help="Augmented views per image.")
+@click.option("--crop", default="random", type=click.Choice(["random", "center"]), show_default=True,
+              help="random: RandomResizedCrop (scale 0.2-1) + flip, for training stores; center: resize the short "
+                   "side and take the centre (timm's 0.875 crop), no flip, one view, for validation stores.")
 @click.option("--store", "store_mode", default="kept", type=click.Choice(["kept", "full"]), show_default=True,
               help="kept: only the progressive mask's tokens; full: every token, so any mask can be applied later.")
 @click.option("--format", "formats", default="wds", show_default=True,
@@ -181,7 +184,7 @@ def cli():
 @click.option("--world-size", default=None, type=int, help="Number of ranks (default: $WORLD_SIZE or 1).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def precompute(data, out, teachers, models, model_args, weights, random_init, image_size, seed, targets, encodings,
-               mask_ratio, mask_blocks, mask_mean, mask_teacher, views, store_mode, formats, limit, batch_size,
+               mask_ratio, mask_blocks, mask_mean, mask_teacher, views, crop, store_mode, formats, limit, batch_size,
                shard_size, precision, device, workers, rank, world_size, quiet):
     """Run the teachers over augmented views and write the target store.
 
@@ -195,7 +198,7 @@ def precompute(data, out, teachers, models, model_args, weights, random_init, im
     roles = _split(teachers)
     cfg = PrecomputeConfig(
         data=data, teachers=roles, models=_pairs(models, "--model"), model_args=parse_model_args(model_args),
-        weights=parse_weights(weights, roles), random_init=random_init, seed=seed, views=views,
+        weights=parse_weights(weights, roles), random_init=random_init, seed=seed, views=views, crop=crop,
         image_size=image_size, targets=list(targets) or None, encodings=list(encodings), mask_ratio=mask_ratio,
         mask_teacher=mask_teacher, mask_blocks=parse_ints(mask_blocks, "--mask-blocks"), mask_mean=mask_mean,
         store=store_mode, formats=_split(formats),
@@ -272,6 +275,10 @@ def precompute(data, out, teachers, models, model_args, weights, random_init, im
 @click.option("--reader", default=None, type=click.Choice(["wds", "zarr"]),
               help="Read the store's webdataset shards or its zarr arrays (same samples, same order). "
                    "Default: wds when the store holds it, else zarr.")
+@click.option("--val-shards", default=None, type=click.Path(exists=True, file_okay=False),
+              help="A store of held-out images (precompute --crop center), evaluated every --val-every steps and at "
+                   "the end: val/loss and val/loss/<target> in metrics.jsonl and TensorBoard.")
+@click.option("--val-every", default=1000, help="Steps between evaluations of --val-shards.")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 @click.option("--log-every", default=10, help="Steps between metrics records.")
 @click.option("--checkpoint-every", default=500, help="Steps between checkpoints.")
@@ -281,7 +288,7 @@ def precompute(data, out, teachers, models, model_args, weights, random_init, im
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(shards, out, student, student_args, drop_path, student_mean, student_std, precision, steps, epochs, batch_size, lr, weight_decay, warmup_steps, clip_grad,
           losses, alpha, beta, standardize_targets, feature_teacher, relation_teacher, relation_blocks,
-          student_blocks, mask, seed, shuffle_buffer, workers, reader, device, log_every, checkpoint_every,
+          student_blocks, mask, seed, shuffle_buffer, workers, reader, val_shards, val_every, device, log_every, checkpoint_every,
           compile_model, online, quiet):
     """Train a ViT student from a store's targets: no teacher is loaded, no image decoded."""
     from hdistill.train.run import TrainConfig, TrainRuntime, run_train
@@ -295,7 +302,8 @@ def train(shards, out, student, student_args, drop_path, student_mean, student_s
                       feature_teacher=feature_teacher, relation_teacher=relation_teacher,
                       relation_blocks=parse_ints(relation_blocks, "--relation-blocks"),
                       student_blocks=parse_block_pairs(student_blocks),
-                      mask=mask, seed=seed, shuffle_buffer=shuffle_buffer, workers=workers, reader=reader)
+                      mask=mask, seed=seed, shuffle_buffer=shuffle_buffer, workers=workers, reader=reader,
+                      val_shards=val_shards, val_every=val_every)
     rt = TrainRuntime(device=resolve_device(device), log_every=log_every, checkpoint_every=checkpoint_every,
                       progress=not quiet and sys.stderr.isatty(), compile=compile_model)
     start = time.time()

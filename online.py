@@ -46,7 +46,8 @@ class LiveViews(StoreStream):
                 except (HdistillError, OSError) as err:
                     yield {"error": f"--online: {err} (it was readable when the store was made)"}
                     return
-                pixels, _ = make_view(img, ref.image_id, view, self.view_seed, self.layout.image_size)
+                pixels, _ = make_view(img, ref.image_id, view, self.view_seed, self.layout.image_size,
+                                      crop=self.manifest.config["crop"])
                 yield {"key": sample_key(ref.image_id, view), "pixels": pixels}
 
 

@@ -49,6 +49,7 @@ class PrecomputeConfig:
     random_init: bool = False
     seed: int = 0
     views: int = 1
+    crop: str = "random"                                        # "random" (training) | "center" (validation)
     image_size: int = 224
     targets: list[str] | None = None                            # --target ROLE:KIND[@B,...]; None: the defaults
     encodings: list[str] = field(default_factory=list)          # --encoding [KEY=]ENC
@@ -71,6 +72,9 @@ class PrecomputeConfig:
         unknown = set(self.formats) - set(FORMATS)
         if unknown or not self.formats:
             raise HdistillError(f"--format {','.join(self.formats) or '(empty)'}: use wds, zarr or wds,zarr")
+        if self.crop == "center" and self.views > 1:
+            raise HdistillError(f"--crop center gives one view per image; --views {self.views} would store it "
+                                f"{self.views} times (use --views 1)")
         if "bf16" in parse_encodings(self.encodings).values() and "wds" in self.formats:
             raise HdistillError("--encoding bf16 rounds mantissas for zarr's compressor and saves nothing in "
                                 "webdataset tars; use it with --format zarr, or use int8")
@@ -133,8 +137,9 @@ class ViewDataset(torch.utils.data.Dataset):
     """Item i = (view, shard index, store position) -> the rendered view of the image at that position,
     or the reason it failed."""
 
-    def __init__(self, images: list[ImageRef], order, items: list[tuple[int, int, int]], seed: int, size: int):
-        self.images, self.order, self.items, self.seed, self.size = images, order, items, seed, size
+    def __init__(self, images: list[ImageRef], order, items: list[tuple[int, int, int]], seed: int, size: int,
+                 crop: str):
+        self.images, self.order, self.items, self.seed, self.size, self.crop = images, order, items, seed, size, crop
 
     def __len__(self):
         return len(self.items)
@@ -145,7 +150,7 @@ class ViewDataset(torch.utils.data.Dataset):
         out = {"view": view, "shard": shard, "position": position}
         try:
             img = decode_image(ref.read(), ref.source)
-            pixels, params = make_view(img, ref.image_id, view, self.seed, self.size)
+            pixels, params = make_view(img, ref.image_id, view, self.seed, self.size, crop=self.crop)
         except HdistillError as err:
             return {**out, "error": {"source": ref.source, "image_id": ref.image_id, "reason": str(err)}}
         except OSError as err:
@@ -272,7 +277,7 @@ def run_precompute(cfg: PrecomputeConfig, out: str, rt: Runtime,
 
 def _process(cfg, rt, writer, teachers, images, items):
     manifest = writer.manifest
-    dataset = ViewDataset(images, manifest.layout.order, items, cfg.seed, cfg.image_size)
+    dataset = ViewDataset(images, manifest.layout.order, items, cfg.seed, cfg.image_size, cfg.crop)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=shard_batches(items, cfg.batch_size), num_workers=rt.workers,
         collate_fn=collate_views, pin_memory=rt.device.startswith("cuda"),

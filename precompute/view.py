@@ -1,9 +1,12 @@
-"""Deterministic augmented views: RandomResizedCrop + horizontal flip.
+"""Deterministic views: RandomResizedCrop + horizontal flip (training), or a centre crop (validation).
 
-The crop box and flip of a view are drawn from a generator seeded by (seed, image id,
-view index) only, so the same triple always gives the same box, flip and pixels,
-whatever the batch, worker, rank or order the image is processed in. The sampling
-follows torchvision's RandomResizedCrop.get_params (10 tries, then a centre crop).
+crop "random": the crop box and flip of a view are drawn from a generator seeded by (seed, image
+id, view index) only, so the same triple always gives the same box, flip and pixels, whatever
+the batch, worker, rank or order the image is processed in. The sampling follows torchvision's
+RandomResizedCrop.get_params (10 tries, then a centre crop).
+
+crop "center": the centred square of side CENTER_CROP_PCT x the short side, no flip: timm's and
+MAE's evaluation transform (resize the short side to S / 0.875, centre crop S) as one crop + resize.
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ from hdistill.common.specs import ViewParams
 DEFAULT_SCALE = (0.2, 1.0)
 DEFAULT_RATIO = (3 / 4, 4 / 3)
 INTERPOLATIONS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
+CROPS = ("random", "center")
+CENTER_CROP_PCT = 0.875
 
 
 def view_rng(seed: int, image_id: str, view: int) -> np.random.Generator:
@@ -52,12 +57,25 @@ def sample_crop(height: int, width: int, rng: np.random.Generator,
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def center_crop(height: int, width: int) -> tuple[int, int, int, int]:
+    """(top, left, side, side): the centred square of CENTER_CROP_PCT x the short side (torchvision's rounding)."""
+    side = max(1, round(min(height, width) * CENTER_CROP_PCT))
+    return int(round((height - side) / 2)), int(round((width - side) / 2)), side, side
+
+
 def view_params(image_size: tuple[int, int], image_id: str, view: int, seed: int, size: int,
-                scale=DEFAULT_SCALE, ratio=DEFAULT_RATIO, interpolation: str = "bicubic") -> ViewParams:
+                scale=DEFAULT_SCALE, ratio=DEFAULT_RATIO, interpolation: str = "bicubic",
+                crop: str = "random") -> ViewParams:
     """Crop box and flip of view `view` of the image `image_id`; image_size is (width, height)."""
     if interpolation not in INTERPOLATIONS:
         raise HdistillError(f"unknown interpolation {interpolation!r}; choose from {sorted(INTERPOLATIONS)}")
+    if crop not in CROPS:
+        raise HdistillError(f"--crop {crop!r}: choose one of {', '.join(CROPS)}")
     width, height = image_size
+    if crop == "center":
+        top, left, h, w = center_crop(height, width)
+        return ViewParams(image_id=image_id, view=view, top=top, left=left, height=h, width=w,
+                          flip=False, size=size, interpolation=interpolation)
     rng = view_rng(seed, image_id, view)
     top, left, h, w = sample_crop(height, width, rng, scale, ratio)
     flip = bool(rng.random() < 0.5)

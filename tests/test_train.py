@@ -416,3 +416,57 @@ def test_zarr_reader_gives_the_webdataset_losses(tmp_path):
     precompute(tmp_path / "photos", tmp_path / "wds-only", formats=["wds"])
     with pytest.raises(HdistillError, match="--reader zarr: the store .* holds only wds"):
         open_store(str(tmp_path / "wds-only"), "zarr")
+
+
+def test_validation_is_the_mean_loss_over_every_held_out_sample(stores, tmp_path):
+    import webdataset as wds
+    write_photos(tmp_path / "held-out", 5, seed=99)
+    precompute(tmp_path / "held-out", tmp_path / "val", crop="center", shard_size=2,
+               targets=["clip:feat", "mae:rel@1,2", "mae:msa@1", "mae:feat@2", "mae:feat"])   # a superset
+    losses = ["clip:feat=1", "mae:rel@2=0.5", "mae:msa@1=0.3"]
+    cfg = config(stores / "kept", steps=4, losses=losses, val_shards=str(tmp_path / "val"), val_every=3)
+    run_train(cfg, str(tmp_path / "run"), TrainRuntime(progress=False, log_every=1))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in records if "val/loss" in r]
+    assert [r["step"] for r in val] == [3, 4]
+
+    # by hand: the final student and projections on every held-out sample, read with plain webdataset
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    student = build_student(STUDENT["student"], 64, STUDENT["student_args"]).eval()
+    student.load_state_dict(state["student"])
+    student.capture([("rel", 1), ("msa", 0)])                 # teacher blocks 2 and 1 of 4 -> student 1 and 0
+    samples = list(wds.WebDataset(sorted(str(p) for p in (tmp_path / "val" / "wds").glob("*.tar")),
+                                  shardshuffle=False).decode())
+    assert len(samples) == 5 and all(not s["json"]["flip"] for s in samples)
+    per_sample = {"feat.clip": [], "rel.mae.b2": [], "msa.mae.b1": []}
+    with torch.no_grad():
+        for s in samples:
+            out = student(torch.from_numpy(s["pixels.npy"])[None], torch.from_numpy(s["keep.npy"].astype(np.int64))[None])
+
+            def feature(x, target, name):
+                t = torch.from_numpy(target).float()[None]
+                t = (t - t.mean(-1, keepdim=True)) / torch.sqrt(t.var(-1, unbiased=False, keepdim=True) + 1e-6)
+                w, b = state["loss"][f"proj.{name}.weight"], state["loss"][f"proj.{name}.bias"]
+                return smooth_l1(x @ w.T + b, t, 2.0)
+
+            per_sample["feat.clip"].append(feature(out.tokens, s["feat.clip.npy"], "feat_clip"))
+            per_sample["msa.mae.b1"].append(feature(out.taps[("msa", 0)], s["msa.mae.b1.npy"], "msa_mae_b1"))
+            # student 6 heads, teacher 4: compared at 2 summed head groups
+            r_s, r_t = out.taps[("rel", 1)], torch.from_numpy(s["rel.mae.b2.npy"]).float()[None]
+            per_sample["rel.mae.b2"].append(smooth_l1(torch.stack([r_s[:, :3].sum(1), r_s[:, 3:].sum(1)], 1),
+                                                      torch.stack([r_t[:, :2].sum(1), r_t[:, 2:].sum(1)], 1), 2.0))
+    means = {name: float(np.mean(values)) for name, values in per_sample.items()}
+    for name, value in means.items():
+        assert val[-1][f"val/loss/{name}"] == pytest.approx(value, rel=1e-5)
+    assert val[-1]["val/loss"] == pytest.approx(means["feat.clip"] + 0.5 * means["rel.mae.b2"]
+                                                + 0.3 * means["msa.mae.b1"], rel=1e-5)
+
+
+def test_validation_store_must_hold_the_run_targets(stores, tmp_path):
+    write_photos(tmp_path / "held-out", 3, seed=98)
+    precompute(tmp_path / "held-out", tmp_path / "val", crop="center", targets=["clip:feat", "mae:rel@1"])
+    cfg = config(stores / "kept", val_shards=str(tmp_path / "val"))
+    with pytest.raises(HdistillError, match=r"--val-shards .*val: no target rel.mae.b2, which the loss uses"):
+        Trainer(cfg, str(tmp_path / "run"), TrainRuntime(progress=False))
+    with pytest.raises(HdistillError, match="--crop center gives one view per image"):
+        precompute(tmp_path / "held-out", tmp_path / "val2", crop="center", views=2)

@@ -73,3 +73,17 @@ def test_unreadable_inputs_name_the_file():
         decode_image(b"hello, not an image", "notes.txt")
     with pytest.raises(HdistillError, match="cut.jpg: not a readable image"):
         decode_image(good[: len(good) // 2], "cut.jpg")
+
+
+@pytest.mark.parametrize("width,height", [(450, 300), (300, 450), (257, 256)])
+def test_center_crop_matches_timm_eval_transform(width, height):
+    """timm / MAE evaluation: resize the short side to S / 0.875, centre crop S (torchvision, two steps)."""
+    import torchvision.transforms as T
+    base = np.random.default_rng(width).integers(0, 256, (12, 18, 3), dtype=np.uint8)
+    img = Image.fromarray(base).resize((width, height), Image.BICUBIC)              # smooth, photo-like
+    ours, params = make_view(img, "x", 3, seed=7, size=224, crop="center")
+    reference = np.asarray(T.Compose([T.Resize(256, interpolation=InterpolationMode.BICUBIC), T.CenterCrop(224)])(img))
+    diff = np.abs(ours.astype(int) - reference)
+    assert diff.mean() < 1.5 and not params.flip                     # one crop + resize against two resamplings
+    other = make_view(img, "y", 0, seed=0, size=224, crop="center")[1]  # no randomness: id, view, seed do not matter
+    assert (other.top, other.left, other.height, other.width) == (params.top, params.left, params.height, params.width)

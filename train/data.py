@@ -34,6 +34,11 @@ def open_store(path: str, reader: str | None = None) -> Manifest:
     return manifest
 
 
+def default_reader(manifest: Manifest) -> str:
+    """wds when the store holds it (streamed), else zarr."""
+    return "wds" if "wds" in manifest.formats else manifest.formats[0]
+
+
 def check_mask(manifest: Manifest, mask: str) -> str:
     if mask not in MASKS:
         raise HdistillError(f"--mask {mask!r}: choose one of {', '.join(MASKS)}")

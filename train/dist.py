@@ -39,6 +39,16 @@ def mean_over_ranks(values: dict[str, torch.Tensor], info: DistInfo) -> dict[str
     return dict(zip(values, stacked.tolist()))
 
 
+def sum_over_ranks(values: dict[str, float], info: DistInfo, device: str = "cpu") -> dict[str, float]:
+    """Sums over ranks, in float64 on `device` (nccl reduces GPU tensors only); every rank passes the same
+    keys (a rank with no data passes zeros)."""
+    keys = sorted(values)
+    stacked = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    if info.world_size > 1:
+        dist.all_reduce(stacked)
+    return dict(zip(keys, stacked.tolist()))
+
+
 def gather(obj, info: DistInfo) -> list:
     if info.world_size == 1:
         return [obj]

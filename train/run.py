@@ -28,10 +28,11 @@ from hdistill.common.specs import TokenGrid, check_same_grid
 from hdistill.shards.atomic import atomic_open
 from hdistill.shards.manifest import Manifest
 
-from .data import StoreStream, check_mask, collate, epoch_samples, open_store
+from .data import StoreStream, check_mask, collate, default_reader, epoch_samples, open_store
 from .dist import barrier, gather, init_distributed, mean_over_ranks
 from .loss import DistillLoss, LossConfig, parse_losses, plan_losses
 from .student import IMAGENET_MEAN, IMAGENET_STD, Student, build_student
+from .validate import evaluate, open_val_store
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CHECKPOINT = "checkpoint.pt"
@@ -70,6 +71,8 @@ class TrainConfig:
     shuffle_buffer: int = 1000
     workers: int = 2
     reader: str | None = None            # "wds" | "zarr": which form of the store to read (None: wds if stored)
+    val_shards: str | None = None        # a held-out store, evaluated every val_every steps and at the end
+    val_every: int = 1000
 
 
 @dataclass
@@ -156,7 +159,7 @@ class Trainer:
             raise HdistillError(f"--batch-size {cfg.batch_size} is not divisible by the {self.dist.world_size} ranks")
         self.local_batch = cfg.batch_size // self.dist.world_size
         self.manifest = open_store(cfg.shards, cfg.reader)
-        self.reader = cfg.reader or ("wds" if "wds" in self.manifest.formats else self.manifest.formats[0])
+        self.reader = cfg.reader or default_reader(self.manifest)
         layout = self.manifest.layout
         self.mask = check_mask(self.manifest, cfg.mask)
         self.steps = total_steps(cfg, self.manifest)
@@ -190,6 +193,12 @@ class Trainer:
         self.source = source(self) if source else StoredTargets(
             StoreStream(cfg.shards, self.manifest, [t.target for t in self.terms], self.mask, cfg.seed,
                         cfg.shuffle_buffer, self.dist.rank, self.dist.world_size, self.reader))
+        self.val = None
+        if cfg.val_shards:
+            val_manifest, val_targets = open_val_store(cfg.val_shards, self.manifest, [t.target for t in self.terms],
+                                                       self.mask)
+            self.val = StoreStream(cfg.val_shards, val_manifest, val_targets, self.mask, cfg.seed, 1,
+                                   self.dist.rank, self.dist.world_size, default_reader(val_manifest))
         self.step, self.epoch, self.epoch_batches = 0, 0, 0
 
     # ---------------------------------------------------------------- state
@@ -265,12 +274,20 @@ class Trainer:
 
     # ---------------------------------------------------------------- steps
 
+    def autocast(self):
+        return torch.autocast(torch.device(self.rt.device).type, dtype=PRECISIONS[self.precision],
+                              enabled=self.precision != "fp32")
+
+    def validate(self) -> dict[str, float]:
+        """The loss on the held-out store (no gradient, no stochastic depth): {"step", "val/loss", ...}."""
+        keys = ["loss", *(t.key for t in self.terms)]
+        return {"step": self.step, **evaluate(self.model, keys, self.val, self.local_batch, self.cfg.workers,
+                                              self.rt.device, self.autocast(), self.dist)}
+
     def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
         dev = self.rt.device
         to = lambda t: t.to(dev, non_blocking=True)  # noqa: E731
-        autocast = torch.autocast(torch.device(dev).type, dtype=PRECISIONS[self.precision],
-                                  enabled=self.precision != "fp32")
-        with autocast:
+        with self.autocast():
             terms = self.ddp(to(batch["pixels"]), to(batch["keep"]), {n: to(t) for n, t in batch["targets"].items()})
         if not torch.isfinite(terms["loss"]):
             raise HdistillError(f"the loss became {terms['loss'].item()} at step {self.step}; lower --lr or check "
@@ -308,6 +325,10 @@ class Trainer:
                                        **losses})
                     bar.set_postfix(loss=f"{losses['loss']:.4f}", refresh=False)
                     last_time, last_step = now, self.step
+                if self.val and (self.step % self.cfg.val_every == 0 or self.step == self.steps):
+                    record = self.validate()
+                    if metrics:
+                        metrics.write(record)
                 if self.step % self.rt.checkpoint_every == 0 or self.step == self.steps:
                     self.save()
         finally:
@@ -337,7 +358,7 @@ class _MetricsLog:
         self.file.flush()
         for key, value in record.items():
             if key != "step":
-                self.tb.add_scalar(f"train/{key}", value, record["step"])
+                self.tb.add_scalar(key if key.startswith("val/") else f"train/{key}", value, record["step"])
 
     def close(self):
         self.file.close()

@@ -1,0 +1,74 @@
+"""Validation: the loss on a held-out store, the measurement that shows whether the student generalises.
+
+The held-out store (`--val-shards`, typically `precompute --crop center` over images the student never
+sees) must hold every target the run's loss uses, from teachers of the same widths and heads; it
+may hold more. Every rank evaluates its share of the store's shards; the sums of each term over
+samples, and the sample counts, are added over ranks, so the result is the mean over every sample.
+"""
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+
+import torch
+
+from hdistill.common.errors import HdistillError
+from hdistill.common.specs import TokenGrid, check_same_grid
+from hdistill.common.targets import TargetSpec
+from hdistill.shards.manifest import Manifest
+
+from .data import StoreStream, check_mask, collate, open_store
+from .dist import DistInfo, sum_over_ranks
+
+
+def open_val_store(path: str, train: Manifest, targets: list[TargetSpec], mask: str) -> tuple[Manifest, list[TargetSpec]]:
+    """The held-out store's manifest and its rows for the run's targets; refusals name --val-shards."""
+    try:
+        manifest = open_store(path)
+        check_mask(manifest, mask)
+    except HdistillError as err:
+        raise HdistillError(f"--val-shards {path}: {err}") from None
+    check_same_grid({f"the training store ({train.config['data']})": TokenGrid(train.layout.image_size,
+                                                                               train.layout.patch_size),
+                     f"the --val-shards store ({manifest.config['data']})": TokenGrid(manifest.layout.image_size,
+                                                                                      manifest.layout.patch_size)})
+    rows = []
+    for target in targets:
+        if not manifest.has_target(target.name):
+            raise HdistillError(f"--val-shards {path}: no target {target.name}, which the loss uses (it holds "
+                                f"{', '.join(t.name for t in manifest.targets)}); make it with the same --target")
+        row = manifest.target(target.name)
+        channels = lambda t: t.shape[:1] if t.kind == "rel" else t.shape[-1:]  # noqa: E731  heads or width
+        if channels(row) != channels(target):
+            raise HdistillError(f"--val-shards {path}: {target.name} has shape {list(row.shape)}, the training "
+                                f"store's has {list(target.shape)}: the stores were made by different teachers")
+        rows.append(row)
+    return manifest, rows
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, keys: list[str], stream: StoreStream, batch_size: int, workers: int,
+             device: str, autocast: AbstractContextManager, dist: DistInfo) -> dict[str, float]:
+    """{"val/<key>": mean over every sample of the held-out store} for the loss terms `keys` ("loss", ...)."""
+    stream.set_epoch(0)
+    loader = torch.utils.data.DataLoader(stream, batch_size=batch_size, collate_fn=collate, num_workers=workers,
+                                         generator=torch.Generator().manual_seed(0))
+    sums = dict.fromkeys(keys, 0.0)
+    count = 0
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in loader:
+            if "error" in batch:
+                raise HdistillError(batch["error"])
+            to = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+            with autocast:
+                terms = model(to(batch["pixels"]), to(batch["keep"]), {n: to(t) for n, t in batch["targets"].items()})
+            for key in keys:                          # each term is a mean over its batch's samples
+                sums[key] += terms[key].item() * batch["count"]
+            count += batch["count"]
+    finally:
+        model.train(was_training)
+    totals = sum_over_ranks({**sums, "count": float(count)}, dist, device)
+    if not totals["count"]:
+        raise HdistillError("--val-shards: the held-out store has no samples")
+    return {f"val/{key}": value / totals["count"] for key, value in totals.items() if key != "count"}
