@@ -5,6 +5,7 @@ import ast
 import os
 import sys
 import time
+from pathlib import Path
 
 import click
 
@@ -106,6 +107,49 @@ def human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}"
 
 
+# options that say how a process runs, not what it makes: left out of STORE/config.yaml, which every rank writes
+RUNTIME_OPTIONS = ("config", "device", "workers", "rank", "world_size", "quiet")
+
+
+def _load_config(ctx: click.Context, _param, path):
+    """--config FILE.yaml: its keys (option names, `batch-size` or `batch_size`) become the defaults, so
+    flags given on the command line override them. Repeatable options take lists."""
+    if path is None:
+        return None
+    import yaml
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise click.BadParameter(f"{path}: {err}") from None
+    if not isinstance(data, dict):
+        raise click.BadParameter(f"{path}: expected a mapping of option: value")
+    params = {p.name: p for p in ctx.command.params if p.name != "config"}
+    aliases = {opt.lstrip("-").replace("-", "_"): p.name for p in params.values() for opt in p.opts}
+    defaults = {}
+    for key, value in data.items():
+        name = aliases.get(str(key).lstrip("-").replace("-", "_"), str(key) if str(key) in params else None)
+        if name is None:
+            raise click.BadParameter(f"{path}: hdistill {ctx.command.name} has no option {key!r}")
+        defaults[name] = list(value) if params[name].multiple and isinstance(value, list) else \
+            [value] if params[name].multiple else value
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return path
+
+
+config_option = click.option(
+    "--config", type=click.Path(exists=True, dir_okay=False), is_eager=True, expose_value=False,
+    callback=_load_config, help="A YAML file of options (keys as the long option names); flags override it.")
+
+
+def write_config(path: Path, params: dict, leave_out=("config",)):
+    """The resolved options as YAML, loadable again with --config."""
+    import yaml
+
+    from hdistill.shards.atomic import atomic_write
+    values = {k: list(v) if isinstance(v, tuple) else v for k, v in params.items() if k not in leave_out}
+    atomic_write(path, yaml.safe_dump(values, sort_keys=False).encode())
+
+
 def teacher_options(f):
     """Options that choose and load teachers (shared by the commands that run teachers)."""
     options = [
@@ -140,6 +184,7 @@ def cli():
 
 
 @cli.command()
+@config_option
 @click.option("--data", required=True,
               help="Images: an ImageFolder tree, webdataset tars ('train-{000000..001281}.tar'), a text file of "
                    "image paths, or synthetic:N for N generated images.")
@@ -213,6 +258,7 @@ def precompute(data, out, teachers, models, model_args, weights, random_init, im
         click.echo("note: teachers have RANDOM weights (--random-init); targets are for testing only", err=True)
     start = time.time()
     manifest = run_precompute(cfg, out, rt)
+    write_config(Path(out) / "config.yaml", click.get_current_context().params, leave_out=RUNTIME_OPTIONS)
     seconds = time.time() - start
     if manifest is None:
         click.echo(f"precompute: rank {rank}/{world_size} finished its shards in {seconds:.0f}s; the last rank to "
@@ -225,6 +271,7 @@ def precompute(data, out, teachers, models, model_args, weights, random_init, im
 
 
 @cli.command()
+@config_option
 @click.option("--shards", required=True, type=click.Path(exists=True, file_okay=False),
               help="A complete store made by hdistill precompute.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
@@ -306,6 +353,8 @@ def train(shards, out, student, student_args, drop_path, student_mean, student_s
                       val_shards=val_shards, val_every=val_every)
     rt = TrainRuntime(device=resolve_device(device), log_every=log_every, checkpoint_every=checkpoint_every,
                       progress=not quiet and sys.stderr.isatty(), compile=compile_model)
+    if int(os.environ.get("RANK", 0)) == 0:
+        write_config(Path(out) / "config.yaml", click.get_current_context().params)
     start = time.time()
     source = None
     if online:

@@ -95,3 +95,32 @@ def test_device_under_torchrun_and_worker_count(monkeypatch):
     assert loader_workers(None) == 2 and loader_workers(1) == 1 and loader_workers(8) == 2
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")                 # two ranks share the two CPUs
     assert loader_workers(None) == 1
+
+
+def test_a_yaml_config_sets_options_flags_override_and_the_resolved_one_reloads(photos, tmp_path):
+    import json
+
+    import yaml
+    config = tmp_path / "store.yaml"
+    config.write_text(yaml.safe_dump({
+        "data": str(photos), "random-init": True, "image_size": 64, "shard-size": 4, "batch_size": 4,
+        "model": ["mae=vit_base_patch16_224", "clip=vit_base_patch16_clip_quickgelu_224"],
+        "model-arg": ["mae.depth=4", "mae.embed_dim=32", "mae.num_heads=4", "clip.depth=3", "clip.embed_dim=24",
+                      "clip.num_heads=3"],
+        "target": ["clip:feat", "mae:rel@-2"], "workers": 0, "device": "cpu"}))
+    runner = CliRunner()
+    first = runner.invoke(cli, ["precompute", "--config", str(config), "--out", str(tmp_path / "a"), "--shard-size", "2"])
+    assert first.exit_code == 0, first.output
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["layout"]["shard_size"] == 2, "the flag overrides the file"
+    assert [t["name"] for t in manifest["targets"]] == ["feat.clip", "rel.mae.b2"] and manifest["layout"]["image_size"] == 64
+    resolved = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())
+    assert resolved["shard_size"] == 2 and resolved["targets"] == ["clip:feat", "mae:rel@-2"] and "workers" not in resolved
+    again = runner.invoke(cli, ["precompute", "--config", str(tmp_path / "a" / "config.yaml"), "--out", str(tmp_path / "b"),
+                                "--workers", "0", "--device", "cpu"])
+    assert again.exit_code == 0, again.output
+    second = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert second["shards"] == manifest["shards"], "the resolved configuration makes the same store"
+    config.write_text("data: x\nbatch-sise: 4\n")
+    bad = runner.invoke(cli, ["precompute", "--config", str(config), "--out", str(tmp_path / "c")])
+    assert bad.exit_code == 2 and "store.yaml: hdistill precompute has no option 'batch-sise'" in bad.output

@@ -328,6 +328,10 @@ def test_train_cli(stores, tmp_path):
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
+    import yaml
+    resolved = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
+    assert (resolved["mask"], resolved["steps"], resolved["student_args"]) == ("none", 2, ["depth=3", "embed_dim=24",
+                                                                                          "num_heads=6"])
     assert {"step", "loss", "loss/feat.clip", "loss/rel.mae.b1", "loss/rel.mae.b2", "lr", "samples_per_s"} \
         == set(records[0]) - {"epoch"}
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
