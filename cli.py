@@ -107,8 +107,9 @@ def human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}"
 
 
-# options that say how a process runs, not what it makes: left out of STORE/config.yaml, which every rank writes
-RUNTIME_OPTIONS = ("config", "device", "workers", "rank", "world_size", "quiet")
+# options that say where and how a process runs, not what it makes: left out of STORE/config.yaml (every rank
+# writes it; stores made alike are alike byte for byte)
+RUNTIME_OPTIONS = ("config", "out", "device", "workers", "rank", "world_size", "quiet")
 
 
 def _load_config(ctx: click.Context, _param, path):
