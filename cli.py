@@ -329,14 +329,19 @@ def precompute(data, out, teachers, models, model_args, weights, random_init, im
 @click.option("--val-every", default=1000, help="Steps between evaluations of --val-shards.")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 @click.option("--log-every", default=10, help="Steps between metrics records.")
-@click.option("--checkpoint-every", default=500, help="Steps between checkpoints.")
+@click.option("--checkpoint-every", default=500,
+              help="Steps between checkpoints (checkpoint.pt and student.safetensors, written atomically).")
+@click.option("--keep-checkpoints", default=0,
+              help="Also keep the last N checkpoints as RUN/checkpoints/step-<step>.pt (0: only the latest).")
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the student and loss.")
 @click.option("--online", is_flag=True,
               help="Compute the same targets live with the store's teachers (baseline and correctness reference).")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quiet", is_flag=True,
+              help="No progress bar (on a terminal) and no progress lines (otherwise, e.g. under SLURM).")
 def train(shards, out, student, student_args, drop_path, student_mean, student_std, precision, steps, epochs, batch_size, lr, weight_decay, warmup_steps, clip_grad,
           losses, alpha, beta, standardize_targets, feature_teacher, relation_teacher, relation_blocks,
           student_blocks, mask, seed, shuffle_buffer, workers, reader, val_shards, val_every, device, log_every, checkpoint_every,
+          keep_checkpoints,
           compile_model, online, quiet):
     """Train a ViT student from a store's targets: no teacher is loaded, no image decoded."""
     from hdistill.train.run import TrainConfig, TrainRuntime, run_train
@@ -353,7 +358,8 @@ def train(shards, out, student, student_args, drop_path, student_mean, student_s
                       mask=mask, seed=seed, shuffle_buffer=shuffle_buffer, workers=workers, reader=reader,
                       val_shards=val_shards, val_every=val_every)
     rt = TrainRuntime(device=resolve_device(device), log_every=log_every, checkpoint_every=checkpoint_every,
-                      progress=not quiet and sys.stderr.isatty(), compile=compile_model)
+                      progress=not quiet and sys.stderr.isatty(), compile=compile_model,
+                      log_lines=not quiet and not sys.stderr.isatty(), keep_checkpoints=keep_checkpoints)
     if int(os.environ.get("RANK", 0)) == 0:
         write_config(Path(out) / "config.yaml", click.get_current_context().params)
     start = time.time()

@@ -1,6 +1,7 @@
 """The student trainer: student forward, loss and head grouping against hand computations, the loader's
 mask strategies, resume after SIGKILL, the timm export round trip, and clear errors."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -257,7 +258,9 @@ def test_sigkill_then_resume_reaches_the_same_losses(stores, tmp_path):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (out / "student.safetensors").exists(), "the kill should land before the end"
+    steps_done = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+    assert max(steps_done) < 10, "the kill should land before the end"
+    assert (out / "student.safetensors").exists(), "every checkpoint exports the backbone"
     subprocess.run(train_command(stores / "kept", out, 10), check=True, env=env, capture_output=True)
     resumed = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in resumed] == list(range(1, 11))
@@ -328,6 +331,8 @@ def test_train_cli(stores, tmp_path):
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
+    # not a terminal (as under SLURM): a plain progress line every --log-every steps
+    assert "train: step 2/2 epoch 0 loss" in result.output and "samples/s eta 0:00:00" in result.output
     import yaml
     resolved = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
     assert (resolved["mask"], resolved["steps"], resolved["student_args"]) == ("none", 2, ["depth=3", "embed_dim=24",
@@ -474,3 +479,28 @@ def test_validation_store_must_hold_the_run_targets(stores, tmp_path):
         Trainer(cfg, str(tmp_path / "run"), TrainRuntime(progress=False))
     with pytest.raises(HdistillError, match="--crop center gives one view per image"):
         precompute(tmp_path / "held-out", tmp_path / "val2", crop="center", views=2)
+
+
+def test_checkpoint_history_weights_only_and_a_longer_run(stores, tmp_path):
+    base = dict(steps=4, lr=1e-3, warmup_steps=None)
+    run_train(config(stores / "kept", **base), str(tmp_path / "run"),
+              TrainRuntime(progress=False, log_every=1, checkpoint_every=2, keep_checkpoints=2))
+    history = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert history == ["step-000000002.pt", "step-000000004.pt"]
+    for name, step in zip(history, (2, 4)):
+        state = torch.load(tmp_path / "run" / "checkpoints" / name, weights_only=True)
+        assert state["step"] == step and state["warmup"] == 1           # 5% of 4 steps, at least 1
+    with pytest.raises(HdistillError, match="is at step 4; --steps/--epochs give 3, which is behind it"):
+        run_train(config(stores / "kept", **{**base, "steps": 3}), str(tmp_path / "run"), TrainRuntime(progress=False))
+    with pytest.raises(HdistillError, match=r"other options \(--alpha\)"):
+        run_train(config(stores / "kept", **{**base, "alpha": 0.5}), str(tmp_path / "run"), TrainRuntime(progress=False))
+
+    run_train(config(stores / "kept", **{**base, "steps": 8}), str(tmp_path / "run"),
+              TrainRuntime(progress=False, log_every=1, checkpoint_every=2, keep_checkpoints=2))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    # the step k record holds the lr of step k: warm-up kept at 1 step, cosine decay now over 8 steps
+    for r in records[4:]:
+        assert r["lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * (r["step"] - 2) / 7)), rel=1e-9)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000000006.pt",
+                                                                                    "step-000000008.pt"]

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,8 @@ from .validate import evaluate, open_val_store
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CHECKPOINT = "checkpoint.pt"
+HISTORY = "checkpoints"
+LENGTH_OPTIONS = ("steps", "epochs")     # a run may be extended
 METRICS = "metrics.jsonl"
 EXPORT = "student.safetensors"
 
@@ -80,8 +84,10 @@ class TrainRuntime:
     device: str = "cpu"
     log_every: int = 10
     checkpoint_every: int = 500
-    progress: bool = True
+    progress: bool = True                # a progress bar (on a terminal)
     compile: bool = False
+    log_lines: bool = False              # a plain progress line every log_every steps (a scheduler's log)
+    keep_checkpoints: int = 0            # also keep the last N checkpoints as checkpoints/step-<step>.pt
 
 
 def base_lr(cfg: TrainConfig) -> float:
@@ -153,8 +159,7 @@ class Trainer:
         returns an object with `stream` (an IterableDataset), `collate` and `prepare(batch)`."""
         self.cfg, self.out = cfg, Path(out)
         self.dist, device = init_distributed(rt.device)
-        self.rt = rt = TrainRuntime(device, rt.log_every, rt.checkpoint_every, rt.progress and self.dist.main,
-                                    rt.compile)
+        self.rt = rt = replace(rt, device=device, progress=rt.progress and self.dist.main)
         if cfg.batch_size % self.dist.world_size:
             raise HdistillError(f"--batch-size {cfg.batch_size} is not divisible by the {self.dist.world_size} ranks")
         self.local_batch = cfg.batch_size // self.dist.world_size
@@ -204,43 +209,63 @@ class Trainer:
     # ---------------------------------------------------------------- state
 
     def state(self) -> dict:
-        """Collective under DDP: gathers every rank's data position."""
-        return {"config": asdict(self.cfg), "step": self.step, "world_size": self.dist.world_size,
+        """Collective under DDP: gathers every rank's data position. Tensors, numbers, strings and containers
+        only, so the checkpoint loads with torch.load(weights_only=True)."""
+        cuda = self.rt.device.startswith("cuda")
+        return {"config": asdict(self.cfg), "step": self.step, "steps": self.steps, "warmup": self.warmup,
+                "world_size": self.dist.world_size,
                 "positions": gather((self.epoch, self.epoch_batches), self.dist), "student": self.student.state_dict(),
                 "loss": self.loss_fn.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                        "python": random.getstate()}}
+                "rng": {"torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state(self.rt.device) if cuda else None}}
 
     def save(self):
+        """checkpoint.pt and student.safetensors, atomically; with --keep-checkpoints N, the last N by step too."""
         state = self.state()
         if self.dist.main:
             with atomic_open(self.out / CHECKPOINT) as f:
                 torch.save(state, f)
+            export_student(self.student, self.out / EXPORT)
+            if self.rt.keep_checkpoints:
+                keep_history(self.out, self.step, self.rt.keep_checkpoints)
         barrier(self.dist)
 
     def resume(self) -> bool:
         path = self.out / CHECKPOINT
         if not path.exists():
             return False
-        state = torch.load(path, map_location=self.rt.device, weights_only=False)
-        if json.loads(json.dumps(state["config"])) != json.loads(json.dumps(asdict(self.cfg))):
-            old, new = state["config"], asdict(self.cfg)
-            diff = [k for k in new if old.get(k) != new[k]]
-            raise HdistillError(f"{self.out} holds a run with other options ({', '.join('--' + d.replace('_', '-') for d in diff)}); "
-                                "use a new --out or the original options to resume")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        old, new = json.loads(json.dumps(state["config"])), json.loads(json.dumps(asdict(self.cfg)))
+        diff = [k for k in new if old.get(k) != new[k] and k not in LENGTH_OPTIONS]
+        if diff:
+            raise HdistillError(f"{self.out} holds a run with other options "
+                                f"({', '.join('--' + d.replace('_', '-') for d in diff)}); use a new --out or the "
+                                "original options to resume (only --steps / --epochs may change)")
+        if self.steps < state["step"]:
+            raise HdistillError(f"{path} is at step {state['step']}; --steps/--epochs give {self.steps}, "
+                                "which is behind it")
+        self.warmup = state["warmup"]
+        if self.steps != state["steps"] and self.dist.main:
+            print(f"train: the run is extended from {state['steps']} to {self.steps} steps: warm-up stays "
+                  f"{self.warmup} steps, the cosine decay now ends at step {self.steps} (lr at step {state['step']}: "
+                  f"{lr_factor(state['step'], state['steps'], self.warmup) * base_lr(self.cfg):.3g} -> "
+                  f"{lr_factor(state['step'], self.steps, self.warmup) * base_lr(self.cfg):.3g})", file=sys.stderr)
         self.student.load_state_dict(state["student"])
         self.loss_fn.load_state_dict(state["loss"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.steps != state["steps"]:           # the optimizer holds the old schedule's lr for the next step
+            for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+                group["lr"] = base * lr_factor(state["step"], self.steps, self.warmup)
         self.scaler.load_state_dict(state["scaler"])
         if state["world_size"] != self.dist.world_size:
             raise HdistillError(f"{path} was written by {state['world_size']} ranks; resume it with as many")
         self.step = state["step"]
         self.epoch, self.epoch_batches = state["positions"][self.dist.rank]
-        torch.set_rng_state(state["rng"]["torch"].cpu())
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] is not None and self.rt.device.startswith("cuda"):
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.rt.device)
         return True
 
     # ---------------------------------------------------------------- data
@@ -324,6 +349,11 @@ class Trainer:
                         metrics.write({"step": self.step, "epoch": self.epoch, "lr": lr, "samples_per_s": rate,
                                        **losses})
                     bar.set_postfix(loss=f"{losses['loss']:.4f}", refresh=False)
+                    if self.dist.main and self.rt.log_lines:
+                        print(f"train: step {self.step}/{self.steps} epoch {self.epoch} loss {losses['loss']:.4f} "
+                              f"lr {lr:.3g} {rate:.1f} samples/s "
+                              f"eta {_duration((self.steps - self.step) * self.cfg.batch_size / max(rate, 1e-9))}",
+                              file=sys.stderr, flush=True)
                     last_time, last_step = now, self.step
                 if self.val and (self.step % self.cfg.val_every == 0 or self.step == self.steps):
                     record = self.validate()
@@ -335,8 +365,6 @@ class Trainer:
             bar.close()
             if metrics:
                 metrics.close()
-        if self.dist.main:
-            export_student(self.student, self.out / EXPORT)
         barrier(self.dist)
         return self.out / EXPORT
 
@@ -365,6 +393,20 @@ class _MetricsLog:
         self.tb.close()
 
 
+def keep_history(out: Path, step: int, keep: int):
+    """checkpoints/step-<step>.pt for the latest checkpoint (a hard link: no copy), the oldest beyond `keep` removed."""
+    folder = out / HISTORY
+    folder.mkdir(exist_ok=True)
+    target = folder / f"step-{step:09d}.pt"
+    target.unlink(missing_ok=True)
+    try:
+        os.link(out / CHECKPOINT, target)
+    except OSError:
+        shutil.copyfile(out / CHECKPOINT, target)
+    for old in sorted(folder.glob("step-*.pt"))[:-keep]:
+        old.unlink()
+
+
 def export_student(student: Student, path: Path) -> Path:
     """The backbone's state dict (no classifier), atomically, for timm's pretrained path."""
     from safetensors.torch import save
@@ -374,6 +416,11 @@ def export_student(student: Student, path: Path) -> Path:
         f.write(save(state, metadata={"timm_model": student.name, "format": "pt",
                                       "mean": json.dumps(student.input_mean), "std": json.dumps(student.input_std)}))
     return path
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def _seed_everything(seed: int):
