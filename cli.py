@@ -336,13 +336,18 @@ def precompute(data, out, teachers, models, model_args, weights, random_init, im
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the student and loss.")
 @click.option("--online", is_flag=True,
               help="Compute the same targets live with the store's teachers (baseline and correctness reference).")
+@click.option("--fresh-views", is_flag=True,
+              help="With --online: the teachers see a new RandomResizedCrop + flip of every image every epoch (the "
+                   "paper's regime), not the store's V views; measures what fixed views cost.")
+@click.option("--data", default=None,
+              help="With --online: where the store's images are now, if not where precompute read them.")
 @click.option("--quiet", is_flag=True,
               help="No progress bar (on a terminal) and no progress lines (otherwise, e.g. under SLURM).")
 def train(shards, out, student, student_args, drop_path, student_mean, student_std, precision, steps, epochs, batch_size, lr, weight_decay, warmup_steps, clip_grad,
           losses, alpha, beta, standardize_targets, feature_teacher, relation_teacher, relation_blocks,
           student_blocks, mask, seed, shuffle_buffer, workers, reader, val_shards, val_every, device, log_every, checkpoint_every,
           keep_checkpoints,
-          compile_model, online, quiet):
+          compile_model, online, fresh_views, data, quiet):
     """Train a ViT student from a store's targets: no teacher is loaded, no image decoded."""
     from hdistill.train.run import TrainConfig, TrainRuntime, run_train
 
@@ -356,10 +361,10 @@ def train(shards, out, student, student_args, drop_path, student_mean, student_s
                       relation_blocks=parse_ints(relation_blocks, "--relation-blocks"),
                       student_blocks=parse_block_pairs(student_blocks),
                       mask=mask, seed=seed, shuffle_buffer=shuffle_buffer, workers=workers, reader=reader,
-                      val_shards=val_shards, val_every=val_every)
+                      val_shards=val_shards, val_every=val_every, fresh_views=fresh_views)
     rt = TrainRuntime(device=resolve_device(device), log_every=log_every, checkpoint_every=checkpoint_every,
                       progress=not quiet and sys.stderr.isatty(), compile=compile_model,
-                      log_lines=not quiet and not sys.stderr.isatty(), keep_checkpoints=keep_checkpoints)
+                      log_lines=not quiet and not sys.stderr.isatty(), keep_checkpoints=keep_checkpoints, data=data)
     if int(os.environ.get("RANK", 0)) == 0:
         write_config(Path(out) / "config.yaml", click.get_current_context().params)
     start = time.time()

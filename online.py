@@ -1,4 +1,4 @@
-"""`hdistill train --online`: the same training with targets computed live by the teachers.
+"""`hdistill train --online [--fresh-views]`: the same training with targets computed live by the teachers.
 
 It composes both halves of hdistill (which is why it lives beside the CLI, not in train/): the
 store's manifest says which teachers, weights, views and mask made it; the sample order is the
@@ -25,21 +25,27 @@ from hdistill.train.data import StoreStream, select_patches
 
 
 class LiveViews(StoreStream):
-    """The store's sample order; each sample is its view rendered again: {"key", "pixels" [S, S, 3]}."""
+    """The store's sample order; each sample is a view rendered again: {"key", "pixels" [S, S, 3]}.
+
+    fresh=False: the stored view (epoch e renders view e mod V). fresh=True: view e itself, so every
+    epoch brings a new RandomResizedCrop + flip of every image (the paper's regime); epochs below V
+    render the stored views, later ones views no store holds.
+    """
 
     def __init__(self, store: str, manifest: Manifest, targets, mask: str, seed: int, shuffle_buffer: int,
-                 rank: int, world_size: int, images):
+                 rank: int, world_size: int, images, fresh: bool = False):
         super().__init__(store, manifest, targets, mask, seed, shuffle_buffer, rank, world_size, manifest.formats[0])
-        self.images = images
+        self.images, self.fresh = images, fresh
         self.view_seed = manifest.config["seed"]
         self.skipped = {(s["image_id"], s["view"]) for s in manifest.skipped}
+        self.unreadable = {image_id for image_id, _ in self.skipped}
 
     def _samples(self):
         for shard in self.shards():
-            view = shard.view
+            view = self.epoch if self.fresh else shard.view
             for position in self.layout.positions(shard.index):
                 ref = self.images[int(self.layout.order[position])]
-                if (ref.image_id, view) in self.skipped:
+                if (ref.image_id in self.unreadable) if self.fresh else ((ref.image_id, view) in self.skipped):
                     continue
                 try:
                     img = decode_image(ref.read(), ref.source)
@@ -69,17 +75,20 @@ class LiveTargets:
         self.pcfg = PrecomputeConfig(**manifest.config)
         self.device = trainer.rt.device
         self.teachers = build_teachers(self.pcfg, self.device)
-        images = list_images(self.pcfg.data, self.pcfg.limit)
+        data = trainer.rt.data or self.pcfg.data
+        images = list_images(data, self.pcfg.limit)
         if len(images) != manifest.layout.num_images:
-            raise HdistillError(f"--online: {self.pcfg.data} now holds {len(images)} images, the store was made "
-                                f"from {manifest.layout.num_images}")
+            raise HdistillError(f"--online: {data} holds {len(images)} images, the store was made from "
+                                f"{manifest.layout.num_images}")
         if plan_store(self.pcfg, self.teachers, len(images)).identity() != manifest.identity():
             raise HdistillError("--online: the teachers rebuilt from the store's manifest do not give its targets")
         self.manifest = manifest
         cfg = trainer.cfg
         self.targets, self.mask, self.seed = [t.target for t in trainer.terms], trainer.mask, cfg.seed
+        if cfg.fresh_views and self.pcfg.crop != "random":
+            raise HdistillError("--fresh-views: the store was made with --crop center; fresh views are random crops")
         self.stream = LiveViews(cfg.shards, manifest, self.targets, self.mask, cfg.seed, cfg.shuffle_buffer,
-                                trainer.dist.rank, trainer.dist.world_size, images)
+                                trainer.dist.rank, trainer.dist.world_size, images, cfg.fresh_views)
 
     def prepare(self, batch: dict) -> dict:
         """Views -> the batch the offline loader would give, with float32 targets."""

@@ -504,3 +504,21 @@ def test_checkpoint_history_weights_only_and_a_longer_run(stores, tmp_path):
         assert r["lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * (r["step"] - 2) / 7)), rel=1e-9)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000000006.pt",
                                                                                     "step-000000008.pt"]
+
+
+def test_fresh_views_match_the_store_until_its_views_run_out(stores, tmp_path):
+    """A 2-view store: epochs 0 and 1 render the stored views (same losses as offline, up to float16),
+    epoch 2 renders view 2, which no store holds."""
+    from hdistill.online import LiveTargets
+    cfg = config(stores / "kept", steps=9, drop_path=0.0)                  # 12 images, batch 4: 3 steps per epoch
+    run_train(cfg, str(tmp_path / "off"), TrainRuntime(progress=False, log_every=1))
+    run_train(config(stores / "kept", steps=9, drop_path=0.0, fresh_views=True), str(tmp_path / "fresh"),
+              TrainRuntime(progress=False, log_every=1), source=LiveTargets)
+    off, fresh = ([json.loads(line) for line in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
+                  for r in ("off", "fresh"))
+    for a, b in zip(off[:6], fresh[:6]):
+        assert b["loss/feat.clip"] == pytest.approx(a["loss/feat.clip"], rel=2e-3), a["step"]
+    assert all(abs(b["loss/feat.clip"] - a["loss/feat.clip"]) > 1e-2 * a["loss/feat.clip"]
+               for a, b in zip(off[6:], fresh[6:]))
+    with pytest.raises(HdistillError, match="--fresh-views renders new views with the teachers: it needs --online"):
+        Trainer(config(stores / "kept", fresh_views=True), str(tmp_path / "x"), TrainRuntime(progress=False))

@@ -77,6 +77,7 @@ class TrainConfig:
     reader: str | None = None            # "wds" | "zarr": which form of the store to read (None: wds if stored)
     val_shards: str | None = None        # a held-out store, evaluated every val_every steps and at the end
     val_every: int = 1000
+    fresh_views: bool = False            # with --online: a new view of every image every epoch
 
 
 @dataclass
@@ -88,6 +89,7 @@ class TrainRuntime:
     compile: bool = False
     log_lines: bool = False              # a plain progress line every log_every steps (a scheduler's log)
     keep_checkpoints: int = 0            # also keep the last N checkpoints as checkpoints/step-<step>.pt
+    data: str | None = None              # with --online: where the store's images are now (default: as recorded)
 
 
 def base_lr(cfg: TrainConfig) -> float:
@@ -195,6 +197,8 @@ class Trainer:
             self.model, device_ids=[device] if cuda else None)
         if rt.compile:
             self.ddp = torch.compile(self.ddp)
+        if cfg.fresh_views and source is None:
+            raise HdistillError("--fresh-views renders new views with the teachers: it needs --online")
         self.source = source(self) if source else StoredTargets(
             StoreStream(cfg.shards, self.manifest, [t.target for t in self.terms], self.mask, cfg.seed,
                         cfg.shuffle_buffer, self.dist.rank, self.dist.world_size, self.reader))
