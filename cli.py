@@ -318,7 +318,12 @@ def precompute(data, out, teachers, models, model_args, weights, random_init, im
 @click.option("--mask", default="progressive", type=click.Choice(["progressive", "none", "random"]),
               help="Tokens the student sees; none and random need a --store full store.")
 @click.option("--seed", default=0)
-@click.option("--shuffle-buffer", default=1000, help="Samples in the shuffle buffer.")
+@click.option("--lanes", type=int, default=None,
+              help="Parts of the store every global batch mixes (default: gcd(16, --batch-size)). A rank reads "
+                   "whole lanes: the rank count must divide it. The order of an epoch depends on the seed, the "
+                   "epoch, the lanes and the batch only, so a run resumes on any rank count that divides it.")
+@click.option("--lane-buffer-mb", default=64.0, show_default=True,
+              help="Shuffle buffer per lane, in MB of decoded samples (a rank holds lanes/ranks of them).")
 @click.option("--workers", default=2, help="Loader processes.")
 @click.option("--reader", default=None, type=click.Choice(["wds", "zarr"]),
               help="Read the store's webdataset shards or its zarr arrays (same samples, same order). "
@@ -345,7 +350,7 @@ def precompute(data, out, teachers, models, model_args, weights, random_init, im
               help="No progress bar (on a terminal) and no progress lines (otherwise, e.g. under SLURM).")
 def train(shards, out, student, student_args, drop_path, student_mean, student_std, precision, steps, epochs, batch_size, lr, weight_decay, warmup_steps, clip_grad,
           losses, alpha, beta, standardize_targets, feature_teacher, relation_teacher, relation_blocks,
-          student_blocks, mask, seed, shuffle_buffer, workers, reader, val_shards, val_every, device, log_every, checkpoint_every,
+          student_blocks, mask, seed, lanes, lane_buffer_mb, workers, reader, val_shards, val_every, device, log_every, checkpoint_every,
           keep_checkpoints,
           compile_model, online, fresh_views, data, quiet):
     """Train a ViT student from a store's targets: no teacher is loaded, no image decoded."""
@@ -360,7 +365,7 @@ def train(shards, out, student, student_args, drop_path, student_mean, student_s
                       feature_teacher=feature_teacher, relation_teacher=relation_teacher,
                       relation_blocks=parse_ints(relation_blocks, "--relation-blocks"),
                       student_blocks=parse_block_pairs(student_blocks),
-                      mask=mask, seed=seed, shuffle_buffer=shuffle_buffer, workers=workers, reader=reader,
+                      mask=mask, seed=seed, lanes=lanes, lane_buffer_mb=lane_buffer_mb, workers=workers, reader=reader,
                       val_shards=val_shards, val_every=val_every, fresh_views=fresh_views)
     rt = TrainRuntime(device=resolve_device(device), log_every=log_every, checkpoint_every=checkpoint_every,
                       progress=not quiet and sys.stderr.isatty(), compile=compile_model,

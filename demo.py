@@ -68,7 +68,7 @@ def run_demo(out: str, models: dict[str, str] | None = None, model_args: dict | 
 
     echo(f"demo: 2/3 train a {TINY_STUDENT[0]} {TINY_STUDENT[1]} student for {steps} steps -> {out_dir / 'run'}")
     tcfg = TrainConfig(shards=str(out_dir / "store"), student=TINY_STUDENT[0], student_args=TINY_STUDENT[1],
-                       steps=steps, batch_size=min(batch_size, images), lr=1e-3, workers=0, shuffle_buffer=64)
+                       steps=steps, batch_size=min(batch_size, images), lr=1e-3, workers=0)
     student_file = run_train(tcfg, str(out_dir / "run"), TrainRuntime(device="cpu", log_every=5,
                                                                       checkpoint_every=steps, progress=False))
     loss_png = plot_losses(out_dir / "run" / "metrics.jsonl", out_dir / "loss.png")

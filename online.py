@@ -24,51 +24,48 @@ from hdistill.shards.manifest import Manifest
 from hdistill.train.data import StoreStream, select_patches
 
 
+def collate_views(samples: list[dict]) -> dict:
+    return {"count": len(samples), "keys": [s["key"] for s in samples],
+            "pixels": torch.from_numpy(np.stack([s["pixels"] for s in samples]))}
+
+
 class LiveViews(StoreStream):
-    """The store's sample order; each sample is a view rendered again: {"key", "pixels" [S, S, 3]}.
+    """The store's sample order (same plan, lanes and pieces); each sample is a view rendered again:
+    {"key", "pixels" [S, S, 3]}.
 
     fresh=False: the stored view (epoch e renders view e mod V). fresh=True: view e itself, so every
     epoch brings a new RandomResizedCrop + flip of every image (the paper's regime); epochs below V
     render the stored views, later ones views no store holds.
     """
 
-    def __init__(self, store: str, manifest: Manifest, targets, mask: str, seed: int, shuffle_buffer: int,
-                 rank: int, world_size: int, images, fresh: bool = False):
-        super().__init__(store, manifest, targets, mask, seed, shuffle_buffer, rank, world_size, manifest.formats[0])
+    def __init__(self, store: str, manifest: Manifest, targets, mask: str, seed: int, lanes: int, batch_size: int,
+                 buffer_mb: float, rank: int, world_size: int, images, fresh: bool = False):
+        super().__init__(store, manifest, targets, mask, seed, lanes, batch_size, buffer_mb, rank, world_size,
+                         manifest.formats[0])
         self.images, self.fresh = images, fresh
         self.view_seed = manifest.config["seed"]
         self.skipped = {(s["image_id"], s["view"]) for s in manifest.skipped}
-        self.unreadable = {image_id for image_id, _ in self.skipped}
 
-    def _samples(self):
-        for shard in self.shards():
-            view = self.epoch if self.fresh else shard.view
-            for position in self.layout.positions(shard.index):
-                ref = self.images[int(self.layout.order[position])]
-                if (ref.image_id in self.unreadable) if self.fresh else ((ref.image_id, view) in self.skipped):
-                    continue
-                try:
-                    img = decode_image(ref.read(), ref.source)
-                except (HdistillError, OSError) as err:
-                    yield {"error": f"--online: {err} (it was readable when the store was made)"}
-                    return
-                pixels, _ = make_view(img, ref.image_id, view, self.view_seed, self.layout.image_size,
-                                      crop=self.manifest.config["crop"])
-                yield {"key": sample_key(ref.image_id, view), "pixels": pixels}
+    collate = staticmethod(collate_views)
 
-
-def collate_views(samples: list[dict]) -> dict:
-    errors = [s["error"] for s in samples if "error" in s]
-    if errors:
-        return {"error": errors[0]}
-    return {"count": len(samples), "keys": [s["key"] for s in samples],
-            "pixels": torch.from_numpy(np.stack([s["pixels"] for s in samples]))}
+    def _read(self, shard, offsets):
+        """The views at `offsets` of a shard: its positions less the inputs precompute could not read."""
+        refs = [self.images[int(self.layout.order[p])] for p in self.layout.positions(shard.index)]
+        refs = [ref for ref in refs if (ref.image_id, shard.view) not in self.skipped]
+        view = self.epoch if self.fresh else shard.view
+        for offset in sorted(offsets) if offsets is not None else range(len(refs)):
+            ref = refs[offset]
+            try:
+                img = decode_image(ref.read(), ref.source)
+            except (HdistillError, OSError) as err:
+                raise HdistillError(f"--online: {err} (it was readable when the store was made)") from None
+            pixels, _ = make_view(img, ref.image_id, view, self.view_seed, self.layout.image_size,
+                                  crop=self.manifest.config["crop"])
+            yield {"key": sample_key(ref.image_id, view), "pixels": pixels}
 
 
 class LiveTargets:
     """A train source (see train.run.Trainer) whose targets come from the teachers, live."""
-
-    collate = staticmethod(collate_views)
 
     def __init__(self, trainer):
         manifest = trainer.manifest
@@ -87,8 +84,9 @@ class LiveTargets:
         self.targets, self.mask, self.seed = [t.target for t in trainer.terms], trainer.mask, cfg.seed
         if cfg.fresh_views and self.pcfg.crop != "random":
             raise HdistillError("--fresh-views: the store was made with --crop center; fresh views are random crops")
-        self.stream = LiveViews(cfg.shards, manifest, self.targets, self.mask, cfg.seed, cfg.shuffle_buffer,
-                                trainer.dist.rank, trainer.dist.world_size, images, cfg.fresh_views)
+        self.stream = LiveViews(cfg.shards, manifest, self.targets, self.mask, cfg.seed, trainer.lanes,
+                                cfg.batch_size, cfg.lane_buffer_mb, trainer.dist.rank, trainer.dist.world_size,
+                                images, cfg.fresh_views)
 
     def prepare(self, batch: dict) -> dict:
         """Views -> the batch the offline loader would give, with float32 targets."""

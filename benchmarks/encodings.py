@@ -29,7 +29,7 @@ from hdistill.common.targets import ENCODINGS, TargetSpec, parse_targets
 from hdistill.precompute.run import PrecomputeConfig, Runtime, run_precompute
 from hdistill.precompute.targets import compute_targets, plan_mask, plan_targets
 from hdistill.shards.encoding import BF16_KEEPBITS, decode, encode
-from hdistill.train.data import StoreStream, collate
+from hdistill.train.data import AllSamples, StoreStream, collate
 from hdistill.train.run import TrainConfig, Trainer, TrainRuntime
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
@@ -98,8 +98,8 @@ def make_store(args, device, out, encodings, formats, images: slice):
 @torch.no_grad()
 def held_out_loss(trainer: Trainer, store: str, manifest) -> float:
     """Mean loss of the trained student and projection over every sample of the held-out store."""
-    stream = StoreStream(store, manifest, [t.target for t in trainer.terms], "progressive", seed=0, shuffle_buffer=1)
-    batches = [collate(list(stream)[i:i + 16]) for i in range(0, manifest.samples, 16)]
+    samples = list(AllSamples(StoreStream(store, manifest, [t.target for t in trainer.terms], "progressive", seed=0)))
+    batches = [collate(samples[i:i + 16]) for i in range(0, len(samples), 16)]
     trainer.model.eval()
     dev = trainer.rt.device
     total = 0.0
@@ -120,7 +120,7 @@ def training(args, device, tmp):
     for name, (encodings, formats) in stores.items():
         make_store(args, device, f"{tmp}/{name}", encodings, formats, train_images)
         cfg = TrainConfig(shards=f"{tmp}/{name}", student=STUDENT[0], student_args=STUDENT[1], steps=args.steps,
-                          batch_size=args.batch_size, lr=1e-3, workers=0, shuffle_buffer=64, reader=formats[0])
+                          batch_size=args.batch_size, lr=1e-3, workers=0, reader=formats[0])
         trainer = Trainer(cfg, f"{tmp}/run-{name}", TrainRuntime(device=device, log_every=10, progress=False,
                                                                   checkpoint_every=10 ** 9))
         trainer.run()

@@ -55,7 +55,7 @@ def make_store(args, device, out: Path, data: str, **options) -> float:
 def train(args, device, store: Path, val: Path, out: Path, fresh: bool = False, reader: str | None = None) -> dict:
     cfg = TrainConfig(shards=str(store), student=STUDENT[0], student_args=STUDENT[1], steps=args.steps,
                       batch_size=args.batch_size, lr=args.lr, losses=LOSSES, drop_path=0.0, workers=0,
-                      shuffle_buffer=64, reader=reader, val_shards=str(val), val_every=args.steps,
+                      reader=reader, val_shards=str(val), val_every=args.steps,
                       fresh_views=fresh)
     start = time.perf_counter()
     run_train(cfg, str(out), TrainRuntime(device=device, log_every=args.steps, progress=False),

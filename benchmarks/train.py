@@ -73,7 +73,7 @@ def main():
                                         precision=args.precision, formats=["wds"]),
                        store, Runtime(device=device, workers=workers, progress=False))
         cfg = TrainConfig(shards=store, student=student, steps=10_000, batch_size=args.batch_size,
-                          workers=workers, shuffle_buffer=100)
+                          workers=workers)
         rt = TrainRuntime(device=device, progress=False)
         name = torch.cuda.get_device_name() if device.startswith("cuda") else \
             f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"

@@ -61,17 +61,23 @@ class StoreReader:
             return f"{self.store}/{shard.file}"
         return f"{self.store}/{ZARR_DIR} shard {shard.name}"
 
-    def read(self, shard: ShardRecord) -> Iterator[Sample]:
-        return self._read_wds(shard) if self.fmt == "wds" else self._read_zarr(shard)
+    def read(self, shard: ShardRecord, offsets: set[int] | None = None) -> Iterator[Sample]:
+        """The shard's samples in store order; only those at `offsets` (0-based within the shard) if given."""
+        return self._read_wds(shard, offsets) if self.fmt == "wds" else self._read_zarr(shard, offsets)
 
-    def _read_wds(self, shard: ShardRecord) -> Iterator[Sample]:
+    def _read_wds(self, shard: ShardRecord, offsets: set[int] | None) -> Iterator[Sample]:
         import json
 
         import webdataset as wds
         url = self.where(shard)
+        last = max(offsets) if offsets else None
         # one url, already split by rank and worker by the caller: webdataset must not split again
-        for raw in wds.WebDataset(url, shardshuffle=False, handler=wds.reraise_exception,
-                                  nodesplitter=_as_is, workersplitter=_as_is, empty_check=False):
+        for offset, raw in enumerate(wds.WebDataset(url, shardshuffle=False, handler=wds.reraise_exception,
+                                                    nodesplitter=_as_is, workersplitter=_as_is, empty_check=False)):
+            if offsets is not None and offset not in offsets:
+                if last is not None and offset > last:
+                    return                                  # nothing more wanted: stop reading the tar
+                continue                                    # streamed past, not decoded
             key = raw["__key__"]
             arrays = {}
             for name in self.arrays:
@@ -82,10 +88,12 @@ class StoreReader:
             record = ViewRecord.from_json(json.loads(raw["json"])) if "json" in raw else None
             yield self._sample(url, key, arrays, record)
 
-    def _read_zarr(self, shard: ShardRecord) -> Iterator[Sample]:
+    def _read_zarr(self, shard: ShardRecord, offsets: set[int] | None) -> Iterator[Sample]:
         where, layout = self.where(shard), self.manifest.layout
         records = read_region(Path(self.store), self.manifest, shard.view, shard.index, ["valid", "image_id"])
         slots = np.flatnonzero(records["valid"])
+        if offsets is not None:
+            slots = slots[sorted(o for o in offsets if o < len(slots))]      # random access: only what is wanted
         base = layout.slot(shard.view, shard.index * layout.shard_size)
         for start in range(0, len(slots), ZARR_BLOCK):
             block = slots[start:start + ZARR_BLOCK]

@@ -10,6 +10,7 @@ same size as the progressive mask; both need a full store.
 """
 from __future__ import annotations
 
+import math
 import random
 import zlib
 
@@ -48,61 +49,155 @@ def check_mask(manifest: Manifest, mask: str) -> str:
     return mask
 
 
-class StoreStream(torch.utils.data.IterableDataset):
-    """Samples of one epoch, this rank's and this worker's share, shuffled; a dict of numpy arrays each.
+def collate(samples: list[dict]) -> dict:
+    errors = [s["error"] for s in samples if "error" in s]
+    if errors:
+        return {"error": errors[0]}
+    return {"count": len(samples), "pixels": torch.from_numpy(np.stack([s["pixels"] for s in samples])),
+            "keep": torch.from_numpy(np.stack([s["keep"] for s in samples])),
+            "targets": {name: torch.from_numpy(np.stack([s["targets"][name] for s in samples]))
+                        for name in samples[0]["targets"]}}
 
-    `reader` "wds" streams the tar shards, "zarr" reads each store shard's region of targets.zarr;
-    both give the same samples in the same order.
+
+def concat(parts: list[dict]) -> dict:
+    """Join collated pieces: tensors along the batch, lists end to end, counts added, dicts key by key."""
+    first = parts[0]
+    out = {}
+    for key, value in first.items():
+        values = [p[key] for p in parts]
+        if isinstance(value, torch.Tensor):
+            out[key] = torch.cat(values)
+        elif isinstance(value, dict):
+            out[key] = concat(values)
+        elif isinstance(value, list):
+            out[key] = [v for vs in values for v in vs]
+        else:
+            out[key] = sum(values)
+    return out
+
+
+class EpochPlan:
+    """The global order of one epoch's samples: a function of the store, (seed, epoch), the lane count and
+    the batch size alone, never of the number of ranks or loader workers.
+
+    The view's shards are shuffled by (seed, epoch) and their samples concatenated; the sequence is cut
+    into `lanes` contiguous, equal lanes, and each lane passes a bounded shuffle (a buffer of
+    `buffer` samples, seeded by (seed, epoch, lane)). Global batch b takes the next batch/lanes samples
+    of every lane, in lane order, so every batch mixes `lanes` distant parts of the store. Rank r of W
+    reads the lanes l with l % W == r: its share of every global batch, and only those lanes' shards.
+    """
+
+    def __init__(self, manifest: Manifest, seed: int, epoch: int, lanes: int, batch_size: int, buffer: int):
+        self.seed, self.epoch, self.lanes, self.buffer = seed, epoch, lanes, buffer
+        self.shards = [s for s in manifest.view_shards(epoch % manifest.layout.views) if s.samples]
+        random.Random(f"{seed}-{epoch}").shuffle(self.shards)
+        self.starts = np.cumsum([0] + [s.samples for s in self.shards])         # epoch index of each shard's first
+        total = int(self.starts[-1])
+        self.bounds = [total * lane // lanes for lane in range(lanes + 1)]      # lane l: [bounds[l], bounds[l+1])
+        self.per_lane = batch_size // lanes
+        self.steps = steps_per_epoch(total, lanes, batch_size)
+
+    def emission(self, lane: int) -> list[int]:
+        """Lane-local indices in the order the lane emits them (the bounded shuffle, run on indices only)."""
+        rng = random.Random(f"{self.seed}-{self.epoch}-lane{lane}")
+        out, buffer = [], []
+        for i in range(self.bounds[lane + 1] - self.bounds[lane]):
+            if len(buffer) < self.buffer:
+                buffer.append(i)
+                continue
+            j = rng.randrange(len(buffer))
+            out.append(buffer[j])
+            buffer[j] = i
+        rng.shuffle(buffer)
+        return out + buffer
+
+    def locate(self, lane: int, indices) -> dict[int, dict[int, int]]:
+        """Lane-local indices -> {shard number: {offset in the shard: lane-local index}}, shards in order."""
+        where: dict[int, dict[int, int]] = {}
+        for i in sorted(indices):
+            e = self.bounds[lane] + i
+            k = int(np.searchsorted(self.starts, e, side="right")) - 1
+            where.setdefault(k, {})[e - int(self.starts[k])] = i
+        return where
+
+
+def steps_per_epoch(samples: int, lanes: int, batch_size: int) -> int:
+    """Full global batches of an epoch: every lane gives batch/lanes samples to each."""
+    return (samples // lanes) // (batch_size // lanes)
+
+
+class StoreStream(torch.utils.data.IterableDataset):
+    """One epoch of this rank's share of the global batches, from `start` on, as pieces: each piece is
+    {"batch": b, "lane": l, "samples": collated batch/lanes samples}; Trainer.batches joins a batch's
+    pieces in lane order. Each loader worker reads a share of the rank's lanes, all at once.
+
+    `reader` "wds" streams the tar shards, "zarr" reads each store shard's region of targets.zarr; both
+    give the same samples in the same order. A resume starts at batch `start` without reading what the
+    lanes had emitted: only the shards holding what they still had to emit are opened.
     """
 
     def __init__(self, store: str, manifest: Manifest, targets: list[TargetSpec], mask: str, seed: int,
-                 shuffle_buffer: int = 1000, rank: int = 0, world_size: int = 1, reader: str = "wds"):
+                 lanes: int = 1, batch_size: int = 1, buffer_mb: float = 64.0, rank: int = 0, world_size: int = 1,
+                 reader: str = "wds"):
         self.store, self.manifest, self.targets, self.mask, self.seed = store, manifest, targets, mask, seed
         self.layout = manifest.layout
-        self.shuffle_buffer, self.rank, self.world_size = shuffle_buffer, rank, world_size
+        self.lanes, self.batch_size, self.rank, self.world_size = lanes, batch_size, rank, world_size
         self.reader = StoreReader(store, manifest, reader, [t.name for t in targets])
+        sample_bytes = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
+                           for shape, dtype in self.reader.arrays.values())
+        self.buffer = max(1, int(buffer_mb * 2 ** 20) // sample_bytes)            # samples per lane
         self.full = manifest.store_mode == "full"
         self.n_keep = manifest.mask.kept_counts(self.layout.num_patches)[-1]
-        self.epoch = 0
+        self.epoch, self.start = 0, 0
 
-    def set_epoch(self, epoch: int):
-        self.epoch = epoch
+    collate = staticmethod(collate)
 
-    def shards(self):
-        """This epoch's view's shard records, shuffled from the seed, split by rank, then by worker."""
-        shards = [s for s in self.manifest.view_shards(self.epoch % self.layout.views) if s.samples]
-        random.Random(f"{self.seed}-{self.epoch}").shuffle(shards)
-        shards = shards[self.rank::self.world_size]
-        info = torch.utils.data.get_worker_info()
-        return shards[info.id::info.num_workers] if info else shards
+    def set_epoch(self, epoch: int, start: int = 0):
+        self.epoch, self.start = epoch, start
+
+    def plan(self) -> EpochPlan:
+        return EpochPlan(self.manifest, self.seed, self.epoch, self.lanes, self.batch_size, self.buffer)
+
+    def my_lanes(self) -> list[int]:
+        return [lane for lane in range(self.lanes) if lane % self.world_size == self.rank]
 
     def __iter__(self):
+        plan = self.plan()
         info = torch.utils.data.get_worker_info()
-        rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{info.id if info else 0}")
-        buffer = []
-        for sample in self._samples():
-            if "error" in sample:
-                yield sample
-                return
-            if len(buffer) < self.shuffle_buffer:
-                buffer.append(sample)
-                continue
-            i = rng.randrange(len(buffer))
-            buffer[i], sample = sample, buffer[i]
-            yield sample
-        rng.shuffle(buffer)
-        yield from buffer
+        lanes = self.my_lanes()[info.id::info.num_workers] if info else self.my_lanes()
+        streams = {lane: self._lane(plan, lane) for lane in lanes}
+        try:
+            for b in range(self.start, plan.steps):
+                for lane, stream in streams.items():
+                    yield {"batch": b, "lane": lane,
+                           "samples": self.collate([next(stream) for _ in range(plan.per_lane)])}
+        except HdistillError as err:
+            yield {"error": str(err)}
 
-    def _samples(self):
-        for shard in self.shards():
+    def _lane(self, plan: EpochPlan, lane: int):
+        """The lane's samples in emission order from the start batch, holding at most what the buffer held."""
+        order = plan.emission(lane)[self.start * plan.per_lane:]
+        if not order:
+            return
+        held, t = {}, 0
+        for k, offsets in plan.locate(lane, order).items():
+            shard = plan.shards[k]
             try:
-                for stored in self.reader.read(shard):
-                    yield self.sample(stored)
-            except HdistillError as err:
-                yield {"error": str(err)}
+                for offset, sample in zip(sorted(offsets), self._read(shard, set(offsets))):
+                    held[offsets[offset]] = sample
+                    while t < len(order) and order[t] in held:
+                        yield held.pop(order[t])
+                        t += 1
+            except HdistillError:
+                raise
             except Exception as err:  # noqa: BLE001 - any failure to read a shard is reported with its name
-                yield {"error": f"{self.reader.where(shard)}: unreadable shard ({type(err).__name__}: {err}); "
-                                "run hdistill verify"}
+                raise HdistillError(f"{self.reader.where(shard)}: unreadable shard ({type(err).__name__}: {err}); "
+                                    "run hdistill verify") from None
+
+    def _read(self, shard, offsets: set[int]):
+        """The training samples at `offsets` of a shard, in offset order."""
+        for stored in self.reader.read(shard, offsets):
+            yield self.sample(stored)
 
     def sample(self, stored: Sample) -> dict:
         """The training sample: the patches the student sees and the targets over those tokens."""
@@ -111,6 +206,24 @@ class StoreStream(torch.utils.data.IterableDataset):
         tokens = np.concatenate([[0], sel + 1])                                # [1+n]
         return {"key": stored.key, "pixels": stored.pixels[sel], "keep": stored.keep[sel].astype(np.int64),
                 "targets": {t.name: select_tokens(t, stored.targets[t.name], tokens) for t in self.targets}}
+
+
+class AllSamples(torch.utils.data.IterableDataset):
+    """Every sample of a store's view 0, this rank's and worker's share of its shards (for validation)."""
+
+    def __init__(self, stream: StoreStream):
+        self.stream = stream
+
+    def __iter__(self):
+        s = self.stream
+        shards = [r for r in s.manifest.view_shards(0) if r.samples][s.rank::s.world_size]
+        info = torch.utils.data.get_worker_info()
+        for shard in shards[info.id::info.num_workers] if info else shards:
+            try:
+                yield from s._read(shard, None)
+            except HdistillError as err:
+                yield {"error": str(err)}
+                return
 
 
 def select_tokens(target: TargetSpec, values, tokens):
@@ -130,15 +243,10 @@ def select_patches(mask: str, stage: np.ndarray, key: str, seed: int, epoch: int
     return np.sort(rng.choice(len(stage), size=n_keep, replace=False))
 
 
-def collate(samples: list[dict]) -> dict:
-    errors = [s["error"] for s in samples if "error" in s]
-    if errors:
-        return {"error": errors[0]}
-    return {"count": len(samples), "pixels": torch.from_numpy(np.stack([s["pixels"] for s in samples])),
-            "keep": torch.from_numpy(np.stack([s["keep"] for s in samples])),
-            "targets": {name: torch.from_numpy(np.stack([s["targets"][name] for s in samples]))
-                        for name in samples[0]["targets"]}}
-
-
 def epoch_samples(manifest: Manifest, epoch: int) -> int:
     return sum(s.samples for s in manifest.view_shards(epoch % manifest.layout.views))
+
+
+def default_lanes(batch_size: int) -> int:
+    """16 lanes (each global batch mixes 16 parts of the store), fewer when the batch is not a multiple of 16."""
+    return math.gcd(16, batch_size)

@@ -30,8 +30,9 @@ from hdistill.common.specs import TokenGrid, check_same_grid
 from hdistill.shards.atomic import atomic_open
 from hdistill.shards.manifest import Manifest
 
-from .data import StoreStream, check_mask, collate, default_reader, epoch_samples, open_store
-from .dist import barrier, gather, init_distributed, mean_over_ranks
+from .data import (AllSamples, StoreStream, check_mask, concat, default_lanes, default_reader,
+                   epoch_samples, open_store, steps_per_epoch)
+from .dist import barrier, init_distributed, mean_over_ranks
 from .loss import DistillLoss, LossConfig, parse_losses, plan_losses
 from .student import IMAGENET_MEAN, IMAGENET_STD, Student, build_student
 from .validate import evaluate, open_val_store
@@ -72,7 +73,8 @@ class TrainConfig:
     student_blocks: dict[int, int] | None = None   # teacher block -> student block (default: same offset from the end)
     mask: str = "progressive"
     seed: int = 0
-    shuffle_buffer: int = 1000
+    lanes: int | None = None             # parts of the store every global batch mixes (default: gcd(16, batch))
+    lane_buffer_mb: float = 64.0         # shuffle buffer per lane, in MB of decoded samples
     workers: int = 2
     reader: str | None = None            # "wds" | "zarr": which form of the store to read (None: wds if stored)
     val_shards: str | None = None        # a held-out store, evaluated every val_every steps and at the end
@@ -102,8 +104,9 @@ def total_steps(cfg: TrainConfig, manifest: Manifest) -> int:
     if cfg.steps is not None:
         return cfg.steps
     full, frac = int(cfg.epochs), cfg.epochs - int(cfg.epochs)
-    samples = sum(epoch_samples(manifest, e) for e in range(full)) + frac * epoch_samples(manifest, full)
-    return max(1, int(samples // cfg.batch_size))
+    lanes = cfg.lanes or default_lanes(cfg.batch_size)
+    steps = [steps_per_epoch(epoch_samples(manifest, e), lanes, cfg.batch_size) for e in range(full + 1)]
+    return max(1, sum(steps[:full]) + int(frac * steps[full]))
 
 
 def lr_factor(step: int, steps: int, warmup: int) -> float:
@@ -126,8 +129,6 @@ def param_groups(modules: list[torch.nn.Module], weight_decay: float) -> list[di
 
 class StoredTargets:
     """The default source: batches of stored targets, ready as they are."""
-
-    collate = staticmethod(collate)
 
     def __init__(self, stream: StoreStream):
         self.stream = stream
@@ -158,12 +159,15 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, out: str, rt: TrainRuntime, source=None):
         """`source(trainer)` may replace the store's targets (hdistill.online computes them live); it
-        returns an object with `stream` (an IterableDataset), `collate` and `prepare(batch)`."""
+        returns an object with `stream` (a StoreStream) and `prepare(batch)`."""
         self.cfg, self.out = cfg, Path(out)
         self.dist, device = init_distributed(rt.device)
         self.rt = rt = replace(rt, device=device, progress=rt.progress and self.dist.main)
-        if cfg.batch_size % self.dist.world_size:
-            raise HdistillError(f"--batch-size {cfg.batch_size} is not divisible by the {self.dist.world_size} ranks")
+        self.lanes = cfg.lanes or default_lanes(cfg.batch_size)
+        if cfg.batch_size % self.lanes or self.lanes % self.dist.world_size:
+            raise HdistillError(f"--lanes {self.lanes} must divide --batch-size {cfg.batch_size}, and the "
+                                f"{self.dist.world_size} ranks must divide the lanes (each rank reads whole lanes); "
+                                "give --lanes a multiple of the rank count that divides the batch")
         self.local_batch = cfg.batch_size // self.dist.world_size
         self.manifest = open_store(cfg.shards, cfg.reader)
         self.reader = cfg.reader or default_reader(self.manifest)
@@ -201,13 +205,15 @@ class Trainer:
             raise HdistillError("--fresh-views renders new views with the teachers: it needs --online")
         self.source = source(self) if source else StoredTargets(
             StoreStream(cfg.shards, self.manifest, [t.target for t in self.terms], self.mask, cfg.seed,
-                        cfg.shuffle_buffer, self.dist.rank, self.dist.world_size, self.reader))
+                        self.lanes, cfg.batch_size, cfg.lane_buffer_mb, self.dist.rank, self.dist.world_size,
+                        self.reader))
         self.val = None
         if cfg.val_shards:
             val_manifest, val_targets = open_val_store(cfg.val_shards, self.manifest, [t.target for t in self.terms],
                                                        self.mask)
-            self.val = StoreStream(cfg.val_shards, val_manifest, val_targets, self.mask, cfg.seed, 1,
-                                   self.dist.rank, self.dist.world_size, default_reader(val_manifest))
+            self.val = AllSamples(StoreStream(cfg.val_shards, val_manifest, val_targets, self.mask, cfg.seed,
+                                              rank=self.dist.rank, world_size=self.dist.world_size,
+                                              reader=default_reader(val_manifest)))
         self.step, self.epoch, self.epoch_batches = 0, 0, 0
 
     # ---------------------------------------------------------------- state
@@ -217,8 +223,8 @@ class Trainer:
         only, so the checkpoint loads with torch.load(weights_only=True)."""
         cuda = self.rt.device.startswith("cuda")
         return {"config": asdict(self.cfg), "step": self.step, "steps": self.steps, "warmup": self.warmup,
-                "world_size": self.dist.world_size,
-                "positions": gather((self.epoch, self.epoch_batches), self.dist), "student": self.student.state_dict(),
+                "world_size": self.dist.world_size, "position": (self.epoch, self.epoch_batches),
+                "student": self.student.state_dict(),
                 "loss": self.loss_fn.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "rng": {"torch": torch.get_rng_state(),
@@ -263,10 +269,8 @@ class Trainer:
             for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
                 group["lr"] = base * lr_factor(state["step"], self.steps, self.warmup)
         self.scaler.load_state_dict(state["scaler"])
-        if state["world_size"] != self.dist.world_size:
-            raise HdistillError(f"{path} was written by {state['world_size']} ranks; resume it with as many")
         self.step = state["step"]
-        self.epoch, self.epoch_batches = state["positions"][self.dist.rank]
+        self.epoch, self.epoch_batches = state["position"]           # global: any rank count resumes it
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"]["cuda"] is not None and self.rt.device.startswith("cuda"):
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.rt.device)
@@ -275,30 +279,30 @@ class Trainer:
     # ---------------------------------------------------------------- data
 
     def batches(self):
-        """Endless batches, epoch after epoch, starting at the saved position."""
+        """Endless local batches, epoch after epoch, from the saved position: each joins this rank's pieces of
+        one global batch in lane order (StoreStream)."""
         while True:
-            self.source.stream.set_epoch(self.epoch)
+            stream = self.source.stream
+            stream.set_epoch(self.epoch, self.epoch_batches)
+            lanes = stream.my_lanes()
             # its own generator: making the iterator draws a seed, which must not shift the global RNG that the
             # student's stochastic depth uses (a resume makes the iterator at another point of the RNG stream)
             loader = torch.utils.data.DataLoader(
-                self.source.stream, batch_size=self.local_batch, collate_fn=self.source.collate, drop_last=False,
-                num_workers=self.cfg.workers, pin_memory=self.rt.device.startswith("cuda"),
+                stream, batch_size=None, num_workers=min(self.cfg.workers, len(lanes)),
+                pin_memory=self.rt.device.startswith("cuda"),
                 generator=torch.Generator().manual_seed(self.cfg.seed * 100_003 + self.epoch))
-            produced = 0
-            for i, batch in enumerate(loader):
-                if "error" in batch:
-                    raise HdistillError(batch["error"])
-                if batch["count"] < self.local_batch:
-                    continue  # a worker's last, short batch (checked for errors first, so none is lost)
-                if i < self.epoch_batches:
-                    continue  # resuming inside this epoch
-                self.epoch_batches = i + 1
-                produced += 1
-                yield self.source.prepare(batch)
-            if produced == 0 and self.epoch_batches == 0:
-                raise HdistillError(f"--batch-size {self.cfg.batch_size} over {self.dist.world_size} rank(s) leaves "
-                                    f"rank {self.dist.rank} no full batch in epoch {self.epoch} "
-                                    f"({epoch_samples(self.manifest, self.epoch)} samples)")
+            pending: dict[int, dict[int, dict]] = {}
+            for piece in loader:
+                if "error" in piece:
+                    raise HdistillError(piece["error"])
+                pending.setdefault(piece["batch"], {})[piece["lane"]] = piece["samples"]
+                while len(pending.get(self.epoch_batches, ())) == len(lanes):
+                    parts = pending.pop(self.epoch_batches)
+                    self.epoch_batches += 1
+                    yield self.source.prepare(concat([parts[lane] for lane in lanes]))
+            if stream.plan().steps == 0:
+                raise HdistillError(f"epoch {self.epoch} holds {epoch_samples(self.manifest, self.epoch)} samples: "
+                                    f"too few for one global batch of {self.cfg.batch_size}")
             self.epoch, self.epoch_batches = self.epoch + 1, 0
 
     # ---------------------------------------------------------------- steps
