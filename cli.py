@@ -320,11 +320,12 @@ def precompute(data, out, teachers, models, model_args, weights, random_init, im
 @click.option("--seed", default=0)
 @click.option("--lanes", type=int, default=None,
               help="Parts of the store every global batch mixes (default: gcd(16, --batch-size)). A rank reads "
-                   "whole lanes: the rank count must divide it. The order of an epoch depends on the seed, the "
-                   "epoch, the lanes and the batch only, so a run resumes on any rank count that divides it.")
+                   "whole lanes: the rank count must divide it, and a rank's loader workers share its lanes, so "
+                   "lanes / ranks bounds the workers that decode in parallel. The order of an epoch depends on the "
+                   "seed, the epoch, the lanes and the batch only: a run resumes on any rank count dividing it.")
 @click.option("--lane-buffer-mb", default=64.0, show_default=True,
               help="Shuffle buffer per lane, in MB of decoded samples (a rank holds lanes/ranks of them).")
-@click.option("--workers", default=2, help="Loader processes.")
+@click.option("--workers", default=2, help="Loader processes per rank (at most lanes / ranks are used).")
 @click.option("--reader", default=None, type=click.Choice(["wds", "zarr"]),
               help="Read the store's webdataset shards or its zarr arrays (same samples, same order). "
                    "Default: wds when the store holds it, else zarr.")
