@@ -49,14 +49,6 @@ def sum_over_ranks(values: dict[str, float], info: DistInfo, device: str = "cpu"
     return dict(zip(keys, stacked.tolist()))
 
 
-def gather(obj, info: DistInfo) -> list:
-    if info.world_size == 1:
-        return [obj]
-    out = [None] * info.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def barrier(info: DistInfo):
     if info.world_size > 1:
         dist.barrier()
