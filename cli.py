@@ -349,25 +349,24 @@ def precompute(data, out, teachers, models, model_args, weights, random_init, im
               help="With --online: where the store's images are now, if not where precompute read them.")
 @click.option("--quiet", is_flag=True,
               help="No progress bar (on a terminal) and no progress lines (otherwise, e.g. under SLURM).")
-def train(shards, out, student, student_args, drop_path, student_mean, student_std, precision, steps, epochs, batch_size, lr, weight_decay, warmup_steps, clip_grad,
-          losses, alpha, beta, standardize_targets, feature_teacher, relation_teacher, relation_blocks,
-          student_blocks, mask, seed, lanes, lane_buffer_mb, workers, reader, val_shards, val_every, device, log_every, checkpoint_every,
-          keep_checkpoints,
+def train(shards, out, student, student_args, drop_path, student_mean, student_std, precision, steps, epochs,
+          batch_size, lr, weight_decay, warmup_steps, clip_grad, losses, alpha, beta, standardize_targets,
+          feature_teacher, relation_teacher, relation_blocks, student_blocks, mask, seed, lanes, lane_buffer_mb,
+          workers, reader, val_shards, val_every, device, log_every, checkpoint_every, keep_checkpoints,
           compile_model, online, fresh_views, data, quiet):
     """Train a ViT student from a store's targets: no teacher is loaded, no image decoded."""
     from hdistill.train.run import TrainConfig, TrainRuntime, run_train
 
     cfg = TrainConfig(shards=shards, student=student, student_args=parse_student_args(student_args),
                       drop_path=drop_path, student_mean=parse_rgb(student_mean, "--student-mean"),
-                      student_std=parse_rgb(student_std, "--student-std"), precision=precision, steps=steps, epochs=epochs,
-                      batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
-                      clip_grad=clip_grad, losses=list(losses) or None, alpha=alpha, beta=beta,
-                      standardize_targets=standardize_targets,
-                      feature_teacher=feature_teacher, relation_teacher=relation_teacher,
-                      relation_blocks=parse_ints(relation_blocks, "--relation-blocks"),
-                      student_blocks=parse_block_pairs(student_blocks),
-                      mask=mask, seed=seed, lanes=lanes, lane_buffer_mb=lane_buffer_mb, workers=workers, reader=reader,
-                      val_shards=val_shards, val_every=val_every, fresh_views=fresh_views)
+                      student_std=parse_rgb(student_std, "--student-std"), precision=precision, steps=steps,
+                      epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                      warmup_steps=warmup_steps, clip_grad=clip_grad, losses=list(losses) or None, alpha=alpha,
+                      beta=beta, standardize_targets=standardize_targets, feature_teacher=feature_teacher,
+                      relation_teacher=relation_teacher, relation_blocks=parse_ints(relation_blocks, "--relation-blocks"),
+                      student_blocks=parse_block_pairs(student_blocks), mask=mask, seed=seed, lanes=lanes,
+                      lane_buffer_mb=lane_buffer_mb, workers=workers, reader=reader, val_shards=val_shards,
+                      val_every=val_every, fresh_views=fresh_views)
     rt = TrainRuntime(device=resolve_device(device), log_every=log_every, checkpoint_every=checkpoint_every,
                       progress=not quiet and sys.stderr.isatty(), compile=compile_model,
                       log_lines=not quiet and not sys.stderr.isatty(), keep_checkpoints=keep_checkpoints, data=data)
