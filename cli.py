@@ -403,7 +403,7 @@ def inspect(store):
                    f"width {t.width} depth {t.depth} heads {t.heads}  [{weights}]")
     for t in m.targets:
         click.echo(f"target     {t.name:18s} {t.tap:14s} {t.dtype}{list(t.shape)} {t.encoding}")
-    click.echo(f"mask       " + (f"{mask.role} K={mask.ratio} blocks {list(mask.blocks)} mean={mask.mean}"
+    click.echo("mask       " + (f"{mask.role} K={mask.ratio} blocks {list(mask.blocks)} mean={mask.mean}"
                                  if mask.role else "none (every patch kept)"))
     click.echo(f"tokens     store={m.store_mode}: {layout.stored_patches} of {layout.num_patches} patches per view (+CLS)")
     if m.complete:

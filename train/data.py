@@ -1,8 +1,9 @@
 """The loader: stream a store's webdataset shards into batches of student inputs and targets.
 
 Epoch e reads the shards of view e % V only (each epoch sees a different view of every image,
-cycling). Shards are shuffled per epoch from the seed, split by rank, then by DataLoader worker;
-samples pass a seeded shuffle buffer. Only the entries the run needs are decoded.
+cycling), in the order of an EpochPlan: shuffled shards cut into lanes, each lane through a seeded
+shuffle buffer, every global batch a share of every lane; a rank reads its lanes, its DataLoader
+workers share them. Only the entries the run needs are decoded.
 
 Mask strategies: "progressive" uses the stored mask (a kept store holds just those tokens; a full
 store is sliced at stage == 0); "none" keeps every patch and "random" keeps a random set of the
@@ -181,23 +182,22 @@ class StoreStream(torch.utils.data.IterableDataset):
             return
         held, t = {}, 0
         for k, offsets in plan.locate(lane, order).items():
-            shard = plan.shards[k]
-            try:
-                for offset, sample in zip(sorted(offsets), self._read(shard, set(offsets))):
-                    held[offsets[offset]] = sample
-                    while t < len(order) and order[t] in held:
-                        yield held.pop(order[t])
-                        t += 1
-            except HdistillError:
-                raise
-            except Exception as err:  # noqa: BLE001 - any failure to read a shard is reported with its name
-                raise HdistillError(f"{self.reader.where(shard)}: unreadable shard ({type(err).__name__}: {err}); "
-                                    "run hdistill verify") from None
+            for offset, sample in zip(sorted(offsets), self._read(plan.shards[k], set(offsets))):
+                held[offsets[offset]] = sample
+                while t < len(order) and order[t] in held:
+                    yield held.pop(order[t])
+                    t += 1
 
-    def _read(self, shard, offsets: set[int]):
-        """The training samples at `offsets` of a shard, in offset order."""
-        for stored in self.reader.read(shard, offsets):
-            yield self.sample(stored)
+    def _read(self, shard, offsets: set[int] | None):
+        """The training samples at `offsets` of a shard (all if None), in offset order."""
+        try:
+            for stored in self.reader.read(shard, offsets):
+                yield self.sample(stored)
+        except HdistillError:
+            raise
+        except Exception as err:  # noqa: BLE001 - any failure to read a shard is reported with its name
+            raise HdistillError(f"{self.reader.where(shard)}: unreadable shard ({type(err).__name__}: {err}); "
+                                "run hdistill verify") from None
 
     def sample(self, stored: Sample) -> dict:
         """The training sample: the patches the student sees and the targets over those tokens."""

@@ -153,8 +153,8 @@ class Distiller(torch.nn.Module):
 class Trainer:
     """Builds the student, loss, optimiser and loader from a store, then runs steps.
 
-    Under torchrun each rank reads its share of the shards and takes --batch-size / world_size
-    samples a step; the checkpoint keeps every rank's data position; rank 0 writes the files.
+    Under torchrun each rank reads its lanes and takes --batch-size / world_size samples of every
+    global batch; the checkpoint keeps the global data position; rank 0 writes the files.
     """
 
     def __init__(self, cfg: TrainConfig, out: str, rt: TrainRuntime, source=None):
@@ -219,8 +219,8 @@ class Trainer:
     # ---------------------------------------------------------------- state
 
     def state(self) -> dict:
-        """Collective under DDP: gathers every rank's data position. Tensors, numbers, strings and containers
-        only, so the checkpoint loads with torch.load(weights_only=True)."""
+        """Tensors, numbers, strings and containers only, so the checkpoint loads with
+        torch.load(weights_only=True). The data position is global, the same on every rank."""
         cuda = self.rt.device.startswith("cuda")
         return {"config": asdict(self.cfg), "step": self.step, "steps": self.steps, "warmup": self.warmup,
                 "world_size": self.dist.world_size, "position": (self.epoch, self.epoch_batches),
@@ -232,10 +232,9 @@ class Trainer:
 
     def save(self):
         """checkpoint.pt and student.safetensors, atomically; with --keep-checkpoints N, the last N by step too."""
-        state = self.state()
         if self.dist.main:
             with atomic_open(self.out / CHECKPOINT) as f:
-                torch.save(state, f)
+                torch.save(self.state(), f)
             export_student(self.student, self.out / EXPORT)
             if self.rt.keep_checkpoints:
                 keep_history(self.out, self.step, self.rt.keep_checkpoints)
@@ -284,6 +283,9 @@ class Trainer:
         while True:
             stream = self.source.stream
             stream.set_epoch(self.epoch, self.epoch_batches)
+            if stream.plan().steps == 0:
+                raise HdistillError(f"epoch {self.epoch} holds {epoch_samples(self.manifest, self.epoch)} samples: "
+                                    f"too few for one global batch of {self.cfg.batch_size}")
             lanes = stream.my_lanes()
             # its own generator: making the iterator draws a seed, which must not shift the global RNG that the
             # student's stochastic depth uses (a resume makes the iterator at another point of the RNG stream)
@@ -300,9 +302,6 @@ class Trainer:
                     parts = pending.pop(self.epoch_batches)
                     self.epoch_batches += 1
                     yield self.source.prepare(concat([parts[lane] for lane in lanes]))
-            if stream.plan().steps == 0:
-                raise HdistillError(f"epoch {self.epoch} holds {epoch_samples(self.manifest, self.epoch)} samples: "
-                                    f"too few for one global batch of {self.cfg.batch_size}")
             self.epoch, self.epoch_batches = self.epoch + 1, 0
 
     # ---------------------------------------------------------------- steps
