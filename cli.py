@@ -109,7 +109,12 @@ def human_bytes(n: float) -> str:
 
 # options that say where and how a process runs, not what it makes: left out of STORE/config.yaml (every rank
 # writes it; stores made alike are alike byte for byte)
-RUNTIME_OPTIONS = ("config", "out", "device", "workers", "rank", "world_size", "quiet")
+RUNTIME_OPTIONS = ("config", "out", "device", "workers", "rank", "world_size", "read_retries", "quiet")
+
+read_retries_option = click.option(
+    "--read-retries", default=5, show_default=True,
+    help="Reads from object storage that fail transiently (a dropped connection, a timeout) are retried this many "
+         "times, waiting 1, 2, 4, ... s (at most 30 s); then the run stops naming the object.")
 
 
 def _load_config(ctx: click.Context, _param, path):
@@ -142,13 +147,41 @@ config_option = click.option(
     callback=_load_config, help="A YAML file of options (keys as the long option names); flags override it.")
 
 
-def write_config(path: Path, params: dict, leave_out=("config",)):
-    """The resolved options as YAML, loadable again with --config."""
+def write_config(folder: str, params: dict, leave_out=("config",)):
+    """The resolved options as YAML in FOLDER/config.yaml (a path or a URL), loadable again with --config."""
     import yaml
 
-    from hdistill.shards.atomic import atomic_write
+    from hdistill.common.storage import Location
     values = {k: list(v) if isinstance(v, tuple) else v for k, v in params.items() if k not in leave_out}
-    atomic_write(path, yaml.safe_dump(values, sort_keys=False).encode())
+    Location(folder).write_bytes("config.yaml", yaml.safe_dump(values, sort_keys=False).encode())
+
+
+class StorePlace(click.ParamType):
+    """A store folder: a local path (checked like click.Path) or an s3://, gs:// or http(s):// URL (checked when
+    it is opened, before any model is built)."""
+
+    name = "PATH|URL"
+
+    def __init__(self, exists: bool):
+        self.local = click.Path(exists=exists, file_okay=False)
+
+    def convert(self, value, param, ctx):
+        from hdistill.common.storage import is_url
+        return str(value) if is_url(value) else self.local.convert(value, param, ctx)
+
+
+class LocalFolder(click.Path):
+    """A local folder; a URL is refused with a clear message (rather than made into a folder named 's3:')."""
+
+    def __init__(self, what: str):
+        super().__init__(file_okay=False)
+        self.what = what
+
+    def convert(self, value, param, ctx):
+        from hdistill.common.storage import is_url
+        if is_url(value):
+            self.fail(f"{value}: {self.what} is a local (or shared file system) folder, not a URL", param, ctx)
+        return super().convert(value, param, ctx)
 
 
 def teacher_options(f):
@@ -188,8 +221,10 @@ def cli():
 @config_option
 @click.option("--data", required=True,
               help="Images: an ImageFolder tree, webdataset tars ('train-{000000..001281}.tar'), a text file of "
-                   "image paths, or synthetic:N for N generated images.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Store folder (created; reruns resume).")
+                   "image paths, or synthetic:N for N generated images; local, or on s3://, gs:// or http(s):// "
+                   "(tars and list files; object storage needs pip install \"hdistill[cloud]\").")
+@click.option("--out", required=True, type=StorePlace(exists=False),
+              help="Store folder or URL (s3://bucket/store, gs://...): created; reruns resume.")
 @teacher_options
 @click.option("--target", "targets", multiple=True, metavar="ROLE:KIND[@B[,B...]]",
               help="A target to store, repeatable. KIND: feat (final features; feat@B: residual stream after "
@@ -228,16 +263,18 @@ def cli():
               help="Image decoding processes (default: 4, never more than the CPUs available).")
 @click.option("--rank", default=None, type=int, help="This process's rank for array jobs (default: $RANK or 0).")
 @click.option("--world-size", default=None, type=int, help="Number of ranks (default: $WORLD_SIZE or 1).")
+@read_retries_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def precompute(data, out, teachers, models, model_args, weights, random_init, image_size, seed, targets, encodings,
                mask_ratio, mask_blocks, mask_mean, mask_teacher, views, crop, store_mode, formats, limit, batch_size,
-               shard_size, precision, device, workers, rank, world_size, quiet):
+               shard_size, precision, device, workers, rank, world_size, read_retries, quiet):
     """Run the teachers over augmented views and write the target store.
 
     Kill it at any point and run the same command again to resume. Under
     `torchrun --nproc-per-node K -m hdistill precompute ...` each rank writes its own shards;
     the manifest is complete once every rank has finished.
     """
+    from hdistill.common.storage import Retry
     from hdistill.precompute.run import PrecomputeConfig, Runtime, run_precompute
     from hdistill.shards.format import store_bytes
 
@@ -254,12 +291,13 @@ def precompute(data, out, teachers, models, model_args, weights, random_init, im
     if not 0 <= rank < world_size:
         raise HdistillError(f"--rank {rank} is not in 0..{world_size - 1} (--world-size {world_size})")
     rt = Runtime(device=resolve_device(device), workers=loader_workers(workers), rank=rank, world_size=world_size,
+                 retry=Retry(attempts=read_retries),
                  progress=not quiet and sys.stderr.isatty())
     if random_init:
         click.echo("note: teachers have RANDOM weights (--random-init); targets are for testing only", err=True)
     start = time.time()
     manifest = run_precompute(cfg, out, rt)
-    write_config(Path(out) / "config.yaml", click.get_current_context().params, leave_out=RUNTIME_OPTIONS)
+    write_config(out, click.get_current_context().params, leave_out=RUNTIME_OPTIONS)
     seconds = time.time() - start
     if manifest is None:
         click.echo(f"precompute: rank {rank}/{world_size} finished its shards in {seconds:.0f}s; the last rank to "
@@ -273,9 +311,9 @@ def precompute(data, out, teachers, models, model_args, weights, random_init, im
 
 @cli.command()
 @config_option
-@click.option("--shards", required=True, type=click.Path(exists=True, file_okay=False),
-              help="A complete store made by hdistill precompute.")
-@click.option("--out", required=True, type=click.Path(file_okay=False),
+@click.option("--shards", required=True, type=StorePlace(exists=True),
+              help="A complete store made by hdistill precompute: a folder, or an s3://, gs:// or http(s):// URL.")
+@click.option("--out", required=True, type=LocalFolder("the run folder"),
               help="Run folder: checkpoint, metrics, student.safetensors. A folder with a checkpoint resumes.")
 @click.option("--student", default="vit_base_patch16_224", help="timm ViT name of the student (random init).")
 @click.option("--student-arg", "student_args", multiple=True, metavar="KEY=VALUE",
@@ -329,7 +367,7 @@ def precompute(data, out, teachers, models, model_args, weights, random_init, im
 @click.option("--reader", default=None, type=click.Choice(["wds", "zarr"]),
               help="Read the store's webdataset shards or its zarr arrays (same samples, same order). "
                    "Default: wds when the store holds it, else zarr.")
-@click.option("--val-shards", default=None, type=click.Path(exists=True, file_okay=False),
+@click.option("--val-shards", default=None, type=StorePlace(exists=True),
               help="A store of held-out images (precompute --crop center), evaluated every --val-every steps and at "
                    "the end: val/loss and val/loss/<target> in metrics.jsonl and TensorBoard.")
 @click.option("--val-every", default=1000, help="Steps between evaluations of --val-shards.")
@@ -347,14 +385,16 @@ def precompute(data, out, teachers, models, model_args, weights, random_init, im
                    "paper's regime), not the store's V views; measures what fixed views cost.")
 @click.option("--data", default=None,
               help="With --online: where the store's images are now, if not where precompute read them.")
+@read_retries_option
 @click.option("--quiet", is_flag=True,
               help="No progress bar (on a terminal) and no progress lines (otherwise, e.g. under SLURM).")
 def train(shards, out, student, student_args, drop_path, student_mean, student_std, precision, steps, epochs,
           batch_size, lr, weight_decay, warmup_steps, clip_grad, losses, alpha, beta, standardize_targets,
           feature_teacher, relation_teacher, relation_blocks, student_blocks, mask, seed, lanes, lane_buffer_mb,
           workers, reader, val_shards, val_every, device, log_every, checkpoint_every, keep_checkpoints,
-          compile_model, online, fresh_views, data, quiet):
+          compile_model, online, fresh_views, data, read_retries, quiet):
     """Train a ViT student from a store's targets: no teacher is loaded, no image decoded."""
+    from hdistill.common.storage import Retry
     from hdistill.train.run import TrainConfig, TrainRuntime, run_train
 
     cfg = TrainConfig(shards=shards, student=student, student_args=parse_student_args(student_args),
@@ -369,9 +409,10 @@ def train(shards, out, student, student_args, drop_path, student_mean, student_s
                       val_every=val_every, fresh_views=fresh_views)
     rt = TrainRuntime(device=resolve_device(device), log_every=log_every, checkpoint_every=checkpoint_every,
                       progress=not quiet and sys.stderr.isatty(), compile=compile_model,
-                      log_lines=not quiet and not sys.stderr.isatty(), keep_checkpoints=keep_checkpoints, data=data)
+                      log_lines=not quiet and not sys.stderr.isatty(), keep_checkpoints=keep_checkpoints, data=data,
+                      retry=Retry(attempts=read_retries))
     if int(os.environ.get("RANK", 0)) == 0:
-        write_config(Path(out) / "config.yaml", click.get_current_context().params)
+        write_config(out, click.get_current_context().params)
     start = time.time()
     source = None
     if online:
@@ -383,7 +424,7 @@ def train(shards, out, student, student_args, drop_path, student_mean, student_s
 
 
 @cli.command()
-@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.argument("store", type=StorePlace(exists=True))
 def inspect(store):
     """Summarise a store: teachers, target table, mask, views, samples, bytes per view, skipped inputs."""
     from hdistill.shards.format import store_bytes
@@ -416,7 +457,7 @@ def inspect(store):
 
 
 @cli.command()
-@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.argument("store", type=StorePlace(exists=True))
 def verify(store):
     """Check every shard's checksum and every sample's arrays; name each bad shard."""
     from hdistill.shards.verify import verify_store

@@ -1,21 +1,28 @@
-"""Where images come from: an ImageFolder tree, webdataset tar shards, a list file, or a generated set.
+"""Where images come from: an ImageFolder tree, webdataset tar shards, a list file, or a generated set,
+on local disk or on object storage (s3://, gs://, http(s):// for tars and list files).
 
 Every source becomes an ordered list of ImageRef (id + how to read its bytes). The order is
-the store's order: sorted relative paths for a folder, shard then member order for tars,
-line order for a list file.
+the input order the store's permutation applies to: relative paths in walk order (a folder's files,
+sorted, before its subfolders, sorted) for a folder, shard then member order for tars, line order for
+a list file. It does not depend on where the images are: the same tree gives the same store.
+
+On object storage an image is one GET (a ranged GET of its bytes inside a tar); listing a folder is
+one paginated listing; listing tars reads each member's header with a small ranged GET, many tars at once.
 """
 from __future__ import annotations
 
 import io
 import os
+import posixpath
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from hdistill.common.errors import HdistillError
+from hdistill.common.storage import Location, is_url, open_file, read_file, storage_error
 from hdistill.shards.format import image_id_from_path
 
 # torchvision's IMG_EXTENSIONS
@@ -25,7 +32,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 @dataclass(frozen=True)
 class ImageRef:
     image_id: str
-    source: str             # a path, "shard.tar:member", or "synthetic:i"
+    source: str             # a path or URL, "shard.tar:member", or "synthetic:i"
     offset: int = -1        # byte offset of the member's data inside a tar
     size: int = -1
 
@@ -33,11 +40,8 @@ class ImageRef:
         if self.source.startswith("synthetic:"):
             return synthetic_image(int(self.source.split(":")[1]))
         if self.offset >= 0:
-            with open(self.source.rsplit(":", 1)[0], "rb") as f:
-                f.seek(self.offset)
-                return f.read(self.size)
-        with open(self.source, "rb") as f:
-            return f.read()
+            return read_file(self.source.rsplit(":", 1)[0], self.offset, self.offset + self.size)
+        return read_file(self.source)
 
 
 def synthetic_image(index: int) -> bytes:
@@ -63,59 +67,75 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _from_folder(root: Path) -> list[ImageRef]:
-    refs = []
-    for folder, dirs, files in os.walk(root, followlinks=True):
-        dirs.sort()
-        for name in sorted(files):
-            if _is_image(name):
-                path = Path(folder) / name
-                refs.append(ImageRef(image_id_from_path(str(path.relative_to(root))), str(path)))
-    return refs
+def walk_order(relative: str) -> tuple:
+    """Sort key of a relative path that gives os.walk's order with sorted folders and files: a folder's
+    files before its subfolders."""
+    *folders, name = relative.split("/")
+    return tuple(folders), name
 
 
-def _from_list(list_file: Path) -> list[ImageRef]:
+def _from_folder(root: Location) -> list[ImageRef]:
+    names = sorted((n.replace(os.sep, "/") for n in root.files() if _is_image(n)), key=walk_order)
+    return [ImageRef(image_id_from_path(n), root.url_of(n)) for n in names]
+
+
+def _from_list(list_file: str) -> list[ImageRef]:
+    parent = posixpath.dirname(list_file) if is_url(list_file) else os.path.dirname(list_file)
     refs = []
-    for line in list_file.read_text().splitlines():
+    for line in read_file(list_file).decode().splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
-            path = Path(line) if os.path.isabs(line) else list_file.parent / line
-            refs.append(ImageRef(image_id_from_path(line.lstrip("/")), str(path)))
+            path = line if is_url(line) or os.path.isabs(line) else Location(parent).url_of(line)
+            refs.append(ImageRef(image_id_from_path(line.split("://")[-1].lstrip("/")), path))
     return refs
+
+
+def _tar_members(url: str) -> list[ImageRef]:
+    """The image members of one uncompressed tar; remotely, only the headers are fetched (ranged GETs)."""
+    try:
+        f = open_file(url, cache_type="none")
+    except FileNotFoundError:
+        raise HdistillError(f"--data: tar shard {url} does not exist") from None
+    try:
+        with f, tarfile.open(fileobj=f, mode="r:") as tar:
+            return [ImageRef(image_id_from_path(m.name), f"{url}:{m.name}", m.offset_data, m.size)
+                    for m in tar if m.isfile() and _is_image(m.name)]
+    except tarfile.TarError as err:
+        raise HdistillError(f"--data: {url} is not a readable uncompressed tar ({err})") from None
 
 
 def _from_tars(pattern: str) -> list[ImageRef]:
     import braceexpand
-    refs = []
-    for url in braceexpand.braceexpand(pattern):
-        if not os.path.isfile(url):
-            raise HdistillError(f"--data: tar shard {url} does not exist")
-        try:
-            with tarfile.open(url, "r:") as tar:
-                for member in tar:
-                    if member.isfile() and _is_image(member.name):
-                        refs.append(ImageRef(image_id_from_path(member.name), f"{url}:{member.name}",
-                                             member.offset_data, member.size))
-        except tarfile.TarError as err:
-            raise HdistillError(f"--data: {url} is not a readable uncompressed tar ({err})") from None
-    return refs
+    urls = list(braceexpand.braceexpand(pattern))
+    with ThreadPoolExecutor(max_workers=32 if is_url(pattern) else 1) as pool:   # remote: latency-bound
+        return [ref for refs in pool.map(_tar_members, urls) for ref in refs]
+
+
+def _list(data: str) -> list[ImageRef]:
+    if data.startswith("synthetic:"):
+        return [ImageRef(f"synthetic/{i:06d}", f"synthetic:{i}") for i in range(int(data.split(":", 1)[1]))]
+    if ".tar" in data:
+        return _from_tars(data)
+    place = Location(data)
+    if place.isdir():
+        return _from_folder(place)
+    if place.isfile():
+        return _from_list(data)
+    raise HdistillError(f"--data {data}: no such folder, list file or tar shards "
+                        "(expected an ImageFolder tree, 'shards-{000000..000099}.tar', a text file "
+                        "of image paths, or synthetic:N; local or s3://, gs://, http(s)://)")
 
 
 def list_images(data: str, limit: int | None = None) -> list[ImageRef]:
     """The ordered images of `data`, the first `limit` of them if given."""
-    if data.startswith("synthetic:"):
-        count = int(data.split(":", 1)[1])
-        refs = [ImageRef(f"synthetic/{i:06d}", f"synthetic:{i}") for i in range(count)]
-    elif ".tar" in data:
-        refs = _from_tars(data)
-    elif os.path.isdir(data):
-        refs = _from_folder(Path(data))
-    elif os.path.isfile(data):
-        refs = _from_list(Path(data))
-    else:
-        raise HdistillError(f"--data {data}: no such folder, list file or tar shards "
-                            "(expected an ImageFolder tree, 'shards-{000000..000099}.tar', a text file "
-                            "of image paths, or synthetic:N)")
+    try:
+        refs = _list(data)
+    except HdistillError:
+        raise
+    except Exception as err:  # noqa: BLE001 - credentials, bucket, permission: one line naming --data
+        if not is_url(data):
+            raise
+        raise HdistillError(f"--data {storage_error(data, err)}") from None
     refs = refs[:limit] if limit is not None else refs
     if not refs:
         raise HdistillError(f"--data {data}: no images found (extensions: {', '.join(IMAGE_EXTENSIONS)})")

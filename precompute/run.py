@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from hdistill.common.errors import HdistillError
 from hdistill.common.specs import ViewRecord, ViewTargets
+from hdistill.common.storage import Location, Retry, transient
 from hdistill.common.targets import TargetSpec, parse_encodings, parse_targets
 from hdistill.common.tokens import gather_relations, gather_rows, patchify, token_index
 from hdistill.shards.encoding import encode
@@ -105,6 +106,7 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     progress: bool = True
+    retry: Retry = field(default_factory=Retry)   # reads of images on object storage
 
 
 def build_teachers(cfg: PrecomputeConfig, device: str) -> dict[str, Teacher]:
@@ -138,8 +140,9 @@ class ViewDataset(torch.utils.data.Dataset):
     or the reason it failed."""
 
     def __init__(self, images: list[ImageRef], order, items: list[tuple[int, int, int]], seed: int, size: int,
-                 crop: str):
+                 crop: str, retry: Retry):
         self.images, self.order, self.items, self.seed, self.size, self.crop = images, order, items, seed, size, crop
+        self.retry = retry
 
     def __len__(self):
         return len(self.items)
@@ -149,20 +152,28 @@ class ViewDataset(torch.utils.data.Dataset):
         ref = self.images[int(self.order[position])]
         out = {"view": view, "shard": shard, "position": position}
         try:
-            img = decode_image(ref.read(), ref.source)
+            data = self.retry.call(ref.read, ref.source)
+        except Exception as err:  # noqa: BLE001 - sorted below: a lasting failure is the input's, else the run's
+            if transient(err):    # the storage, not the image: stop rather than skip an image the store should hold
+                return {**out, "fatal": f"{ref.source}: cannot read after {self.retry.attempts} retries "
+                                        f"({type(err).__name__}: {err}); run the same command again to resume"}
+            if not isinstance(err, OSError):
+                raise
+            return {**out, "error": {"source": ref.source, "image_id": ref.image_id,
+                                     "reason": f"{ref.source}: cannot read ({err.strerror or err})"}}
+        try:
+            img = decode_image(data, ref.source)
             pixels, params = make_view(img, ref.image_id, view, self.seed, self.size, crop=self.crop)
         except HdistillError as err:
             return {**out, "error": {"source": ref.source, "image_id": ref.image_id, "reason": str(err)}}
-        except OSError as err:
-            return {**out, "error": {"source": ref.source, "image_id": ref.image_id,
-                                     "reason": f"{ref.source}: cannot read ({err.strerror or err})"}}
         record = ViewRecord(ref.source, img.size, params)
         return {**out, "pixels": torch.from_numpy(pixels), "record": record}
 
 
 def collate_views(items: list[dict]) -> dict:
     ok = [it for it in items if "pixels" in it]
-    return {"pixels": torch.stack([it["pixels"] for it in ok]) if ok else None,
+    return {"fatal": [it["fatal"] for it in items if "fatal" in it],
+            "pixels": torch.stack([it["pixels"] for it in ok]) if ok else None,
             "ok": [{k: it[k] for k in ("view", "shard", "position", "record")} for it in ok],
             "failed": [{k: it[k] for k in ("view", "shard", "position", "error")} for it in items if "error" in it]}
 
@@ -257,6 +268,7 @@ def run_precompute(cfg: PrecomputeConfig, out: str, rt: Runtime,
     `teachers` may be passed prebuilt (as build_teachers(cfg, rt.device) makes them), e.g. by benchmarks.
     """
     cfg.validate()
+    Location(out).check_writable("--out")
     images = list_images(cfg.data, cfg.limit)
     teachers = teachers or build_teachers(cfg, rt.device)
     writer = StoreWriter(out, plan_store(cfg, teachers, len(images)))
@@ -277,7 +289,7 @@ def run_precompute(cfg: PrecomputeConfig, out: str, rt: Runtime,
 
 def _process(cfg, rt, writer, teachers, images, items):
     manifest = writer.manifest
-    dataset = ViewDataset(images, manifest.layout.order, items, cfg.seed, cfg.image_size, cfg.crop)
+    dataset = ViewDataset(images, manifest.layout.order, items, cfg.seed, cfg.image_size, cfg.crop, rt.retry)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=shard_batches(items, cfg.batch_size), num_workers=rt.workers,
         collate_fn=collate_views, pin_memory=rt.device.startswith("cuda"),
@@ -288,6 +300,8 @@ def _process(cfg, rt, writer, teachers, images, items):
     skipped = 0
     try:
         for batch in loader:
+            if batch["fatal"]:
+                raise HdistillError(batch["fatal"][0])
             samples = []
             if batch["pixels"] is not None:
                 pixels = batch["pixels"].to(rt.device, non_blocking=True)

@@ -3,7 +3,6 @@
   format     names, the sample's arrays, the shard layout and store order
   manifest   the typed manifest (to_dict / from_dict), version check
   encoding   fp16 / int8 / bf16 encodings of targets, and decoding
-  atomic     write-to-temporary, fsync, rename
   wds        deterministic webdataset tar shards
   zarr_store the same arrays stacked along a slot axis
   writer     create / reopen, rank locks, shard commits, finalize

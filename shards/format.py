@@ -35,9 +35,9 @@ def image_id_from_path(relative: str) -> str:
 
 
 def store_bytes(store) -> int:
-    """Bytes of every file of a local store: shards, zarr, commit records, manifest, locks."""
-    from pathlib import Path
-    return sum(p.stat().st_size for p in Path(store).rglob("*") if p.is_file())
+    """Bytes of every file of a store (a path, URL or Location): shards, zarr, commit records, manifest, locks."""
+    from hdistill.common.storage import as_location
+    return as_location(store).total_bytes()
 
 
 def npy_bytes(array: np.ndarray) -> bytes:

@@ -6,10 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hdistill.common.errors import HdistillError
+from hdistill.common.storage import Location, as_location, storage_error
 from hdistill.common.specs import MaskSpec, TeacherInfo
 from hdistill.common.targets import TargetSpec
 
-from .atomic import atomic_write
 from .format import FORMAT_VERSION, MANIFEST, StoreLayout, sample_arrays
 
 
@@ -108,14 +108,19 @@ class Manifest:
                    format_version=d["format_version"])
 
 
-def read_manifest(store: str | Path) -> Manifest:
-    path = Path(store) / MANIFEST
+def read_manifest(store: str | Path | Location) -> Manifest:
+    store = as_location(store)
+    path = store.url_of(MANIFEST)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(store.read_bytes(MANIFEST))
     except FileNotFoundError:
         raise HdistillError(f"{store} is not an hdistill store: {path} does not exist") from None
-    except (OSError, json.JSONDecodeError) as err:
+    except json.JSONDecodeError as err:
         raise HdistillError(f"{path}: unreadable manifest ({err})") from None
+    except HdistillError:
+        raise
+    except Exception as err:  # noqa: BLE001 - permissions, credentials, a missing bucket: one line
+        raise storage_error(path, err) from None
     version = data.get("format_version") if isinstance(data, dict) else None
     if version != FORMAT_VERSION:
         raise HdistillError(f"{path}: store format version {version}; this hdistill reads version {FORMAT_VERSION} "
@@ -127,5 +132,5 @@ def read_manifest(store: str | Path) -> Manifest:
         raise HdistillError(f"{path}: malformed v{FORMAT_VERSION} manifest ({type(err).__name__}: {err})") from None
 
 
-def write_manifest(store: str | Path, manifest: Manifest):
-    atomic_write(Path(store) / MANIFEST, (json.dumps(manifest.to_dict(), indent=1, sort_keys=True) + "\n").encode())
+def write_manifest(store: str | Path | Location, manifest: Manifest):
+    as_location(store).write_bytes(MANIFEST, (json.dumps(manifest.to_dict(), indent=1, sort_keys=True) + "\n").encode())

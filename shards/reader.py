@@ -6,6 +6,7 @@ checked to be finite. Errors name the shard's file or zarr region and the sample
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ import numpy as np
 
 from hdistill.common.errors import HdistillError
 from hdistill.common.specs import ViewRecord, sample_key
+from hdistill.common.storage import Location, as_location
 
 from .encoding import decode
 from .format import FORMATS, ZARR_DIR, npy_load
@@ -39,7 +41,8 @@ class Sample:
 
 
 class StoreReader:
-    def __init__(self, store: str | Path, manifest: Manifest, fmt: str = "wds", targets: list[str] | None = None):
+    def __init__(self, store: str | Path | Location, manifest: Manifest, fmt: str = "wds",
+                 targets: list[str] | None = None):
         if fmt not in FORMATS:
             raise HdistillError(f"unknown store format {fmt!r}; choose one of {', '.join(FORMATS)}")
         if fmt not in manifest.formats:
@@ -49,7 +52,7 @@ class StoreReader:
         if missing:
             raise HdistillError(f"{store}: no target {', '.join(missing)} in the store "
                                 f"(it holds {', '.join(t.name for t in manifest.targets)})")
-        self.store, self.manifest, self.fmt = str(store), manifest, fmt
+        self.store, self.manifest, self.fmt = as_location(store), manifest, fmt
         self.specs = [manifest.target(n) for n in names]
         shapes = manifest.arrays()
         self.arrays = {n: shapes[n] for n in ("stage", "keep", "pixels")}
@@ -58,22 +61,26 @@ class StoreReader:
 
     def where(self, shard: ShardRecord) -> str:
         if self.fmt == "wds":
-            return f"{self.store}/{shard.file}"
-        return f"{self.store}/{ZARR_DIR} shard {shard.name}"
+            return self.store.url_of(shard.file)
+        return f"{self.store.url_of(ZARR_DIR)} shard {shard.name}"
 
     def read(self, shard: ShardRecord, offsets: set[int] | None = None) -> Iterator[Sample]:
         """The shard's samples in store order; only those at `offsets` (0-based within the shard) if given."""
         return self._read_wds(shard, offsets) if self.fmt == "wds" else self._read_zarr(shard, offsets)
 
     def _read_wds(self, shard: ShardRecord, offsets: set[int] | None) -> Iterator[Sample]:
-        import json
-
-        import webdataset as wds
         url = self.where(shard)
         last = max(offsets) if offsets else None
-        # one url, already split by rank and worker by the caller: webdataset must not split again
-        for offset, raw in enumerate(wds.WebDataset(url, shardshuffle=False, handler=wds.reraise_exception,
-                                                    nodesplitter=_as_is, workersplitter=_as_is, empty_check=False)):
+        with self.store.open(shard.file) as stream:
+            yield from self._parse_wds(url, stream, offsets, last)
+
+    def _parse_wds(self, url: str, stream, offsets: set[int] | None, last: int | None) -> Iterator[Sample]:
+        """Samples of an opened tar stream, parsed by webdataset's own tar iterator and key grouping."""
+        from webdataset.filters import reraise_exception
+        from webdataset.tariterators import group_by_keys, tar_file_expander
+        raws = group_by_keys(tar_file_expander([{"url": url, "stream": stream}], handler=reraise_exception,
+                                               eof_value=None), handler=reraise_exception)
+        for offset, raw in enumerate(raws):
             if offsets is not None and offset not in offsets:
                 if last is not None and offset > last:
                     return                                  # nothing more wanted: stop reading the tar
@@ -90,14 +97,14 @@ class StoreReader:
 
     def _read_zarr(self, shard: ShardRecord, offsets: set[int] | None) -> Iterator[Sample]:
         where, layout = self.where(shard), self.manifest.layout
-        records = read_region(Path(self.store), self.manifest, shard.view, shard.index, ["valid", "image_id"])
+        records = read_region(self.store, self.manifest, shard.view, shard.index, ["valid", "image_id"])
         slots = np.flatnonzero(records["valid"])
         if offsets is not None:
             slots = slots[sorted(o for o in offsets if o < len(slots))]      # random access: only what is wanted
         base = layout.slot(shard.view, shard.index * layout.shard_size)
         for start in range(0, len(slots), ZARR_BLOCK):
             block = slots[start:start + ZARR_BLOCK]
-            columns = read_slots(Path(self.store), list(self.arrays), base + block)
+            columns = read_slots(self.store, list(self.arrays), base + block)
             for j, i in enumerate(block):
                 key = sample_key(str(records["image_id"][i]), shard.view)
                 yield self._sample(where, key, {name: col[j] for name, col in columns.items()}, None)
@@ -116,6 +123,3 @@ class StoreReader:
             targets[spec.name] = values
         return Sample(key, arrays["stage"], arrays["keep"], arrays["pixels"], targets, record)
 
-
-def _as_is(urls):
-    return urls

@@ -4,20 +4,22 @@ from __future__ import annotations
 from pathlib import Path
 
 from hdistill.common.errors import HdistillError
-from hdistill.common.files import file_sha256
+from hdistill.common.files import stream_sha256
+from hdistill.common.storage import Location, as_location
 
 from .manifest import Manifest, ShardRecord, read_manifest
 from .reader import StoreReader
 from .zarr_store import array_shapes, read_region, region_digest
 
 
-def _checksum(store: Path, manifest: Manifest, fmt: str, shard: ShardRecord) -> str | None:
+def _checksum(store: Location, manifest: Manifest, fmt: str, shard: ShardRecord) -> str | None:
     """A problem with the shard's recorded digest in `fmt`, or None."""
     if fmt == "wds":
-        path = store / shard.file
-        if not path.exists():
+        if not store.exists(shard.file):
             return f"{shard.file}: missing"
-        if file_sha256(path) != shard.sha256:
+        with store.open(shard.file) as f:
+            digest = stream_sha256(f)
+        if digest != shard.sha256:
             return f"{shard.file}: sha256 differs from the manifest (the file was changed or damaged)"
         return None
     arrays = read_region(store, manifest, shard.view, shard.index, list(array_shapes(manifest)))
@@ -26,7 +28,7 @@ def _checksum(store: Path, manifest: Manifest, fmt: str, shard: ShardRecord) -> 
     return None
 
 
-def check_shard(store: Path, manifest: Manifest, reader: StoreReader, shard: ShardRecord) -> list[str]:
+def check_shard(store: Location, manifest: Manifest, reader: StoreReader, shard: ShardRecord) -> list[str]:
     """Problems of one shard in the reader's format, each worded with the shard (and sample) it concerns."""
     label = shard.file if reader.fmt == "wds" else f"targets.zarr shard {shard.name}"
     problems = []
@@ -37,7 +39,7 @@ def check_shard(store: Path, manifest: Manifest, reader: StoreReader, shard: Sha
         problems += [problem] if problem else []
         count = sum(1 for _ in reader.read(shard))
     except HdistillError as err:
-        return problems + [str(err).replace(f"{store}/", "")]
+        return problems + [str(err).replace(f"{store.url}/", "")]
     except Exception as err:  # noqa: BLE001 - any failure to read a shard is a problem of that shard
         return problems + [f"{label}: unreadable ({type(err).__name__}: {err})"]
     if count != shard.samples:
@@ -45,9 +47,9 @@ def check_shard(store: Path, manifest: Manifest, reader: StoreReader, shard: Sha
     return problems
 
 
-def verify_store(store: str | Path) -> tuple[Manifest, list[str]]:
+def verify_store(store: str | Path | Location) -> tuple[Manifest, list[str]]:
     """(manifest, problems): no problems means every listed shard is intact in every stored format."""
-    store = Path(store)
+    store = as_location(store)
     manifest = read_manifest(store)
     if not manifest.complete:
         return manifest, [f"{store}: the store is not complete (a run is unfinished)"]

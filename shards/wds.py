@@ -10,9 +10,9 @@ import hashlib
 import io
 import tarfile
 from collections.abc import Iterable
-from pathlib import Path
 
-from .atomic import atomic_open
+from hdistill.common.storage import Location
+
 from .format import StoredSample
 
 
@@ -26,9 +26,9 @@ class _HashingWriter:
         return self.f.write(data)
 
 
-def write_shard(path: Path, samples: Iterable[StoredSample]) -> tuple[int, str]:
-    """Write a tar shard atomically -> (bytes, sha256)."""
-    with atomic_open(path) as f:
+def write_shard(store: Location, name: str, samples: Iterable[StoredSample]) -> tuple[int, str]:
+    """Write the tar shard `name` of the store, whole or not at all -> (bytes, sha256)."""
+    with store.write(name) as f:
         out = _HashingWriter(f)
         with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
             for sample in samples:

@@ -1,8 +1,11 @@
 """Writing a store: create or reopen it, lock a rank's shards, commit shards, finalize the manifest.
 
-A shard is committed when its tar (atomic) and zarr region are written and then its commit record
-commits/<shard>.json (atomic). A shard without a commit record is not part of the store and is
-rewritten by the next run. The manifest is rewritten, complete, by the last rank to finish.
+A shard is committed when its tar (whole: atomic rename, or one completed upload) and zarr region
+are written and then its commit record commits/<shard>.json (likewise whole). A shard without a
+commit record is not part of the store and is rewritten by the next run. The manifest is rewritten,
+complete, by the last rank to finish. The same holds on object storage (common.storage): rank r only
+ever writes its own shards' objects; the objects every rank may write (the first manifest, the zarr
+metadata, the complete manifest) are the same bytes whichever rank writes them.
 """
 from __future__ import annotations
 
@@ -12,17 +15,18 @@ import os
 import warnings
 from pathlib import Path
 
+from hdistill.common.atomic import remove_stale_temporaries, write_error
 from hdistill.common.errors import HdistillError
+from hdistill.common.storage import Location, as_location
 
 from . import wds, zarr_store
-from .atomic import atomic_write, remove_stale_temporaries, write_error
 from .format import COMMITS_DIR, LOCKS_DIR, MANIFEST, WDS_DIR, StoredSample, shard_name
 from .manifest import Manifest, ShardRecord, read_manifest, write_manifest
 
 
 class StoreWriter:
-    def __init__(self, store: str | Path, manifest: Manifest):
-        self.store, self.manifest = Path(store), manifest
+    def __init__(self, store: str | Path | Location, manifest: Manifest):
+        self.store, self.manifest = as_location(store), manifest
         self._lock = None
 
     # ---------------------------------------------------------------- opening
@@ -30,15 +34,15 @@ class StoreWriter:
     def open(self):
         """Create the store, or check that an existing one was made by the same configuration."""
         store = self.store
-        if (store / MANIFEST).exists():
+        if store.exists(MANIFEST):
             existing = read_manifest(store)
             if existing.identity() != self.manifest.identity():
                 raise HdistillError(f"{store} holds a store made with another configuration ({self._diff(existing)}). "
                                     "Use a new --out, or rerun with the original options to resume.")
         else:
-            if store.exists() and not store.is_dir():
+            if not store.remote and store.exists() and not store.isdir():
                 raise HdistillError(f"--out {store} is a file; give a folder for the store")
-            if store.exists() and any(p for p in store.iterdir() if not p.name.startswith(".")):
+            if any(not name.startswith(".") for name in store.listdir()):
                 raise HdistillError(f"--out {store} exists and is not an hdistill store; choose an empty or new folder")
             write_manifest(store, self.manifest)
         if "zarr" in self.manifest.formats:
@@ -55,9 +59,12 @@ class StoreWriter:
         """Hold locks/rank<r>-of<W>.lock for this process's life: a second writer of the same shards is refused.
 
         flock locks belong to the open file, so the kernel releases them when the process dies, SIGKILL
-        included: a killed run's rerun is never locked out.
+        included: a killed run's rerun is never locked out. Object storage has no locks: there, as on a
+        file system without flock, start each rank once (ranks never share a shard, whatever happens).
         """
-        path = self.store / LOCKS_DIR / f"rank{rank}-of{world_size}.lock"
+        if self.store.remote:
+            return
+        path = Path(self.store.url_of(f"{LOCKS_DIR}/rank{rank}-of{world_size}.lock"))
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             f = open(path, "a+")
@@ -87,16 +94,17 @@ class StoreWriter:
 
     # ---------------------------------------------------------------- shards
 
-    def commit_path(self, name: str) -> Path:
-        return self.store / COMMITS_DIR / f"{name}.json"
+    @staticmethod
+    def commit_name(shard: str) -> str:
+        return f"{COMMITS_DIR}/{shard}.json"
 
     def committed(self) -> dict[str, ShardRecord]:
-        out = {}
-        for view, index in self.manifest.layout.shards():
-            path = self.commit_path(shard_name(view, index))
-            if path.exists():
-                out[path.stem] = ShardRecord.from_dict(json.loads(path.read_text()))
-        return out
+        """shard name -> commit record, for the shards of the layout committed so far (one listing, then reads)."""
+        present = set(self.store.files(COMMITS_DIR))
+        wanted = [self.commit_name(shard_name(v, k)) for v, k in self.manifest.layout.shards()]
+        found = self.store.read_many([n for n in wanted if n.split("/", 1)[1] in present])
+        return {name.split("/", 1)[1][:-len(".json")]: ShardRecord.from_dict(json.loads(data))
+                for name, data in found.items()}
 
     def commit(self, view: int, index: int, samples: list[tuple[int, StoredSample]], skipped: list[dict]):
         """Write one shard: `samples` are (position, sample); `skipped` holds one record per unreadable input
@@ -105,15 +113,16 @@ class StoreWriter:
         samples = sorted(samples, key=lambda s: s[0])
         record = ShardRecord(name=name, view=view, index=index, samples=len(samples),
                              skipped=sorted(skipped, key=lambda s: s["position"]))
-        tar_path = self.store / WDS_DIR / f"{name}.tar"
-        for path in (tar_path, self.commit_path(name)):
-            remove_stale_temporaries(path)  # this rank owns the shard (lock_rank); a killed run may have left these
+        tar_name = f"{WDS_DIR}/{name}.tar"
+        if not self.store.remote:
+            for path in (tar_name, self.commit_name(name)):  # this rank owns the shard (lock_rank);
+                remove_stale_temporaries(self.store.url_of(path))  # a killed run may have left these
         if "wds" in self.manifest.formats:
-            record.bytes, record.sha256 = wds.write_shard(tar_path, (s for _, s in samples))
-            record.file = f"{WDS_DIR}/{name}.tar"
+            record.bytes, record.sha256 = wds.write_shard(self.store, tar_name, (s for _, s in samples))
+            record.file = tar_name
         if "zarr" in self.manifest.formats:
             record.zarr_sha256 = zarr_store.write_shard(self.store, self.manifest, view, index, samples)
-        atomic_write(self.commit_path(name), json.dumps(record.to_dict(), sort_keys=True).encode())
+        self.store.write_bytes(self.commit_name(name), json.dumps(record.to_dict(), sort_keys=True).encode())
 
     def finalize(self) -> Manifest | None:
         """The complete manifest, written once every shard of every rank is committed; else None."""

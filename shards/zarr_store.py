@@ -12,13 +12,16 @@
       array and a group)
 
 Chunks hold one sample (random access); zarr shards hold one store shard (`shard_size`
-slots), so each store shard is written by exactly one process in one region write.
+slots), so each store shard is written by exactly one process in one region write (on object
+storage: one object per array and store shard). The hierarchy's metadata is built in a local
+temporary folder and published whole: renamed in, or uploaded with the group's zarr.json last.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import shutil
+import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 import zarr.codecs as zc
+
+from hdistill.common.storage import Location
 
 from .encoding import BF16_KEEPBITS
 from .format import ZARR_DIR, StoredSample
@@ -65,14 +70,14 @@ def _filters(manifest: Manifest) -> dict[str, list]:
     return {t.name: [BitRound(keepbits=BF16_KEEPBITS)] for t in manifest.targets if t.encoding == "bf16"}
 
 
-def create(store: Path, manifest: Manifest):
-    """Create the empty hierarchy once; concurrent ranks race safely (build aside, rename in)."""
-    final = store / ZARR_DIR
-    if final.exists():
+def create(store: Location, manifest: Manifest):
+    """Create the empty hierarchy once; concurrent ranks race safely (build aside, publish whole)."""
+    if store.exists(f"{ZARR_DIR}/zarr.json"):
         return
     with _quiet():
         layout, filters = manifest.layout, _filters(manifest)
-    tmp = store / f".{ZARR_DIR}.tmp-{os.getpid()}"
+    tmp = Path(store.url_of(f".{ZARR_DIR}.tmp-{os.getpid()}")) if not store.remote else \
+        Path(tempfile.mkdtemp(prefix="hdistill-stage-")) / ZARR_DIR
     group = zarr.open_group(tmp, mode="w", zarr_format=3)
     for name, (shape, dtype) in array_shapes(manifest).items():
         with _quiet():
@@ -82,12 +87,42 @@ def create(store: Path, manifest: Manifest):
                 filters=filters.get(name, ()),
                 compressors=None if dtype == "str" else FLOAT_CODEC if dtype.startswith("float") else INT_CODEC,
                 fill_value="" if dtype == "str" else 0)
+    _publish(store, tmp)
+
+
+def _publish(store: Location, tmp: Path):
+    """Move the built metadata into the store: one rename, or uploads with the group's zarr.json last
+    (the mark that the hierarchy exists; every rank uploads the same bytes)."""
+    if not store.remote:
+        try:
+            os.rename(tmp, store.url_of(ZARR_DIR))
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not store.exists(ZARR_DIR):
+                raise
+        return
     try:
-        os.rename(tmp, final)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not final.exists():
-            raise
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        for name in sorted(files, key=lambda f: f == "zarr.json"):
+            store.upload(tmp / name, f"{ZARR_DIR}/{name}")
+    finally:
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+_groups: dict = {}
+
+
+def _group(store: Location, mode: str):
+    """The opened targets.zarr group; on object storage opened once per process and mode, so its metadata
+    is fetched once (a local group is reopened: cheap, and never stale)."""
+    key = (store.url, mode, os.getpid())
+    if key in _groups:
+        return _groups[key]
+    with _quiet():
+        group = zarr.open_group(store.url_of(ZARR_DIR), mode=mode)
+    if store.remote:
+        _groups[key] = group
+    return group
 
 
 def region(manifest: Manifest, view: int, index: int) -> slice:
@@ -108,7 +143,7 @@ def region_digest(arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def write_shard(store: Path, manifest: Manifest, view: int, index: int,
+def write_shard(store: Location, manifest: Manifest, view: int, index: int,
                 samples: list[tuple[int, StoredSample]]) -> str:
     """Write one store shard's slots in one region; `samples` are (position, sample). -> region digest."""
     size = manifest.layout.shard_size
@@ -126,23 +161,24 @@ def write_shard(store: Path, manifest: Manifest, view: int, index: int,
         for name, data in sample.arrays.items():
             arrays[name][i] = data
     where = region(manifest, view, index)
+    group = _group(store, "r+")
     with _quiet():
-        group = zarr.open_group(store / ZARR_DIR, mode="r+")
         for name, values in arrays.items():
             group[name][where] = values.astype(str) if values.dtype == object else values
     return region_digest(read_region(store, manifest, view, index, list(arrays)))
 
 
-def read_region(store: Path, manifest: Manifest, view: int, index: int, names: list[str]) -> dict[str, np.ndarray]:
+def read_region(store: Location, manifest: Manifest, view: int, index: int,
+                names: list[str]) -> dict[str, np.ndarray]:
     """zarr array -> the store shard's values [shard_size, ...]."""
+    group, where = _group(store, "r"), region(manifest, view, index)
     with _quiet():
-        group, where = zarr.open_group(store / ZARR_DIR, mode="r"), region(manifest, view, index)
         return {name: group[name][where] for name in names}
 
 
-def read_slots(store: Path, names: list[str], slots: np.ndarray) -> dict[str, np.ndarray]:
+def read_slots(store: Location, names: list[str], slots: np.ndarray) -> dict[str, np.ndarray]:
     """zarr array -> values at the given ascending slots [len(slots), ...], read as one range."""
     lo, hi = int(slots[0]), int(slots[-1]) + 1
+    group = _group(store, "r")
     with _quiet():
-        group = zarr.open_group(store / ZARR_DIR, mode="r")
         return {name: group[name][lo:hi][slots - lo] for name in names}

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from hdistill.common.errors import HdistillError
+from hdistill.common.storage import Retry, transient
 from hdistill.common.targets import TargetSpec
 from hdistill.shards.manifest import Manifest, read_manifest
 from hdistill.shards.reader import Sample, StoreReader
@@ -134,13 +135,16 @@ class StoreStream(torch.utils.data.IterableDataset):
 
     `reader` "wds" streams the tar shards, "zarr" reads each store shard's region of targets.zarr; both
     give the same samples in the same order. A resume starts at batch `start` without reading what the
-    lanes had emitted: only the shards holding what they still had to emit are opened.
+    lanes had emitted: only the shards holding what they still had to emit are opened. A read that
+    fails transiently (a dropped connection to object storage) is reopened where it stopped, as `retry`
+    says; then the run stops naming the shard: no sample is skipped, the order never changes.
     """
 
     def __init__(self, store: str, manifest: Manifest, targets: list[TargetSpec], mask: str, seed: int,
                  lanes: int = 1, batch_size: int = 1, buffer_mb: float = 64.0, rank: int = 0, world_size: int = 1,
-                 reader: str = "wds"):
+                 reader: str = "wds", retry: Retry = Retry()):
         self.store, self.manifest, self.targets, self.mask, self.seed = store, manifest, targets, mask, seed
+        self.retry = retry
         self.layout = manifest.layout
         self.lanes, self.batch_size, self.rank, self.world_size = lanes, batch_size, rank, world_size
         self.reader = StoreReader(store, manifest, reader, [t.name for t in targets])
@@ -189,15 +193,29 @@ class StoreStream(torch.utils.data.IterableDataset):
                     t += 1
 
     def _read(self, shard, offsets: set[int] | None):
-        """The training samples at `offsets` of a shard (all if None), in offset order."""
-        try:
-            for stored in self.reader.read(shard, offsets):
-                yield self.sample(stored)
-        except HdistillError:
-            raise
-        except Exception as err:  # noqa: BLE001 - any failure to read a shard is reported with its name
-            raise HdistillError(f"{self.reader.where(shard)}: unreadable shard ({type(err).__name__}: {err}); "
-                                "run hdistill verify") from None
+        """The training samples at `offsets` of a shard (all if None), in offset order; after a transient
+        failure the shard is reopened at the first sample not yet given."""
+        wanted = sorted(offsets) if offsets is not None else range(shard.samples)
+        given, attempt = 0, 0
+        while True:
+            try:
+                for stored in self.reader.read(shard, offsets if given == 0 else set(wanted[given:])):
+                    sample = self.sample(stored)
+                    given += 1
+                    yield sample
+                return
+            except HdistillError:
+                raise
+            except Exception as err:  # noqa: BLE001 - any failure to read a shard is reported with its name
+                where = self.reader.where(shard)
+                if transient(err) and attempt < self.retry.attempts:
+                    self.retry.wait(attempt, where, err)
+                    attempt += 1
+                    continue
+                tried = f" after {attempt} retries" if transient(err) else ""
+                raise HdistillError(f"{where}: unreadable shard{tried} ({type(err).__name__}: {_message(err)}); "
+                                    "the last checkpoint resumes the run exactly (hdistill verify checks the "
+                                    "store)") from None
 
     def sample(self, stored: Sample) -> dict:
         """The training sample: the patches the student sees and the targets over those tokens."""
@@ -224,6 +242,11 @@ class AllSamples(torch.utils.data.IterableDataset):
             except HdistillError as err:
                 yield {"error": str(err)}
                 return
+
+
+def _message(err: BaseException) -> str:
+    """An exception's own message (webdataset appends the stream and URL to args)."""
+    return str(err.args[0]) if err.args else str(err)
 
 
 def select_tokens(target: TargetSpec, values, tokens):

@@ -25,9 +25,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from hdistill.common.atomic import atomic_open
 from hdistill.common.errors import HdistillError
 from hdistill.common.specs import TokenGrid, check_same_grid
-from hdistill.shards.atomic import atomic_open
+from hdistill.common.storage import Retry
 from hdistill.shards.manifest import Manifest
 
 from .data import (AllSamples, StoreStream, check_mask, concat, default_lanes, default_reader,
@@ -92,6 +93,7 @@ class TrainRuntime:
     log_lines: bool = False              # a plain progress line every log_every steps (a scheduler's log)
     keep_checkpoints: int = 0            # also keep the last N checkpoints as checkpoints/step-<step>.pt
     data: str | None = None              # with --online: where the store's images are now (default: as recorded)
+    retry: Retry = field(default_factory=Retry)   # transient read failures of the store (object storage)
 
 
 def base_lr(cfg: TrainConfig) -> float:
@@ -206,14 +208,14 @@ class Trainer:
         self.source = source(self) if source else StoredTargets(
             StoreStream(cfg.shards, self.manifest, [t.target for t in self.terms], self.mask, cfg.seed,
                         self.lanes, cfg.batch_size, cfg.lane_buffer_mb, self.dist.rank, self.dist.world_size,
-                        self.reader))
+                        self.reader, rt.retry))
         self.val = None
         if cfg.val_shards:
             val_manifest, val_targets = open_val_store(cfg.val_shards, self.manifest, [t.target for t in self.terms],
                                                        self.mask)
             self.val = AllSamples(StoreStream(cfg.val_shards, val_manifest, val_targets, self.mask, cfg.seed,
                                               rank=self.dist.rank, world_size=self.dist.world_size,
-                                              reader=default_reader(val_manifest)))
+                                              reader=default_reader(val_manifest), retry=rt.retry))
         self.step, self.epoch, self.epoch_batches = 0, 0, 0
 
     # ---------------------------------------------------------------- state

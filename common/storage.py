@@ -1,0 +1,325 @@
+"""Where files live: a local folder, or a prefix on object storage (s3://, gs://, http(s)://) through fsspec.
+
+A Location is a folder whose files are addressed by relative names ("wds/view0-000000.tar"). The
+guarantees are the same on both:
+  - a file appears whole or not at all: locally it is written to a temporary name, fsynced and
+    renamed; on object storage it is staged in a local temporary file, uploaded with one put (an
+    object exists only once its upload completes) and the staged file is removed;
+  - http(s):// is read-only.
+Credentials and endpoints come from where fsspec's backends look for them: the AWS variables
+(AWS_ACCESS_KEY_ID, AWS_PROFILE, AWS_ENDPOINT_URL, ...) for s3fs, Google's application default
+credentials for gcsfs, and fsspec's own configuration (FSSPEC_S3_*, ~/.config/fsspec).
+The backends are the `cloud` extra (`pip install "hdistill[cloud]"`; gs:// needs "hdistill[gcs]").
+"""
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .atomic import atomic_open
+from .errors import HdistillError
+
+# scheme -> (the module fsspec needs for it, the extra that installs it)
+BACKENDS = {"s3": ("s3fs", "cloud"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs"),
+            "http": ("aiohttp", "cloud"), "https": ("aiohttp", "cloud")}
+READ_ONLY = ("http", "https")
+STREAM_BLOCK = 16 * 2 ** 20     # bytes per ranged read when streaming an object (a tar shard) from start to end
+
+
+def is_url(path) -> bool:
+    return "://" in str(path)
+
+
+def scheme(path) -> str:
+    return str(path).split("://", 1)[0].lower() if is_url(path) else "file"
+
+
+def _backend(url: str):
+    """(fsspec filesystem, path within it) for a remote URL; a clear error when the backend is missing."""
+    name = scheme(url)
+    if name not in BACKENDS:
+        raise HdistillError(f"{url}: unsupported URL scheme {name}://; use a local path, s3://, gs:// or http(s)://")
+    module, extra = BACKENDS[name]
+    try:
+        __import__(module)
+        import fsspec
+    except ImportError:
+        raise HdistillError(f"{url}: {name}:// needs the cloud libraries: pip install \"hdistill[{extra}]\"") from None
+    return fsspec.core.url_to_fs(url)
+
+
+def read_file(url: str, start: int | None = None, end: int | None = None) -> bytes:
+    """The bytes of a file or object (the range [start, end) if given). FileNotFoundError passes through."""
+    if not is_url(url):
+        with open(url, "rb") as f:
+            if start is None:
+                return f.read()
+            f.seek(start)
+            return f.read(end - start)
+    fs, path = _backend(url)
+    return fs.cat_file(path, start=start, end=end)
+
+
+def open_file(url: str, block_size: int = STREAM_BLOCK, cache_type: str = "readahead"):
+    """A binary file object for reading a file or object. Remote reads are ranged GETs: `block_size` bytes
+    ahead ("readahead", for streaming) or exactly what each read asks for ("none", for seeking)."""
+    if not is_url(url):
+        return open(url, "rb")
+    fs, path = _backend(url)
+    return fs.open(path, "rb", block_size=block_size, cache_type=cache_type)
+
+
+def storage_error(url: str, err: BaseException, doing: str = "read") -> HdistillError:
+    """One line for a failure of object storage, naming the URL and what to check."""
+    kind = type(err).__name__
+    if kind in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
+        return HdistillError(f"{url}: no credentials found to {doing} it; set AWS_ACCESS_KEY_ID and "
+                             "AWS_SECRET_ACCESS_KEY or AWS_PROFILE (AWS_ENDPOINT_URL for an S3-compatible endpoint), "
+                             "or configure fsspec")
+    if isinstance(err, PermissionError):
+        return HdistillError(f"{url}: no permission to {doing} it ({_first_line(err)})")
+    if isinstance(err, FileNotFoundError):
+        return HdistillError(f"{url}: not found ({_first_line(err)}); check the bucket and the prefix")
+    return HdistillError(f"{url}: cannot {doing} it ({kind}: {_first_line(err)})")
+
+
+def _first_line(err: BaseException) -> str:
+    lines = (str(err.args[0]) if err.args else "").strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def transient(err: BaseException) -> bool:
+    """A failure that may pass when the read is tried again: a dropped connection, a timeout, a throttle.
+
+    Missing objects, refused permissions and damaged content are not transient.
+    """
+    if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(err, (ConnectionError, TimeoutError)):
+        return True
+    module = type(err).__module__.split(".")[0]
+    if module in ("aiohttp", "botocore", "aiobotocore", "urllib3", "requests", "google"):
+        return True
+    return isinstance(err, OSError) and module != "builtins"   # fsspec's and the backends' OSErrors
+
+
+def as_location(place: "str | Path | Location") -> "Location":
+    return place if isinstance(place, Location) else Location(place)
+
+
+@dataclass(frozen=True)
+class Retry:
+    """How often, and after how long, a read that failed transiently is tried again: `attempts` more times,
+    waiting base, 2 base, 4 base, ... seconds (at most `cap`)."""
+
+    attempts: int = 5
+    base: float = 1.0
+    cap: float = 30.0
+
+    def wait(self, attempt: int, what: str, err: BaseException):
+        """Warn and sleep before retry number `attempt` (0-based) of `what`."""
+        delay = min(self.cap, self.base * 2 ** attempt)
+        warnings.warn(f"{what}: {type(err).__name__}: {_first_line(err)}; retry {attempt + 1} of {self.attempts} "
+                      f"in {delay:g}s", RuntimeWarning, stacklevel=2)
+        time.sleep(delay)
+
+    def call(self, fn, what: str):
+        """fn(), tried again after transient failures; the last failure is raised."""
+        for attempt in range(self.attempts + 1):
+            try:
+                return fn()
+            except Exception as err:
+                if attempt == self.attempts or not transient(err):
+                    raise
+                self.wait(attempt, what, err)
+
+
+class Location:
+    """A folder, local or on object storage. Picklable: a DataLoader worker opens its own connection."""
+
+    def __init__(self, url: str | Path):
+        text = str(url)
+        self.url = text.rstrip("/") if is_url(text) else os.path.normpath(text)
+        self.remote = is_url(text)
+        self.scheme = scheme(text)
+        self._fs, self._root, self._pid = None, None, None
+
+    def __repr__(self):
+        return f"Location({self.url!r})"
+
+    def __str__(self):
+        return self.url
+
+    def __eq__(self, other):
+        return isinstance(other, Location) and other.url == self.url
+
+    def __hash__(self):
+        return hash(self.url)
+
+    def __getstate__(self):
+        return {"url": self.url}
+
+    def __setstate__(self, state):
+        self.__init__(state["url"])
+
+    # ---------------------------------------------------------------- names
+
+    def url_of(self, name: str = "") -> str:
+        """The URL (or local path) of a file of the folder, as messages, webdataset and zarr name it."""
+        if not name:
+            return self.url
+        return f"{self.url}/{name}" if self.remote else os.path.join(self.url, name)
+
+    def child(self, name: str) -> "Location":
+        return Location(self.url_of(name))
+
+    @property
+    def fs(self):
+        """The fsspec filesystem (remote only), made once per process: forked workers do not share sockets."""
+        if self._pid != os.getpid():
+            self._fs, self._root = _backend(self.url)
+            self._pid = os.getpid()
+        return self._fs
+
+    def _path(self, name: str = "") -> str:
+        self.fs
+        return f"{self._root}/{name}" if name else self._root
+
+    @property
+    def read_only(self) -> bool:
+        return self.scheme in READ_ONLY
+
+    # ---------------------------------------------------------------- reading
+
+    def exists(self, name: str = "") -> bool:
+        if not self.remote:
+            return os.path.exists(self.url_of(name))
+        try:
+            return self.fs.exists(self._path(name))
+        except Exception as err:  # noqa: BLE001 - credentials, endpoint: worded by storage_error
+            raise storage_error(self.url_of(name), err) from None
+
+    def read_bytes(self, name: str, start: int | None = None, end: int | None = None) -> bytes:
+        """A file's bytes (the range [start, end) if given). FileNotFoundError passes through."""
+        if not self.remote:
+            return read_file(self.url_of(name), start, end)
+        return self.fs.cat_file(self._path(name), start=start, end=end)
+
+    def open(self, name: str, block_size: int = STREAM_BLOCK):
+        """A binary file object for reading from start to end (remote: ranged reads of `block_size`)."""
+        return open_file(self.url_of(name), block_size)
+
+    def size(self, name: str) -> int:
+        return os.path.getsize(self.url_of(name)) if not self.remote else self.fs.size(self._path(name))
+
+    def isdir(self, name: str = "") -> bool:
+        return os.path.isdir(self.url_of(name)) if not self.remote else self.fs.isdir(self._path(name))
+
+    def isfile(self, name: str = "") -> bool:
+        return os.path.isfile(self.url_of(name)) if not self.remote else self.fs.isfile(self._path(name))
+
+    def listdir(self) -> list[str]:
+        """Names at the top of the folder ([] if it does not exist)."""
+        if not self.remote:
+            return os.listdir(self.url) if os.path.isdir(self.url) else []
+        try:
+            return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self._path(), detail=False)]
+        except FileNotFoundError:
+            return []
+
+    def total_bytes(self) -> int:
+        """Bytes of every file under the folder."""
+        if not self.remote:
+            return sum(p.stat().st_size for p in Path(self.url).rglob("*") if p.is_file())
+        return int(self.fs.du(self._path(), total=True))
+
+    def files(self, name: str = "") -> list[str]:
+        """Relative names of every file under `name` (recursively), in no particular order."""
+        if not self.remote:
+            top = self.url_of(name)
+            return [os.path.relpath(os.path.join(folder, f), top)
+                    for folder, _, names in os.walk(top, followlinks=True) for f in names]
+        top = self._path(name).rstrip("/")
+        if not self.fs.exists(top):
+            return []
+        return [p[len(top) + 1:] for p in self.fs.find(top) if p.startswith(top + "/")]
+
+    def read_many(self, names: list[str]) -> dict[str, bytes]:
+        """name -> bytes for every existing file among `names` (remote: fetched concurrently)."""
+        if not self.remote:
+            out = {}
+            for name in names:
+                try:
+                    out[name] = self.read_bytes(name)
+                except FileNotFoundError:
+                    pass
+            return out
+        paths = {self._path(n): n for n in names}
+        found = self.fs.cat(list(paths), on_error="return") if paths else {}
+        out = {}
+        for path, data in found.items():
+            if isinstance(data, FileNotFoundError):
+                continue
+            if isinstance(data, BaseException):
+                raise storage_error(self.url_of(paths[path]), data)
+            out[paths[path]] = data
+        return out
+
+    # ---------------------------------------------------------------- writing
+
+    @contextmanager
+    def write(self, name: str):
+        """A binary file to write `name` through: it appears whole, or not at all, once the block ends."""
+        self._refuse_read_only()
+        if not self.remote:
+            with atomic_open(self.url_of(name)) as f:
+                yield f
+            return
+        fd, staged = tempfile.mkstemp(prefix="hdistill-stage-", suffix="-" + os.path.basename(name))
+        try:
+            with os.fdopen(fd, "wb") as f:
+                yield f
+            self.upload(staged, name)
+        finally:
+            os.unlink(staged)
+
+    def write_bytes(self, name: str, data: bytes):
+        with self.write(name) as f:
+            f.write(data)
+
+    def upload(self, local: str | Path, name: str):
+        """Put a local file at `name` in one upload (remote only)."""
+        try:
+            self.fs.put_file(str(local), self._path(name))
+        except Exception as err:  # noqa: BLE001 - worded for the user; nothing committed is touched
+            raise HdistillError(f"{storage_error(self.url_of(name), err, 'write')}. Files already committed are "
+                                "intact; run the same command again to resume.") from None
+
+    def remove(self, name: str):
+        if not self.remote:
+            Path(self.url_of(name)).unlink(missing_ok=True)
+        elif self.fs.exists(self._path(name)):
+            self.fs.rm_file(self._path(name))
+
+    def check_writable(self, option: str):
+        """Fail now, with one line naming `option`, if the folder cannot be written (nothing is left behind)."""
+        self._refuse_read_only(option)
+        if not self.remote:
+            return
+        probe = f".hdistill-probe-{socket.gethostname()}-{os.getpid()}"
+        try:
+            self.fs.pipe_file(self._path(probe), b"")
+            self.fs.rm_file(self._path(probe))
+        except Exception as err:  # noqa: BLE001 - credentials, bucket, permission
+            raise HdistillError(f"{option} {storage_error(self.url, err, 'write')}") from None
+
+    def _refuse_read_only(self, option: str = ""):
+        if self.read_only:
+            raise HdistillError(f"{option + ' ' if option else ''}{self.url}: {self.scheme}:// is read-only; "
+                                "write to a local folder, s3:// or gs://")
