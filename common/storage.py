@@ -51,7 +51,8 @@ def _backend(url: str):
         import fsspec
     except ImportError:
         raise HdistillError(f"{url}: {name}:// needs the cloud libraries: pip install \"hdistill[{extra}]\"") from None
-    return fsspec.core.url_to_fs(url)
+    # no listing cache: other ranks add commit records while this one runs, and a stale listing would hide them
+    return fsspec.core.url_to_fs(url, use_listings_cache=False)
 
 
 def read_file(url: str, start: int | None = None, end: int | None = None) -> bytes:

@@ -113,7 +113,9 @@ def read_manifest(store: str | Path | Location) -> Manifest:
     path = store.url_of(MANIFEST)
     try:
         data = json.loads(store.read_bytes(MANIFEST))
-    except FileNotFoundError:
+    except FileNotFoundError as err:
+        if "bucket" in str(err).lower():             # the whole bucket is missing, not just the store
+            raise storage_error(path, err) from None
         raise HdistillError(f"{store} is not an hdistill store: {path} does not exist") from None
     except json.JSONDecodeError as err:
         raise HdistillError(f"{path}: unreadable manifest ({err})") from None
