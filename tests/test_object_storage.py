@@ -246,10 +246,11 @@ def test_train_from_s3_and_http_gives_the_local_losses(s3, bucket, stores, tmp_p
     root, http_root = stores
     s3.put(str(root / "kept"), f"{bucket}/kept", recursive=True)
     runs = {}
-    for label, shards, reader in [("local", root / "kept", "wds"), ("s3", f"s3://{bucket}/kept", "wds"),
-                                  ("s3-zarr", f"s3://{bucket}/kept", "zarr"), ("http", f"{http_root}/kept", "wds")]:
-        run_train(train_config(shards, reader=reader, val_shards=str(shards), val_every=3), str(tmp_path / label),
-                  TrainRuntime(progress=False))
+    for label, shards, reader, workers in [
+            ("local", root / "kept", "wds", 0), ("s3", f"s3://{bucket}/kept", "wds", 2),
+            ("s3-zarr", f"s3://{bucket}/kept", "zarr", 2), ("http", f"{http_root}/kept", "wds", 0)]:
+        run_train(train_config(shards, reader=reader, val_shards=str(shards), val_every=3, workers=workers),
+                  str(tmp_path / label), TrainRuntime(progress=False))
         runs[label] = metrics(tmp_path / label)
     assert any("val/loss" in r for r in runs["local"])
     for label in ("s3", "s3-zarr", "http"):
