@@ -234,6 +234,13 @@ class Location:
         except FileNotFoundError:
             return []
 
+    def sizes(self) -> dict[str, int]:
+        """Name -> bytes of the files at the top of the folder (one listing)."""
+        if not self.remote:
+            return {e.name: e.stat().st_size for e in os.scandir(self.url) if e.is_file()}
+        return {e["name"].rstrip("/").rsplit("/", 1)[-1]: e["size"]
+                for e in self.fs.ls(self._path(), detail=True) if e["type"] == "file"}
+
     def total_bytes(self) -> int:
         """Bytes of every file under the folder."""
         if not self.remote:

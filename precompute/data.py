@@ -7,11 +7,15 @@ sorted, before its subfolders, sorted) for a folder, shard then member order for
 a list file. It does not depend on where the images are: the same tree gives the same store.
 
 On object storage an image is one GET (a ranged GET of its bytes inside a tar); listing a folder is
-one paginated listing; listing tars reads each member's header with a small ranged GET, many tars at once.
+one paginated listing. Listing a remote tar reads each member's header with a small ranged GET, so it is
+done once: the listing is kept in the store (STORE/inputs/, a TarIndex), and each rank starts with its
+own share of the tars, so ranks started together list disjoint tars and then read each other's listings.
 """
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
 import posixpath
 import tarfile
@@ -23,7 +27,7 @@ from PIL import Image
 
 from hdistill.common.errors import HdistillError
 from hdistill.common.storage import Location, is_url, open_file, read_file, storage_error
-from hdistill.shards.format import image_id_from_path
+from hdistill.shards.format import INPUTS_DIR, image_id_from_path
 
 # torchvision's IMG_EXTENSIONS
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
@@ -90,6 +94,35 @@ def _from_list(list_file: str) -> list[ImageRef]:
     return refs
 
 
+@dataclass(frozen=True)
+class TarIndex:
+    """Where the listings of remote tars are kept (a store's inputs/ folder) and which share of the tars this
+    rank lists first."""
+
+    place: Location
+    rank: int = 0
+    world_size: int = 1
+
+    def name(self, url: str) -> str:
+        return f"{INPUTS_DIR}/{posixpath.basename(url)}-{hashlib.sha256(url.encode()).hexdigest()[:12]}.json"
+
+    def members(self, url: str, size: int) -> list[ImageRef]:
+        """The tar's image members: from its kept listing when that was made from a tar of this size, else
+        listed now and kept."""
+        name = self.name(url)
+        try:
+            kept = json.loads(self.place.read_bytes(name))
+            if kept["url"] == url and kept["size"] == size:
+                return [ImageRef(image_id_from_path(n), f"{url}:{n}", offset, length)
+                        for n, offset, length in kept["members"]]
+        except FileNotFoundError:
+            pass
+        refs = _tar_members(url)
+        members = [[ref.source[len(url) + 1:], ref.offset, ref.size] for ref in refs]
+        self.place.write_bytes(name, json.dumps({"url": url, "size": size, "members": members}).encode())
+        return refs
+
+
 def _tar_members(url: str) -> list[ImageRef]:
     """The image members of one uncompressed tar; remotely, only the headers are fetched (ranged GETs)."""
     try:
@@ -104,18 +137,37 @@ def _tar_members(url: str) -> list[ImageRef]:
         raise HdistillError(f"--data: {url} is not a readable uncompressed tar ({err})") from None
 
 
-def _from_tars(pattern: str) -> list[ImageRef]:
+def _sizes(urls: list[str]) -> dict[str, int]:
+    """url -> bytes of every remote tar, from one listing per folder."""
+    sizes = {}
+    for folder in sorted({posixpath.dirname(u) for u in urls}):
+        sizes.update({f"{folder}/{name}": size for name, size in Location(folder).sizes().items()})
+    missing = [u for u in urls if u not in sizes]
+    if missing:
+        raise HdistillError(f"--data: tar shard {missing[0]} does not exist" +
+                            (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    return sizes
+
+
+def _from_tars(pattern: str, index: TarIndex | None) -> list[ImageRef]:
     import braceexpand
     urls = list(braceexpand.braceexpand(pattern))
-    with ThreadPoolExecutor(max_workers=32 if is_url(pattern) else 1) as pool:   # remote: latency-bound
-        return [ref for refs in pool.map(_tar_members, urls) for ref in refs]
+    if not is_url(pattern) or index is None:
+        with ThreadPoolExecutor(max_workers=32 if is_url(pattern) else 1) as pool:   # remote: latency-bound
+            return [ref for refs in pool.map(_tar_members, urls) for ref in refs]
+    sizes = _sizes(urls)
+    first = index.rank * len(urls) // index.world_size          # this rank's share first
+    order = list(range(first, len(urls))) + list(range(first))
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        found = dict(zip(order, pool.map(lambda i: index.members(urls[i], sizes[urls[i]]), order)))
+    return [ref for i in range(len(urls)) for ref in found[i]]
 
 
-def _list(data: str) -> list[ImageRef]:
+def _list(data: str, index: TarIndex | None) -> list[ImageRef]:
     if data.startswith("synthetic:"):
         return [ImageRef(f"synthetic/{i:06d}", f"synthetic:{i}") for i in range(int(data.split(":", 1)[1]))]
     if ".tar" in data:
-        return _from_tars(data)
+        return _from_tars(data, index)
     place = Location(data)
     if place.isdir():
         return _from_folder(place)
@@ -126,10 +178,11 @@ def _list(data: str) -> list[ImageRef]:
                         "of image paths, or synthetic:N; local or s3://, gs://, http(s)://)")
 
 
-def list_images(data: str, limit: int | None = None) -> list[ImageRef]:
-    """The ordered images of `data`, the first `limit` of them if given."""
+def list_images(data: str, limit: int | None = None, index: TarIndex | None = None) -> list[ImageRef]:
+    """The ordered images of `data`, the first `limit` of them if given; listings of remote tars are kept at
+    `index` when given."""
     try:
-        refs = _list(data)
+        refs = _list(data, index)
     except HdistillError:
         raise
     except Exception as err:  # noqa: BLE001 - credentials, bucket, permission: one line naming --data

@@ -31,7 +31,7 @@ from hdistill.shards.format import FORMATS, StoredSample, StoreLayout, shard_nam
 from hdistill.shards.manifest import Manifest
 from hdistill.shards.writer import StoreWriter
 
-from .data import ImageRef, list_images
+from .data import ImageRef, TarIndex, list_images
 from .image import decode_image
 from .targets import compute_targets, plan_mask, plan_targets
 from .teachers import Teacher, WeightSource, build_teacher
@@ -268,10 +268,11 @@ def run_precompute(cfg: PrecomputeConfig, out: str, rt: Runtime,
     `teachers` may be passed prebuilt (as build_teachers(cfg, rt.device) makes them), e.g. by benchmarks.
     """
     cfg.validate()
-    Location(out).check_writable("--out")
-    images = list_images(cfg.data, cfg.limit)
+    store = Location(out)
+    store.check_writable("--out")
+    images = list_images(cfg.data, cfg.limit, TarIndex(store, rt.rank, rt.world_size))
     teachers = teachers or build_teachers(cfg, rt.device)
-    writer = StoreWriter(out, plan_store(cfg, teachers, len(images)))
+    writer = StoreWriter(store, plan_store(cfg, teachers, len(images)))
     writer.open()
     writer.lock_rank(rt.rank, rt.world_size)
     try:

@@ -18,6 +18,7 @@ WDS_DIR = "wds"
 ZARR_DIR = "targets.zarr"
 COMMITS_DIR = "commits"
 LOCKS_DIR = "locks"
+INPUTS_DIR = "inputs"          # precompute's listings of remote input tars (a cache; readers never need it)
 FORMATS = ("wds", "zarr")
 
 

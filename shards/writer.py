@@ -20,7 +20,7 @@ from hdistill.common.errors import HdistillError
 from hdistill.common.storage import Location, as_location
 
 from . import wds, zarr_store
-from .format import COMMITS_DIR, LOCKS_DIR, MANIFEST, WDS_DIR, StoredSample, shard_name
+from .format import COMMITS_DIR, INPUTS_DIR, LOCKS_DIR, MANIFEST, WDS_DIR, StoredSample, shard_name
 from .manifest import Manifest, ShardRecord, read_manifest, write_manifest
 
 
@@ -42,7 +42,7 @@ class StoreWriter:
         else:
             if not store.remote and store.exists() and not store.isdir():
                 raise HdistillError(f"--out {store} is a file; give a folder for the store")
-            if any(not name.startswith(".") for name in store.listdir()):
+            if any(not name.startswith(".") and name != INPUTS_DIR for name in store.listdir()):
                 raise HdistillError(f"--out {store} exists and is not an hdistill store; choose an empty or new folder")
             write_manifest(store, self.manifest)
         if "zarr" in self.manifest.formats:

@@ -238,6 +238,35 @@ def test_images_on_s3_as_a_folder_and_as_tars_give_the_local_targets(s3, bucket,
             for name in b.targets:
                 np.testing.assert_array_equal(a.targets[name], b.targets[name])
     assert made["s3-tars"][0].record.source.startswith(f"s3://{bucket}/tars/part-")
+    kept = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "s3-tars" / "inputs").iterdir())
+    assert kept == ["part-0.tar", "part-1.tar"], "remote tars' listings are kept in the store"
+
+
+def test_a_remote_tar_is_listed_once_and_again_when_it_changes(s3, bucket, photos, tmp_path, monkeypatch):
+    from hdistill.common.storage import Location
+    from hdistill.precompute import data
+    names = sorted(str(p.relative_to(photos)) for p in photos.rglob("*.jpg"))
+    for part in range(3):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for name in names[part * 3:(part + 1) * 3]:
+                tar.add(photos / name, arcname=name)
+        s3.pipe_file(f"{bucket}/tars/t{part}.tar", buf.getvalue())
+    walked = []
+    walk = data._tar_members
+    monkeypatch.setattr(data, "_tar_members", lambda url: walked.append(url) or walk(url))
+    pattern, store = f"s3://{bucket}/tars/t{{0..2}}.tar", Location(f"s3://{bucket}/store")
+    first = data.list_images(pattern, index=data.TarIndex(store, rank=1, world_size=3))
+    assert sorted(walked) == [f"s3://{bucket}/tars/t{i}.tar" for i in range(3)] and walked[0].endswith("t1.tar"), \
+        "rank 1 of 3 lists its own share first"
+    walked.clear()
+    assert data.list_images(pattern, index=data.TarIndex(store)) == first and walked == [], "kept listings are read"
+    s3.pipe_file(f"{bucket}/tars/t2.tar", s3.cat_file(f"{bucket}/tars/t0.tar") + b"\0" * 1024)   # t2 changed
+    changed = data.list_images(pattern.replace("{0..2}", "{1..2}"), index=data.TarIndex(store))
+    assert walked == [f"s3://{bucket}/tars/t2.tar"]
+    assert [r.image_id for r in changed] == [r.image_id for r in first[3:6] + first[:3]]
+    with pytest.raises(HdistillError, match=r"tar shard s3://.*/tars/t7.tar does not exist"):
+        data.list_images(f"s3://{bucket}/tars/t{{2,7}}.tar", index=data.TarIndex(store))
 
 
 # ---------------------------------------------------------------- training from s3:// and http://
