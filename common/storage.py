@@ -55,6 +55,36 @@ def _backend(url: str):
     return fsspec.core.url_to_fs(url, use_listings_cache=False)
 
 
+STAGING = "hdistill-stage-"
+
+
+def staging_prefix() -> str:
+    """Prefix of this process's staged files and folders in the temporary folder ($TMPDIR)."""
+    return f"{STAGING}{os.getpid()}-"
+
+
+def remove_dead_staging():
+    """Remove what killed processes of this machine left staged in the temporary folder."""
+    import shutil
+    folder = tempfile.gettempdir()
+    for entry in os.listdir(folder):
+        pid = entry[len(STAGING):].split("-", 1)[0]
+        if not entry.startswith(STAGING) or not pid.isdigit() or _alive(int(pid)):
+            continue
+        path = os.path.join(folder, entry)
+        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else Path(path).unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def read_file(url: str, start: int | None = None, end: int | None = None) -> bytes:
     """The bytes of a file or object (the range [start, end) if given). FileNotFoundError passes through."""
     if not is_url(url):
@@ -289,7 +319,7 @@ class Location:
             with atomic_open(self.url_of(name)) as f:
                 yield f
             return
-        fd, staged = tempfile.mkstemp(prefix="hdistill-stage-", suffix="-" + os.path.basename(name))
+        fd, staged = tempfile.mkstemp(prefix=staging_prefix(), suffix="-" + os.path.basename(name))
         try:
             with os.fdopen(fd, "wb") as f:
                 yield f

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from hdistill.common.atomic import remove_stale_temporaries, write_error
 from hdistill.common.errors import HdistillError
-from hdistill.common.storage import Location, as_location
+from hdistill.common.storage import Location, as_location, remove_dead_staging
 
 from . import wds, zarr_store
 from .format import COMMITS_DIR, INPUTS_DIR, LOCKS_DIR, MANIFEST, WDS_DIR, StoredSample, shard_name
@@ -34,6 +34,8 @@ class StoreWriter:
     def open(self):
         """Create the store, or check that an existing one was made by the same configuration."""
         store = self.store
+        if store.remote:
+            remove_dead_staging()          # what a killed run of this machine left staged for upload
         if store.exists(MANIFEST):
             existing = read_manifest(store)
             if existing.identity() != self.manifest.identity():

@@ -30,7 +30,7 @@ import numpy as np
 import zarr
 import zarr.codecs as zc
 
-from hdistill.common.storage import Location
+from hdistill.common.storage import Location, staging_prefix
 
 from .encoding import BF16_KEEPBITS
 from .format import ZARR_DIR, StoredSample
@@ -77,7 +77,7 @@ def create(store: Location, manifest: Manifest):
     with _quiet():
         layout, filters = manifest.layout, _filters(manifest)
     tmp = Path(store.url_of(f".{ZARR_DIR}.tmp-{os.getpid()}")) if not store.remote else \
-        Path(tempfile.mkdtemp(prefix="hdistill-stage-")) / ZARR_DIR
+        Path(tempfile.mkdtemp(prefix=staging_prefix())) / ZARR_DIR
     group = zarr.open_group(tmp, mode="w", zarr_format=3)
     for name, (shape, dtype) in array_shapes(manifest).items():
         with _quiet():

@@ -179,7 +179,9 @@ main()
 
 def test_precompute_into_s3_killed_mid_upload_resumes_to_the_local_store(s3, bucket, photos, local_store, tmp_path):
     url = f"s3://{bucket}/store"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TMPDIR": str(staging)}
     killed = subprocess.run([sys.executable, "-c", KILL_MID_UPLOAD, *precompute_args(photos, url)], env=env,
                             capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr[-2000:]
@@ -188,8 +190,10 @@ def test_precompute_into_s3_killed_mid_upload_resumes_to_the_local_store(s3, buc
     assert len([n for n in partial if n.startswith("commits/")]) == 2, "the two shards before the kill committed"
     uploads = s3.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", [])
     assert [u["Key"] for u in uploads] == ["store/wds/view0-000002.tar"], "the killed upload is left unfinished"
+    assert [p.name.endswith("view0-000002.tar") for p in staging.iterdir()] == [True], "the kill left its staged tar"
 
-    cli(*precompute_args(photos, url))
+    cli(*precompute_args(photos, url), env={"TMPDIR": str(staging)})
+    assert list(staging.iterdir()) == [], "the rerun removed the killed run's staged tar"
     assert objects(s3, f"{bucket}/store") == files(local_store)     # every object, byte for byte, manifest included
     assert read_manifest(url).complete
     assert "ok: 6 shards, 20 samples" in cli("verify", url).stdout
