@@ -1,6 +1,7 @@
 """The manifest: what a store holds and how it was made, as one typed record (manifest.json)."""
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,10 @@ class Manifest:
         return [s for s in self.shards if s.view == view]
 
     # ---------------------------------------------------------------- json
+
+    def digest(self) -> str:
+        """sha256 of the whole manifest: equal for the same store wherever it lies."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
     def identity(self) -> dict:
         """What must match for a run to continue an existing store."""

@@ -95,6 +95,7 @@ def stores(tmp_path_factory):
     root = tmp_path_factory.mktemp("served")
     write_photos(root / "photos", 12, seed=11)
     precompute(root / "photos", root / "kept", views=2, formats=["wds", "zarr"])
+    precompute(root / "photos", root / "other", views=2, formats=["wds"], seed=1)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
                                              functools.partial(FaultyHandler, directory=str(root)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -315,9 +316,12 @@ def test_a_connection_that_keeps_dropping_stops_the_run_and_its_checkpoint_resum
         run_train(train_config(f"{http_root}/kept", steps=8), str(run), rt)
     assert f"{http_root}{shard}: unreadable shard after 2 retries" in str(err.value)
     assert (run / "checkpoint.pt").exists()
-    FaultyHandler.cut[shard] = 0          # the network is back
-    run_train(train_config(f"{http_root}/kept", steps=8), str(run), rt)
+    FaultyHandler.cut[shard] = 0
+    # resumed from a copy of the same store in another place (local disk): the data position carries over
+    run_train(train_config(root / "kept", steps=8), str(run), rt)
     assert metrics(run)[-8:] == metrics(tmp_path / "local")
+    with pytest.raises(HdistillError, match="--shards"):          # another store is refused
+        run_train(train_config(root / "other", steps=9), str(run), rt)
 
 
 # ---------------------------------------------------------------- bad configuration

@@ -42,6 +42,7 @@ PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float
 CHECKPOINT = "checkpoint.pt"
 HISTORY = "checkpoints"
 LENGTH_OPTIONS = ("steps", "epochs")     # a run may be extended
+STORE_OPTIONS = ("shards", "val_shards")  # a store may move (a bucket, a local copy) if its manifest is the same
 METRICS = "metrics.jsonl"
 EXPORT = "student.safetensors"
 
@@ -209,13 +210,14 @@ class Trainer:
             StoreStream(cfg.shards, self.manifest, [t.target for t in self.terms], self.mask, cfg.seed,
                         self.lanes, cfg.batch_size, cfg.lane_buffer_mb, self.dist.rank, self.dist.world_size,
                         self.reader, rt.retry))
-        self.val = None
+        self.val, self.stores = None, {"shards": self.manifest.digest(), "val_shards": None}
         if cfg.val_shards:
             val_manifest, val_targets = open_val_store(cfg.val_shards, self.manifest, [t.target for t in self.terms],
                                                        self.mask)
             self.val = AllSamples(StoreStream(cfg.val_shards, val_manifest, val_targets, self.mask, cfg.seed,
                                               rank=self.dist.rank, world_size=self.dist.world_size,
                                               reader=default_reader(val_manifest), retry=rt.retry))
+            self.stores["val_shards"] = val_manifest.digest()
         self.step, self.epoch, self.epoch_batches = 0, 0, 0
 
     # ---------------------------------------------------------------- state
@@ -226,6 +228,7 @@ class Trainer:
         cuda = self.rt.device.startswith("cuda")
         return {"config": asdict(self.cfg), "step": self.step, "steps": self.steps, "warmup": self.warmup,
                 "world_size": self.dist.world_size, "position": (self.epoch, self.epoch_batches),
+                "stores": self.stores,
                 "student": self.student.state_dict(),
                 "loss": self.loss_fn.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
@@ -248,11 +251,13 @@ class Trainer:
             return False
         state = torch.load(path, map_location="cpu", weights_only=True)
         old, new = json.loads(json.dumps(state["config"])), json.loads(json.dumps(asdict(self.cfg)))
-        diff = [k for k in new if old.get(k) != new[k] and k not in LENGTH_OPTIONS]
+        moved = [k for k in STORE_OPTIONS if old.get(k) != new[k] and state.get("stores", {}).get(k) == self.stores[k]]
+        diff = [k for k in new if old.get(k) != new[k] and k not in LENGTH_OPTIONS + tuple(moved)]
         if diff:
             raise HdistillError(f"{self.out} holds a run with other options "
                                 f"({', '.join('--' + d.replace('_', '-') for d in diff)}); use a new --out or the "
-                                "original options to resume (only --steps / --epochs may change)")
+                                "original options to resume (only --steps / --epochs may change, and --shards / --val-shards "
+                                "may name the same store in another place)")
         if self.steps < state["step"]:
             raise HdistillError(f"{path} is at step {state['step']}; --steps/--epochs give {self.steps}, "
                                 "which is behind it")
