@@ -14,6 +14,7 @@ The backends are the `cloud` extra (`pip install "hdistill[cloud]"`; gs:// needs
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -22,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import atomic_open
+from .atomic import atomic_open, write_error
 from .errors import HdistillError
 
 # scheme -> (the module fsspec needs for it, the extra that installs it)
@@ -65,7 +66,6 @@ def staging_prefix() -> str:
 
 def remove_dead_staging():
     """Remove what killed processes of this machine left staged in the temporary folder."""
-    import shutil
     folder = tempfile.gettempdir()
     for entry in os.listdir(folder):
         pid = entry[len(STAGING):].split("-", 1)[0]
@@ -80,8 +80,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:      # alive, another user's
+        pass
     return True
 
 
@@ -113,7 +113,7 @@ def storage_error(url: str, err: BaseException, doing: str = "read") -> Hdistill
         return HdistillError(f"{url}: no credentials found to {doing} it; set AWS_ACCESS_KEY_ID and "
                              "AWS_SECRET_ACCESS_KEY or AWS_PROFILE (AWS_ENDPOINT_URL for an S3-compatible endpoint), "
                              "or configure fsspec")
-    if isinstance(err, PermissionError):
+    if isinstance(err, PermissionError) or getattr(err, "status", None) in (401, 403):
         return HdistillError(f"{url}: no permission to {doing} it ({_first_line(err)})")
     if isinstance(err, FileNotFoundError):
         return HdistillError(f"{url}: not found ({_first_line(err)}); check the bucket and the prefix")
@@ -131,6 +131,9 @@ def transient(err: BaseException) -> bool:
     Missing objects, refused permissions and damaged content are not transient.
     """
     if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    status = getattr(err, "status", None)                       # an HTTP answer: only timeouts and throttles
+    if isinstance(status, int) and 400 <= status < 500 and status not in (408, 429):
         return False
     if isinstance(err, (ConnectionError, TimeoutError)):
         return True
@@ -187,12 +190,6 @@ class Location:
     def __str__(self):
         return self.url
 
-    def __eq__(self, other):
-        return isinstance(other, Location) and other.url == self.url
-
-    def __hash__(self):
-        return hash(self.url)
-
     def __getstate__(self):
         return {"url": self.url}
 
@@ -206,9 +203,6 @@ class Location:
         if not name:
             return self.url
         return f"{self.url}/{name}" if self.remote else os.path.join(self.url, name)
-
-    def child(self, name: str) -> "Location":
-        return Location(self.url_of(name))
 
     @property
     def fs(self):
@@ -245,9 +239,6 @@ class Location:
     def open(self, name: str, block_size: int = STREAM_BLOCK):
         """A binary file object for reading from start to end (remote: ranged reads of `block_size`)."""
         return open_file(self.url_of(name), block_size)
-
-    def size(self, name: str) -> int:
-        return os.path.getsize(self.url_of(name)) if not self.remote else self.fs.size(self._path(name))
 
     def isdir(self, name: str = "") -> bool:
         return os.path.isdir(self.url_of(name)) if not self.remote else self.fs.isdir(self._path(name))
@@ -321,8 +312,11 @@ class Location:
             return
         fd, staged = tempfile.mkstemp(prefix=staging_prefix(), suffix="-" + os.path.basename(name))
         try:
-            with os.fdopen(fd, "wb") as f:
-                yield f
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    yield f
+            except OSError as err:               # the staging disk ($TMPDIR), full or unwritable
+                raise write_error(Path(staged), err) from None
             self.upload(staged, name)
         finally:
             os.unlink(staged)
@@ -338,12 +332,6 @@ class Location:
         except Exception as err:  # noqa: BLE001 - worded for the user; nothing committed is touched
             raise HdistillError(f"{storage_error(self.url_of(name), err, 'write')}. Files already committed are "
                                 "intact; run the same command again to resume.") from None
-
-    def remove(self, name: str):
-        if not self.remote:
-            Path(self.url_of(name)).unlink(missing_ok=True)
-        elif self.fs.exists(self._path(name)):
-            self.fs.rm_file(self._path(name))
 
     def check_writable(self, option: str):
         """Fail now, with one line naming `option`, if the folder cannot be written (nothing is left behind)."""

@@ -7,7 +7,6 @@ import http.server
 import io
 import json
 import logging
-import os
 import socket
 import subprocess
 import sys
@@ -23,7 +22,8 @@ import pytest
 s3fs = pytest.importorskip("s3fs", reason="the cloud extra is not installed")
 moto_server = pytest.importorskip("moto.server", reason="moto[server] (the test extra) is not installed")
 
-from test_store import CLI_TINY, precompute, write_photos  # noqa: E402
+from test_precompute_processes import command as precompute_command, env as precompute_env  # noqa: E402
+from test_store import precompute, write_photos  # noqa: E402
 from test_train import config as train_config  # noqa: E402
 from hdistill.common.errors import HdistillError  # noqa: E402
 from hdistill.common.storage import Retry  # noqa: E402
@@ -120,15 +120,15 @@ def files(folder: Path) -> dict[str, str]:
 
 def cli(*args, env=None, check=True):
     proc = subprocess.run([sys.executable, "-m", "hdistill", *args], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})})
+                          env={**precompute_env(), **(env or {})})
     if check and proc.returncode:
         raise AssertionError(proc.stderr[-3000:])
     return proc
 
 
 def precompute_args(data, out, *extra):
-    return ["precompute", "--data", str(data), "--out", str(out), "--workers", "0", "--device", "cpu", "--quiet",
-            "--format", "wds,zarr", "--views", "2", *CLI_TINY, *extra]
+    """`hdistill precompute` arguments (after the program name) for a tiny 2-view store in both formats."""
+    return precompute_command(data, out, "--views", "2", *extra)[3:]
 
 
 def metrics(run: Path) -> list[dict]:
@@ -182,7 +182,7 @@ def test_precompute_into_s3_killed_mid_upload_resumes_to_the_local_store(s3, buc
     url = f"s3://{bucket}/store"
     staging = tmp_path / "staging"
     staging.mkdir()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TMPDIR": str(staging)}
+    env = {**precompute_env(), "TMPDIR": str(staging)}
     killed = subprocess.run([sys.executable, "-c", KILL_MID_UPLOAD, *precompute_args(photos, url)], env=env,
                             capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr[-2000:]
