@@ -75,6 +75,9 @@ class FaultyHandler(http.server.SimpleHTTPRequestHandler):
 
     def do_GET(self):
         FaultyHandler.gets[self.path] = FaultyHandler.gets.get(self.path, 0) + 1
+        if self.path.startswith("/forbidden/"):
+            self.send_error(403)
+            return
         if FaultyHandler.cut.get(self.path, 0) > 0:
             FaultyHandler.cut[self.path] -= 1
             data = Path(self.translate_path(self.path)).read_bytes()
@@ -340,6 +343,8 @@ def test_bad_configuration_fails_at_start_up_with_one_line(s3, bucket, stores, p
                                "--steps", "1"], no_keys, f"s3://{bucket}/kept/manifest.json: no credentials found"),
         "train-bucket": (["train", "--shards", "s3://no-such-bucket/kept", "--out", str(tmp_path / "r"),
                           "--steps", "1"], None, "s3://no-such-bucket/kept/manifest.json: not found (The specified bucket does not exist)"),
+        "train-permission": (["train", "--shards", f"{http_root}/forbidden/kept", "--out", str(tmp_path / "r"),
+                              "--steps", "1"], None, f"{http_root}/forbidden/kept/manifest.json: no permission to read"),
         "train-out": (["train", "--shards", f"{http_root}/kept", "--out", f"s3://{bucket}/run", "--steps", "1"],
                       None, "the run folder is a local (or shared file system) folder, not a URL"),
     }
