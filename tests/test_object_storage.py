@@ -201,6 +201,7 @@ def test_precompute_into_s3_killed_mid_upload_resumes_to_the_local_store(s3, buc
     assert objects(s3, f"{bucket}/store") == files(local_store)     # every object, byte for byte, manifest included
     assert read_manifest(url).complete
     assert "ok: 6 shards, 20 samples" in cli("verify", url).stdout
+    assert "complete" in cli("inspect", url).stdout
 
 
 def test_staging_holds_one_shard_and_is_emptied(s3, bucket, photos, tmp_path, monkeypatch):
