@@ -103,6 +103,11 @@ class TarIndex:
     rank: int = 0
     world_size: int = 1
 
+    def order(self, count: int) -> list[int]:
+        """The order this rank lists `count` tars in: its own share (the rank-th of world_size equal runs) first."""
+        first = self.rank * count // self.world_size
+        return list(range(first, count)) + list(range(first))
+
     def name(self, url: str) -> str:
         return f"{INPUTS_DIR}/{posixpath.basename(url)}-{hashlib.sha256(url.encode()).hexdigest()[:12]}.json"
 
@@ -156,8 +161,7 @@ def _from_tars(pattern: str, index: TarIndex | None) -> list[ImageRef]:
         with ThreadPoolExecutor(max_workers=32 if is_url(pattern) else 1) as pool:   # remote: latency-bound
             return [ref for refs in pool.map(_tar_members, urls) for ref in refs]
     sizes = _sizes(urls)
-    first = index.rank * len(urls) // index.world_size          # this rank's share first
-    order = list(range(first, len(urls))) + list(range(first))
+    order = index.order(len(urls))
     with ThreadPoolExecutor(max_workers=32) as pool:
         found = dict(zip(order, pool.map(lambda i: index.members(urls[i], sizes[urls[i]]), order)))
     return [ref for i in range(len(urls)) for ref in found[i]]
