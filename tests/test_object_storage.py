@@ -279,6 +279,43 @@ def test_a_remote_tar_is_listed_once_and_again_when_it_changes(s3, bucket, photo
         data.list_images(f"s3://{bucket}/tars/t{{2,7}}.tar", index=data.TarIndex(store))
 
 
+def test_an_image_read_that_drops_is_retried_and_one_that_keeps_failing_stops_precompute(stores, tmp_path):
+    from hdistill.precompute.run import PrecomputeConfig, Runtime, run_precompute
+    from test_store import TINY
+    root, http_root = stores
+    names = sorted(str(p.relative_to(root / "photos")) for p in (root / "photos").rglob("*.jpg"))  # class<i>/*.jpg
+    (root / "photos" / "list.txt").write_text("\n".join(names) + "\n")      # served as http_root/photos/list.txt
+
+    def run(data, out, attempts=3):
+        return run_precompute(PrecomputeConfig(data=str(data), **TINY), str(out),
+                              Runtime(progress=False, retry=Retry(attempts=attempts, base=0.01)))
+
+    def samples(store, manifest):
+        reader = StoreReader(store, manifest)
+        return [(s.key, s.pixels, s.targets) for shard in manifest.shards for s in reader.read(shard)]
+
+    local = samples(tmp_path / "local", run(root / "photos", tmp_path / "local"))
+    image = f"/photos/{names[5]}"
+    FaultyHandler.cut[image], FaultyHandler.gets[image] = 1, 0
+    with pytest.warns(RuntimeWarning, match=rf"{names[5]}: .*retry 1 of 3"):
+        manifest = run(f"{http_root}/photos/list.txt", tmp_path / "http")
+    assert FaultyHandler.gets[image] == 2 and manifest.skipped == [], "read again, not skipped"
+
+    FaultyHandler.cut[image] = 100
+    with pytest.warns(RuntimeWarning), pytest.raises(HdistillError) as err:
+        run(f"{http_root}/photos/list.txt", tmp_path / "stopped", attempts=1)
+    assert f"{http_root}{image}: cannot read after 1 retries" in str(err.value)
+    FaultyHandler.cut[image] = 0
+    stopped = run(f"{http_root}/photos/list.txt", tmp_path / "stopped")
+    for manifest, store in [(manifest, tmp_path / "http"), (stopped, tmp_path / "stopped")]:
+        got = samples(store, manifest)
+        assert [k for k, _, _ in got] == [k for k, _, _ in local]
+        for (_, pixels, targets), (_, want_pixels, want_targets) in zip(got, local):
+            np.testing.assert_array_equal(pixels, want_pixels)
+            for name in want_targets:
+                np.testing.assert_array_equal(targets[name], want_targets[name])
+
+
 # ---------------------------------------------------------------- training from s3:// and http://
 
 def test_train_from_s3_and_http_gives_the_local_losses(s3, bucket, stores, tmp_path):
