@@ -20,7 +20,7 @@ from hdistill.common.errors import HdistillError
 from hdistill.common.storage import Location, as_location, remove_dead_staging
 
 from . import wds, zarr_store
-from .format import COMMITS_DIR, INPUTS_DIR, LOCKS_DIR, MANIFEST, WDS_DIR, StoredSample, shard_name
+from .format import COMMITS_DIR, LOCKS_DIR, MANIFEST, STORE_ENTRIES, WDS_DIR, StoredSample, shard_name
 from .manifest import Manifest, ShardRecord, read_manifest, write_manifest
 
 
@@ -36,16 +36,17 @@ class StoreWriter:
         store = self.store
         if store.remote:
             remove_dead_staging()          # what a killed run of this machine left staged for upload
-        if store.exists(MANIFEST):
+        if not store.remote and store.exists() and not store.isdir():
+            raise HdistillError(f"--out {store} is a file; give a folder for the store")
+        names = {name for name in store.listdir() if not name.startswith(".")}
+        if MANIFEST in names:
             existing = read_manifest(store)
             if existing.identity() != self.manifest.identity():
                 raise HdistillError(f"{store} holds a store made with another configuration ({self._diff(existing)}). "
                                     "Use a new --out, or rerun with the original options to resume.")
-        else:
-            if not store.remote and store.exists() and not store.isdir():
-                raise HdistillError(f"--out {store} is a file; give a folder for the store")
-            if any(not name.startswith(".") and name != INPUTS_DIR for name in store.listdir()):
-                raise HdistillError(f"--out {store} exists and is not an hdistill store; choose an empty or new folder")
+        elif names - set(STORE_ENTRIES):
+            raise HdistillError(f"--out {store} exists and is not an hdistill store; choose an empty or new folder")
+        else:   # new, or being created by a rank started at the same time: the same first manifest either way
             write_manifest(store, self.manifest)
         if "zarr" in self.manifest.formats:
             zarr_store.create(store, self.manifest)

@@ -204,6 +204,47 @@ def test_precompute_into_s3_killed_mid_upload_resumes_to_the_local_store(s3, buc
     assert "complete" in cli("inspect", url).stdout
 
 
+RECORD_UPLOADS = """
+import sys
+import s3fs
+from hdistill.cli import main
+
+put, pipe, log = s3fs.S3FileSystem._put_file, s3fs.S3FileSystem._pipe_file, open(sys.argv[1], "w")
+
+async def recorded_put(self, lpath, rpath, **kw):      # staged files: tars, commit records, manifest, zarr metadata
+    print(rpath, file=log, flush=True)
+    return await put(self, lpath, rpath, **kw)
+
+async def recorded_pipe(self, path, data, **kw):       # zarr's own writes: one object per array and store shard
+    print(path, file=log, flush=True)
+    return await pipe(self, path, data, **kw)
+
+s3fs.S3FileSystem._put_file, s3fs.S3FileSystem._pipe_file = recorded_put, recorded_pipe
+sys.argv = ["hdistill", *sys.argv[2:]]
+main()
+"""
+
+
+def test_two_ranks_into_s3_write_disjoint_shards_and_the_local_store(s3, bucket, photos, local_store, tmp_path):
+    url = f"s3://{bucket}/store"
+    ranks = [subprocess.Popen([sys.executable, "-c", RECORD_UPLOADS, str(tmp_path / f"rank{r}.log"),
+                               *precompute_args(photos, url, "--rank", str(r), "--world-size", "2")],
+                              env=precompute_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    for proc in ranks:
+        _out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+    uploads = [{line.split("/store/", 1)[1] for line in (tmp_path / f"rank{r}.log").read_text().split()}
+               for r in range(2)]
+    shared = uploads[0] & uploads[1]
+    assert shared <= {"manifest.json", "config.yaml"} | {n for n in shared if n.endswith("zarr.json")}, \
+        "shards, zarr regions and commit records are written by one rank; shared objects are the same bytes"
+    assert any("/c/" in n for n in uploads[0]) and any("/c/" in n for n in uploads[1]), "both wrote zarr regions"
+    assert {n for n in uploads[0] | uploads[1] if n.startswith("wds/")} == \
+        {n for n in files(local_store) if n.startswith("wds/")}
+    assert objects(s3, f"{bucket}/store") == files(local_store)
+
+
 def test_staging_holds_one_shard_and_is_emptied(s3, bucket, photos, tmp_path, monkeypatch):
     staging = tmp_path / "staging"
     staging.mkdir()
