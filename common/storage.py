@@ -114,13 +114,14 @@ def storage_error(url: str, err: BaseException, doing: str = "read") -> Hdistill
                              "AWS_SECRET_ACCESS_KEY or AWS_PROFILE (AWS_ENDPOINT_URL for an S3-compatible endpoint), "
                              "or configure fsspec")
     if isinstance(err, PermissionError) or getattr(err, "status", None) in (401, 403):
-        return HdistillError(f"{url}: no permission to {doing} it ({_first_line(err)})")
+        return HdistillError(f"{url}: no permission to {doing} it ({error_text(err)})")
     if isinstance(err, FileNotFoundError):
-        return HdistillError(f"{url}: not found ({_first_line(err)}); check the bucket and the prefix")
-    return HdistillError(f"{url}: cannot {doing} it ({kind}: {_first_line(err)})")
+        return HdistillError(f"{url}: not found ({error_text(err)}); check the bucket and the prefix")
+    return HdistillError(f"{url}: cannot {doing} it ({kind}: {error_text(err)})")
 
 
-def _first_line(err: BaseException) -> str:
+def error_text(err: BaseException) -> str:
+    """The first line of an exception's own message (webdataset appends its stream and URL to args)."""
     lines = (str(err.args[0]) if err.args else "").strip().splitlines()
     return lines[0] if lines else type(err).__name__
 
@@ -159,7 +160,7 @@ class Retry:
     def wait(self, attempt: int, what: str, err: BaseException):
         """Warn and sleep before retry number `attempt` (0-based) of `what`."""
         delay = min(self.cap, self.base * 2 ** attempt)
-        warnings.warn(f"{what}: {type(err).__name__}: {_first_line(err)}; retry {attempt + 1} of {self.attempts} "
+        warnings.warn(f"{what}: {type(err).__name__}: {error_text(err)}; retry {attempt + 1} of {self.attempts} "
                       f"in {delay:g}s", RuntimeWarning, stacklevel=2)
         time.sleep(delay)
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from hdistill.common.errors import HdistillError
 from hdistill.common.specs import ViewRecord, ViewTargets
-from hdistill.common.storage import Location, Retry, transient
+from hdistill.common.storage import Location, Retry, error_text, transient
 from hdistill.common.targets import TargetSpec, parse_encodings, parse_targets
 from hdistill.common.tokens import gather_relations, gather_rows, patchify, token_index
 from hdistill.shards.encoding import encode
@@ -156,7 +156,8 @@ class ViewDataset(torch.utils.data.Dataset):
         except Exception as err:  # noqa: BLE001 - sorted below: a lasting failure is the input's, else the run's
             if transient(err):    # the storage, not the image: stop rather than skip an image the store should hold
                 return {**out, "fatal": f"{ref.source}: cannot read after {self.retry.attempts} retries "
-                                        f"({type(err).__name__}: {err}); run the same command again to resume"}
+                                        f"({type(err).__name__}: {error_text(err)}); run the same command again "
+                                        "to resume"}
             if not isinstance(err, OSError):
                 raise
             return {**out, "error": {"source": ref.source, "image_id": ref.image_id,

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from hdistill.common.errors import HdistillError
-from hdistill.common.storage import Retry, transient
+from hdistill.common.storage import Retry, error_text, transient
 from hdistill.common.targets import TargetSpec
 from hdistill.shards.manifest import Manifest, read_manifest
 from hdistill.shards.reader import Sample, StoreReader
@@ -213,7 +213,7 @@ class StoreStream(torch.utils.data.IterableDataset):
                     attempt += 1
                     continue
                 tried = f" after {attempt} retries" if transient(err) else ""
-                raise HdistillError(f"{where}: unreadable shard{tried} ({type(err).__name__}: {_message(err)}); "
+                raise HdistillError(f"{where}: unreadable shard{tried} ({type(err).__name__}: {error_text(err)}); "
                                     "the last checkpoint resumes the run exactly (hdistill verify checks the "
                                     "store)") from None
 
@@ -242,11 +242,6 @@ class AllSamples(torch.utils.data.IterableDataset):
             except HdistillError as err:
                 yield {"error": str(err)}
                 return
-
-
-def _message(err: BaseException) -> str:
-    """An exception's own message (webdataset appends the stream and URL to args)."""
-    return str(err.args[0]) if err.args else str(err)
 
 
 def select_tokens(target: TargetSpec, values, tokens):
