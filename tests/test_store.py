@@ -54,9 +54,9 @@ def photos(tmp_path_factory):
     return folder
 
 
-def precompute(data, out, **overrides):
+def precompute(data, out, workers=0, **overrides):
     cfg = PrecomputeConfig(data=str(data), **{**TINY, **overrides})
-    return run_precompute(cfg, str(out), Runtime(workers=overrides.pop("workers", 0), progress=False)), cfg
+    return run_precompute(cfg, str(out), Runtime(workers=workers, progress=False)), cfg
 
 
 # every kind of target, from both teachers (the defaults are tested in test_teachers and test_inputs_cli)
