@@ -97,6 +97,32 @@ def read_file(url: str, start: int | None = None, end: int | None = None) -> byt
     return fs.cat_file(path, start=start, end=end)
 
 
+def read_files(requests: list[tuple[str, int | None, int | None]]) -> list[bytes | Exception]:
+    """The bytes of many files or byte ranges, (url, start, end) each; a failure is returned in its place.
+    Remote requests are sent together (fsspec's cat_ranges: concurrent on one event loop), since a request
+    to object storage is bound by its latency, not by its bytes."""
+    out: list[bytes | Exception | None] = [None] * len(requests)
+    remote: dict[int, tuple] = {}
+    for i, (url, start, end) in enumerate(requests):
+        if is_url(url):
+            remote[i] = (*_backend(url), start, end)
+            continue
+        try:
+            out[i] = read_file(url, start, end)
+        except OSError as err:
+            out[i] = err
+    by_fs: dict[int, list[int]] = {}
+    for i, (fs, *_rest) in remote.items():
+        by_fs.setdefault(id(fs), []).append(i)
+    for indices in by_fs.values():
+        fs = remote[indices[0]][0]
+        got = fs.cat_ranges([remote[i][1] for i in indices], [remote[i][2] for i in indices],
+                            [remote[i][3] for i in indices], on_error="return")
+        for i, data in zip(indices, got):
+            out[i] = data
+    return out
+
+
 def open_file(url: str, block_size: int = STREAM_BLOCK, cache_type: str = "readahead"):
     """A binary file object for reading a file or object. Remote reads are ranged GETs: `block_size` bytes
     ahead ("readahead", for streaming) or exactly what each read asks for ("none", for seeking)."""
@@ -164,15 +190,20 @@ class Retry:
                       f"in {delay:g}s", RuntimeWarning, stacklevel=2)
         time.sleep(delay)
 
-    def call(self, fn, what: str):
-        """fn(), tried again after transient failures; the last failure is raised."""
-        for attempt in range(self.attempts + 1):
+    def call(self, fn, what: str, failed: Exception | None = None):
+        """fn(), tried again after transient failures; the last failure is raised. `failed`: how a first
+        try made elsewhere (a batched read) failed; it counts as the first try."""
+        attempt = 0
+        while True:
+            if failed is not None:
+                if attempt == self.attempts or not transient(failed):
+                    raise failed
+                self.wait(attempt, what, failed)
+                attempt += 1
             try:
                 return fn()
-            except Exception as err:
-                if attempt == self.attempts or not transient(err):
-                    raise
-                self.wait(attempt, what, err)
+            except Exception as err:  # noqa: BLE001 - sorted at the top of the loop
+                failed = err
 
 
 class Location:

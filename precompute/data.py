@@ -40,12 +40,19 @@ class ImageRef:
     offset: int = -1        # byte offset of the member's data inside a tar
     size: int = -1
 
-    def read(self) -> bytes:
+    @property
+    def request(self) -> tuple[str, int | None, int | None] | None:
+        """(url or path, start, end) of the image's bytes; None for a generated image."""
         if self.source.startswith("synthetic:"):
-            return synthetic_image(int(self.source.split(":")[1]))
+            return None
         if self.offset >= 0:
-            return read_file(self.source.rsplit(":", 1)[0], self.offset, self.offset + self.size)
-        return read_file(self.source)
+            return self.source.rsplit(":", 1)[0], self.offset, self.offset + self.size
+        return self.source, None, None
+
+    def read(self) -> bytes:
+        if self.request is None:
+            return synthetic_image(int(self.source.split(":")[1]))
+        return read_file(*self.request)
 
 
 def synthetic_image(index: int) -> bytes:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from hdistill.common.errors import HdistillError
 from hdistill.common.specs import ViewRecord, ViewTargets
-from hdistill.common.storage import Location, Retry, error_text, transient
+from hdistill.common.storage import Location, Retry, error_text, read_files, transient
 from hdistill.common.targets import TargetSpec, parse_encodings, parse_targets
 from hdistill.common.tokens import gather_relations, gather_rows, patchify, token_index
 from hdistill.shards.encoding import encode
@@ -137,7 +137,8 @@ def plan_store(cfg: PrecomputeConfig, teachers: dict[str, Teacher], num_images: 
 
 class ViewDataset(torch.utils.data.Dataset):
     """Item i = (view, shard index, store position) -> the rendered view of the image at that position,
-    or the reason it failed."""
+    or the reason it failed. A batch's images are read together (`__getitems__`, which the DataLoader
+    calls with each batch): on object storage each read is a request, bound by its latency."""
 
     def __init__(self, images: list[ImageRef], order, items: list[tuple[int, int, int]], seed: int, size: int,
                  crop: str, retry: Retry):
@@ -148,22 +149,40 @@ class ViewDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i):
-        view, shard, position = self.items[i]
-        ref = self.images[int(self.order[position])]
-        out = {"view": view, "shard": shard, "position": position}
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        refs = [self.images[int(self.order[self.items[i][2]])] for i in indices]
+        wanted = [k for k, ref in enumerate(refs) if ref.request is not None]
+        reads: list = [None] * len(refs)
+        for k, data in zip(wanted, read_files([refs[k].request for k in wanted])):
+            reads[k] = data
+        for k, ref in enumerate(refs):
+            if ref.request is None or isinstance(reads[k], Exception):   # generated, or failed: alone, retried
+                reads[k] = self._read(ref, reads[k])
+        return [self._render(i, ref, read) for i, ref, read in zip(indices, refs, reads)]
+
+    def _read(self, ref: ImageRef, failed: Exception | None) -> bytes | Exception:
         try:
-            data = self.retry.call(ref.read, ref.source)
-        except Exception as err:  # noqa: BLE001 - sorted below: a lasting failure is the input's, else the run's
+            return self.retry.call(ref.read, ref.source, failed)
+        except Exception as err:  # noqa: BLE001 - sorted by _render: a lasting failure is the input's or the run's
+            return err
+
+    def _render(self, i: int, ref: ImageRef, read: bytes | Exception) -> dict:
+        view, shard, position = self.items[i]
+        out = {"view": view, "shard": shard, "position": position}
+        if isinstance(read, Exception):
+            err = read
             if transient(err):    # the storage, not the image: stop rather than skip an image the store should hold
                 return {**out, "fatal": f"{ref.source}: cannot read after {self.retry.attempts} retries "
                                         f"({type(err).__name__}: {error_text(err)}); run the same command again "
                                         "to resume"}
             if not isinstance(err, OSError):
-                raise
+                raise err
             return {**out, "error": {"source": ref.source, "image_id": ref.image_id,
                                      "reason": f"{ref.source}: cannot read ({err.strerror or err})"}}
         try:
-            img = decode_image(data, ref.source)
+            img = decode_image(read, ref.source)
             pixels, params = make_view(img, ref.image_id, view, self.seed, self.size, crop=self.crop)
         except HdistillError as err:
             return {**out, "error": {"source": ref.source, "image_id": ref.image_id, "reason": str(err)}}
