@@ -262,21 +262,19 @@ class Location:
         except Exception as err:  # noqa: BLE001 - credentials, endpoint: worded by storage_error
             raise storage_error(self.url_of(name), err) from None
 
-    def read_bytes(self, name: str, start: int | None = None, end: int | None = None) -> bytes:
-        """A file's bytes (the range [start, end) if given). FileNotFoundError passes through."""
-        if not self.remote:
-            return read_file(self.url_of(name), start, end)
-        return self.fs.cat_file(self._path(name), start=start, end=end)
+    def read_bytes(self, name: str) -> bytes:
+        """A file's bytes. FileNotFoundError passes through."""
+        return read_file(self.url_of(name))
 
-    def open(self, name: str, block_size: int = STREAM_BLOCK):
-        """A binary file object for reading from start to end (remote: ranged reads of `block_size`)."""
-        return open_file(self.url_of(name), block_size)
+    def open(self, name: str):
+        """A binary file object for reading from start to end (remote: ranged reads of STREAM_BLOCK bytes)."""
+        return open_file(self.url_of(name))
 
-    def isdir(self, name: str = "") -> bool:
-        return os.path.isdir(self.url_of(name)) if not self.remote else self.fs.isdir(self._path(name))
+    def isdir(self) -> bool:
+        return os.path.isdir(self.url) if not self.remote else self.fs.isdir(self._path())
 
-    def isfile(self, name: str = "") -> bool:
-        return os.path.isfile(self.url_of(name)) if not self.remote else self.fs.isfile(self._path(name))
+    def isfile(self) -> bool:
+        return os.path.isfile(self.url) if not self.remote else self.fs.isfile(self._path())
 
     def listdir(self) -> list[str]:
         """Names at the top of the folder ([] if it does not exist)."""
@@ -312,24 +310,14 @@ class Location:
         return [p[len(top) + 1:] for p in self.fs.find(top) if p.startswith(top + "/")]
 
     def read_many(self, names: list[str]) -> dict[str, bytes]:
-        """name -> bytes for every existing file among `names` (remote: fetched concurrently)."""
-        if not self.remote:
-            out = {}
-            for name in names:
-                try:
-                    out[name] = self.read_bytes(name)
-                except FileNotFoundError:
-                    pass
-            return out
-        paths = {self._path(n): n for n in names}
-        found = self.fs.cat(list(paths), on_error="return") if paths else {}
+        """name -> bytes for every existing file among `names` (remote: fetched together, see read_files)."""
         out = {}
-        for path, data in found.items():
+        for name, data in zip(names, read_files([(self.url_of(n), None, None) for n in names])):
             if isinstance(data, FileNotFoundError):
                 continue
-            if isinstance(data, BaseException):
-                raise storage_error(self.url_of(paths[path]), data)
-            out[paths[path]] = data
+            if isinstance(data, Exception):
+                raise storage_error(self.url_of(name), data)
+            out[name] = data
         return out
 
     # ---------------------------------------------------------------- writing

@@ -104,10 +104,10 @@ class StoreWriter:
     def committed(self) -> dict[str, ShardRecord]:
         """shard name -> commit record, for the shards of the layout committed so far (one listing, then reads)."""
         present = set(self.store.files(COMMITS_DIR))
-        wanted = [self.commit_name(shard_name(v, k)) for v, k in self.manifest.layout.shards()]
-        found = self.store.read_many([n for n in wanted if n.split("/", 1)[1] in present])
-        return {name.split("/", 1)[1][:-len(".json")]: ShardRecord.from_dict(json.loads(data))
-                for name, data in found.items()}
+        done = [s for s in (shard_name(v, k) for v, k in self.manifest.layout.shards()) if f"{s}.json" in present]
+        found = self.store.read_many([self.commit_name(s) for s in done])
+        return {s: ShardRecord.from_dict(json.loads(found[self.commit_name(s)]))
+                for s in done if self.commit_name(s) in found}
 
     def commit(self, view: int, index: int, samples: list[tuple[int, StoredSample]], skipped: list[dict]):
         """Write one shard: `samples` are (position, sample); `skipped` holds one record per unreadable input
