@@ -301,9 +301,7 @@ class Location:
     def files(self, name: str = "") -> list[str]:
         """Relative names of every file under `name` (recursively), in no particular order."""
         if not self.remote:
-            top = self.url_of(name)
-            return [os.path.relpath(os.path.join(folder, f), top)
-                    for folder, _, names in os.walk(top, followlinks=True) for f in names]
+            return _walk_files(self.url_of(name))
         top = self._path(name).rstrip("/")
         if not self.fs.exists(top):
             return []
@@ -369,3 +367,22 @@ class Location:
         if self.read_only:
             raise HdistillError(f"{option + ' ' if option else ''}{self.url}: {self.scheme}:// is read-only; "
                                 "write to a local folder, s3:// or gs://")
+
+
+def _walk_files(top: str) -> list[str]:
+    """Relative names of the files under a local folder, following symbolic links but entering each folder once (by
+    device and inode): a link back up (loop/self -> ..) or a second link to a folder already listed is warned about
+    and skipped, so no image is listed twice. Real subfolders are entered before links, each in sorted order, so a
+    folder keeps its own path where it has one, whatever the file system's order."""
+    seen, files = set(), []
+    for folder, subfolders, names in os.walk(top, followlinks=True):
+        subfolders.sort(key=lambda name: (os.path.islink(os.path.join(folder, name)), name))
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen:
+            warnings.warn(f"{folder}: a folder already listed under another path (a symbolic link loop, or a second "
+                          "link to it); its files are listed once, under the first path", stacklevel=3)
+            subfolders.clear()
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        files += [os.path.relpath(os.path.join(folder, f), top) for f in names]
+    return files

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import warnings
 
+import numpy as np
 from PIL import Image
 
 from hdistill.common.errors import HdistillError
@@ -16,7 +17,8 @@ def decode_image(data: bytes, name: str) -> Image.Image:
     """Bytes of any PIL-readable image -> fully loaded RGB PIL image.
 
     Grayscale, CMYK, palette and alpha images are converted with PIL's convert("RGB"),
-    as timm and torchvision do (alpha is dropped). Raises HdistillError naming `name`
+    as timm and torchvision do (alpha is dropped); 16-bit greyscale is scaled to 8 bits first
+    (its high byte), where convert("RGB") would clip it to white. Raises HdistillError naming `name`
     for anything unreadable: empty, truncated or corrupt files, non-images.
     """
     if not data:
@@ -27,14 +29,30 @@ def decode_image(data: bytes, name: str) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
                 img.load()
-                if img.mode != "RGB":
-                    img = img.convert("RGB")
-                else:
-                    img = img.copy()
+                if img.mode in SIXTEEN_BIT:
+                    img = _sixteen_to_eight(img)
+                elif img.mode == "F":
+                    raise HdistillError(f"{name}: a floating-point image has no defined 8-bit RGB conversion; "
+                                        "convert it to 8 or 16 bits first")
+                img = img.convert("RGB") if img.mode != "RGB" else img.copy()
+    except Image.UnidentifiedImageError:
+        raise HdistillError(f"{name}: not a readable image (PIL recognises no image format in it)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as err:
         raise HdistillError(f"{name}: not a readable image ({type(err).__name__}: {err})") from None
     return img
+
+
+# 16-bit single-channel modes (PNG and TIFF greyscale); PIL's convert("RGB") would clip them at 255
+SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _sixteen_to_eight(img: Image.Image) -> Image.Image:
+    """A 16-bit greyscale image as 8-bit greyscale by its high byte, as torchvision's to_dtype(uint8, scale=True)
+    converts uint16 (v >> 8); mode I (32-bit) holds 16-bit samples when PIL widens them, so values are clipped to
+    0..65535 first."""
+    values = np.asarray(img).astype(np.int64).clip(0, 65535)
+    return Image.fromarray((values >> 8).astype(np.uint8), mode="L")
 
 
 def load_image(path: str) -> Image.Image:

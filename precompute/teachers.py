@@ -197,8 +197,18 @@ def _weights_record(weights: WeightSource, hub_tag: str | None) -> dict:
 
 
 def _check_file(role: str, weights: WeightSource):
-    if weights.kind == "file" and not os.path.isfile(weights.path):
+    if weights.kind != "file":
+        return
+    if not os.path.isfile(weights.path):
         raise HdistillError(f"teacher {role!r}: weight file {weights.path} does not exist")
+    if weights.path.endswith(".safetensors"):
+        from safetensors import SafetensorError, safe_open
+        try:
+            with safe_open(weights.path, framework="pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise HdistillError(f"teacher {role!r}: weight file {weights.path} is not a readable safetensors file "
+                                f"({err}); download it again or give another --weights") from None
 
 
 def _check_is_vit(role: str, name: str, kwargs: dict):
