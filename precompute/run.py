@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import json
 import queue
+import sys
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm import tqdm
 
 from hdistill.common.errors import HdistillError
+from hdistill.common.processes import StopRequest, Stopped, duration, loader_worker_init, start_workers
 from hdistill.common.specs import ViewRecord, ViewTargets
 from hdistill.common.storage import Location, Retry, error_text, read_files, transient
 from hdistill.common.targets import TargetSpec, parse_encodings, parse_targets
@@ -105,7 +108,9 @@ class Runtime:
     workers: int = 0
     rank: int = 0
     world_size: int = 1
-    progress: bool = True
+    progress: bool = True                         # a progress bar (on a terminal)
+    log_lines: bool = False                       # plain progress lines instead (a scheduler's log file)
+    log_every_s: float = 30.0                     # seconds between progress lines
     retry: Retry = field(default_factory=Retry)   # reads of images on object storage
 
 
@@ -241,6 +246,7 @@ class ShardCommitter:
         self.pending: dict[tuple[int, int], dict] = {}
         self.queue: queue.Queue = queue.Queue(maxsize=8)
         self.error: BaseException | None = None
+        self.committed = 0
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -270,6 +276,7 @@ class ShardCommitter:
                             if len(s["samples"]) + len(s["skipped"]) == len(self.layout.positions(k[1]))]:
                     shard = self.pending.pop(key)
                     self.writer.commit(*key, shard["samples"], shard["skipped"])
+                    self.committed += 1
         except BaseException as err:  # noqa: BLE001 - handed to the main thread
             self.error = err
             while self.queue.get() is not None:
@@ -313,28 +320,62 @@ def _process(cfg, rt, writer, teachers, images, items):
     dataset = ViewDataset(images, manifest.layout.order, items, cfg.seed, cfg.image_size, cfg.crop, rt.retry)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=shard_batches(items, cfg.batch_size), num_workers=rt.workers,
-        collate_fn=collate_views, pin_memory=rt.device.startswith("cuda"),
+        collate_fn=collate_views, pin_memory=rt.device.startswith("cuda"), worker_init_fn=loader_worker_init,
         prefetch_factor=4 if rt.workers else None, persistent_workers=False)
     committer = ShardCommitter(writer)
-    bar = tqdm(total=len(items), unit="img", disable=not rt.progress, smoothing=0.05,
-               desc=f"precompute rank {rt.rank}/{rt.world_size}" if rt.world_size > 1 else "precompute")
-    skipped = 0
+    name = f"precompute rank {rt.rank}/{rt.world_size}" if rt.world_size > 1 else "precompute"
+    bar = tqdm(total=len(items), unit="img", disable=not rt.progress, smoothing=0.05, desc=name)
+    progress = ProgressLines(name, len(items), len({(v, k) for v, k, _ in items}), rt.log_every_s) \
+        if rt.log_lines else None
+    skipped, done, stop = 0, 0, StopRequest()
     try:
-        for batch in loader:
-            if batch["fatal"]:
-                raise HdistillError(batch["fatal"][0])
-            samples = []
-            if batch["pixels"] is not None:
-                pixels = batch["pixels"].to(rt.device, non_blocking=True)
-                values = compute_targets(teachers, pixels, manifest.targets, manifest.mask, cfg.precision)
-                records = [it["record"] for it in batch["ok"]]
-                stored = stored_samples(values, manifest.targets, pixels, records, manifest.layout.patch_size,
-                                        cfg.store == "full")
-                samples = [(it["view"], it["shard"], it["position"], s) for it, s in zip(batch["ok"], stored)]
-            committer.put(samples, batch["failed"])
-            skipped += len(batch["failed"])
-            bar.update(len(batch["ok"]) + len(batch["failed"]))
-            bar.set_postfix(skipped=skipped, refresh=False)
+        with stop.listening():
+            for batch in start_workers(loader):
+                if batch["fatal"]:
+                    raise HdistillError(batch["fatal"][0])
+                if stop:            # the shard in progress is dropped: only whole shards are committed
+                    break
+                samples = []
+                if batch["pixels"] is not None:
+                    pixels = batch["pixels"].to(rt.device, non_blocking=True)
+                    values = compute_targets(teachers, pixels, manifest.targets, manifest.mask, cfg.precision)
+                    records = [it["record"] for it in batch["ok"]]
+                    stored = stored_samples(values, manifest.targets, pixels, records, manifest.layout.patch_size,
+                                            cfg.store == "full")
+                    samples = [(it["view"], it["shard"], it["position"], s) for it, s in zip(batch["ok"], stored)]
+                committer.put(samples, batch["failed"])
+                skipped += len(batch["failed"])
+                done += len(batch["ok"]) + len(batch["failed"])
+                bar.update(len(batch["ok"]) + len(batch["failed"]))
+                bar.set_postfix(skipped=skipped, refresh=False)
+                if progress:
+                    progress.update(done, committer.committed, skipped)
     finally:
         bar.close()
         committer.close()
+    if stop:
+        raise Stopped(f"{name}: {stop.name}: stopped after committing {committer.committed} whole shard(s) in this "
+                      "run (the shard in progress is dropped); run the same command to resume", stop.signum)
+    if progress:
+        progress.update(done, committer.committed, skipped, last=True)
+
+
+class ProgressLines:
+    """Plain progress lines on stderr for logs that are not a terminal (SLURM, files): after the first batch, then
+    every `every_s` seconds, then at the end: views done, shards committed, views/s, ETA."""
+
+    def __init__(self, name: str, views: int, shards: int, every_s: float):
+        self.name, self.views, self.shards, self.every_s = name, views, shards, every_s
+        self.start = time.perf_counter()
+        self.last: float | None = None
+
+    def update(self, done: int, committed: int, skipped: int, last: bool = False):
+        now = time.perf_counter()
+        if not last and self.last is not None and now - self.last < self.every_s:
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        eta = (self.views - done) / max(rate, 1e-9)
+        print(f"{self.name}: {done}/{self.views} views ({100 * done / max(self.views, 1):.0f}%), {committed}/"
+              f"{self.shards} shards committed, {skipped} skipped, {rate:.1f} views/s, eta {duration(eta)}",
+              file=sys.stderr, flush=True)

@@ -9,14 +9,12 @@ metadata, the complete manifest) are the same bytes whichever rank writes them.
 """
 from __future__ import annotations
 
-import fcntl
 import json
-import os
-import warnings
 from pathlib import Path
 
-from hdistill.common.atomic import remove_stale_temporaries, write_error
+from hdistill.common.atomic import remove_stale_temporaries
 from hdistill.common.errors import HdistillError
+from hdistill.common.lock import hold_lock
 from hdistill.common.storage import Location, as_location, remove_dead_staging
 
 from . import wds, zarr_store
@@ -68,27 +66,7 @@ class StoreWriter:
         if self.store.remote:
             return
         path = Path(self.store.url_of(f"{LOCKS_DIR}/rank{rank}-of{world_size}.lock"))
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            f = open(path, "a+")
-        except OSError as err:
-            raise write_error(path, err) from None
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            f.close()
-            raise HdistillError(f"{self.store}: rank {rank} of {world_size} is being written by {holder} "
-                                f"(lock {path}); wait for it to finish, or stop it, then run again") from None
-        except OSError as err:  # a file system without flock (some NFS mounts): write on, unguarded
-            warnings.warn(f"{path}: cannot lock ({err.strerror}); this file system does not refuse a second "
-                          f"writer of rank {rank}, so start each rank once", stacklevel=2)
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
-        f.flush()
-        self._lock = f
+        self._lock = hold_lock(path, f"{self.store}: rank {rank} of {world_size}")
 
     def release(self):
         if self._lock is not None:

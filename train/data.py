@@ -11,6 +11,7 @@ same size as the progressive mask; both need a full store.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import zlib
@@ -174,8 +175,14 @@ class StoreStream(torch.utils.data.IterableDataset):
         try:
             for b in range(self.start, plan.steps):
                 for lane, stream in streams.items():
-                    yield {"batch": b, "lane": lane,
-                           "samples": self.collate([next(stream) for _ in range(plan.per_lane)])}
+                    samples = list(itertools.islice(stream, plan.per_lane))
+                    if len(samples) < plan.per_lane:
+                        raise HdistillError(
+                            f"{self.store}: lane {lane} ran out of samples at batch {b} of epoch {self.epoch}: its "
+                            "shards hold fewer samples than the manifest the run started with (was the store "
+                            "replaced while the run read it?); check it with hdistill verify, then run the same "
+                            "command to resume from the last checkpoint")
+                    yield {"batch": b, "lane": lane, "samples": self.collate(samples)}
         except HdistillError as err:
             yield {"error": str(err)}
 

@@ -25,8 +25,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from hdistill.common.atomic import atomic_open
+from hdistill.common.atomic import atomic_open, remove_stale_temporaries, write_error
 from hdistill.common.errors import HdistillError
+from hdistill.common.lock import hold_lock
+from hdistill.common.processes import StopRequest, Stopped, duration, loader_worker_init, start_workers
 from hdistill.common.specs import TokenGrid, check_same_grid
 from hdistill.common.storage import Retry
 from hdistill.shards.manifest import Manifest
@@ -35,7 +37,7 @@ from .data import (AllSamples, StoreStream, check_mask, concat, default_lanes, d
                    epoch_samples, open_store, steps_per_epoch)
 from .dist import barrier, init_distributed, mean_over_ranks
 from .loss import DistillLoss, LossConfig, parse_losses, plan_losses
-from .student import IMAGENET_MEAN, IMAGENET_STD, Student, build_student
+from .student import IMAGENET_MEAN, IMAGENET_STD, Student, build_student, export_student
 from .validate import evaluate, open_val_store
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -45,6 +47,13 @@ LENGTH_OPTIONS = ("steps", "epochs")     # a run may be extended
 STORE_OPTIONS = ("shards", "val_shards")  # a store may move (a bucket, a local copy) if its manifest is the same
 METRICS = "metrics.jsonl"
 EXPORT = "student.safetensors"
+LOCK = ".lock"
+# TrainConfig fields whose command-line option is not --<field with dashes>
+OPTION_NAMES = {"student_args": "--student-arg", "losses": "--loss", "standardize_targets": "--standardize-targets"}
+
+
+def option_name(field_name: str) -> str:
+    return OPTION_NAMES.get(field_name, "--" + field_name.replace("_", "-"))
 
 
 @dataclass
@@ -185,8 +194,7 @@ class Trainer:
         if self.precision not in PRECISIONS:
             raise HdistillError(f"--precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         self.scaler = torch.amp.GradScaler(torch.device(rt.device).type, enabled=self.precision == "fp16")
-        check_same_grid({f"the store ({self.manifest.config['data']})": TokenGrid(layout.image_size,
-                                                                                  layout.patch_size),
+        check_same_grid({f"the store {cfg.shards}": TokenGrid(layout.image_size, layout.patch_size),
                          f"student {cfg.student}": self.student.grid})
         self.terms = plan_losses(self.manifest, None if cfg.losses is None else parse_losses(cfg.losses),
                                  self.student.depth, cfg.alpha, cfg.feature_teacher, cfg.relation_teacher,
@@ -212,13 +220,14 @@ class Trainer:
                         self.reader, rt.retry))
         self.val, self.stores = None, {"shards": self.manifest.digest(), "val_shards": None}
         if cfg.val_shards:
-            val_manifest, val_targets = open_val_store(cfg.val_shards, self.manifest, [t.target for t in self.terms],
-                                                       self.mask)
+            val_manifest, val_targets = open_val_store(cfg.val_shards, cfg.shards, self.manifest,
+                                                       [t.target for t in self.terms], self.mask)
             self.val = AllSamples(StoreStream(cfg.val_shards, val_manifest, val_targets, self.mask, cfg.seed,
                                               rank=self.dist.rank, world_size=self.dist.world_size,
                                               reader=default_reader(val_manifest), retry=rt.retry))
             self.stores["val_shards"] = val_manifest.digest()
         self.step, self.epoch, self.epoch_batches = 0, 0, 0
+        self.lock, self.opened, self.resumed, self.stop = None, False, False, StopRequest()
 
     # ---------------------------------------------------------------- state
 
@@ -245,17 +254,55 @@ class Trainer:
                 keep_history(self.out, self.step, self.rt.keep_checkpoints)
         barrier(self.dist)
 
+    def open(self):
+        """Take the run folder: create it, lock it against a second run (rank 0; released when the process dies),
+        remove what a killed run left half-written, and resume from its checkpoint if it holds one. Every refusal
+        comes before anything is written."""
+        if self.opened:
+            return
+        self.opened = True
+        if self.dist.main:
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise write_error(self.out, err) from None
+            self.lock = hold_lock(self.out / LOCK, f"the run {self.out}")
+            for name in (CHECKPOINT, EXPORT, METRICS, "config.yaml"):
+                remove_stale_temporaries(self.out / name)
+        barrier(self.dist)
+        try:
+            self.resumed = self.resume()
+        except BaseException:
+            self.close()
+            raise
+        if self.resumed and self.dist.main:
+            print(f"train: resuming {self.out / CHECKPOINT} at step {self.step} of {self.steps} (epoch {self.epoch}, "
+                  f"batch {self.epoch_batches} of the epoch)", file=sys.stderr)
+
+    def close(self):
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.steps
+
     def resume(self) -> bool:
         path = self.out / CHECKPOINT
         if not path.exists():
             return False
         state = torch.load(path, map_location="cpu", weights_only=True)
         old, new = json.loads(json.dumps(state["config"])), json.loads(json.dumps(asdict(self.cfg)))
-        moved = [k for k in STORE_OPTIONS if old.get(k) != new[k] and state.get("stores", {}).get(k) == self.stores[k]]
-        diff = [k for k in new if old.get(k) != new[k] and k not in LENGTH_OPTIONS + tuple(moved)]
+        for k in STORE_OPTIONS:     # the same path may now hold another store: compare what it holds, always
+            if state.get("stores", {}).get(k) != self.stores[k]:
+                raise HdistillError(f"{option_name(k)} {new[k]} is not the store {self.out} was trained on (its "
+                                    f"manifest differs from the one recorded in {path}); give the run's own store, "
+                                    "or a new --out for a new run")
+        diff = [k for k in new if old.get(k) != new[k] and k not in LENGTH_OPTIONS + STORE_OPTIONS]
         if diff:
             raise HdistillError(f"{self.out} holds a run with other options "
-                                f"({', '.join('--' + d.replace('_', '-') for d in diff)}); use a new --out or the "
+                                f"({', '.join(option_name(d) for d in diff)}); use a new --out or the "
                                 "original options to resume (only --steps / --epochs may change, and --shards / --val-shards "
                                 "may name the same store in another place)")
         if self.steps < state["step"]:
@@ -298,10 +345,10 @@ class Trainer:
             # student's stochastic depth uses (a resume makes the iterator at another point of the RNG stream)
             loader = torch.utils.data.DataLoader(
                 stream, batch_size=None, num_workers=min(self.cfg.workers, len(lanes)),
-                pin_memory=self.rt.device.startswith("cuda"),
+                pin_memory=self.rt.device.startswith("cuda"), worker_init_fn=loader_worker_init,
                 generator=torch.Generator().manual_seed(self.cfg.seed * 100_003 + self.epoch))
             pending: dict[int, dict[int, dict]] = {}
-            for piece in loader:
+            for piece in start_workers(loader):
                 if "error" in piece:
                     raise HdistillError(piece["error"])
                 pending.setdefault(piece["batch"], {})[piece["lane"]] = piece["samples"]
@@ -342,19 +389,52 @@ class Trainer:
         self.step += 1
         return terms
 
+    def stop_requested(self) -> bool:
+        """SIGTERM reached a rank; under torchrun the ranks agree at logged steps (a reduction they make anyway), so
+        every rank stops after the same step."""
+        if self.dist.world_size == 1:
+            return bool(self.stop)
+        if self.step % self.rt.log_every:
+            return False
+        flag = torch.tensor([1.0 if self.stop else 0.0], device=self.rt.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
     def run(self) -> Path:
-        self.out.mkdir(parents=True, exist_ok=True)
-        resumed = self.resume()
-        if self.dist.main:
-            print("train: loss = " + " + ".join(t.describe() for t in self.terms), file=sys.stderr)
-        metrics = _MetricsLog(self.out / METRICS, keep_until=self.step if resumed else 0) if self.dist.main else None
+        self.open()
+        try:
+            if self.finished:
+                if self.dist.main:
+                    print(f"train: {self.out} is finished (step {self.step} of {self.steps}); the student is "
+                          f"{self.out / EXPORT}. Give a larger --steps or --epochs to extend it.", file=sys.stderr)
+                return self.out / EXPORT
+            if self.dist.main:
+                print("train: loss = " + " + ".join(t.describe() for t in self.terms), file=sys.stderr)
+            with self.stop.listening():
+                self._steps()
+        finally:
+            self.close()
+        barrier(self.dist)
+        return self.out / EXPORT
+
+    def _log_line(self, text: str):
+        if self.dist.main and self.rt.log_lines:
+            print(f"train: step {self.step}/{self.steps} {text}", file=sys.stderr, flush=True)
+
+    def _steps(self):
+        metrics = _MetricsLog(self.out / METRICS, keep_until=self.step if self.resumed else 0) \
+            if self.dist.main else None
         bar = tqdm(total=self.steps, initial=self.step, unit="step", disable=not self.rt.progress)
         data, last_time, last_step = self.batches(), time.perf_counter(), self.step
+        first, postfix = True, {}
         try:
             while self.step < self.steps:
                 lr = self.optimizer.param_groups[0]["lr"]
                 terms = self.train_step(next(data))
                 bar.update(1)
+                if first:
+                    self._describe_terms(mean_over_ranks(terms, self.dist))
+                    first = False
                 if self.step % self.rt.log_every == 0 or self.step == self.steps:
                     losses = mean_over_ranks(terms, self.dist)
                     now = time.perf_counter()
@@ -362,25 +442,37 @@ class Trainer:
                     if metrics:
                         metrics.write({"step": self.step, "epoch": self.epoch, "lr": lr, "samples_per_s": rate,
                                        **losses})
-                    bar.set_postfix(loss=f"{losses['loss']:.4f}", refresh=False)
-                    if self.dist.main and self.rt.log_lines:
-                        print(f"train: step {self.step}/{self.steps} epoch {self.epoch} loss {losses['loss']:.4f} "
-                              f"lr {lr:.3g} {rate:.1f} samples/s "
-                              f"eta {_duration((self.steps - self.step) * self.cfg.batch_size / max(rate, 1e-9))}",
-                              file=sys.stderr, flush=True)
+                    postfix["loss"] = f"{losses['loss']:.4f}"
+                    bar.set_postfix(postfix, refresh=False)
+                    self._log_line(f"epoch {self.epoch} loss {losses['loss']:.4f} lr {lr:.3g} {rate:.1f} samples/s "
+                                   f"eta {duration((self.steps - self.step) * self.cfg.batch_size / max(rate, 1e-9))}")
                     last_time, last_step = now, self.step
                 if self.val and (self.step % self.cfg.val_every == 0 or self.step == self.steps):
                     record = self.validate()
                     if metrics:
                         metrics.write(record)
-                if self.step % self.rt.checkpoint_every == 0 or self.step == self.steps:
+                    postfix["val_loss"] = f"{record['val/loss']:.4f}"
+                    bar.set_postfix(postfix, refresh=False)
+                    self._log_line(f"val/loss {record['val/loss']:.4f}")
+                stop = self.stop_requested() and self.step < self.steps
+                if stop or self.step % self.rt.checkpoint_every == 0 or self.step == self.steps:
                     self.save()
+                if stop:
+                    raise Stopped(f"train: {self.stop.name or 'a stop request'} at step {self.step} of "
+                                  f"{self.steps}: checkpoint written to {self.out / CHECKPOINT}; run the same "
+                                  "command to resume", self.stop.signum or 15)
         finally:
             bar.close()
             if metrics:
                 metrics.close()
-        barrier(self.dist)
-        return self.out / EXPORT
+
+    def _describe_terms(self, losses: dict[str, float]):
+        """The first step's terms and their weighted shares: a term that dwarfs the others is visible at once."""
+        if not self.dist.main:
+            return
+        parts = [f"{t.name} {losses[t.key]:.4g} x {t.weight:g} = {losses[t.key] * t.weight:.4g}" for t in self.terms]
+        print(f"train: step 1 terms: {'; '.join(parts)}; loss {losses['loss']:.4g} (lr {base_lr(self.cfg):.3g} at "
+              "the end of the warm-up)", file=sys.stderr)
 
 
 class _MetricsLog:
@@ -398,9 +490,9 @@ class _MetricsLog:
     def write(self, record: dict):
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        for key, value in record.items():
+        for key, value in record.items():     # the tags are the metrics.jsonl keys
             if key != "step":
-                self.tb.add_scalar(key if key.startswith("val/") else f"train/{key}", value, record["step"])
+                self.tb.add_scalar(key, value, record["step"])
 
     def close(self):
         self.file.close()
@@ -419,22 +511,6 @@ def keep_history(out: Path, step: int, keep: int):
         shutil.copyfile(out / CHECKPOINT, target)
     for old in sorted(folder.glob("step-*.pt"))[:-keep]:
         old.unlink()
-
-
-def export_student(student: Student, path: Path) -> Path:
-    """The backbone's state dict (no classifier), atomically, for timm's pretrained path."""
-    from safetensors.torch import save
-
-    state = {k: v.detach().cpu().contiguous() for k, v in student.model.state_dict().items()}
-    with atomic_open(path) as f:
-        f.write(save(state, metadata={"timm_model": student.name, "format": "pt",
-                                      "mean": json.dumps(student.input_mean), "std": json.dumps(student.input_std)}))
-    return path
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def _seed_everything(seed: int):

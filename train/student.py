@@ -9,12 +9,15 @@ float32, also under bf16 autocast), the residual stream after a block, a block's
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hdistill.common.atomic import atomic_open
 from hdistill.common.errors import HdistillError
 from hdistill.common.specs import TokenGrid
 from hdistill.common.tokens import gather_rows, qk_relations, split_qk
@@ -35,9 +38,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class Student(nn.Module):
-    def __init__(self, name: str, model: nn.Module, image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    def __init__(self, name: str, model: nn.Module, image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 model_args: dict | None = None):
         super().__init__()
         self.name, self.model, self.image_size = name, model, image_size
+        self.model_args = dict(model_args or {})       # timm constructor arguments besides img_size
         self.input_mean, self.input_std = tuple(mean), tuple(std)
         self.register_buffer("mean", torch.tensor(self.input_mean).view(1, 1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(self.input_std).view(1, 1, 3, 1, 1), persistent=False)
@@ -122,4 +127,57 @@ def build_student(name: str, image_size: int, kwargs: dict | None = None, drop_p
                             "a learned position embedding for it, and a fixed image size")
     if not all(hasattr(b.attn, "qkv") for b in model.blocks):
         raise HdistillError(f"--student {name}: its attention has no fused qkv projection to take Q K^T from")
-    return Student(name, model, image_size, mean, std)
+    return Student(name, model, image_size, mean, std, kwargs)
+
+
+# ---------------------------------------------------------------- the export (student.safetensors)
+
+def export_student(student: Student, path: Path) -> Path:
+    """The backbone's state dict (no classifier), atomically, for timm's pretrained path. Its metadata says how to
+    build it again: timm_model, model_args (JSON), img_size and input_size, and the input normalisation mean/std
+    (JSON lists). Equal students give equal bytes."""
+    from safetensors.torch import save
+
+    state = {k: v.detach().cpu().contiguous() for k, v in student.model.state_dict().items()}
+    metadata = {"format": "pt", "timm_model": student.name, "model_args": json.dumps(student.model_args, sort_keys=True),
+                "img_size": str(student.image_size), "input_size": json.dumps([3, student.image_size, student.image_size]),
+                "mean": json.dumps(student.input_mean), "std": json.dumps(student.input_std)}
+    with atomic_open(path) as f:
+        f.write(_sorted_metadata(save(state, metadata=metadata)))
+    return path
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """safetensors writes its __metadata__ map in hash order, which differs between processes; write it sorted.
+    The header is JSON after its 8-byte length, padded with spaces to 8 bytes; tensor offsets count from its end."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + n:]
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """What an exported student's metadata says about it (each field None where the file does not say)."""
+
+    timm_model: str | None
+    model_args: dict
+    img_size: int | None
+    mean: tuple[float, float, float] | None
+    std: tuple[float, float, float] | None
+
+
+def read_export_info(path: str) -> ExportInfo:
+    """The metadata of a student.safetensors; raises HdistillError naming `path` for a file that is not one."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise HdistillError(f"--student {path}: not a readable safetensors file ({err}); give the "
+                            "student.safetensors that hdistill train wrote") from None
+    as_rgb = lambda key: tuple(json.loads(meta[key])) if key in meta else None  # noqa: E731
+    return ExportInfo(meta.get("timm_model"), json.loads(meta.get("model_args", "{}")),
+                      int(meta["img_size"]) if "img_size" in meta else None, as_rgb("mean"), as_rgb("std"))

@@ -20,17 +20,17 @@ from .data import AllSamples, check_mask, collate, open_store
 from .dist import DistInfo, sum_over_ranks
 
 
-def open_val_store(path: str, train: Manifest, targets: list[TargetSpec], mask: str) -> tuple[Manifest, list[TargetSpec]]:
+def open_val_store(path: str, train_path: str, train: Manifest, targets: list[TargetSpec],
+                   mask: str) -> tuple[Manifest, list[TargetSpec]]:
     """The held-out store's manifest and its rows for the run's targets; refusals name --val-shards."""
     try:
         manifest = open_store(path)
         check_mask(manifest, mask)
     except HdistillError as err:
         raise HdistillError(f"--val-shards {path}: {err}") from None
-    check_same_grid({f"the training store ({train.config['data']})": TokenGrid(train.layout.image_size,
-                                                                               train.layout.patch_size),
-                     f"the --val-shards store ({manifest.config['data']})": TokenGrid(manifest.layout.image_size,
-                                                                                      manifest.layout.patch_size)})
+    check_same_grid({f"the training store {train_path}": TokenGrid(train.layout.image_size, train.layout.patch_size),
+                     f"the --val-shards store {path}": TokenGrid(manifest.layout.image_size,
+                                                                 manifest.layout.patch_size)})
     rows = []
     for target in targets:
         if not manifest.has_target(target.name):

@@ -1,0 +1,85 @@
+"""How hdistill's processes stop and report: loader workers that die with their parent, SIGTERM as a request to
+stop, progress durations.
+
+A batch scheduler (SLURM, Kubernetes, torchrun's agent) sends SIGTERM to every process of a job some time before
+it kills them. The main process then finishes its step (train: writes a checkpoint; precompute: commits the
+shards it has whole) and exits 128 + 15; its DataLoader workers ignore SIGTERM, so the main process does not lose
+them mid-batch, and are killed by the kernel the moment their parent dies (for any reason, SIGKILL included), so
+no orphan prints a traceback into the job's log.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import threading
+from contextlib import contextmanager
+
+PR_SET_PDEATHSIG = 1
+
+
+def start_workers(loader):
+    """iter(loader), its workers forked with SIGTERM blocked, so that none dies of a SIGTERM that arrives before its
+    loader_worker_init has made it ignore the signal (the parent's arrives once it is unblocked)."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def loader_worker_init(_worker_id: int = 0):
+    """DataLoader worker_init_fn: ignore SIGTERM and SIGINT (the parent decides when to stop) and die with the
+    parent."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):    # not Linux: the worker's own parent checks remain
+        return
+    if os.getppid() != parent:           # the parent died before prctl took effect
+        os._exit(1)
+
+
+def duration(seconds: float) -> str:
+    """H:MM:SS, for progress lines."""
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Stopped(Exception):
+    """The run stopped at a clean point on a signal; the message says what was kept. Exit with `exit_code`."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class StopRequest:
+    """Set by SIGTERM while `listening()`; `signum` is the signal received, or None."""
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    def __bool__(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""
+
+    @contextmanager
+    def listening(self):
+        if threading.current_thread() is not threading.main_thread():   # signals reach the main thread only
+            yield self
+            return
+        previous = signal.signal(signal.SIGTERM, self._handle)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _handle(self, signum, _frame):
+        self.signum = signum
