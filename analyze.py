@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,34 +75,54 @@ def load_views(data: str, count: int, size: int, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(np.stack(views))
 
 
-def student_as_teacher(path: str, name: str, image_size: int, kwargs: dict) -> Teacher:
-    """A trained student (student.safetensors) through timm's pretrained path, wrapped for analysis, with the
-    input normalisation it was trained with (the file's mean/std metadata)."""
+def student_as_teacher(path: str, name: str | None = None, image_size: int | None = None,
+                       kwargs: dict | None = None) -> Teacher:
+    """A trained student (student.safetensors) through timm's pretrained path, wrapped for analysis. The file's
+    metadata says its timm model, constructor arguments, view size and input normalisation; `name`, `kwargs` and
+    `image_size` override them (and are needed for a file without that metadata). At another image size timm
+    resamples the position embedding."""
     import timm
+
+    from hdistill.train.student import read_export_info
+    info = read_export_info(path)
+    name = name or info.timm_model
+    if name is None:
+        raise HdistillError(f"--student {path}: the file does not say which timm model it holds; give --student-model")
+    kwargs = {**info.model_args, **(kwargs or {})}
+    image_size = kwargs.pop("img_size", None) or image_size or info.img_size or 224
+    norm = {k: v for k, v in (("mean", info.mean), ("std", info.std)) if v is not None}
     try:
-        norm = student_normalization(path)
         model = timm.create_model(name, pretrained=True, num_classes=0, img_size=image_size,
                                   pretrained_cfg_overlay=dict(file=path, num_classes=0, **norm), **kwargs)
     except (RuntimeError, KeyError, ValueError, TypeError) as err:
-        raise HdistillError(f"--student {path} does not fit timm model {name} {kwargs}: "
-                            f"{str(err).splitlines()[0][:400]}") from None
+        raise HdistillError(f"--student {path} does not fit timm model {name} {kwargs}: {state_dict_problem(err)}"
+                            ) from None
     cfg = model.pretrained_cfg
-    info = TeacherInfo(role="student", model=f"timm:{name}", weights={"source": "file", "path": path},
-                       patch_size=model.patch_embed.patch_size[0], image_size=image_size, width=model.embed_dim,
-                       depth=len(model.blocks), heads=model.blocks[0].attn.num_heads,
-                       mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
-    return TimmTeacher(info, model)
+    teacher_info = TeacherInfo(role="student", model=f"timm:{name}", weights={"source": "file", "path": path},
+                               patch_size=model.patch_embed.patch_size[0], image_size=image_size,
+                               width=model.embed_dim, depth=len(model.blocks), heads=model.blocks[0].attn.num_heads,
+                               mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
+    return TimmTeacher(teacher_info, model)
 
 
-def student_normalization(path: str) -> dict:
-    """{"mean", "std"} from an exported student's metadata (empty for files without it, e.g. a .pth)."""
-    from safetensors import SafetensorError, safe_open
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-    except SafetensorError:
-        return {}
-    return {k: tuple(json.loads(meta[k])) for k in ("mean", "std") if k in meta}
+def state_dict_problem(err: Exception) -> str:
+    """torch's load_state_dict error (one very long line of key lists) as counts and the first keys of each kind."""
+    text = str(err)
+    parts = []
+    for kind in ("Missing key(s)", "Unexpected key(s)"):
+        found = re.search(re.escape(kind) + r' in state_dict: ((?:"[^"]*"(?:, )?)+)', text)
+        if found:
+            keys = re.findall(r'"([^"]*)"', found.group(1))
+            parts.append(f"{len(keys)} {kind.lower().replace('(s)', 's')} ({', '.join(keys[:3])}"
+                         f"{', ...' if len(keys) > 3 else ''})")
+    shapes = re.findall(r"size mismatch for ([^:]+): copying a param with shape (torch\.Size\(\[[^\]]*\]\)) "
+                        r"from checkpoint, the shape in current model is (torch\.Size\(\[[^\]]*\]\))", text)
+    if shapes:
+        key, file_shape, model_shape = shapes[0]
+        parts.append(f"{len(shapes)} shape mismatches ({key}: {file_shape} in the file, {model_shape} in the model)")
+    if not parts:
+        return text.splitlines()[0][:400]
+    return "; ".join(parts) + "; check --student-model and --student-arg"
 
 
 @torch.inference_mode()
@@ -148,13 +169,16 @@ def plot_distance_and_nmi(stats: list[LayerStats], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     models = list(dict.fromkeys(s.model for s in stats))
     fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.6), sharey=True, squeeze=False)
     for ax, name in zip(axes[0], models):
         for s in (s for s in stats if s.model == name):
             ax.scatter([s.layer + 1] * len(s.distance), s.distance, s=14, alpha=0.8, color="tab:blue")
-        ax.set_title(name)
+        ax.set_title(name, fontsize=9)
         ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("average attention distance (px)")
     fig.tight_layout()
@@ -163,9 +187,14 @@ def plot_distance_and_nmi(stats: list[LayerStats], out: Path) -> list[Path]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5, 3.6))
-    for name in models:
+    # equal curves (the same model in two roles) stay visible: each model its own line style, marker and size
+    styles = [("-", "o", 7), ("--", "s", 5.5), (":", "^", 4.5), ("-.", "D", 3.5)]
+    for i, name in enumerate(models):
         layers = [s for s in stats if s.model == name]
-        ax.plot([s.layer + 1 for s in layers], [float(np.mean(s.nmi)) for s in layers], marker="o", label=name)
+        line, marker, size = styles[i % len(styles)]
+        ax.plot([s.layer + 1 for s in layers], [float(np.mean(s.nmi)) for s in layers], linestyle=line,
+                marker=marker, markersize=size, label=name)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer")
     ax.set_ylabel("NMI (query, key)")
     ax.legend()
@@ -178,14 +207,15 @@ def plot_distance_and_nmi(stats: list[LayerStats], out: Path) -> list[Path]:
 
 
 def plot_attention_maps(attention: dict[str, list[torch.Tensor]], pixels: torch.Tensor, query: int,
-                        layers: list[int], out: Path) -> Path:
-    """Attention of one query patch (marked) of the first image, at chosen layers, per model (head mean)."""
+                        layers: dict[str, list[int]], out: Path) -> Path:
+    """Attention of one query patch (marked) of the first image, at each model's chosen layers (head mean)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(attention)
-    fig, axes = plt.subplots(len(names), len(layers) + 1, figsize=(2.4 * (len(layers) + 1), 2.5 * len(names)),
+    columns = max(len(v) for v in layers.values())
+    fig, axes = plt.subplots(len(names), columns + 1, figsize=(2.4 * (columns + 1), 2.5 * len(names)),
                              squeeze=False)
     image = pixels[0].numpy()
     for r, name in enumerate(names):
@@ -195,7 +225,7 @@ def plot_attention_maps(attention: dict[str, list[torch.Tensor]], pixels: torch.
         axes[r][0].imshow(image)
         axes[r][0].add_patch(plt.Rectangle((qc * cell, qr * cell), cell, cell, fill=False, color="red", lw=2))
         axes[r][0].set_title(f"{name}: query {query}", fontsize=9)
-        for c, layer in enumerate(layers, start=1):
+        for c, layer in enumerate(layers[name], start=1):
             amap = attention[name][layer][0].mean(0)[query].reshape(grid, grid).numpy()
             axes[r][c].imshow(amap, cmap="viridis")
             axes[r][c].set_title(f"layer {layer + 1}", fontsize=9)
@@ -207,6 +237,22 @@ def plot_attention_maps(attention: dict[str, list[torch.Tensor]], pixels: torch.
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def map_layers(models: dict[str, Teacher], layers: list[int] | None) -> dict[str, list[int]]:
+    """The attention-map layers of each model: `layers` (0-indexed, negative from the end) for all, or by default
+    each model's first, middle and last block."""
+    chosen = {}
+    for name, model in models.items():
+        depth = model.info.depth
+        if layers is None:
+            chosen[name] = sorted({0, depth // 2, depth - 1})
+            continue
+        outside = [b for b in layers if not -depth <= b < depth]
+        if outside:
+            raise HdistillError(f"--layers {','.join(map(str, layers))}: {name} has {depth} blocks (0..{depth - 1})")
+        chosen[name] = [b % depth for b in layers]
+    return chosen
 
 
 def run_analysis(models: dict[str, Teacher], data: str, count: int, out: str, query: int | None = None,
@@ -223,11 +269,9 @@ def run_analysis(models: dict[str, Teacher], data: str, count: int, out: str, qu
         stats += s
     write_tables(stats, out_dir)
     files = [out_dir / "attention.csv", out_dir / "attention.json", *plot_distance_and_nmi(stats, out_dir)]
-    depth = min(m.info.depth for m in models.values())
     grid = next(iter(models.values())).info.grid
     query = grid.num_patches // 2 + grid.side // 2 if query is None else query
     if not 0 <= query < grid.num_patches:
         raise HdistillError(f"--query {query}: patch index out of range (0..{grid.num_patches - 1})")
-    layers = layers or sorted({0, depth // 2, depth - 1})
-    files.append(plot_attention_maps(attention, pixels, query, layers, out_dir))
+    files.append(plot_attention_maps(attention, pixels, query, map_layers(models, layers), out_dir))
     return files

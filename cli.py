@@ -21,6 +21,15 @@ class Cli(click.Group):
             raise click.ClickException(str(err)) from None
 
 
+def absolute_data(data: str) -> str:
+    """--data as the store records it: a local path made absolute (inspect, --online and --fresh-views then find the
+    images from any working directory); URLs, tar patterns' URLs and synthetic:N as given."""
+    from hdistill.common.storage import is_url
+    if is_url(data) or data.startswith("synthetic:"):
+        return data
+    return os.path.abspath(data)
+
+
 def _split(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
@@ -111,8 +120,10 @@ def human_bytes(n: float) -> str:
 # writes it; stores made alike are alike byte for byte)
 RUNTIME_OPTIONS = ("config", "out", "device", "workers", "rank", "world_size", "read_retries", "quiet")
 
+POSITIVE = click.FloatRange(min=0, min_open=True)
+
 read_retries_option = click.option(
-    "--read-retries", default=5, show_default=True,
+    "--read-retries", default=5, show_default=True, type=click.IntRange(min=0),
     help="Reads from object storage that fail transiently (a dropped connection, a timeout) are retried this many "
          "times, waiting 1, 2, 4, ... s (at most 30 s); then the run stops naming the object.")
 
@@ -147,13 +158,25 @@ config_option = click.option(
     callback=_load_config, help="A YAML file of options (keys as the long option names); flags override it.")
 
 
-def write_config(folder: str, params: dict, leave_out=("config",)):
-    """The resolved options as YAML in FOLDER/config.yaml (a path or a URL), loadable again with --config."""
+def write_config(folder: str, ctx: click.Context, leave_out=("config",)):
+    """The resolved options as YAML in FOLDER/config.yaml (a path or a URL), loadable again with --config; keys in
+    the command's option order, whether they came from flags or from a --config file."""
     import yaml
 
     from hdistill.common.storage import Location
-    values = {k: list(v) if isinstance(v, tuple) else v for k, v in params.items() if k not in leave_out}
+    values = {p.name: list(v) if isinstance(v := ctx.params[p.name], tuple) else v
+              for p in ctx.command.params if p.name in ctx.params and p.name not in leave_out}
     Location(folder).write_bytes("config.yaml", yaml.safe_dump(values, sort_keys=False).encode())
+
+
+def stopping(run):
+    """run(), turning a stop on SIGTERM (a checkpoint or the whole shards written) into its message and exit code."""
+    from hdistill.common.processes import Stopped
+    try:
+        return run()
+    except Stopped as stop:
+        click.echo(str(stop), err=True)
+        sys.exit(stop.exit_code)
 
 
 class StorePlace(click.ParamType):
@@ -199,7 +222,8 @@ def teacher_options(f):
                           "through timm's / open_clip's pretrained path. '--weights hub' sets every role. Repeatable."),
         click.option("--random-init", is_flag=True,
                      help="Random teacher weights (seeded), recorded as such in the output. For tests and demos."),
-        click.option("--image-size", default=224, show_default=True, help="View size in pixels."),
+        click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=1),
+                     help="View size in pixels."),
         click.option("--seed", default=0, show_default=True,
                      help="Seed of the views, of the store order and of random teacher weights."),
     ]
@@ -235,7 +259,7 @@ def cli():
               help="How targets are stored: fp16 (default), int8 (per-row scale, about half the bytes) or bf16 "
                    "(zarr only: mantissa rounding before compression). E.g. --encoding rel=int8, "
                    "--encoding rel.mae.b9=int8, or --encoding int8 for every target. Repeatable.")
-@click.option("--mask-ratio", default=0.3, show_default=True,
+@click.option("--mask-ratio", default=0.3, show_default=True, type=click.FloatRange(0, 1, max_open=True),
               help="K: share of the kept patch tokens dropped at each mask stage; 0 keeps every token.")
 @click.option("--mask-blocks", default=None, metavar="I,J,...",
               help="0-indexed blocks of the mask teacher whose outputs drive the stages (default: 0,L/3,2L/3). "
@@ -244,7 +268,7 @@ def cli():
               help="The average token of Eq. 4: mean of the kept patch tokens (raw) or of their L2-normalised "
                    "copies (normalized, as PCAE's code).")
 @click.option("--mask-teacher", default=None, help="Role whose blocks drive the mask (default: the MIM teacher).")
-@click.option("--views", default=1, show_default=True, help="Augmented views per image.")
+@click.option("--views", default=1, show_default=True, type=click.IntRange(min=1), help="Augmented views per image.")
 @click.option("--crop", default="random", type=click.Choice(["random", "center"]), show_default=True,
               help="random: RandomResizedCrop (scale 0.2-1) + flip, for training stores; center: resize the short "
                    "side and take the centre (timm's 0.875 crop), no flip, one view, for validation stores.")
@@ -252,19 +276,21 @@ def cli():
               help="kept: only the progressive mask's tokens; full: every token, so any mask can be applied later.")
 @click.option("--format", "formats", default="wds", show_default=True,
               help="wds (webdataset tars, streamed by train), zarr (random access), or wds,zarr.")
-@click.option("--limit", default=None, type=int, help="Use only the first N images.")
-@click.option("--batch-size", default=64, show_default=True, help="Views per teacher forward.")
-@click.option("--shard-size", default=1024, show_default=True, help="Images per shard.")
+@click.option("--limit", default=None, type=click.IntRange(min=1), help="Use only the first N images.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Views per teacher forward.")
+@click.option("--shard-size", default=1024, show_default=True, type=click.IntRange(min=1), help="Images per shard.")
 @click.option("--precision", default="fp32", type=click.Choice(["fp32", "bf16"]), show_default=True,
               help="Teachers' forward precision (bf16 autocast is the fast choice on GPUs); Q K^T and the mask "
                    "are always computed in float32 or better.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--workers", default=None, type=int,
+@click.option("--workers", default=None, type=click.IntRange(min=0),
               help="Image decoding processes (default: 4, never more than the CPUs available).")
 @click.option("--rank", default=None, type=int, help="This process's rank for array jobs (default: $RANK or 0).")
 @click.option("--world-size", default=None, type=int, help="Number of ranks (default: $WORLD_SIZE or 1).")
 @read_retries_option
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quiet", is_flag=True,
+              help="No progress bar (on a terminal) and no progress lines (otherwise, e.g. under SLURM).")
 def precompute(data, out, teachers, models, model_args, weights, random_init, image_size, seed, targets, encodings,
                mask_ratio, mask_blocks, mask_mean, mask_teacher, views, crop, store_mode, formats, limit, batch_size,
                shard_size, precision, device, workers, rank, world_size, read_retries, quiet):
@@ -280,7 +306,7 @@ def precompute(data, out, teachers, models, model_args, weights, random_init, im
 
     roles = _split(teachers)
     cfg = PrecomputeConfig(
-        data=data, teachers=roles, models=_pairs(models, "--model"), model_args=parse_model_args(model_args),
+        data=absolute_data(data), teachers=roles, models=_pairs(models, "--model"), model_args=parse_model_args(model_args),
         weights=parse_weights(weights, roles), random_init=random_init, seed=seed, views=views, crop=crop,
         image_size=image_size, targets=list(targets) or None, encodings=list(encodings), mask_ratio=mask_ratio,
         mask_teacher=mask_teacher, mask_blocks=parse_ints(mask_blocks, "--mask-blocks"), mask_mean=mask_mean,
@@ -291,13 +317,15 @@ def precompute(data, out, teachers, models, model_args, weights, random_init, im
     if not 0 <= rank < world_size:
         raise HdistillError(f"--rank {rank} is not in 0..{world_size - 1} (--world-size {world_size})")
     rt = Runtime(device=resolve_device(device), workers=loader_workers(workers), rank=rank, world_size=world_size,
-                 retry=Retry(attempts=read_retries),
-                 progress=not quiet and sys.stderr.isatty())
+                 retry=Retry(attempts=read_retries), progress=not quiet and sys.stderr.isatty(),
+                 log_lines=not quiet and not sys.stderr.isatty())
     if random_init:
         click.echo("note: teachers have RANDOM weights (--random-init); targets are for testing only", err=True)
     start = time.time()
-    manifest = run_precompute(cfg, out, rt)
-    write_config(out, click.get_current_context().params, leave_out=RUNTIME_OPTIONS)
+    manifest = stopping(lambda: run_precompute(cfg, out, rt))
+    ctx = click.get_current_context()
+    ctx.params["data"] = cfg.data       # as the manifest records it
+    write_config(out, ctx, leave_out=RUNTIME_OPTIONS)
     seconds = time.time() - start
     if manifest is None:
         click.echo(f"precompute: rank {rank}/{world_size} finished its shards in {seconds:.0f}s; the last rank to "
@@ -318,7 +346,7 @@ def precompute(data, out, teachers, models, model_args, weights, random_init, im
 @click.option("--student", default="vit_base_patch16_224", help="timm ViT name of the student (random init).")
 @click.option("--student-arg", "student_args", multiple=True, metavar="KEY=VALUE",
               help="timm constructor argument of the student, e.g. depth=6. Repeatable.")
-@click.option("--drop-path", default=0.2, show_default=True,
+@click.option("--drop-path", default=0.2, show_default=True, type=click.FloatRange(0, 1, max_open=True),
               help="Stochastic depth rate of the student. 0.2 is FD's ViT-B recipe for a CLIP teacher, the "
                    "paper's main feature teacher (FD uses 0.3 with DeiT); use 0.1 or less for small students.")
 @click.option("--student-mean", default="0.485,0.456,0.406", show_default=True,
@@ -329,20 +357,23 @@ def precompute(data, out, teachers, models, model_args, weights, random_init, im
 @click.option("--precision", default=None, type=click.Choice(["bf16", "fp16", "fp32"]),
               help="Student autocast precision (default: bf16 on CUDA, fp32 on the CPU); fp16 uses a gradient "
                    "scaler, for GPUs without bf16.")
-@click.option("--steps", type=int, default=None, help="Optimiser steps (or give --epochs).")
-@click.option("--epochs", type=float, default=None, help="Epochs over the store; epoch e uses view e mod V.")
-@click.option("--batch-size", default=256, help="Samples per step.")
-@click.option("--lr", type=float, default=None, help="Peak learning rate (default 6e-4 x batch size / 1024).")
-@click.option("--weight-decay", default=0.05)
-@click.option("--warmup-steps", type=int, default=None, help="Linear warm-up steps (default 5% of the steps).")
-@click.option("--clip-grad", default=3.0, help="Gradient norm clipping.")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimiser steps (or give --epochs).")
+@click.option("--epochs", type=POSITIVE, default=None, help="Epochs over the store; epoch e uses view e mod V.")
+@click.option("--batch-size", default=256, type=click.IntRange(min=1), help="Samples per step (global, over ranks).")
+@click.option("--lr", type=POSITIVE, default=None,
+              help="Peak learning rate (default 6e-4 x batch size / 1024, the paper's; README: small batches).")
+@click.option("--weight-decay", default=0.05, type=click.FloatRange(min=0))
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=None,
+              help="Linear warm-up steps (default 5% of the steps).")
+@click.option("--clip-grad", default=3.0, type=POSITIVE, help="Gradient norm clipping.")
 @click.option("--loss", "losses", multiple=True, metavar="ROLE:KIND[@B[,B...]]=WEIGHT",
               help="A loss term on a stored target, repeatable: feat (final features), feat@B, msa@B (through a "
                    "linear projection to the per-token standardised target) or rel@B (raw Q K^T), e.g. "
                    "--loss clip:feat=1 --loss mae:rel@9,10=0.5. Default: the paper's Eq. 1, the feature teacher's "
                    "feat at 1 plus the MIM teacher's rel at its stored blocks at --alpha (their mean).")
-@click.option("--alpha", default=1.0, help="Weight of the relation loss in the default objective.")
-@click.option("--beta", default=2.0, help="SmoothL1 beta.")
+@click.option("--alpha", default=1.0, type=click.FloatRange(min=0),
+              help="Weight of the relation loss in the default objective.")
+@click.option("--beta", default=2.0, type=POSITIVE, help="SmoothL1 beta.")
 @click.option("--standardize-targets/--raw-targets", default=True,
               help="Per-token standardisation of the feature targets.")
 @click.option("--feature-teacher", default=None,
@@ -356,26 +387,28 @@ def precompute(data, out, teachers, models, model_args, weights, random_init, im
 @click.option("--mask", default="progressive", type=click.Choice(["progressive", "none", "random"]),
               help="Tokens the student sees; none and random need a --store full store.")
 @click.option("--seed", default=0)
-@click.option("--lanes", type=int, default=None,
+@click.option("--lanes", type=click.IntRange(min=1), default=None,
               help="Parts of the store every global batch mixes (default: gcd(16, --batch-size)). A rank reads "
                    "whole lanes: the rank count must divide it, and a rank's loader workers share its lanes, so "
                    "lanes / ranks bounds the workers that decode in parallel. The order of an epoch depends on the "
                    "seed, the epoch, the lanes and the batch only: a run resumes on any rank count dividing it.")
-@click.option("--lane-buffer-mb", default=64.0, show_default=True,
+@click.option("--lane-buffer-mb", default=64.0, show_default=True, type=POSITIVE,
               help="Shuffle buffer per lane, in MB of decoded samples (a rank holds lanes/ranks of them).")
-@click.option("--workers", default=2, help="Loader processes per rank (at most lanes / ranks are used).")
+@click.option("--workers", default=2, type=click.IntRange(min=0),
+              help="Loader processes per rank (at most lanes / ranks are used).")
 @click.option("--reader", default=None, type=click.Choice(["wds", "zarr"]),
               help="Read the store's webdataset shards or its zarr arrays (same samples, same order). "
                    "Default: wds when the store holds it, else zarr.")
 @click.option("--val-shards", default=None, type=StorePlace(exists=True),
               help="A store of held-out images (precompute --crop center), evaluated every --val-every steps and at "
                    "the end: val/loss and val/loss/<target> in metrics.jsonl and TensorBoard.")
-@click.option("--val-every", default=1000, help="Steps between evaluations of --val-shards.")
+@click.option("--val-every", default=1000, type=click.IntRange(min=1), help="Steps between evaluations of --val-shards.")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
-@click.option("--log-every", default=10, help="Steps between metrics records.")
-@click.option("--checkpoint-every", default=500,
+@click.option("--log-every", default=10, type=click.IntRange(min=1),
+              help="Steps between metrics records (and progress lines when stderr is not a terminal).")
+@click.option("--checkpoint-every", default=500, type=click.IntRange(min=1),
               help="Steps between checkpoints (checkpoint.pt and student.safetensors, written atomically).")
-@click.option("--keep-checkpoints", default=0,
+@click.option("--keep-checkpoints", default=0, type=click.IntRange(min=0),
               help="Also keep the last N checkpoints as RUN/checkpoints/step-<step>.pt (0: only the latest).")
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the student and loss.")
 @click.option("--online", is_flag=True,
@@ -395,7 +428,7 @@ def train(shards, out, student, student_args, drop_path, student_mean, student_s
           compile_model, online, fresh_views, data, read_retries, quiet):
     """Train a ViT student from a store's targets: no teacher is loaded, no image decoded."""
     from hdistill.common.storage import Retry
-    from hdistill.train.run import TrainConfig, TrainRuntime, run_train
+    from hdistill.train.run import TrainConfig, Trainer, TrainRuntime
 
     cfg = TrainConfig(shards=shards, student=student, student_args=parse_student_args(student_args),
                       drop_path=drop_path, student_mean=parse_rgb(student_mean, "--student-mean"),
@@ -411,14 +444,17 @@ def train(shards, out, student, student_args, drop_path, student_mean, student_s
                       progress=not quiet and sys.stderr.isatty(), compile=compile_model,
                       log_lines=not quiet and not sys.stderr.isatty(), keep_checkpoints=keep_checkpoints, data=data,
                       retry=Retry(attempts=read_retries))
-    if int(os.environ.get("RANK", 0)) == 0:
-        write_config(out, click.get_current_context().params)
     start = time.time()
     source = None
     if online:
         from hdistill.online import LiveTargets as source
-    path = run_train(cfg, out, rt, source)
-    if int(os.environ.get("RANK", 0)) == 0:
+    trainer = Trainer(cfg, out, rt, source)
+    trainer.open()      # refusals (another run's options, another store, a running run) come before any file
+    finished_before = trainer.finished
+    if trainer.dist.main and not finished_before:
+        write_config(out, click.get_current_context())
+    path = stopping(trainer.run)
+    if trainer.dist.main and not finished_before:
         click.echo(f"train: finished in {time.time() - start:.1f}s; metrics in {out}/metrics.jsonl; "
                    f"student backbone in {path}")
 
@@ -509,14 +545,15 @@ def build_models(roles, models, model_args, weights, random_init, students, stud
     role_list = _split(roles)
     names, kwargs, sources = _pairs(models, "--model"), parse_model_args(model_args), parse_weights(weights, role_list)
     chosen = {}
+    for path in students:     # each as its file's metadata says, unless --student-model / --student-arg override it
+        chosen[path] = student_as_teacher(path, student_model, image_size, parse_student_args(student_args))
+    # teachers at the students' view size unless --image-size says otherwise
+    image_size = image_size or next((m.info.image_size for m in chosen.values()), 224)
     for i, role in enumerate(role_list):
         if role not in sources and not random_init:
             raise HdistillError(f"no weights for teacher {role}: --weights {role}=hub|PATH or --random-init")
         source = WeightSource.parse(sources[role]) if role in sources else WeightSource("random", seed=seed * 1000 + i)
         chosen[role] = build_teacher(role, source, image_size, names.get(role), kwargs.get(role))
-    for i, path in enumerate(students):
-        chosen[f"student{i if len(students) > 1 else ''}"] = student_as_teacher(
-            path, student_model, image_size, parse_student_args(student_args))
     if not chosen:
         raise HdistillError("no model given: pass --teacher and/or --student")
     return chosen
@@ -532,11 +569,14 @@ def model_options(f):
         click.option("--weights", multiple=True, metavar="ROLE=hub|PATH", help="Teacher weights ('hub' or a file)."),
         click.option("--random-init", is_flag=True, help="Random teacher weights (seeded)."),
         click.option("--student", "students", multiple=True, type=click.Path(exists=True, dir_okay=False),
-                     help="A trained student.safetensors. Repeatable."),
-        click.option("--student-model", default="vit_base_patch16_224", help="timm name of the students' architecture."),
+                     help="A trained student.safetensors (built as its metadata says), named by its path in the "
+                          "output. Repeatable."),
+        click.option("--student-model", default=None,
+                     help="timm name of the students' architecture (default: the one each file records)."),
         click.option("--student-arg", "student_args", multiple=True, metavar="KEY=VALUE",
-                     help="timm argument of the students, e.g. depth=6."),
-        click.option("--image-size", default=224),
+                     help="timm argument of the students, e.g. depth=6 (default: those each file records)."),
+        click.option("--image-size", default=None, type=click.IntRange(min=1),
+                     help="View size in pixels (default: the students' recorded size, else 224)."),
         click.option("--seed", default=0, help="Seed of random teacher weights and of the views."),
     ]
     for option in reversed(options):
@@ -608,4 +648,9 @@ def demo(out, models, model_args, weights, images, steps):
 
 
 def main():
+    # OpenMP threads that wait for work sleep instead of spinning: on a CPU shared with other processes a spinning
+    # thread holds a core that the thread it waits for needs (the demo ran 10x slower beside one busy process;
+    # passive, about 2x for half the CPU, and within noise on an idle machine). A value set by the user is kept;
+    # it must be set before torch loads OpenMP, so here, before any command imports torch.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     cli(prog_name="hdistill")

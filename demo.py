@@ -7,6 +7,7 @@ Teachers carry random weights unless the user gives real ones (--weights ROLE=PA
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from hdistill.analyze import run_analysis, student_as_teacher
@@ -67,15 +68,19 @@ def run_demo(out: str, models: dict[str, str] | None = None, model_args: dict | 
     run_precompute(pcfg, str(out_dir / "store"), Runtime(device="cpu", workers=0, progress=False))
 
     echo(f"demo: 2/3 train a {TINY_STUDENT[0]} {TINY_STUDENT[1]} student for {steps} steps -> {out_dir / 'run'}")
+    # gcd(4, batch) lanes, not gcd(16, batch): a demo epoch is 6 batches from 3 shards per view, and every lane
+    # opens every shard it takes samples from, so 16 lanes would parse each small shard 16 times an epoch (40% of
+    # the step)
+    batch = min(batch_size, images)
     tcfg = TrainConfig(shards=str(out_dir / "store"), student=TINY_STUDENT[0], student_args=TINY_STUDENT[1],
-                       steps=steps, batch_size=min(batch_size, images), lr=1e-3, workers=0)
+                       steps=steps, batch_size=batch, lr=1e-3, workers=0, lanes=math.gcd(4, batch))
     student_file = run_train(tcfg, str(out_dir / "run"), TrainRuntime(device="cpu", log_every=5,
                                                                       checkpoint_every=steps, progress=False))
     loss_png = plot_losses(out_dir / "run" / "metrics.jsonl", out_dir / "loss.png")
 
     echo(f"demo: 3/3 analyze attention of teachers and student -> {out_dir / 'analysis'}")
     analysed = build_teachers(pcfg, "cpu")
-    analysed["student"] = student_as_teacher(str(student_file), TINY_STUDENT[0], pcfg.image_size, TINY_STUDENT[1])
+    analysed["student"] = student_as_teacher(str(student_file))     # built as its file says
     files = run_analysis(analysed, "synthetic:8", 8, str(out_dir / "analysis"))
     return {"store": out_dir / "store", "run": out_dir / "run", "metrics": out_dir / "run" / "metrics.jsonl",
             "student": student_file, "loss_curve": loss_png, **{f.name: f for f in files}}
