@@ -114,3 +114,50 @@ def test_eval_separates_two_visibly_different_classes(tmp_path):
     assert result.exit_code == 0, result.output
     assert "2 classes, 16 train / 4 val images" in result.output
     assert "kNN top-1 100.0%, linear probe top-1 100.0%" in result.output
+
+
+def labelled_folder(root, size=(48, 64)):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for label, colour in (("red", (200, 30, 30)), ("blue", (30, 30, 200))):
+        (root / label).mkdir(parents=True)
+        for i in range(5):
+            noise = rng.integers(-40, 40, (*size, 3))
+            Image.fromarray(np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)).save(root / label / f"{i}.png")
+    return root
+
+
+def test_eval_builds_students_from_their_files_alone_and_names_them_by_path(tmp_path):
+    from hdistill.train.student import build_student, export_student
+    paths = []
+    for i, depth in enumerate((2, 3)):
+        torch.manual_seed(i)
+        student = build_student("vit_small_patch16_224", 64, dict(depth=depth, embed_dim=48, num_heads=3))
+        paths.append(str(export_student(student, tmp_path / f"run{i}" / "student.safetensors")))
+    data = labelled_folder(tmp_path / "data")
+    result = CliRunner().invoke(cli, ["eval", "--data", str(data), "--student", paths[0], "--student", paths[1]])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("eval ")]
+    assert [line.split(":")[0] for line in lines] == [f"eval {p}" for p in paths]
+    # the argument train accepts is accepted here too
+    result = CliRunner().invoke(cli, ["eval", "--data", str(data), "--student", paths[0], "--student-arg", "img_size=64"])
+    assert result.exit_code == 0, result.output
+    # the wrong architecture: counts and first keys, not torch's whole key list
+    result = CliRunner().invoke(cli, ["eval", "--data", str(data), "--student", paths[1], "--student-arg", "depth=2"])
+    assert result.exit_code == 1
+    message = result.output.strip().splitlines()[-1]
+    assert "does not fit timm model vit_small_patch16_224" in message and "unexpected keys (blocks.2." in message
+    assert len(message) < 500
+
+
+def test_attention_map_layers_are_each_models_first_middle_and_last():
+    from types import SimpleNamespace
+
+    from hdistill.analyze import map_layers
+    from hdistill.common.errors import HdistillError
+    models = {"mae": SimpleNamespace(info=SimpleNamespace(depth=12)),
+              "student": SimpleNamespace(info=SimpleNamespace(depth=4))}
+    assert map_layers(models, None) == {"mae": [0, 6, 11], "student": [0, 2, 3]}
+    assert map_layers(models, [0, -1]) == {"mae": [0, 11], "student": [0, 3]}
+    with pytest.raises(HdistillError, match="--layers 0,5: student has 4 blocks"):
+        map_layers(models, [0, 5])

@@ -74,6 +74,35 @@ def test_sigkill_then_resume_gives_identical_store(photos, reference_store, tmp_
     assert not [p for p in out.rglob(".*tmp-*")], "temporaries of the killed run are gone"
 
 
+def test_sigterm_commits_whole_shards_only_and_the_rerun_gives_the_identical_store(photos, reference_store, tmp_path):
+    out = tmp_path / "store"
+    commits = out / "commits"
+    # SIGTERM to the whole process group, as a scheduler sends it; the loader workers must not die before the parent
+    proc = subprocess.Popen(command(photos, out, "--views", "2", "--shard-size", "2", "--workers", "2"), env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (commits.exists() and len(list(commits.glob("*.json"))) >= 2):
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr.decode()
+    done = len(list(commits.glob("*.json")))
+    assert 2 <= done < 24
+    assert f"precompute: SIGTERM: stopped after committing {done} whole shard(s)" in stderr.decode()
+    assert "Traceback" not in stderr.decode()
+    subprocess.run(command(photos, out, "--views", "2", "--shard-size", "2"), check=True, env=env(),
+                   capture_output=True)
+    assert store_digest(out) == store_digest(reference_store)
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(photos, tmp_path):
+    cmd = [c for c in command(photos, tmp_path / "store", "--views", "2", "--shard-size", "4") if c != "--quiet"]
+    result = subprocess.run(cmd, env=env(), capture_output=True, text=True, check=True)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("precompute: ") and "views (" in line]
+    assert lines[0].startswith("precompute: 4/48 views (8%), ") and "views/s, eta " in lines[0]
+    assert lines[-1].startswith("precompute: 48/48 views (100%), 12/12 shards committed, 0 skipped, ")
+
+
 def test_two_process_torchrun_equals_single_process(photos, reference_store, tmp_path):
     out = tmp_path / "store"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]

@@ -205,7 +205,6 @@ def test_input_normalisation_is_explicit_and_travels_with_the_export(stores, tmp
     import timm
     from safetensors import safe_open
 
-    from hdistill.analyze import student_normalization
     mean, std = (0.1, 0.2, 0.3), (0.6, 0.5, 0.4)
     trainer = Trainer(config(stores / "kept", steps=1, student_mean=mean, student_std=std), str(tmp_path / "run"),
                       TrainRuntime(progress=False))
@@ -214,12 +213,18 @@ def test_input_normalisation_is_explicit_and_travels_with_the_export(stores, tmp
     torch.testing.assert_close(normalised[0, 0, :, 0, 0], torch.tensor([(0.2 - m) / s for m, s in zip(mean, std)]))
     path = trainer.run()
     with safe_open(str(path), framework="pt") as f:
-        assert json.loads(f.metadata()["mean"]) == list(mean) and json.loads(f.metadata()["std"]) == list(std)
-    # a timm fine-tune takes them through pretrained_cfg_overlay, as the README shows
+        meta = f.metadata()
+    assert json.loads(meta["mean"]) == list(mean) and json.loads(meta["std"]) == list(std)
+    assert (meta["timm_model"], json.loads(meta["model_args"]), meta["img_size"]) == \
+        ("vit_base_patch16_224", STUDENT["student_args"], "64")
+    # a timm fine-tune takes them through pretrained_cfg_overlay, as the README shows: the view size too, which
+    # timm's own config of the architecture would give as 224
+    overlay = dict(file=str(path), num_classes=0, mean=tuple(json.loads(meta["mean"])),
+                   std=tuple(json.loads(meta["std"])), input_size=tuple(json.loads(meta["input_size"])))
     model = timm.create_model("vit_base_patch16_224", pretrained=True, img_size=64, num_classes=10,
-                              pretrained_cfg_overlay=dict(file=str(path), num_classes=0, **student_normalization(str(path))),
-                              **STUDENT["student_args"])
-    assert timm.data.resolve_data_config({}, model=model)["mean"] == mean
+                              pretrained_cfg_overlay=overlay, **STUDENT["student_args"])
+    config_ = timm.data.resolve_data_config({}, model=model)
+    assert (config_["mean"], config_["input_size"]) == (mean, (3, 64, 64))
 
 
 def test_stochastic_depth_and_fp16_with_a_gradient_scaler(stores, tmp_path):
@@ -267,6 +272,49 @@ def test_sigkill_then_resume_reaches_the_same_losses(stores, tmp_path):
     assert [r["step"] for r in resumed] == list(range(1, 11))
     for a, b in zip(resumed, reference):
         assert {k: v for k, v in a.items() if k != "samples_per_s"} == {k: v for k, v in b.items() if k != "samples_per_s"}
+
+
+def test_sigterm_writes_a_checkpoint_at_the_next_step_and_the_resume_is_exact(stores, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(train_command(stores / "kept", tmp_path / "ref", 10), check=True, env=env, capture_output=True)
+    reference = read_metrics(tmp_path / "ref")
+    out = tmp_path / "run"
+    # as SLURM does: SIGTERM to every process of the job, loader workers included; no checkpoint is due before the end
+    proc = subprocess.Popen(train_command(stores / "kept", out, 10, "--workers", "2", "--checkpoint-every", "100"),
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and
+                                          len((out / "metrics.jsonl").read_text().splitlines()) >= 3):
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr.decode()
+    stopped_at = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    assert 3 <= stopped_at < 10
+    assert f"train: SIGTERM at step {stopped_at} of 10: checkpoint written to {out / 'checkpoint.pt'}" in stderr.decode()
+    assert "Traceback" not in stderr.decode()
+    subprocess.run(train_command(stores / "kept", out, 10, "--workers", "2"), check=True, env=env, capture_output=True)
+    strip = lambda records: [{k: v for k, v in r.items() if k != "samples_per_s"} for r in records]  # noqa: E731
+    assert strip(read_metrics(out)) == strip(reference)
+
+
+def test_loader_workers_die_with_a_killed_train(stores, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(train_command(stores / "kept", out, 200, "--workers", "2"),
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and
+                                          len((out / "metrics.jsonl").read_text().splitlines()) >= 2):
+        time.sleep(0.01)
+    children = [int(c) for c in open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()]
+    assert len(children) == 2, "two loader workers"
+    proc.send_signal(signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=30)     # the pipe closes once the workers are gone too
+    time.sleep(0.5)
+    alive = [c for c in children if os.path.exists(f"/proc/{c}") and
+             open(f"/proc/{c}/stat").read().split(")")[-1].split()[0] != "Z"]
+    assert not alive and b"Traceback" not in stderr, stderr.decode()
 
 
 def test_clear_errors_before_any_step(stores, tmp_path):
@@ -343,7 +391,9 @@ def test_train_cli(stores, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(tmp_path / "r" / "tensorboard"))
     events.Reload()
-    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([r["loss"] for r in records])
+    # TensorBoard's tags are metrics.jsonl's keys
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx([r["loss"] for r in records])
+    assert [e.value for e in events.Scalars("loss/feat.clip")] == pytest.approx([r["loss/feat.clip"] for r in records])
 
 
 def read_metrics(run) -> list[dict]:
