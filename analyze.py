@@ -188,7 +188,7 @@ def plot_distance_and_nmi(stats: list[LayerStats], out: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(5, 3.6))
     # equal curves (the same model in two roles) stay visible: each model its own line style, marker and size
-    styles = [("-", "o", 7), ("--", "s", 5.5), (":", "^", 4.5), ("-.", "D", 3.5)]
+    styles = [("-", "o", 9), ("--", "s", 5.5), (":", "^", 4), ("-.", "D", 3)]
     for i, name in enumerate(models):
         layers = [s for s in stats if s.model == name]
         line, marker, size = styles[i % len(styles)]
