@@ -650,7 +650,7 @@ def demo(out, models, model_args, weights, images, steps):
 def main():
     # OpenMP threads that wait for work sleep instead of spinning: on a CPU shared with other processes a spinning
     # thread holds a core that the thread it waits for needs (the demo ran 10x slower beside one busy process;
-    # passive, about 2x for half the CPU, and within noise on an idle machine). A value set by the user is kept;
-    # it must be set before torch loads OpenMP, so here, before any command imports torch.
+    # passive, about 2x for half the CPU, and 10-20% slower on an idle one: BENCHMARKS.md). A value set by the user
+    # is kept; it must be set before torch loads OpenMP, so here, before any command imports torch.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     cli(prog_name="hdistill")

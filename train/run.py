@@ -471,7 +471,7 @@ class Trainer:
         if not self.dist.main:
             return
         parts = [f"{t.name} {losses[t.key]:.4g} x {t.weight:g} = {losses[t.key] * t.weight:.4g}" for t in self.terms]
-        print(f"train: step 1 terms: {'; '.join(parts)}; loss {losses['loss']:.4g} (lr {base_lr(self.cfg):.3g} at "
+        print(f"train: step {self.step} terms: {'; '.join(parts)}; loss {losses['loss']:.4g} (lr {base_lr(self.cfg):.3g} at "
               "the end of the warm-up)", file=sys.stderr)
 
 
