@@ -275,7 +275,7 @@ class Trainer:
         except BaseException:
             self.close()
             raise
-        if self.resumed and self.dist.main:
+        if self.resumed and not self.finished and self.dist.main:
             print(f"train: resuming {self.out / CHECKPOINT} at step {self.step} of {self.steps} (epoch {self.epoch}, "
                   f"batch {self.epoch_batches} of the epoch)", file=sys.stderr)
 
@@ -471,8 +471,8 @@ class Trainer:
         if not self.dist.main:
             return
         parts = [f"{t.name} {losses[t.key]:.4g} x {t.weight:g} = {losses[t.key] * t.weight:.4g}" for t in self.terms]
-        print(f"train: step {self.step} terms: {'; '.join(parts)}; loss {losses['loss']:.4g} (lr {base_lr(self.cfg):.3g} at "
-              "the end of the warm-up)", file=sys.stderr)
+        print(f"train: step {self.step} terms: {'; '.join(parts)}; loss {losses['loss']:.4g} "
+              f"(peak lr {base_lr(self.cfg):.3g})", file=sys.stderr)
 
 
 class _MetricsLog:
