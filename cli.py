@@ -194,16 +194,21 @@ class StorePlace(click.ParamType):
 
 
 class LocalFolder(click.Path):
-    """A local folder; a URL is refused with a clear message (rather than made into a folder named 's3:')."""
+    """A local folder; a URL is refused with a clear message (rather than made into a folder named 's3:'), and so
+    is a path below a file."""
 
     def __init__(self, what: str):
         super().__init__(file_okay=False)
         self.what = what
 
     def convert(self, value, param, ctx):
-        from hdistill.common.storage import is_url
+        from hdistill.common.storage import check_local_folder, is_url
         if is_url(value):
             self.fail(f"{value}: {self.what} is a local (or shared file system) folder, not a URL", param, ctx)
+        try:
+            check_local_folder(value, "")
+        except HdistillError as err:
+            self.fail(str(err).strip(), param, ctx)
         return super().convert(value, param, ctx)
 
 

@@ -355,6 +355,7 @@ class Location:
         """Fail now, with one line naming `option`, if the folder cannot be written (nothing is left behind)."""
         self._refuse_read_only(option)
         if not self.remote:
+            check_local_folder(self.url, option)
             return
         probe = f".hdistill-probe-{socket.gethostname()}-{os.getpid()}"
         try:
@@ -386,3 +387,12 @@ def _walk_files(top: str) -> list[str]:
         seen.add((st.st_dev, st.st_ino))
         files += [os.path.relpath(os.path.join(folder, f), top) for f in names]
     return files
+
+
+def check_local_folder(path: str | Path, option: str):
+    """Refuse, naming `option`, a folder that cannot be made because a part of its path is a file."""
+    for parent in (Path(path), *Path(path).parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise HdistillError(f"{option} {path}: {parent} is a file, not a folder")
+            return

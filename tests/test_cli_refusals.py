@@ -62,7 +62,10 @@ def test_precompute_refuses_limit_zero(tmp_path):
 def test_an_out_folder_below_a_file_is_named(stores, tmp_path):
     (tmp_path / "a-file").write_text("x")
     output = refused(train_cli(stores / "kept", tmp_path / "a-file" / "run", "--steps", "2"))
-    assert f"{tmp_path / 'a-file' / 'run'}" in output and "a folder on the way is a file" in output
+    assert f"Invalid value for '--out': {tmp_path / 'a-file' / 'run'}: {tmp_path / 'a-file'} is a file" in output
+    output = refused(CliRunner().invoke(cli, ["precompute", "--data", "synthetic:4", "--out",
+                                              str(tmp_path / "a-file" / "store"), *CLI_TINY]))
+    assert f"--out {tmp_path / 'a-file' / 'store'}: {tmp_path / 'a-file'} is a file, not a folder" in output
     assert (tmp_path / "a-file").read_text() == "x"
 
 
