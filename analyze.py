@@ -232,6 +232,8 @@ def plot_attention_maps(attention: dict[str, list[torch.Tensor]], pixels: torch.
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
+        for ax in axes[r][len(layers[name]) + 1:]:      # a model with fewer layers shown than the widest row
+            ax.axis("off")
     fig.tight_layout()
     path = out / "attention_maps.png"
     fig.savefig(path, dpi=120)
