@@ -68,14 +68,20 @@ def train(args, device, store: Path, val: Path, out: Path, fresh: bool = False, 
             "seconds": time.perf_counter() - start}
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run_arguments(doc: str) -> argparse.ArgumentParser:
+    """The options of a run on the real assets (this benchmark's and benchmarks/small_batch.py's)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="teachers' forward precision")
     ap.add_argument("--image-size", type=int, default=112)
     ap.add_argument("--train-images", type=int, default=80)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=16)
+    return ap
+
+
+def main():
+    ap = run_arguments(__doc__)
     ap.add_argument("--lr", type=float, default=1e-3)
     args = ap.parse_args()
     if not WEIGHTS.exists():

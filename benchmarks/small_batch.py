@@ -11,7 +11,6 @@ The stores are those of benchmarks/fidelity.py (80 training images, 20 held out,
 """
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from fidelity import IMAGES, STUDENT, WEIGHTS, image_list, make_store
+from fidelity import IMAGES, STUDENT, WEIGHTS, image_list, make_store, run_arguments
 from hdistill.train.run import TrainConfig, TrainRuntime, run_train
 
 
@@ -34,14 +33,8 @@ def train(args, device, store: Path, val: Path, out: Path, lr: float) -> tuple[l
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="teachers' forward precision")
-    ap.add_argument("--image-size", type=int, default=112)
-    ap.add_argument("--train-images", type=int, default=80)
-    ap.add_argument("--steps", type=int, default=300)
+    ap = run_arguments(__doc__)
     ap.add_argument("--val-every", type=int, default=50)
-    ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lrs", default="linear,1e-4,3e-4,1e-3",
                     help="learning rates; 'linear' is the default 6e-4 x batch / 1024")
     args = ap.parse_args()
