@@ -443,6 +443,39 @@ def test_two_ranks_take_the_global_batches_of_one(stores, tmp_path):
     assert state["world_size"] == 2 and state["position"] == (9, 3)    # 12 samples: 3 steps an epoch, 10 epochs
 
 
+@pytest.mark.parametrize("loss, untouched", [
+    # teacher blocks 1, 2 of 4 pair with student blocks 0, 1 of 3: Q K^T of block 1 needs nothing after its qkv
+    ("mae:rel@1,2=0.5", ("blocks.1.attn.proj.", "blocks.1.norm2.", "blocks.1.mlp.", "blocks.2.", "norm.")),
+    # the residual stream after student block 1 needs nothing after block 1
+    ("mae:feat@2=1", ("blocks.2.", "norm."))])
+def test_objectives_that_reach_part_of_the_student_train_under_two_ranks(stores, tmp_path, loss, untouched):
+    import random
+
+    from safetensors.torch import load_file
+    run_train(config(stores / "kept", steps=4, losses=[loss], drop_path=0.0), str(tmp_path / "one"),
+              TrainRuntime(progress=False, log_every=1))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    result = subprocess.run(torchrun + train_command(stores / "kept", tmp_path / "two", 4, "--drop-path", "0",
+                                                     "--loss", loss)[1:],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "keep their initial values and are left out of the optimiser and of DDP" in result.stderr
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [r["step"] for r in two] == [1, 2, 3, 4]
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), a["step"]
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    initial = build_student(STUDENT["student"], 64, STUDENT["student_args"]).model.state_dict()
+    trained = load_file(str(tmp_path / "two" / "student.safetensors"))
+    for name, value in initial.items():
+        if name.startswith(untouched):
+            assert torch.equal(trained[name], value), f"{name} is reached by no term and must keep its value"
+        elif name.startswith("blocks.0."):
+            assert not torch.equal(trained[name], value), f"{name} trains"
+
+
 @pytest.mark.parametrize("store,mask", [("kept", "progressive"), ("full", "random")])
 def test_online_and_offline_give_the_same_losses(stores, tmp_path, store, mask):
     from hdistill.online import LiveTargets

@@ -130,10 +130,13 @@ def lr_factor(step: int, steps: int, warmup: int) -> float:
 
 
 def param_groups(modules: list[torch.nn.Module], weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms, position embeddings and the CLS token (timm's convention)."""
+    """The trained (not frozen) parameters; no weight decay on biases, norms, position embeddings and the CLS token
+    (timm's convention)."""
     decay, no_decay = [], []
     for module in modules:
         for name, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
             skip = p.ndim <= 1 or name.endswith((".bias", "pos_embed", "cls_token"))
             (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -202,12 +205,16 @@ class Trainer:
         self.loss_fn = DistillLoss(self.terms, self.student.width, self.student.heads,
                                    LossConfig(cfg.beta, cfg.standardize_targets)).to(rt.device)
         cuda = rt.device.startswith("cuda")
+        taps = sorted({t.student_tap for t in self.terms if t.student_tap})
+        self.student.capture(taps)
+        self.frozen = self.student.freeze_unreached(taps, final=any(t.student_tap is None for t in self.terms))
         self.optimizer = torch.optim.AdamW(param_groups([self.student, self.loss_fn], cfg.weight_decay),
                                            lr=base_lr(cfg), betas=(0.9, 0.95), fused=cuda or None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.steps, self.warmup))
-        self.student.capture(sorted({t.student_tap for t in self.terms if t.student_tap}))
         self.model = Distiller(self.student, self.loss_fn)
+        # Plain DDP (no find_unused_parameters, so no extra graph walk a step): the parameters that no loss term
+        # reaches are frozen above, and DDP leaves frozen parameters out of its buckets.
         self.ddp = self.model if self.dist.world_size == 1 else torch.nn.parallel.DistributedDataParallel(
             self.model, device_ids=[device] if cuda else None)
         if rt.compile:
@@ -410,6 +417,10 @@ class Trainer:
                 return self.out / EXPORT
             if self.dist.main:
                 print("train: loss = " + " + ".join(t.describe() for t in self.terms), file=sys.stderr)
+                if self.frozen:
+                    print(f"train: no loss term reaches {len(self.frozen)} student parameter tensors "
+                          f"({self.student.modules_of(self.frozen)}); they keep their initial values and are left out of the "
+                          "optimiser and of DDP", file=sys.stderr)
             with self.stop.listening():
                 self._steps()
         finally:

@@ -93,6 +93,42 @@ class Student(nn.Module):
             self._captured[(kind, block)] = out
         return hook
 
+    def freeze_unreached(self, taps, final: bool) -> list[str]:
+        """Freeze (requires_grad False) the parameters that neither the captured `taps` nor, with `final`, the final
+        tokens depend on, and return their names. Found by one backward through a probe forward in eval mode, so
+        stochastic depth drops no block and no random number is drawn. A relation-only objective at block B, say,
+        leaves block B's projection and MLP and every later block untouched: frozen, they keep their initial
+        values (no weight decay, no optimiser state) and stay out of DDP's reduction."""
+        was_training = self.training
+        self.eval()
+        try:
+            n = min(4, self.grid.num_patches)
+            patch = self.grid.patch_size
+            pixels = torch.zeros(1, n, patch, patch, 3, dtype=torch.uint8, device=self.mean.device)
+            out = self(pixels, torch.arange(n, device=self.mean.device)[None])
+            used = [out.taps[tap] for tap in taps] + ([out.tokens] if final else [])
+            torch.autograd.backward([t.float().sum() for t in used])
+        finally:
+            self.train(was_training)
+        frozen = []
+        for name, p in self.model.named_parameters():
+            if p.grad is None:
+                p.requires_grad_(False)
+                frozen.append(name)
+            p.grad = None
+        return frozen
+
+    def modules_of(self, names: list[str]) -> str:
+        """Parameter names by module, a block whose parameters are all named as one: "blocks.2.mlp, blocks.3, norm"."""
+        named, modules = set(names), []
+        for name in names:
+            parts = name.split(".")
+            block = ".".join(parts[:2]) if parts[0] == "blocks" else None
+            whole = block is not None and all(n in named for n, _ in self.model.named_parameters()
+                                               if n.startswith(block + "."))
+            modules.append(block if whole else ".".join(parts[:3] if parts[0] == "blocks" else parts[:-1]) or name)
+        return ", ".join(dict.fromkeys(modules))
+
     def forward(self, pixels: torch.Tensor, keep_idx: torch.Tensor) -> StudentOutput:
         m = self.model
         x = m.norm_pre(self.embed(pixels, keep_idx))
