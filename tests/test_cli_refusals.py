@@ -127,6 +127,9 @@ def test_resume_says_where_it_starts_and_a_finished_run_says_so(stores, tmp_path
                         "--val-shards", str(stores / "kept"), "--val-every", "2")
     assert resumed.exit_code == 0, resumed.output
     assert f"train: resuming {run / 'checkpoint.pt'} at step 2 of 4 (epoch 0, batch 2 of the epoch)" in resumed.output
+    assert "view(s) per image" not in first.output + resumed.output   # 4 steps of 4: 2 epochs, as many as views
+    longer = train_cli(stores / "kept", tmp_path / "longer", "--steps", "8")
+    assert "train: 3 epochs from a store of 2 view(s) per image: epoch e reads view e mod 2" in longer.output
     assert not list(run.glob(".*.tmp-*")), "a killed run's temporaries are removed at start"
     again = train_cli(stores / "kept", run, "--steps", "4", "--val-shards", str(stores / "kept"), "--val-every", "2")
     assert again.exit_code == 0

@@ -417,6 +417,7 @@ class Trainer:
                 return self.out / EXPORT
             if self.dist.main:
                 print("train: loss = " + " + ".join(t.describe() for t in self.terms), file=sys.stderr)
+                self._say_if_views_repeat()
                 if self.frozen:
                     print(f"train: no loss term reaches {len(self.frozen)} student parameter tensors "
                           f"({self.student.modules_of(self.frozen)}); they keep their initial values and are left out of the "
@@ -427,6 +428,26 @@ class Trainer:
             self.close()
         barrier(self.dist)
         return self.out / EXPORT
+
+    def _say_if_views_repeat(self):
+        """Once, at the start: a run longer than the store has views reads each fixed view again."""
+        views = self.manifest.layout.views
+        if self.cfg.fresh_views or self.epochs() <= views:
+            return
+        print(f"train: {self.epochs()} epochs from a store of {views} view(s) per image: epoch e reads view e mod "
+              f"{views}, so each view is read about {self.epochs() / views:.0f} times. Fixed views cost held-out loss "
+              "against fresh ones (BENCHMARKS.md, Fidelity: 1 view +15.7%, 4 views +3.0% on a small run); more "
+              "views (precompute --views) or --online --fresh-views narrow it", file=sys.stderr)
+
+    def epochs(self) -> int:
+        """The epochs the run's steps reach into (the last may be partial)."""
+        epoch, steps = 0, 0
+        while steps < self.steps:
+            per_epoch = steps_per_epoch(epoch_samples(self.manifest, epoch), self.lanes, self.cfg.batch_size)
+            if per_epoch == 0:
+                break
+            steps, epoch = steps + per_epoch, epoch + 1
+        return epoch
 
     def _log_line(self, text: str):
         if self.dist.main and self.rt.log_lines:
