@@ -431,11 +431,11 @@ class Trainer:
 
     def _say_if_views_repeat(self):
         """Once, at the start: a run longer than the store has views reads each fixed view again."""
-        views = self.manifest.layout.views
-        if self.cfg.fresh_views or self.epochs() <= views:
+        views, epochs = self.manifest.layout.views, self.epochs()
+        if self.cfg.fresh_views or epochs <= views:
             return
-        print(f"train: {self.epochs()} epochs from a store of {views} view(s) per image: epoch e reads view e mod "
-              f"{views}, so each view is read about {self.epochs() / views:.0f} times. Fixed views cost held-out loss "
+        print(f"train: {epochs} epochs from a store of {views} view(s) per image: epoch e reads view e mod "
+              f"{views}, so each view is read about {epochs / views:.0f} times. Fixed views cost held-out loss "
               "against fresh ones (BENCHMARKS.md, Fidelity: 1 view +15.7%, 4 views +3.0% on a small run); more "
               "views (precompute --views) or --online --fresh-views narrow it", file=sys.stderr)
 
@@ -458,17 +458,18 @@ class Trainer:
             if self.dist.main else None
         bar = tqdm(total=self.steps, initial=self.step, unit="step", disable=not self.rt.progress)
         data, last_time, last_step = self.batches(), time.perf_counter(), self.step
-        first, postfix = True, {}
+        first_step, postfix = self.step + 1, {}
         try:
             while self.step < self.steps:
                 lr = self.optimizer.param_groups[0]["lr"]
                 terms = self.train_step(next(data))
                 bar.update(1)
-                if first:
-                    self._describe_terms(mean_over_ranks(terms, self.dist))
-                    first = False
-                if self.step % self.rt.log_every == 0 or self.step == self.steps:
+                logged = self.step % self.rt.log_every == 0 or self.step == self.steps
+                if logged or self.step == first_step:           # one reduction serves both
                     losses = mean_over_ranks(terms, self.dist)
+                if self.step == first_step:
+                    self._describe_terms(losses)
+                if logged:
                     now = time.perf_counter()
                     rate = (self.step - last_step) * self.cfg.batch_size / max(now - last_time, 1e-9)
                     if metrics:
