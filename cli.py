@@ -257,7 +257,7 @@ def cli():
 @teacher_options
 @click.option("--target", "targets", multiple=True, metavar="ROLE:KIND[@B[,B...]]",
               help="A target to store, repeatable. KIND: feat (final features; feat@B: residual stream after "
-                   "block B), rel@B (raw Q K^T of block B), msa@B (attention output of block B). Blocks are "
+                   "block B), rel@B (raw Q K^T of block B), msa@B (softmax(Q K^T/sqrt d) V of block B). Blocks are "
                    "0-indexed, negative from the end. Default: ROLE:feat of every non-MIM teacher and "
                    "mae:rel@-3,-2 (the paper's layers L-1 and L-2), e.g. --target clip:feat --target mae:rel@9,10.")
 @click.option("--encoding", "encodings", multiple=True, metavar="[KIND|TARGET=]ENC",
@@ -266,12 +266,22 @@ def cli():
                    "--encoding rel.mae.b9=int8, or --encoding int8 for every target. Repeatable.")
 @click.option("--mask-ratio", default=0.3, show_default=True, type=click.FloatRange(0, 1, max_open=True),
               help="K: share of the kept patch tokens dropped at each mask stage; 0 keeps every token.")
+@click.option("--mask-strategy", default="progressive", type=click.Choice(["progressive", "direct"]),
+              show_default=True,
+              help="progressive: a stage at each --mask-blocks block drops K of the kept patches (paper Sec. 3.2); "
+                   "direct: one stage at the mask teacher's last block drops as many as those stages together, "
+                   "so the student sees as many tokens (Tab. 8).")
 @click.option("--mask-blocks", default=None, metavar="I,J,...",
-              help="0-indexed blocks of the mask teacher whose outputs drive the stages (default: 0,L/3,2L/3). "
-                   "One block is direct masking (paper Tab. 8).")
-@click.option("--mask-mean", default="raw", type=click.Choice(["raw", "normalized"]), show_default=True,
-              help="The average token of Eq. 4: mean of the kept patch tokens (raw) or of their L2-normalised "
-                   "copies (normalized, as PCAE's code).")
+              help="0-indexed blocks of the mask teacher whose outputs drive the progressive stages (default: "
+                   "0,L/3,2L/3); with --mask-strategy direct, the stages whose token count it matches.")
+@click.option("--mask-mean", default="normalized", type=click.Choice(["normalized", "raw"]), show_default=True,
+              help="The average token of Eq. 4: mean of the kept patch tokens' L2-normalised copies (normalized: "
+                   "PCAE's public code, where the paper takes its mask from) or of the tokens as they are (raw).")
+@click.option("--mask-forward", default="full", type=click.Choice(["full", "drop"]), show_default=True,
+              help="What a later stage ranks: full: the teacher's forward over all tokens, restricted to the kept "
+                   "ones (one forward gives targets and mask); drop: as PCAE, a second forward whose blocks after "
+                   "each stage run on the kept tokens only (more teacher time; see BENCHMARKS.md). The targets "
+                   "are the full forward's either way.")
 @click.option("--mask-teacher", default=None, help="Role whose blocks drive the mask (default: the MIM teacher).")
 @click.option("--views", default=1, show_default=True, type=click.IntRange(min=1), help="Augmented views per image.")
 @click.option("--crop", default="random", type=click.Choice(["random", "center"]), show_default=True,
@@ -286,8 +296,9 @@ def cli():
               help="Views per teacher forward.")
 @click.option("--shard-size", default=1024, show_default=True, type=click.IntRange(min=1), help="Images per shard.")
 @click.option("--precision", default="fp32", type=click.Choice(["fp32", "bf16"]), show_default=True,
-              help="Teachers' forward precision (bf16 autocast is the fast choice on GPUs); Q K^T and the mask "
-                   "are always computed in float32 or better.")
+              help="Teachers' forward precision. bf16 autocast is the fast choice on GPUs, but its targets differ from "
+                   "fp32's by about 1% (the qkv output and the residual stream are bf16; see docs/FORMAT.md), "
+                   "30-50x the fp16 storage error. Q K^T is formed in float32, the mask ranks in float64.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--workers", default=None, type=click.IntRange(min=0),
               help="Image decoding processes (default: 4, never more than the CPUs available).")
@@ -297,7 +308,7 @@ def cli():
 @click.option("--quiet", is_flag=True,
               help="No progress bar (on a terminal) and no progress lines (otherwise, e.g. under SLURM).")
 def precompute(data, out, teachers, models, model_args, weights, random_init, image_size, seed, targets, encodings,
-               mask_ratio, mask_blocks, mask_mean, mask_teacher, views, crop, store_mode, formats, limit, batch_size,
+               mask_ratio, mask_strategy, mask_blocks, mask_mean, mask_forward, mask_teacher, views, crop, store_mode, formats, limit, batch_size,
                shard_size, precision, device, workers, rank, world_size, read_retries, quiet):
     """Run the teachers over augmented views and write the target store.
 
@@ -314,8 +325,8 @@ def precompute(data, out, teachers, models, model_args, weights, random_init, im
         data=absolute_data(data), teachers=roles, models=_pairs(models, "--model"), model_args=parse_model_args(model_args),
         weights=parse_weights(weights, roles), random_init=random_init, seed=seed, views=views, crop=crop,
         image_size=image_size, targets=list(targets) or None, encodings=list(encodings), mask_ratio=mask_ratio,
-        mask_teacher=mask_teacher, mask_blocks=parse_ints(mask_blocks, "--mask-blocks"), mask_mean=mask_mean,
-        store=store_mode, formats=_split(formats),
+        mask_teacher=mask_teacher, mask_strategy=mask_strategy, mask_blocks=parse_ints(mask_blocks, "--mask-blocks"),
+        mask_mean=mask_mean, mask_forward=mask_forward, store=store_mode, formats=_split(formats),
         batch_size=batch_size, shard_size=shard_size, limit=limit, precision=precision)
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
@@ -485,8 +496,9 @@ def inspect(store):
                    f"width {t.width} depth {t.depth} heads {t.heads}  [{weights}]")
     for t in m.targets:
         click.echo(f"target     {t.name:18s} {t.tap:14s} {t.dtype}{list(t.shape)} {t.encoding}")
-    click.echo("mask       " + (f"{mask.role} K={mask.ratio} blocks {list(mask.blocks)} mean={mask.mean}"
-                                 if mask.role else "none (every patch kept)"))
+    stages = f" (matching {mask.stages} progressive stages)" if mask.strategy == "direct" else ""
+    click.echo("mask       " + (f"{mask.strategy} {mask.role} K={mask.ratio} blocks {list(mask.blocks)}{stages} "
+                                 f"mean={mask.mean} forward={mask.forward}" if mask.role else "none (every patch kept)"))
     click.echo(f"tokens     store={m.store_mode}: {layout.stored_patches} of {layout.num_patches} patches per view (+CLS)")
     if m.complete:
         nbytes = store_bytes(store)

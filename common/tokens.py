@@ -1,4 +1,5 @@
-"""Token bookkeeping shared by precompute and train: patchify pixels, keep rows and columns.
+"""Token bookkeeping shared by precompute and train: patchify pixels, keep rows and columns, and where in a
+timm Attention the relation and MSA targets are read.
 
 Token index 0 is CLS, token index p + 1 is patch p (raster order).
 """
@@ -50,3 +51,10 @@ def qk_relations(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """
     with torch.autocast(q.device.type, enabled=False):
         return q.float() @ k.float().transpose(-2, -1)
+
+
+def heads_output_site(attn: torch.nn.Module) -> torch.nn.Module:
+    """The module of a timm Attention whose input is softmax(Q K^T / sqrt(d)) V with the heads concatenated
+    [B, T, A] (paper Eq. 2's MSA): its post-attention norm, an Identity unless scale_norm, which comes before
+    the output projection."""
+    return attn.norm

@@ -59,8 +59,10 @@ class PrecomputeConfig:
     encodings: list[str] = field(default_factory=list)          # --encoding [KEY=]ENC
     mask_ratio: float = 0.3
     mask_teacher: str | None = None
+    mask_strategy: str = "progressive"                          # "progressive" | "direct"
     mask_blocks: list[int] | None = None                        # None: [0, L/3, 2L/3]
-    mask_mean: str = "raw"                                      # "raw" | "normalized"
+    mask_mean: str = "normalized"                               # "normalized" | "raw"
+    mask_forward: str = "full"                                  # "full" | "drop"
     store: str = "kept"                                         # "kept" | "full"
     formats: list[str] = field(default_factory=lambda: ["wds"])
     batch_size: int = 64
@@ -126,7 +128,8 @@ def build_teachers(cfg: PrecomputeConfig, device: str) -> dict[str, Teacher]:
 
 def plan_store(cfg: PrecomputeConfig, teachers: dict[str, Teacher], num_images: int) -> Manifest:
     """The store's manifest before any shard is written: teachers, target table, mask, layout."""
-    mask = plan_mask(teachers, cfg.mask_ratio, cfg.mask_teacher, cfg.mask_blocks, cfg.mask_mean)
+    mask = plan_mask(teachers, cfg.mask_ratio, cfg.mask_teacher, cfg.mask_blocks, cfg.mask_mean, cfg.mask_strategy,
+                     cfg.mask_forward)
     grid = next(iter(teachers.values())).info.grid
     stored = mask.kept_counts(grid.num_patches)[-1] if cfg.store == "kept" else grid.num_patches
     requests = None if cfg.targets is None else parse_targets(cfg.targets)

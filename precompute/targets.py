@@ -3,7 +3,8 @@
 The store's target table (common.targets.TargetSpec) says what to take from which teacher; each
 target is captured by the teacher's tap for its kind (feat@B, rel@B, msa@B) or, for the final
 features, is the teacher's own `tokens` output. The mask teacher's block outputs at the mask
-blocks drive the progressive mask. Hooks capture everything, so the models run their own forward
+blocks drive the mask, from that same forward or, with MaskSpec.forward "drop", from a second one that
+drops each stage's tokens (precompute.mask). Hooks capture everything, so the models run their own forward
 with fused attention (SDPA) left on.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from hdistill.common.specs import (MaskSpec, ProgressiveMask, TokenGrid, ViewTar
                                    default_relation_blocks)
 from hdistill.common.targets import KINDS, TargetRequest, TargetSpec, encoding_for
 
-from .mask import progressive_mask
+from .mask import mask_from_dropping_forward, mask_from_full_forward
 from .teachers import ROLES, Teacher
 
 
@@ -39,9 +40,11 @@ def mim_roles(teachers: dict[str, Teacher]) -> list[str]:
 
 
 def plan_mask(teachers: dict[str, Teacher], ratio: float = 0.3, role: str | None = None,
-              blocks: Sequence[int] | None = None, mean: str = "raw") -> MaskSpec:
+              blocks: Sequence[int] | None = None, mean: str = "normalized", strategy: str = "progressive",
+              forward: str = "full") -> MaskSpec:
     """The mask teacher is the first MIM teacher unless `role` names one; ratio 0 or no MIM teacher
-    means no mask (every patch kept). Blocks default to [0, L/3, 2L/3]."""
+    means no mask (every patch kept). Blocks default to [0, L/3, 2L/3]; a direct mask ranks once at the
+    last block and drops as many patches as those progressive stages would."""
     if not teachers:
         raise HdistillError("no teachers given: pass --teachers, e.g. --teachers mae,clip")
     check_same_grid({f"teacher {r!r} ({t.info.model})": t.info.grid for r, t in teachers.items()})
@@ -53,8 +56,11 @@ def plan_mask(teachers: dict[str, Teacher], ratio: float = 0.3, role: str | None
         return MaskSpec(ratio=0.0, mean=mean)
     depth = teachers[role].info.depth
     chosen = MaskSpec.default_blocks(depth) if blocks is None else blocks
-    return MaskSpec(ratio=ratio, blocks=resolve_blocks(chosen, depth, f"--mask-blocks of teacher {role!r}"),
-                    role=role, mean=mean)
+    progressive = resolve_blocks(chosen, depth, f"--mask-blocks of teacher {role!r}")
+    if strategy == "direct":
+        return MaskSpec(ratio=ratio, blocks=(depth - 1,), role=role, mean=mean, strategy=strategy, forward=forward,
+                        stages=len(progressive))
+    return MaskSpec(ratio=ratio, blocks=progressive, role=role, mean=mean, strategy=strategy, forward=forward)
 
 
 def default_requests(teachers: dict[str, Teacher]) -> list[TargetRequest]:
@@ -111,23 +117,27 @@ def compute_targets(teachers: dict[str, Teacher], pixels: torch.Tensor, targets:
                     mask: MaskSpec, precision: str = "fp32") -> ViewTargets:
     """uint8 views [B, H, W, 3] -> ViewTargets over all tokens (the mask says which are kept).
 
-    precision "bf16" runs the teachers under bf16 autocast; Q K^T and the mask are still
-    computed in float32 / float64 from the captured tensors.
+    precision "bf16" runs the teachers under bf16 autocast: their matmuls, the qkv output and the residual
+    stream are bf16; Q K^T is formed in float32 from the bf16 q and k, and the mask ranks in float64.
     """
     out = ViewTargets()
     for role, teacher in teachers.items():
         mine = [t for t in targets if t.role == role]
-        if not mine and role != mask.role:
-            continue
-        taps = {(t.kind, t.block) for t in mine if t.block is not None}
-        mask_taps = [("feat", b) for b in mask.blocks] if role == mask.role else []
+        ranks_here = role == mask.role and mask.forward == "full"
         autocast = torch.autocast(teacher.mean.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-        with _capture(teacher, sorted(taps | set(mask_taps))) as captured, autocast:
-            final = teacher.tokens(teacher.preprocess(pixels))
-        for t in mine:
-            out.values[t.name] = (final if t.block is None else captured[(t.kind, t.block)]).float()
-        if mask_taps:
-            out.mask = progressive_mask([captured[tap] for tap in mask_taps], mask)
+        images = teacher.preprocess(pixels) if mine or role == mask.role else None
+        if mine or ranks_here:
+            taps = {(t.kind, t.block) for t in mine if t.block is not None}
+            mask_taps = [("feat", b) for b in mask.blocks] if ranks_here else []
+            with _capture(teacher, sorted(taps | set(mask_taps))) as captured, autocast:
+                final = teacher.tokens(images)
+            for t in mine:
+                out.values[t.name] = (final if t.block is None else captured[(t.kind, t.block)]).float()
+            if ranks_here:
+                out.mask = mask_from_full_forward([captured[tap] for tap in mask_taps], mask)
+        if role == mask.role and mask.forward == "drop":
+            with autocast:
+                out.mask = mask_from_dropping_forward(teacher, images, mask)
     if out.mask is None:
         any_teacher = next(iter(teachers.values()))
         out.mask = _all_kept(pixels.shape[0], any_teacher.info.grid, any_teacher.mean.device)

@@ -13,9 +13,9 @@ Weights come from exactly one source per teacher, chosen by the user:
                                pretrained path (key conversion, pos-embed resampling)
     WeightSource("random", seed=...)  random weights, recorded as such in every output
 
-Every teacher owns its preprocessing (mean/std) and exposes: `blocks`, the attention module
-of a block (whose input is the block's normalised tokens), `qk` (per-head q and k computed
-from that block's own projection), and `tokens` (last block after the final norm).
+Every teacher owns its preprocessing (mean/std) and exposes `tokens` (last block after the final
+norm), its taps (hooks that hand an inner tensor to the target table during that forward), and
+`embed` / `run_block` for forwards that change the token set between blocks (the dropping mask).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from torch import nn
 from hdistill.common.errors import HdistillError
 from hdistill.common.files import file_sha256
 from hdistill.common.specs import TeacherInfo, TokenGrid
-from hdistill.common.tokens import qk_relations, split_qk
+from hdistill.common.tokens import heads_output_site, qk_relations, split_qk
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,8 @@ class Teacher(nn.Module):
     A tap registers a hook that hands one intermediate tensor to `fn` during every forward:
         feat@B  the residual stream after block B            [B, 1+N, D]
         rel@B   raw per-head Q K^T of block B, in float32      [B, H, 1+N, 1+N]
-        msa@B   block B's attention output after its output projection, before LayerScale
-                and the residual add                           [B, 1+N, D]
+        msa@B   softmax(Q K^T / sqrt(d)) V of block B, heads concatenated, before the
+                output projection (Eq. 2)                      [B, 1+N, D]
     Adding a target kind means one tap method per family plus a row in common.targets.KINDS.
     """
 
@@ -104,6 +104,14 @@ class Teacher(nn.Module):
         """Block inputs/outputs -> [B, T, D] (only sequence-first models need to override)."""
         return x
 
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised images -> the tokens entering block 0, [B, 1+N, D]."""
+        raise NotImplementedError
+
+    def run_block(self, block: int, x: torch.Tensor) -> torch.Tensor:
+        """Block `block` on tokens [B, T, D] (any T) -> [B, T, D]."""
+        raise NotImplementedError
+
     def tap(self, kind: str, block: int, fn) -> torch.utils.hooks.RemovableHandle:
         taps = {"feat": self.tap_block_output, "rel": self.tap_relation, "msa": self.tap_msa}
         return taps[kind](block, fn)
@@ -125,6 +133,13 @@ class TimmTeacher(Teacher):
     def tokens(self, images):
         return self.model.forward_features(images)
 
+    def embed(self, images):
+        m = self.model
+        return m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))
+
+    def run_block(self, block, x):
+        return self.model.blocks[block](x)
+
     def tap_relation(self, block, fn):
         """From the block's own qkv Linear output: nothing is recomputed."""
         attn = self.model.blocks[block].attn
@@ -134,8 +149,8 @@ class TimmTeacher(Teacher):
         return attn.qkv.register_forward_hook(hook)
 
     def tap_msa(self, block, fn):
-        """timm's Attention module ends with its output projection (and proj_drop, off in eval)."""
-        return self.model.blocks[block].attn.register_forward_hook(lambda _m, _a, out: fn(out))
+        """The input of timm Attention's post-attention norm (Identity in a plain ViT), the heads concatenated."""
+        return heads_output_site(self.model.blocks[block].attn).register_forward_pre_hook(lambda _m, args: fn(args[0]))
 
 
 class OpenClipTeacher(Teacher):
@@ -159,19 +174,32 @@ class OpenClipTeacher(Teacher):
             handle.remove()
         return self.model.ln_post(self.to_btd(captured["x"]))
 
-    def tap_relation(self, block, fn):
-        """nn.MultiheadAttention keeps its fused in-projection as a parameter: project its query input."""
+    def embed(self, images):
+        return self.model._embeds(images)
+
+    def run_block(self, block, x):
+        blk = self.model.transformer.resblocks[block]
+        return blk(x) if self.batch_first else blk(x.transpose(0, 1)).transpose(0, 1)
+
+    def _on_qkv(self, block, fn):
+        """nn.MultiheadAttention keeps its fused in-projection as a parameter and applies it inside one functional
+        call: project its query input again, [B, T, 3A], and hand it to fn."""
         attn = self.model.transformer.resblocks[block].attn
 
         def hook(_module, args):
-            qkv = F.linear(self.to_btd(args[0]), attn.in_proj_weight, attn.in_proj_bias)   # [B, T, 3A]
-            fn(qk_relations(*split_qk(qkv, attn.num_heads)))
+            fn(F.linear(self.to_btd(args[0]), attn.in_proj_weight, attn.in_proj_bias), attn.num_heads)
         return attn.register_forward_pre_hook(hook)
 
+    def tap_relation(self, block, fn):
+        return self._on_qkv(block, lambda qkv, heads: fn(qk_relations(*split_qk(qkv, heads))))
+
     def tap_msa(self, block, fn):
-        """nn.MultiheadAttention returns (output after out_proj, weights)."""
-        attn = self.model.transformer.resblocks[block].attn
-        return attn.register_forward_hook(lambda _m, _a, out: fn(self.to_btd(out[0])))
+        """Its out-projection is applied inside the same call, so the attention is computed again from q, k, v."""
+        def attend(qkv, heads):
+            B, T, _ = qkv.shape
+            q, k, v = qkv.reshape(B, T, 3, heads, -1).permute(2, 0, 3, 1, 4)        # [B, H, T, d] each
+            fn(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, -1))
+        return self._on_qkv(block, attend)
 
 
 def _suggest(name: str, known: list[str]) -> str:
@@ -253,8 +281,9 @@ def _build_timm(role: str, name: str, weights: WeightSource, image_size: int, kw
     if model.cls_token is None or model.num_prefix_tokens != 1:
         raise HdistillError(f"teacher {role!r}: {name!r} has {model.num_prefix_tokens} prefix tokens; hdistill "
                             "needs exactly one CLS token and no register tokens.")
-    if not all(hasattr(b.attn, "qkv") for b in model.blocks):
-        raise HdistillError(f"teacher {role!r}: {name!r} has no fused qkv projection to take Q K^T from")
+    if not all(hasattr(b.attn, "qkv") and hasattr(b.attn, "norm") for b in model.blocks):
+        raise HdistillError(f"teacher {role!r}: {name!r} has no timm Attention with a fused qkv projection to take "
+                            "Q K^T and the attention output from")
     cfg = model.pretrained_cfg
     hub_tag = f"{arch}.{cfg.get('tag')}" if cfg.get("tag") else arch
     info = TeacherInfo(

@@ -1,4 +1,4 @@
-"""Store format v2: names, the sample's arrays, the shard layout and store order. docs/FORMAT.md is the reference."""
+"""Store format v3: names, the sample's arrays, the shard layout and store order. docs/FORMAT.md is the reference."""
 from __future__ import annotations
 
 import io
@@ -12,7 +12,7 @@ import numpy as np
 from hdistill.common.specs import ViewRecord
 from hdistill.common.targets import TargetSpec
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 WDS_DIR = "wds"
 ZARR_DIR = "targets.zarr"

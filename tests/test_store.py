@@ -109,7 +109,7 @@ def test_round_trip_against_recomputed_targets(kept_store):
         view = expected_view(meta)
         ref = {role: reference_forward(teacher, torch.from_numpy(view.copy())[None])
                for role, teacher in teachers.items()}
-        stage, kept = loop_mask([ref["mae"][2][b][0].numpy() for b in (0, 1, 2)], ratio_tenths=3)
+        stage, kept = loop_mask([ref["mae"][2][b][0].numpy() for b in (0, 1, 2)], ratio_tenths=3, normalized=True)
         np.testing.assert_array_equal(s["stage.npy"], stage)
         np.testing.assert_array_equal(s["keep.npy"], kept)
         assert s["keep.npy"].dtype == np.int16 and len(kept) == 7  # 16 -> 12 -> 9 -> 7
@@ -250,24 +250,26 @@ def test_manifest_is_typed_and_round_trips(kept_store):
     from hdistill.shards.manifest import Manifest, read_manifest
     store, manifest, _ = kept_store
     on_disk = json.loads((store / "manifest.json").read_text())
-    assert on_disk["format_version"] == 2
+    assert on_disk["format_version"] == 3
     assert Manifest.from_dict(on_disk) == manifest == read_manifest(store)
     assert [t["name"] for t in on_disk["targets"]] == [t.name for t in manifest.targets]
-    assert on_disk["mask"] == {"rule": "progressive-cosine-to-mean", "role": "mae", "ratio": 0.3, "blocks": [0, 1, 2],
-                               "mean": "raw", "rounding": "floor(ratio * kept)"}
+    assert on_disk["mask"] == {"rule": "cosine-to-mean", "strategy": "progressive", "role": "mae", "ratio": 0.3,
+                               "blocks": [0, 1, 2], "stages": None, "mean": "normalized", "forward": "full",
+                               "rounding": "floor(ratio * kept) per progressive stage"}
 
 
-def test_a_v1_store_is_refused_with_what_to_do(kept_store, tmp_path):
+def test_an_older_store_is_refused_with_what_to_do(kept_store, tmp_path):
+    """v2 stored msa@B after the output projection: a v3 reader must not read it as Eq. 2's MSA."""
     store, _, _ = kept_store
-    old = tmp_path / "v1"
+    old = tmp_path / "v2"
     shutil.copytree(store, old)
     manifest = json.loads((old / "manifest.json").read_text())
-    (old / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    (old / "manifest.json").write_text(json.dumps({**manifest, "format_version": 2}))
     for command in (["inspect", str(old)], ["verify", str(old)],
                     ["train", "--shards", str(old), "--out", str(tmp_path / "run"), "--steps", "1"]):
         result = CliRunner().invoke(cli, command)
         assert result.exit_code == 1
-        assert "store format version 1; this hdistill reads version 2 only. Make the store again" in result.output
+        assert "store format version 2; this hdistill reads version 3 only. Make the store again" in result.output
 
 
 def test_verify_checks_a_zarr_only_store(photos, tmp_path):

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from reference import loop_mask, reference_forward
+from reference import loop_dropping_mask, loop_mask, reference_forward
 from tinymodels import OPEN_CLIP_TINY, TIMM_TINY, random_pixels
 from hdistill.common.specs import MaskSpec
-from hdistill.precompute.mask import progressive_mask
+from hdistill.precompute.mask import mask_from_full_forward
 from hdistill.common.targets import TargetRequest
 from hdistill.precompute.targets import compute_targets, plan_mask, plan_targets
 from hdistill.precompute.teachers import OpenClipTeacher, WeightSource, build_teacher
@@ -74,7 +74,7 @@ def test_every_target_kind_matches_hand_computed_forward(teachers, index):
     assert mask.blocks == (0, 1, 2)  # [0, L/3, 2L/3] for L = 4
     m = compute_targets({"mae": teacher}, pixels, targets, mask).mask
     for v in range(3):
-        stage, kept = loop_mask([outputs[b][v].numpy() for b in mask.blocks], ratio_tenths=3)
+        stage, kept = loop_mask([outputs[b][v].numpy() for b in mask.blocks], ratio_tenths=3, normalized=True)
         np.testing.assert_array_equal(m.stage[v].numpy(), stage)
         np.testing.assert_array_equal(m.keep_idx[v].numpy(), kept)
 
@@ -116,8 +116,8 @@ def test_normalized_mean_changes_the_ranking():
     big, small = torch.tensor([10.0, 0.0]), torch.tensor([0.0, 1.0])
     patches = torch.stack([big] * 4 + [small] * 6) + 0.01 * torch.randn(10, 2, generator=g)
     tokens = torch.cat([torch.zeros(1, 2), patches])[None]                    # [1, 1+10, 2]
-    raw = progressive_mask([tokens], MaskSpec(ratio=0.3, blocks=(0,), role="mae", mean="raw"))
-    normalized = progressive_mask([tokens], MaskSpec(ratio=0.3, blocks=(0,), role="mae", mean="normalized"))
+    raw = mask_from_full_forward([tokens], MaskSpec(ratio=0.3, blocks=(0,), role="mae", mean="raw"))
+    normalized = mask_from_full_forward([tokens], MaskSpec(ratio=0.3, blocks=(0,), role="mae", mean="normalized"))
     assert set(torch.nonzero(raw.stage[0]).flatten().tolist()) <= {0, 1, 2, 3}       # drops big ones
     assert set(torch.nonzero(normalized.stage[0]).flatten().tolist()) <= set(range(4, 10))  # drops small ones
 
@@ -130,7 +130,7 @@ def test_fused_attention_is_on(teachers):
 def test_mask_rule_against_plain_loop():
     g = torch.Generator().manual_seed(0)
     stages = [torch.randn(5, 1 + 196, 24, generator=g) for _ in range(3)]
-    mask = progressive_mask(stages, MaskSpec(ratio=0.3, blocks=(0, 4, 8)))
+    mask = mask_from_full_forward(stages, MaskSpec(ratio=0.3, blocks=(0, 4, 8), mean="raw"))
     assert mask.keep_idx.shape == (5, 68)  # 196 -> 138 -> 97 -> 68
     for v in range(5):
         stage, kept = loop_mask([s[v].numpy() for s in stages], ratio_tenths=3)
@@ -142,7 +142,7 @@ def test_mask_rule_against_plain_loop():
 def test_mask_ties_drop_lower_index_first_and_cls_is_ignored():
     tokens = torch.ones(1, 1 + 10, 4)
     tokens[0, 0] = -100.0  # CLS: never ranked, never in the mean
-    mask = progressive_mask([tokens], MaskSpec(ratio=0.3, blocks=(0,)))
+    mask = mask_from_full_forward([tokens], MaskSpec(ratio=0.3, blocks=(0,)))
     assert mask.stage[0].tolist() == [1, 1, 1, 0, 0, 0, 0, 0, 0, 0]
     assert mask.keep_idx[0].tolist() == [3, 4, 5, 6, 7, 8, 9]
 
@@ -150,18 +150,43 @@ def test_mask_ties_drop_lower_index_first_and_cls_is_ignored():
 def test_mask_counts_documented_rounding():
     spec = MaskSpec(ratio=0.3, blocks=(0, 4, 8))
     assert spec.kept_counts(196) == [196, 138, 97, 68]
-    assert MaskSpec(ratio=0.7).drop_count(10) == 7  # exact decimal, not 6.999...
+    assert MaskSpec(ratio=0.7, blocks=(0,)).kept_counts(10) == [10, 3]  # exact decimal: 7 dropped, not 6.999...
+    # direct drops in one stage what the progressive stages drop together (Tab. 8: same number of tokens)
+    for ratio, kept in [(0.1, 144), (0.3, 68), (0.5, 25)]:   # 196 -> 177 -> 160 -> 144; 196 -> 98 -> 49 -> 25
+        assert MaskSpec(ratio=ratio, blocks=(11,), strategy="direct", stages=3).kept_counts(196) == [196, kept]
 
 
-def test_teacher_reports_its_shape_and_preprocessing(teachers):
-    labels = dict(teachers)
-    t = labels["timm-p14-ls"]
-    assert (t.info.patch_size, t.info.grid.side, t.info.width, t.info.depth, t.info.heads) == (14, 4, 32, 4, 2)
-    c = labels["hdtest-vit-p16"]
-    assert (c.info.patch_size, c.info.grid.side, c.info.width, c.info.depth, c.info.heads) == (16, 4, 32, 4, 4)
-    # CLIP's own normalisation, not ImageNet's
-    assert c.info.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))
-    pixels = random_pixels(2, 64)
-    expected = (pixels.permute(0, 3, 1, 2).double() / 255 - torch.tensor(c.info.mean, dtype=torch.float64).view(1, 3, 1, 1)) \
-        / torch.tensor(c.info.std, dtype=torch.float64).view(1, 3, 1, 1)
-    torch.testing.assert_close(c.preprocess(pixels).double(), expected, rtol=1e-6, atol=1e-6)
+def test_direct_mask_ranks_once_at_the_last_block(teachers):
+    for label, teacher in teachers[:1] + teachers[-1:]:                     # a timm and an open_clip teacher
+        pixels = random_pixels(4, teacher.info.image_size, seed=11)
+        _, _, outputs, _ = reference_forward(teacher, pixels)
+        progressive = plan_mask({"mae": teacher}, ratio=0.3)
+        direct = plan_mask({"mae": teacher}, ratio=0.3, strategy="direct")
+        assert (direct.blocks, direct.stages, direct.strategy) == ((3,), 3, "direct")
+        n_kept = progressive.kept_counts(16)[-1]                            # 16 -> 12 -> 9 -> 7
+        assert n_kept == 7
+        m = compute_targets({"mae": teacher}, pixels, [], direct).mask
+        assert m.keep_idx.shape == (4, n_kept) and set(m.stage.unique().tolist()) == {0, 1}
+        for v in range(4):
+            stage, kept = loop_mask([outputs[3][v].numpy()], ratio_tenths=0, normalized=True, drops=[16 - n_kept])
+            np.testing.assert_array_equal(m.stage[v].numpy(), stage)
+            np.testing.assert_array_equal(m.keep_idx[v].numpy(), kept)
+
+
+@pytest.mark.parametrize("mean", ["normalized", "raw"])
+def test_dropping_forward_against_a_hand_written_one(teachers, mean):
+    """--mask-forward drop: each stage ranks a forward in which the dropped tokens are gone; the targets stay the
+    full forward's."""
+    for label, teacher in teachers[:1] + teachers[-1:]:
+        pixels = random_pixels(8, teacher.info.image_size, seed=12)
+        targets = plan_targets({"mae": teacher}, ALL_KINDS, 17)
+        full = compute_targets({"mae": teacher}, pixels, targets, plan_mask({"mae": teacher}, 0.3, mean=mean))
+        dropping = plan_mask({"mae": teacher}, ratio=0.3, mean=mean, forward="drop")
+        got = compute_targets({"mae": teacher}, pixels, targets, dropping)
+        for name, value in full.values.items():
+            torch.testing.assert_close(got.values[name], value, rtol=0, atol=0)
+        want = loop_dropping_mask(teacher, pixels, dropping.blocks, ratio_tenths=3, normalized=mean == "normalized")
+        for v, (stage, kept) in enumerate(want):
+            np.testing.assert_array_equal(got.mask.stage[v].numpy(), stage)
+            np.testing.assert_array_equal(got.mask.keep_idx[v].numpy(), kept)
+        assert (got.mask.keep_idx != full.mask.keep_idx).any(), f"{label}: the forwards rank differently here"

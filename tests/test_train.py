@@ -3,6 +3,7 @@ mask strategies, resume after SIGKILL, the timm export round trip, and clear err
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -77,8 +78,8 @@ def test_student_sees_kept_patches_like_a_full_forward_restricted_to_them():
             q, k, v = (t.reshape(2, 7, 6, 4) for t in (h @ blk.attn.qkv.weight.T + blk.attn.qkv.bias).split(24, dim=-1))
             expected[("rel", i)] = torch.einsum("bqhd,bkhd->bhqk", q, k)
             attn = torch.softmax(expected[("rel", i)] / 2.0, dim=-1)          # 1 / sqrt(head dim 4)
-            expected[("msa", i)] = blk.attn.proj(torch.einsum("bhqk,bkhd->bqhd", attn, v).reshape(2, 7, 24))
-            x = x + expected[("msa", i)]
+            expected[("msa", i)] = torch.einsum("bhqk,bkhd->bqhd", attn, v).reshape(2, 7, 24)   # Eq. 2, before W_O
+            x = x + blk.attn.proj(expected[("msa", i)])
             x = x + blk.mlp(blk.norm2(x))
             expected[("feat", i)] = x
         final = m.norm(x)
@@ -443,6 +444,45 @@ def test_two_ranks_take_the_global_batches_of_one(stores, tmp_path):
     assert state["world_size"] == 2 and state["position"] == (9, 3)    # 12 samples: 3 steps an epoch, 10 epochs
 
 
+def test_each_rank_draws_its_own_stochastic_depth_and_a_two_rank_kill_resumes_exactly(stores, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    command = lambda out: torchrun + train_command(stores / "kept", out, 12, "--drop-path", "0.3")[1:]  # noqa: E731
+    result = subprocess.run(command(tmp_path / "ref"), env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = torch.load(tmp_path / "ref" / "checkpoint.pt", weights_only=True)["rng"]
+    assert len(ranks) == 2
+    draws = []
+    for rank in ranks:      # the next stochastic-depth draw of each rank, for the same local samples
+        torch.set_rng_state(rank["torch"])
+        draws.append(torch.rand(2, 3))
+    assert not torch.equal(*draws), "the ranks must not draw the same drop-path pattern"
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(command(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "checkpoint.pt").exists():
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)        # the agent and both ranks at once
+    proc.wait()
+    killed_at = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    assert 2 <= killed_at < 12, "the kill should land mid-run"
+    shutil.copytree(out, tmp_path / "one")
+    result = subprocess.run(command(out), env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    strip = lambda records: [{k: v for k, v in r.items() if k != "samples_per_s"} for r in records]  # noqa: E731
+    assert strip(read_metrics(out)) == strip(read_metrics(tmp_path / "ref"))
+
+    # the same checkpoint on one rank: it resumes, and says that the stochastic-depth stream restarts
+    result = subprocess.run(train_command(stores / "kept", tmp_path / "one", 12, "--drop-path", "0.3"), env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"holds the stochastic-depth RNG of 2 rank(s), this run has 1: each rank's stochastic-depth stream " \
+           f"restarts at step {killed_at}" in result.stderr
+    assert [r["step"] for r in read_metrics(tmp_path / "one")] == list(range(1, 13))
+
+
 @pytest.mark.parametrize("loss, untouched", [
     # teacher blocks 1, 2 of 4 pair with student blocks 0, 1 of 3: Q K^T of block 1 needs nothing after its qkv
     ("mae:rel@1,2=0.5", ("blocks.1.attn.proj.", "blocks.1.norm2.", "blocks.1.mlp.", "blocks.2.", "norm.")),
@@ -648,7 +688,8 @@ def test_fresh_views_match_the_store_until_its_views_run_out(stores, tmp_path):
                   for r in ("off", "fresh"))
     for a, b in zip(off[:6], fresh[:6]):
         assert b["loss/feat.clip"] == pytest.approx(a["loss/feat.clip"], rel=2e-3), a["step"]
-    assert all(abs(b["loss/feat.clip"] - a["loss/feat.clip"]) > 1e-2 * a["loss/feat.clip"]
+    # view 2 is another crop: its losses differ well beyond the float16 rounding of the stored ones (about 1e-5)
+    assert all(abs(b["loss/feat.clip"] - a["loss/feat.clip"]) > 1e-3 * a["loss/feat.clip"]
                for a, b in zip(off[6:], fresh[6:]))
     with pytest.raises(HdistillError, match="--fresh-views renders new views with the teachers: it needs --online"):
         Trainer(config(stores / "kept", fresh_views=True), str(tmp_path / "x"), TrainRuntime(progress=False))

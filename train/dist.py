@@ -52,3 +52,12 @@ def sum_over_ranks(values: dict[str, float], info: DistInfo, device: str = "cpu"
 def barrier(info: DistInfo):
     if info.world_size > 1:
         dist.barrier()
+
+
+def gather_objects(obj, info: DistInfo) -> list:
+    """Every rank's `obj` (small, picklable), in rank order, on every rank."""
+    if info.world_size == 1:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out

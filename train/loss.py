@@ -2,7 +2,7 @@
 
     feat      SmoothL1(proj(student's last tokens after the final norm), standardised teacher features)
     feat@B    SmoothL1(proj(student's residual stream after its paired block), standardised target)
-    msa@B     SmoothL1(proj(student's attention output of its paired block), standardised target)
+    msa@B     SmoothL1(proj(student's softmax(Q K^T / sqrt(d)) V at its paired block), standardised target)
     rel@B     SmoothL1(student's raw Q K^T at its paired block, teacher's raw Q K^T)
 
 Feature-like targets are standardised per token (layer norm without affine), as FD and dBOT do;

@@ -35,7 +35,7 @@ from hdistill.shards.manifest import Manifest
 
 from .data import (AllSamples, StoreStream, check_mask, concat, default_lanes, default_reader,
                    epoch_samples, open_store, steps_per_epoch)
-from .dist import barrier, init_distributed, mean_over_ranks
+from .dist import barrier, gather_objects, init_distributed, mean_over_ranks
 from .loss import DistillLoss, LossConfig, parse_losses, plan_losses
 from .student import IMAGENET_MEAN, IMAGENET_STD, Student, build_student, export_student
 from .validate import evaluate, open_val_store
@@ -213,6 +213,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.steps, self.warmup))
         self.model = Distiller(self.student, self.loss_fn)
+        # everything is built from one seed, the same on every rank; from here on the global RNG draws only the
+        # student's stochastic depth, and each rank draws its own (MAE and nanoGPT offset the seed by the rank)
+        torch.manual_seed(stochastic_depth_seed(cfg.seed, self.dist.rank))
         # Plain DDP (no find_unused_parameters, so no extra graph walk a step): the parameters that no loss term
         # reaches are frozen above, and DDP leaves frozen parameters out of its buckets.
         self.ddp = self.model if self.dist.world_size == 1 else torch.nn.parallel.DistributedDataParallel(
@@ -238,24 +241,32 @@ class Trainer:
 
     # ---------------------------------------------------------------- state
 
-    def state(self) -> dict:
+    def state(self, rng: list[dict]) -> dict:
         """Tensors, numbers, strings and containers only, so the checkpoint loads with
-        torch.load(weights_only=True). The data position is global, the same on every rank."""
-        cuda = self.rt.device.startswith("cuda")
+        torch.load(weights_only=True). The data position is global, the same on every rank; `rng` holds
+        every rank's RNG state (rank_rng_state), in rank order."""
         return {"config": asdict(self.cfg), "step": self.step, "steps": self.steps, "warmup": self.warmup,
                 "world_size": self.dist.world_size, "position": (self.epoch, self.epoch_batches),
                 "stores": self.stores,
                 "student": self.student.state_dict(),
                 "loss": self.loss_fn.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "rng": {"torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state(self.rt.device) if cuda else None}}
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng}
+
+    def rank_rng_state(self) -> dict:
+        cuda = self.rt.device.startswith("cuda")
+        return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(self.rt.device) if cuda else None}
+
+    def set_rank_rng_state(self, state: dict):
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] is not None and self.rt.device.startswith("cuda"):
+            torch.cuda.set_rng_state(state["cuda"], self.rt.device)
 
     def save(self):
         """checkpoint.pt and student.safetensors, atomically; with --keep-checkpoints N, the last N by step too."""
+        rng = gather_objects(self.rank_rng_state(), self.dist)
         if self.dist.main:
             with atomic_open(self.out / CHECKPOINT) as f:
-                torch.save(self.state(), f)
+                torch.save(self.state(rng), f)
             export_student(self.student, self.out / EXPORT)
             if self.rt.keep_checkpoints:
                 keep_history(self.out, self.step, self.rt.keep_checkpoints)
@@ -331,9 +342,15 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
         self.epoch, self.epoch_batches = state["position"]           # global: any rank count resumes it
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] is not None and self.rt.device.startswith("cuda"):
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.rt.device)
+        if len(state["rng"]) == self.dist.world_size:
+            self.set_rank_rng_state(state["rng"][self.dist.rank])
+        else:
+            torch.manual_seed(stochastic_depth_seed(self.cfg.seed, self.dist.rank, restart=self.step))
+            if self.dist.main and self.cfg.drop_path > 0:
+                print(f"train: {path} holds the stochastic-depth RNG of {len(state['rng'])} rank(s), this run has "
+                      f"{self.dist.world_size}: each rank's stochastic-depth stream restarts at step {self.step} (from "
+                      "the seed, the rank and the step); the data order and every other state resume exactly",
+                      file=sys.stderr)
         return True
 
     # ---------------------------------------------------------------- data
@@ -544,6 +561,12 @@ def keep_history(out: Path, step: int, keep: int):
         shutil.copyfile(out / CHECKPOINT, target)
     for old in sorted(folder.glob("step-*.pt"))[:-keep]:
         old.unlink()
+
+
+def stochastic_depth_seed(seed: int, rank: int, restart: int = 0) -> int:
+    """The seed of a rank's stochastic-depth stream, distinct for every (seed, rank, restart step): unlike seed + rank,
+    seed s on rank 1 is not seed s + 1 on rank 0."""
+    return int(np.random.SeedSequence([seed, rank, restart]).generate_state(1, np.uint64)[0])
 
 
 def _seed_everything(seed: int):

@@ -5,7 +5,7 @@ is applied to their exact pixels and the position embeddings are gathered at the
 What the loss compares at inner blocks is captured by hooks registered once (`capture`), so every
 block still runs fused attention (SDPA): Q K^T from a block's own qkv Linear output (computed in
 float32, also under bf16 autocast), the residual stream after a block, a block's attention output
-(after its projection, before LayerScale and the residual add).
+(softmax(Q K^T / sqrt(d)) V, heads concatenated, before the output projection).
 """
 from __future__ import annotations
 
@@ -20,14 +20,14 @@ from torch import nn
 from hdistill.common.atomic import atomic_open
 from hdistill.common.errors import HdistillError
 from hdistill.common.specs import TokenGrid
-from hdistill.common.tokens import gather_rows, qk_relations, split_qk
+from hdistill.common.tokens import gather_rows, heads_output_site, qk_relations, split_qk
 
 
 @dataclass
 class StudentOutput:
     """tokens: last block after the final norm [B, 1+n, D]; taps: (kind, block) -> captured tensor:
-    ("rel", b) raw Q K^T [B, H, 1+n, 1+n], ("feat", b) residual stream and ("msa", b) attention output
-    [B, 1+n, D]."""
+    ("rel", b) raw Q K^T [B, H, 1+n, 1+n], ("feat", b) residual stream [B, 1+n, D] and ("msa", b) attention
+    output before the output projection [B, 1+n, A]."""
 
     tokens: torch.Tensor
     taps: dict[tuple[str, int], torch.Tensor]
@@ -81,17 +81,25 @@ class Student(nn.Module):
         self._captured: dict[tuple[str, int], torch.Tensor] = {}
         for kind, block in taps:
             blk = self.model.blocks[block]
-            module = {"rel": blk.attn.qkv, "msa": blk.attn, "feat": blk}[kind]
-            module.register_forward_hook(self._hook(kind, block))
+            hook = self._hook(kind, block)
+            if kind == "msa":
+                heads_output_site(blk.attn).register_forward_pre_hook(hook)
+            else:
+                {"rel": blk.attn.qkv, "feat": blk}[kind].register_forward_hook(hook)
 
     def _hook(self, kind: str, block: int):
-        attn = self.model.blocks[block].attn
+        """The hook `capture` registers for one tap: it stores the tap's tensor of this forward."""
+        attn, key = self.model.blocks[block].attn, (kind, block)
 
-        def hook(_module, _args, out):
-            if kind == "rel":
-                out = qk_relations(*split_qk(out, attn.num_heads, attn.q_norm, attn.k_norm))  # [B, H, 1+n, 1+n]
-            self._captured[(kind, block)] = out
-        return hook
+        def on_qkv(_module, _args, qkv):            # [B, 1+n, 3A] -> raw Q K^T [B, H, 1+n, 1+n]
+            self._captured[key] = qk_relations(*split_qk(qkv, attn.num_heads, attn.q_norm, attn.k_norm))
+
+        def on_heads_output(_module, args):         # the heads concatenated, before the projection [B, 1+n, A]
+            self._captured[key] = args[0]
+
+        def on_block(_module, _args, out):          # the residual stream after the block [B, 1+n, D]
+            self._captured[key] = out
+        return {"rel": on_qkv, "msa": on_heads_output, "feat": on_block}[kind]
 
     def freeze_unreached(self, taps, final: bool) -> list[str]:
         """Freeze (requires_grad False) the parameters that neither the captured `taps` nor, with `final`, the final
@@ -161,8 +169,9 @@ def build_student(name: str, image_size: int, kwargs: dict | None = None, drop_p
             or getattr(model, "no_embed_class", False) or getattr(model, "dynamic_img_size", False):
         raise HdistillError(f"--student {name}: hdistill trains timm VisionTransformers with one CLS token, "
                             "a learned position embedding for it, and a fixed image size")
-    if not all(hasattr(b.attn, "qkv") for b in model.blocks):
-        raise HdistillError(f"--student {name}: its attention has no fused qkv projection to take Q K^T from")
+    if not all(hasattr(b.attn, "qkv") and hasattr(b.attn, "norm") for b in model.blocks):
+        raise HdistillError(f"--student {name}: its attention is not timm's, with a fused qkv projection to take "
+                            "Q K^T and the attention output from")
     return Student(name, model, image_size, mean, std, kwargs)
 
 
