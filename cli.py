@@ -298,7 +298,7 @@ def cli():
 @click.option("--precision", default="fp32", type=click.Choice(["fp32", "bf16"]), show_default=True,
               help="Teachers' forward precision. bf16 autocast is the fast choice on GPUs, but its targets differ from "
                    "fp32's by about 1% (the qkv output and the residual stream are bf16; see docs/FORMAT.md), "
-                   "30-50x the fp16 storage error. Q K^T is formed in float32, the mask ranks in float64.")
+                   "30-60x the fp16 storage error. Q K^T is formed in float32, the mask ranks in float64.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--workers", default=None, type=click.IntRange(min=0),
               help="Image decoding processes (default: 4, never more than the CPUs available).")

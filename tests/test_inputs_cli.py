@@ -78,9 +78,27 @@ def test_every_command_explains_its_options():
         assert result.exit_code == 0
     text = CliRunner().invoke(cli, ["precompute", "--help"]).output
     for option in ("--teachers", "--model", "--model-arg", "--weights", "--random-init", "--views", "--image-size",
-                   "--target", "--encoding", "--mask-ratio", "--mask-blocks", "--mask-mean", "--store", "--format", "--seed", "--batch-size",
+                   "--target", "--encoding", "--mask-ratio", "--mask-strategy", "--mask-blocks", "--mask-mean",
+                   "--mask-forward", "--store", "--format", "--seed", "--batch-size",
                    "--device", "--workers", "--shard-size", "--limit", "--rank", "--world-size"):
         assert option in text
+
+
+def test_the_mask_options_reach_the_manifest_and_inspect(photos, tmp_path):
+    import json
+    out = tmp_path / "direct"
+    result = CliRunner().invoke(cli, ["precompute", "--data", str(photos), "--out", str(out), "--device", "cpu",
+                                      "--workers", "0", "--quiet", *CLI_TINY, "--mask-strategy", "direct",
+                                      "--mask-forward", "drop", "--mask-mean", "raw"])
+    assert result.exit_code == 0, result.output
+    mask = json.loads((out / "manifest.json").read_text())["mask"]
+    # a 4-block teacher: progressive stages at [0, 1, 2] keep 16 -> 12 -> 9 -> 7; direct ranks once at block 3
+    assert {k: mask[k] for k in ("strategy", "blocks", "stages", "mean", "forward")} == \
+        {"strategy": "direct", "blocks": [3], "stages": 3, "mean": "raw", "forward": "drop"}
+    for sample in wds_samples(out).values():
+        assert sample["keep.npy"].shape == (7,) and set(np.unique(sample["stage.npy"])) == {0, 1}
+    shown = CliRunner().invoke(cli, ["inspect", str(out)]).output
+    assert "mask       direct mae K=0.3 blocks [3] (matching 3 progressive stages) mean=raw forward=drop" in shown
 
 
 def test_device_under_torchrun_and_worker_count(monkeypatch):
