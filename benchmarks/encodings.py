@@ -29,7 +29,7 @@ from hdistill.common.targets import ENCODINGS, TargetSpec, parse_targets
 from hdistill.precompute.run import PrecomputeConfig, Runtime, run_precompute
 from hdistill.precompute.targets import compute_targets, plan_mask, plan_targets
 from hdistill.shards.encoding import BF16_KEEPBITS, decode, encode
-from hdistill.train.data import AllSamples, StoreStream, collate
+from hdistill.train.data import AllSamples, StoreStream
 from hdistill.train.run import TrainConfig, Trainer, TrainRuntime
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
@@ -98,8 +98,8 @@ def make_store(args, device, out, encodings, formats, images: slice):
 @torch.no_grad()
 def held_out_loss(trainer: Trainer, store: str, manifest) -> float:
     """Mean loss of the trained student and projection over every sample of the held-out store."""
-    samples = list(AllSamples(StoreStream(store, manifest, [t.target for t in trainer.terms], "progressive", seed=0)))
-    batches = [collate(samples[i:i + 16]) for i in range(0, len(samples), 16)]
+    batches = list(AllSamples(StoreStream(store, manifest, [t.target for t in trainer.terms], "progressive", seed=0),
+                              batch_size=16))
     trainer.model.eval()
     dev = trainer.rt.device
     total = 0.0

@@ -13,6 +13,7 @@ The backends are the `cloud` extra (`pip install "hdistill[cloud]"`; gs:// needs
 """
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
 import socket
@@ -269,6 +270,17 @@ class Location:
     def open(self, name: str):
         """A binary file object for reading from start to end (remote: ranged reads of STREAM_BLOCK bytes)."""
         return open_file(self.url_of(name))
+
+    def load(self, name: str):
+        """A whole file as a read-only buffer: a memory map of a local file (its pages stay in the page cache, nothing
+        is copied), the bytes of an object read in STREAM_BLOCK ranged GETs. FileNotFoundError passes through."""
+        if not self.remote:
+            with open(self.url_of(name), "rb") as f:
+                if os.fstat(f.fileno()).st_size == 0:
+                    return b""
+                return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        with self.open(name) as f:
+            return f.read()
 
     def isdir(self) -> bool:
         return os.path.isdir(self.url) if not self.remote else self.fs.isdir(self._path())

@@ -18,7 +18,8 @@ from .format import FORMAT_VERSION, MANIFEST, StoreLayout, sample_arrays
 class ShardRecord:
     """One committed shard (commits/<name>.json; the manifest lists them once the store is complete).
 
-    file/bytes/sha256: the webdataset tar (wds stores); zarr_sha256: digest of the shard's zarr region.
+    file/bytes/sha256/crc32c: the webdataset tar (wds stores; readers check crc32c, hdistill verify sha256);
+    zarr_sha256: digest of the shard's zarr region.
     skipped: the unreadable inputs of the shard (commit records only; the manifest gathers them).
     """
 
@@ -29,6 +30,7 @@ class ShardRecord:
     file: str | None = None
     bytes: int | None = None
     sha256: str | None = None
+    crc32c: str | None = None
     zarr_sha256: str | None = None
     skipped: list[dict] = field(default_factory=list)
 

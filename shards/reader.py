@@ -1,8 +1,11 @@
 """Reading a store: the samples of a shard from its webdataset tar or from its zarr region.
 
 Both forms give the same samples in the same order (store order within the shard), with every
-array checked against the manifest's shapes and dtypes, targets decoded from their encoding and
-checked to be finite. Errors name the shard's file or zarr region and the sample.
+array checked against the manifest's shapes and dtypes and targets decoded from their encoding.
+A tar shard is loaded whole (a memory map of a local file, one stream of ranged GETs for an object),
+checked against the crc32c its commit recorded, indexed by one pass over its headers, and its arrays
+are numpy views into it: nothing is parsed or copied per sample. Errors name the shard's file or zarr
+region and the sample. Values are not scanned here: the trainer checks them on its device, per batch.
 """
 from __future__ import annotations
 
@@ -17,8 +20,9 @@ from hdistill.common.errors import HdistillError
 from hdistill.common.specs import ViewRecord, sample_key
 from hdistill.common.storage import Location, as_location
 
+from . import tarindex
 from .encoding import decode
-from .format import FORMATS, ZARR_DIR, npy_load
+from .format import FORMATS, ZARR_DIR, npy_bytes, npy_load
 from .manifest import Manifest, ShardRecord
 from .zarr_store import read_region, read_slots
 
@@ -30,6 +34,7 @@ class Sample:
     """One stored sample, decoded: the mask, the pixels and the chosen targets (by target name).
 
     stage uint8 [N]; keep int16 [n]; pixels uint8 [n, P, P, 3]; targets: float16, or float32 for int8.
+    From a tar shard the arrays are read-only views into the loaded shard.
     """
 
     key: str
@@ -37,7 +42,11 @@ class Sample:
     keep: np.ndarray
     pixels: np.ndarray
     targets: dict[str, np.ndarray] = field(default_factory=dict)
-    record: ViewRecord | None = None    # the view record (webdataset json); None from zarr
+    view_json: bytes | None = None      # the webdataset json entry; None from zarr
+
+    @property
+    def record(self) -> ViewRecord | None:
+        return ViewRecord.from_json(json.loads(self.view_json)) if self.view_json is not None else None
 
 
 class StoreReader:
@@ -58,6 +67,7 @@ class StoreReader:
         self.arrays = {n: shapes[n] for n in ("stage", "keep", "pixels")}
         for spec in self.specs:
             self.arrays.update(spec.arrays())
+        self.headers = {name: _npy_header(shape, dtype) for name, (shape, dtype) in self.arrays.items()}
 
     def where(self, shard: ShardRecord) -> str:
         if self.fmt == "wds":
@@ -70,30 +80,40 @@ class StoreReader:
 
     def _read_wds(self, shard: ShardRecord, offsets: set[int] | None) -> Iterator[Sample]:
         url = self.where(shard)
-        last = max(offsets) if offsets else None
-        with self.store.open(shard.file) as stream:
-            yield from self._parse_wds(url, stream, offsets, last)
+        buf = self.store.load(shard.file)
+        if shard.crc32c is not None and (crc := tarindex.crc32c(buf)) != shard.crc32c:
+            raise HdistillError(f"{url}: crc32c {crc} differs from the {shard.crc32c} its commit recorded: the shard "
+                                "was damaged, changed or replaced after the manifest was read; restore it from a copy "
+                                "or make the store again (hdistill verify lists every damaged shard)")
+        try:
+            index = tarindex.samples(buf)
+        except tarindex.TarError as err:
+            raise HdistillError(f"{url}: not a readable tar shard ({err})") from None
+        for offset in sorted(offsets) if offsets is not None else range(len(index)):
+            if offset >= len(index):
+                return
+            key, entries = index[offset]
+            arrays = {name: self._view(buf, url, key, name, entries) for name in self.arrays}
+            where = entries.get("json")
+            view_json = bytes(buf[where[0]:where[0] + where[1]]) if where else None
+            yield self._sample(url, key, arrays, view_json, checked=True)
 
-    def _parse_wds(self, url: str, stream, offsets: set[int] | None, last: int | None) -> Iterator[Sample]:
-        """Samples of an opened tar stream, parsed by webdataset's own tar iterator and key grouping."""
-        from webdataset.filters import reraise_exception
-        from webdataset.tariterators import group_by_keys, tar_file_expander
-        raws = group_by_keys(tar_file_expander([{"url": url, "stream": stream}], handler=reraise_exception,
-                                               eof_value=None), handler=reraise_exception)
-        for offset, raw in enumerate(raws):
-            if offsets is not None and offset not in offsets:
-                if last is not None and offset > last:
-                    return                                  # nothing more wanted: stop reading the tar
-                continue                                    # streamed past, not decoded
-            key = raw["__key__"]
-            arrays = {}
-            for name in self.arrays:
-                try:
-                    arrays[name] = npy_load(raw[f"{name}.npy"])
-                except (KeyError, ValueError) as err:
-                    raise HdistillError(f"{url}: sample {key}: missing or damaged {name}.npy ({err})") from None
-            record = ViewRecord.from_json(json.loads(raw["json"])) if "json" in raw else None
-            yield self._sample(url, key, arrays, record)
+    def _view(self, buf, url: str, key: str, name: str, entries: dict[str, tuple[int, int]]) -> np.ndarray:
+        """The array `name` of a sample as a view into the shard, after its npy header is checked."""
+        shape, dtype = self.arrays[name]
+        if f"{name}.npy" not in entries:
+            raise HdistillError(f"{url}: sample {key}: missing {name}.npy")
+        offset, size = entries[f"{name}.npy"]
+        header = self.headers[name]
+        count = int(np.prod(shape))
+        if size == len(header) + count * np.dtype(dtype).itemsize and buf[offset:offset + len(header)] == header:
+            return np.frombuffer(buf, dtype, count, offset + len(header)).reshape(shape)
+        try:                                    # another header: an array of another shape, or another numpy's npy
+            a = npy_load(bytes(buf[offset:offset + size]))
+        except ValueError as err:
+            raise HdistillError(f"{url}: sample {key}: damaged {name}.npy ({err})") from None
+        self._check(url, key, name, a)
+        return a
 
     def _read_zarr(self, shard: ShardRecord, offsets: set[int] | None) -> Iterator[Sample]:
         where, layout = self.where(shard), self.manifest.layout
@@ -109,17 +129,23 @@ class StoreReader:
                 key = sample_key(str(records["image_id"][i]), shard.view)
                 yield self._sample(where, key, {name: col[j] for name, col in columns.items()}, None)
 
-    def _sample(self, where: str, key: str, arrays: dict[str, np.ndarray], record: ViewRecord | None) -> Sample:
-        for name, (shape, dtype) in self.arrays.items():
-            a = arrays[name]
-            if a.shape != tuple(shape) or a.dtype != dtype:
-                raise HdistillError(f"{where}: sample {key}: {name} is {a.dtype}{list(a.shape)}, the manifest "
-                                    f"says {dtype}{list(shape)}")
-        targets = {}
-        for spec in self.specs:
-            values = decode(spec, arrays)
-            if not np.isfinite(values).all():
-                raise HdistillError(f"{where}: sample {key}: {spec.name} holds NaN or Inf")
-            targets[spec.name] = values
-        return Sample(key, arrays["stage"], arrays["keep"], arrays["pixels"], targets, record)
+    def _check(self, where: str, key: str, name: str, a: np.ndarray):
+        shape, dtype = self.arrays[name]
+        if a.shape != tuple(shape) or a.dtype != dtype:
+            raise HdistillError(f"{where}: sample {key}: {name} is {a.dtype}{list(a.shape)}, the manifest "
+                                f"says {dtype}{list(shape)}")
 
+    def _sample(self, where: str, key: str, arrays: dict[str, np.ndarray], view_json: bytes | None,
+                checked: bool = False) -> Sample:
+        if not checked:
+            for name, a in arrays.items():
+                self._check(where, key, name, a)
+        targets = {spec.name: decode(spec, arrays) for spec in self.specs}
+        return Sample(key, arrays["stage"], arrays["keep"], arrays["pixels"], targets, view_json)
+
+
+def _npy_header(shape, dtype) -> bytes:
+    """The bytes np.save writes before the data of an array of this shape and dtype."""
+    count = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    data = npy_bytes(np.zeros(shape, dtype))
+    return data[:len(data) - count]

@@ -11,6 +11,8 @@ import io
 import tarfile
 from collections.abc import Iterable
 
+import google_crc32c
+
 from hdistill.common.storage import Location
 
 from .format import StoredSample
@@ -18,16 +20,17 @@ from .format import StoredSample
 
 class _HashingWriter:
     def __init__(self, f):
-        self.f, self.sha, self.bytes = f, hashlib.sha256(), 0
+        self.f, self.sha, self.crc, self.bytes = f, hashlib.sha256(), 0, 0
 
     def write(self, data):
         self.sha.update(data)
+        self.crc = google_crc32c.extend(self.crc, bytes(data))
         self.bytes += len(data)
         return self.f.write(data)
 
 
-def write_shard(store: Location, name: str, samples: Iterable[StoredSample]) -> tuple[int, str]:
-    """Write the tar shard `name` of the store, whole or not at all -> (bytes, sha256)."""
+def write_shard(store: Location, name: str, samples: Iterable[StoredSample]) -> tuple[int, str, str]:
+    """Write the tar shard `name` of the store, whole or not at all -> (bytes, sha256, crc32c)."""
     with store.write(name) as f:
         out = _HashingWriter(f)
         with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
@@ -36,4 +39,4 @@ def write_shard(store: Location, name: str, samples: Iterable[StoredSample]) -> 
                     info = tarfile.TarInfo(f"{sample.key}.{ext}")
                     info.size, info.mtime, info.mode = len(data), 0, 0o444
                     tar.addfile(info, io.BytesIO(data))
-    return out.bytes, out.sha.hexdigest()
+    return out.bytes, out.sha.hexdigest(), f"{out.crc:08x}"

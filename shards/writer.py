@@ -99,7 +99,7 @@ class StoreWriter:
             for path in (tar_name, self.commit_name(name)):  # this rank owns the shard (lock_rank);
                 remove_stale_temporaries(self.store.url_of(path))  # a killed run may have left these
         if "wds" in self.manifest.formats:
-            record.bytes, record.sha256 = wds.write_shard(self.store, tar_name, (s for _, s in samples))
+            record.bytes, record.sha256, record.crc32c = wds.write_shard(self.store, tar_name, (s for _, s in samples))
             record.file = tar_name
         if "zarr" in self.manifest.formats:
             record.zarr_sha256 = zarr_store.write_shard(self.store, self.manifest, view, index, samples)

@@ -18,7 +18,7 @@ from test_store import precompute, write_photos
 from hdistill.cli import cli
 from hdistill.common.errors import HdistillError
 from hdistill.common.targets import TargetSpec
-from hdistill.train.data import AllSamples, StoreStream, collate, open_store
+from hdistill.train.data import AllSamples, StoreStream, open_store
 from hdistill.train.loss import DistillLoss, LossConfig, LossTerm, group_heads, parse_losses, plan_losses
 from hdistill.train.run import TrainConfig, TrainRuntime, Trainer, run_train
 from hdistill.train.student import build_student
@@ -48,7 +48,7 @@ def default_targets(manifest):
 def first_batch(store, mask="progressive"):
     manifest = open_store(str(store))
     stream = StoreStream(str(store), manifest, default_targets(manifest), mask, seed=0)
-    return collate(list(AllSamples(stream))[:4])
+    return next(iter(AllSamples(stream, batch_size=4)))
 
 
 def smooth_l1(x, y, beta):
@@ -346,8 +346,9 @@ def test_clear_errors_before_any_step(stores, tmp_path):
 
 def test_damaged_shard_and_nan_target_are_named(stores, tmp_path):
     import io
-    import shutil
     import tarfile
+
+    import google_crc32c
     store = tmp_path / "store"
     shutil.copytree(stores / "kept", store)
     shard = store / "wds" / "view0-000000.tar"
@@ -355,6 +356,19 @@ def test_damaged_shard_and_nan_target_are_named(stores, tmp_path):
     with pytest.raises(HdistillError, match="view0-000000.tar"):
         run_train(config(store, steps=3), str(tmp_path / "run1"), TrainRuntime(progress=False))
 
+    # one flipped bit inside a float16 target array: shapes and headers intact, the values still finite
+    shutil.rmtree(store)
+    shutil.copytree(stores / "kept", store)
+    with tarfile.open(shard) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".feat.clip.npy"))
+    data = bytearray(shard.read_bytes())
+    data[member.offset_data + member.size - 100] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(HdistillError, match=r"view0-000000.tar: crc32c [0-9a-f]{8} differs from the [0-9a-f]{8} its "
+                                            r"commit recorded"):
+        run_train(config(store, steps=3), str(tmp_path / "run2"), TrainRuntime(progress=False))
+
+    # a NaN that the checksum does not catch (the shard rewritten and its crc32c recorded anew): found on the device
     shutil.rmtree(store)
     shutil.copytree(stores / "kept", store)
     with tarfile.open(shard) as tar:
@@ -369,8 +383,13 @@ def test_damaged_shard_and_nan_target_are_named(stores, tmp_path):
                 np.save(buf, arr)
                 data, m.size = buf.getvalue(), len(buf.getvalue())
             tar.addfile(m, io.BytesIO(data))
-    with pytest.raises(HdistillError, match=rf"view0-000000.tar: sample {poisoned.split('.')[0]}: feat.clip holds NaN"):
-        run_train(config(store, steps=3), str(tmp_path / "run2"), TrainRuntime(progress=False))
+    manifest = json.loads((store / "manifest.json").read_text())
+    for record in manifest["shards"]:
+        if record["name"] == "view0-000000":
+            record["crc32c"] = f"{google_crc32c.value(shard.read_bytes()):08x}"
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(HdistillError, match=r"the batch of step \d+ holds NaN or Inf in feat.clip: the store is damaged"):
+        run_train(config(store, steps=9, lanes=1), str(tmp_path / "run3"), TrainRuntime(progress=False))
 
 
 def test_train_cli(stores, tmp_path):
@@ -536,7 +555,7 @@ def epoch_keys(stream, epoch: int, start: int = 0) -> list[list[str]]:
     stream.set_epoch(epoch, start)
     plan = stream.plan()
     lanes = {lane: stream._lane(plan, lane) for lane in range(plan.lanes)}
-    return [[next(lanes[lane])["key"] for lane in range(plan.lanes) for _ in range(plan.per_lane)]
+    return [[next(lanes[lane]).key for lane in range(plan.lanes) for _ in range(plan.per_lane)]
             for _ in range(start, plan.steps)]
 
 
@@ -558,10 +577,11 @@ def test_epoch_order_views_lanes_and_a_resume_that_skips(stores, monkeypatch):
     assert plan.bounds == [0, 6, 12] and plan.per_lane == 2 and plan.steps == 3
 
     # resuming at batch 2 gives the remaining batches and decodes only the 4 samples they hold, not the 8 before
+    from hdistill.shards.reader import StoreReader
     decoded = []
-    real_sample = StoreStream.sample
-    monkeypatch.setattr(StoreStream, "sample", lambda self, stored: (decoded.append(stored.key),
-                                                                     real_sample(self, stored))[1])
+    real_sample = StoreReader._sample
+    monkeypatch.setattr(StoreReader, "_sample", lambda self, where, key, *args, **kw: (
+        decoded.append(key), real_sample(self, where, key, *args, **kw))[1])
     assert epoch_keys(stream, 0, start=2) == batches[0][2:]
     assert sorted(decoded) == sorted(k for b in batches[0][2:] for k in b)
     from hdistill.train.run import total_steps

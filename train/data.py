@@ -52,16 +52,6 @@ def check_mask(manifest: Manifest, mask: str) -> str:
     return mask
 
 
-def collate(samples: list[dict]) -> dict:
-    errors = [s["error"] for s in samples if "error" in s]
-    if errors:
-        return {"error": errors[0]}
-    return {"count": len(samples), "pixels": torch.from_numpy(np.stack([s["pixels"] for s in samples])),
-            "keep": torch.from_numpy(np.stack([s["keep"] for s in samples])),
-            "targets": {name: torch.from_numpy(np.stack([s["targets"][name] for s in samples]))
-                        for name in samples[0]["targets"]}}
-
-
 def concat(parts: list[dict]) -> dict:
     """Join collated pieces: tensors along the batch, lists end to end, counts added, dicts key by key."""
     first = parts[0]
@@ -156,7 +146,28 @@ class StoreStream(torch.utils.data.IterableDataset):
         self.n_keep = manifest.mask.kept_counts(self.layout.num_patches)[-1]
         self.epoch, self.start = 0, 0
 
-    collate = staticmethod(collate)
+    def collate(self, samples: list[Sample]) -> dict:
+        """Stored samples -> a batch of what the student sees: pixels [B, n, P, P, 3], keep [B, n] and each target
+        over those tokens, each gathered with one copy from the loaded shards into a new batch array."""
+        B, n, P = len(samples), self.n_keep if self.mask != "none" else self.layout.num_patches, self.layout.patch_size
+        pixels = np.empty((B, n, P, P, 3), np.uint8)
+        keep = np.empty((B, n), np.int64)
+        targets = {t.name: np.empty((B, *token_shape(t, 1 + n)), samples[0].targets[t.name].dtype) for t in self.targets}
+        for i, stored in enumerate(samples):
+            if self.full:                          # choose the patches, then gather those rows (and columns)
+                sel = select_patches(self.mask, stored.stage, stored.key, self.seed, self.epoch, self.n_keep)
+                tokens = np.concatenate([[0], sel + 1])                         # [1+n]
+                np.take(stored.pixels, sel, axis=0, out=pixels[i])
+                keep[i] = stored.keep[sel]
+                for t in self.targets:
+                    targets[t.name][i] = select_tokens(t, stored.targets[t.name], tokens)
+            else:                                  # a kept store holds exactly the student's tokens: plain copies
+                pixels[i] = stored.pixels
+                keep[i] = stored.keep
+                for t in self.targets:
+                    targets[t.name][i] = stored.targets[t.name]
+        return {"count": B, "pixels": torch.from_numpy(pixels), "keep": torch.from_numpy(keep),
+                "targets": {name: torch.from_numpy(a) for name, a in targets.items()}}
 
     def set_epoch(self, epoch: int, start: int = 0):
         self.epoch, self.start = epoch, start
@@ -207,9 +218,8 @@ class StoreStream(torch.utils.data.IterableDataset):
         while True:
             try:
                 for stored in self.reader.read(shard, offsets if given == 0 else set(wanted[given:])):
-                    sample = self.sample(stored)
                     given += 1
-                    yield sample
+                    yield stored
                 return
             except HdistillError:
                 raise
@@ -224,31 +234,30 @@ class StoreStream(torch.utils.data.IterableDataset):
                                     "the last checkpoint resumes the run exactly (hdistill verify checks the "
                                     "store)") from None
 
-    def sample(self, stored: Sample) -> dict:
-        """The training sample: the patches the student sees and the targets over those tokens."""
-        sel = np.arange(self.n_keep) if not self.full else \
-            select_patches(self.mask, stored.stage, stored.key, self.seed, self.epoch, self.n_keep)
-        tokens = np.concatenate([[0], sel + 1])                                # [1+n]
-        return {"key": stored.key, "pixels": stored.pixels[sel], "keep": stored.keep[sel].astype(np.int64),
-                "targets": {t.name: select_tokens(t, stored.targets[t.name], tokens) for t in self.targets}}
-
 
 class AllSamples(torch.utils.data.IterableDataset):
-    """Every sample of a store's view 0, this rank's and worker's share of its shards (for validation)."""
+    """Every sample of a store's view 0 in batches of `batch_size` (the last may be smaller): this rank's and
+    worker's share of its shards (for validation)."""
 
-    def __init__(self, stream: StoreStream):
-        self.stream = stream
+    def __init__(self, stream: StoreStream, batch_size: int = 64):
+        self.stream, self.batch_size = stream, batch_size
 
     def __iter__(self):
         s = self.stream
         shards = [r for r in s.manifest.view_shards(0) if r.samples][s.rank::s.world_size]
         info = torch.utils.data.get_worker_info()
-        for shard in shards[info.id::info.num_workers] if info else shards:
-            try:
-                yield from s._read(shard, None)
-            except HdistillError as err:
-                yield {"error": str(err)}
-                return
+        pending: list[Sample] = []
+        try:
+            for shard in shards[info.id::info.num_workers] if info else shards:
+                for stored in s._read(shard, None):
+                    pending.append(stored)
+                    if len(pending) == self.batch_size:
+                        yield s.collate(pending)
+                        pending = []
+            if pending:
+                yield s.collate(pending)
+        except HdistillError as err:
+            yield {"error": str(err)}
 
 
 def select_tokens(target: TargetSpec, values, tokens):
@@ -256,6 +265,11 @@ def select_tokens(target: TargetSpec, values, tokens):
     if target.kind == "rel":
         return values[:, tokens][:, :, tokens]
     return values[tokens]
+
+
+def token_shape(target: TargetSpec, tokens: int) -> tuple[int, ...]:
+    """A target's per-sample shape over `tokens` tokens."""
+    return (target.shape[0], tokens, tokens) if target.kind == "rel" else (tokens, target.shape[-1])
 
 
 def select_patches(mask: str, stage: np.ndarray, key: str, seed: int, epoch: int, n_keep: int) -> np.ndarray:

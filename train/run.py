@@ -397,9 +397,15 @@ class Trainer:
     def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
         dev = self.rt.device
         to = lambda t: t.to(dev, non_blocking=True)  # noqa: E731
+        targets = {n: to(t) for n, t in batch["targets"].items()}
         with self.autocast():
-            terms = self.ddp(to(batch["pixels"]), to(batch["keep"]), {n: to(t) for n, t in batch["targets"].items()})
-        if not torch.isfinite(terms["loss"]):
+            terms = self.ddp(to(batch["pixels"]), to(batch["keep"]), targets)
+        finite = torch.stack([torch.isfinite(terms["loss"])] + [torch.isfinite(t).all() for t in targets.values()])
+        if not finite.all():                                  # one check on the device for the loss and the batch
+            bad = [n for n, ok in zip(targets, finite[1:].tolist()) if not ok]
+            if bad:
+                raise HdistillError(f"the batch of step {self.step + 1} holds NaN or Inf in {', '.join(bad)}: the "
+                                    "store is damaged; check it with hdistill verify")
             raise HdistillError(f"the loss became {terms['loss'].item()} at step {self.step}; lower --lr or check "
                                 "the store with hdistill verify")
         self.optimizer.zero_grad(set_to_none=True)

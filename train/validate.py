@@ -16,7 +16,7 @@ from hdistill.common.specs import TokenGrid, check_same_grid
 from hdistill.common.targets import TargetSpec
 from hdistill.shards.manifest import Manifest
 
-from .data import AllSamples, check_mask, collate, open_store
+from .data import AllSamples, check_mask, open_store
 from .dist import DistInfo, sum_over_ranks
 
 
@@ -49,7 +49,8 @@ def open_val_store(path: str, train_path: str, train: Manifest, targets: list[Ta
 def evaluate(model: torch.nn.Module, keys: list[str], stream: AllSamples, batch_size: int, workers: int,
              device: str, autocast: AbstractContextManager, dist: DistInfo) -> dict[str, float]:
     """{"val/<key>": mean over every sample of the held-out store} for the loss terms `keys` ("loss", ...)."""
-    loader = torch.utils.data.DataLoader(stream, batch_size=batch_size, collate_fn=collate, num_workers=workers,
+    stream.batch_size = batch_size
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
                                          generator=torch.Generator().manual_seed(0))
     sums = dict.fromkeys(keys, 0.0)
     count = 0
