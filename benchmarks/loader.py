@@ -1,21 +1,30 @@
-"""The training loader's bandwidth: samples/s and GB/s with N workers, from local disk and from an S3 endpoint.
+"""The training loader's rate: samples/s and GB/s per loader process, next to a plain memory copy of the same bytes.
 
     python benchmarks/loader.py                                  # local disk, then a local S3 endpoint (moto)
     python benchmarks/loader.py --s3 s3://bucket/prefix          # local disk, then a real bucket (AWS_* variables)
     python benchmarks/loader.py --workers 0,2,4,8 --images 2048
 
-A store with the default MAE + CLIP ViT-B/16 target shapes (feat.clip [69, 768], rel.mae.b9/b10 [12, 69, 69],
-the kept store's 68 patches + CLS) is made by precompute from teachers of ViT-B width and heads but 3 blocks
-with random weights: the loader's cost depends on the bytes per view, not on the teachers' depth or weights.
-It is uploaded to the endpoint, and each source is read for one epoch through the trainer's loader
-(StoreStream in a DataLoader, --lanes lanes, the workers sharing them). GB/s counts the store's bytes per view
-(shards, commit records and manifest) times the samples delivered. The local endpoint is moto's Python server
-on the same machine: it measures the client's path (ranged GETs through s3fs), not S3's bandwidth.
-Then: the read bandwidth per GPU that a student needs at a given samples/s, for this store and its int8 form.
+Stores with the default MAE + CLIP ViT-B/16 target shapes (feat.clip [69, 768], two relation blocks
+[12, 69, 69], the kept store's 68 patches + CLS) are made by precompute from teachers of ViT-B width and
+heads but 3 blocks with random weights: the loader's cost depends on the bytes per view, not on the
+teachers' depth or weights. Four forms: the fp16 kept store (the default), the same with --encoding int8,
+a --store full store read with --mask random, and the kept store's zarr form. Each is read for `--epochs`
+passes after an untimed one (so the files are in the page cache) through the trainer's loader
+(StoreStream in a DataLoader, --lanes lanes, the workers sharing them). GB/s counts the bytes per view of
+the store's tar shards times the samples delivered (for the zarr reader too: the same arrays).
+
+Side by side in the same run: a plain copy of the same bytes per sample from the page-cached shard files
+into a reused [batch, bytes per view] buffer (the physical limit of a loader process that touches every
+byte once), and the crc32c of every shard (the integrity check each shard gets when it is loaded), as a
+share of the loader's time. The fp16 store is then uploaded to the endpoint and read from there. The local
+endpoint is moto's Python server on the same machine: it measures the client's path (ranged GETs through
+s3fs), not S3's bandwidth.
 """
 from __future__ import annotations
 
 import argparse
+import glob
+import math
 import os
 import platform
 import socket
@@ -25,14 +34,15 @@ import tempfile
 import time
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 
+from hdistill.common.storage import Location
 from hdistill.precompute.run import PrecomputeConfig, Runtime, run_precompute
-from hdistill.shards.format import store_bytes
+from hdistill.shards.tarindex import crc32c
 from hdistill.train.data import StoreStream, open_store
 
 VIT_B_SHALLOW = {"mae": {"depth": 3}, "clip": {"depth": 3}}   # ViT-B/16 width and heads; 3 blocks
-INT8_KB_PER_VIEW = 233.3         # BENCHMARKS.md, the same store with --encoding int8
 
 
 @contextmanager
@@ -60,12 +70,17 @@ def local_endpoint():
         server.wait()
 
 
-def loader_rate(store: str, workers: int, batch_size: int, lanes: int, epochs: int) -> float:
+def loader_rate(store: str, workers: int, batch_size: int, lanes: int, epochs: int, mask: str, reader: str,
+                checksum: bool = True) -> float:
     """Samples/s of the training loader over `epochs` passes of the store, after a first pass that starts the
-    workers (kept: persistent) and opens the connections."""
+    workers (kept: persistent) and opens the connections. checksum=False: as if the commits had recorded no
+    crc32c, to measure what the check costs."""
     manifest = open_store(store)
-    stream = StoreStream(store, manifest, manifest.targets, "progressive", seed=0, lanes=lanes,
-                         batch_size=batch_size, buffer_mb=16)
+    if not checksum:
+        for shard in manifest.shards:
+            shard.crc32c = None
+    stream = StoreStream(store, manifest, manifest.targets, mask, seed=0, lanes=lanes,
+                         batch_size=batch_size, buffer_mb=16, reader=reader)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
                                          prefetch_factor=4 if workers else None, persistent_workers=workers > 0)
     samples = 0
@@ -79,6 +94,42 @@ def loader_rate(store: str, workers: int, batch_size: int, lanes: int, epochs: i
     return samples / (time.perf_counter() - start)
 
 
+def shard_files(store: str) -> list[str]:
+    return sorted(glob.glob(f"{store}/wds/*.tar"))
+
+
+def memcpy_rate(store: str, per_view: int, batch_size: int, epochs: int) -> float:
+    """Samples/s of copying `per_view` bytes per sample from the page-cached shards into a reused batch buffer."""
+    maps = [np.frombuffer(Location(store).load(os.path.relpath(f, store)), np.uint8) for f in shard_files(store)]
+    records = [m[i * per_view:(i + 1) * per_view] for m in maps for i in range(len(m) // per_view)]
+    out = np.empty((batch_size, per_view), np.uint8)
+    start = time.perf_counter()
+    for _ in range(epochs):
+        for i, record in enumerate(records):
+            out[i % batch_size] = record
+    return epochs * len(records) / (time.perf_counter() - start)
+
+
+def crc_seconds_per_sample(store: str, samples: int) -> float:
+    start = time.perf_counter()
+    for f in shard_files(store):
+        crc32c(Location(store).load(os.path.relpath(f, store)))
+    return (time.perf_counter() - start) / samples
+
+
+def rate_0(rates: dict, label: str) -> float:
+    return rates[(label, 0)] if (label, 0) in rates else max(r for (name, _w), r in rates.items() if name == label)
+
+
+def make_store(out: str, images: int, shard_size: int, **options) -> float:
+    """Bytes per view of the webdataset form of a store made at `out` (its tar shards, what the loader reads)."""
+    manifest = run_precompute(
+        PrecomputeConfig(data=f"synthetic:{images}", teachers=["mae", "clip"], model_args=VIT_B_SHALLOW,
+                         random_init=True, batch_size=32, shard_size=shard_size, **options),
+        out, Runtime(workers=min(2, os.cpu_count() or 1), progress=False))
+    return sum(os.path.getsize(f) for f in shard_files(out)) / manifest.samples
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=512)
@@ -89,44 +140,66 @@ def main():
                          "streams its first shard from the start: at ImageNet scale that is one shard in hundreds)")
     ap.add_argument("--workers", default="0,1,2", help="comma-separated loader worker counts")
     ap.add_argument("--epochs", type=int, default=3, help="timed passes over the store, after one untimed")
+    ap.add_argument("--forms", default=None, help="only these rows, ';'-separated (e.g. 'fp16 kept')")
     ap.add_argument("--s3", default=None, help="an s3:// prefix to upload the store to (default: a local endpoint)")
-    ap.add_argument("--rates", default="500,1000,2000,4000",
-                    help="student samples/s per GPU for the bandwidth table")
+    ap.add_argument("--rates", default="6000,11000",
+                    help="student samples/s per GPU: how many loader processes each would need")
     args = ap.parse_args()
     workers = [int(w) for w in args.workers.split(",")]
 
     with tempfile.TemporaryDirectory() as tmp, (local_endpoint() if args.s3 is None else _nothing()):
-        local = f"{tmp}/store"
-        start = time.perf_counter()
-        manifest = run_precompute(
-            PrecomputeConfig(data=f"synthetic:{args.images}", teachers=["mae", "clip"], model_args=VIT_B_SHALLOW,
-                             random_init=True, batch_size=32, shard_size=args.shard_size, formats=["wds"]),
-            local, Runtime(workers=min(2, os.cpu_count() or 1), progress=False))
-        per_view = store_bytes(local) / manifest.samples
-        print(f"store: {manifest.samples} views, {per_view / 1000:.1f} kB/view, targets "
-              f"{', '.join(f'{t.name} {list(t.shape)}' for t in manifest.targets)} "
-              f"(made in {time.perf_counter() - start:.0f}s)")
+        forms = {   # label -> (store, StoreStream mask)
+            "fp16 kept": (f"{tmp}/kept", "progressive", dict(formats=["wds", "zarr"])),
+            "int8 kept": (f"{tmp}/int8", "progressive", dict(formats=["wds"], encodings=["int8"])),
+            "fp16 full, --mask random": (f"{tmp}/full", "random", dict(formats=["wds"], store="full")),
+        }
+        sizes = {}
+        if args.forms:
+            wanted = {f.split(",")[0] if f.startswith("fp16 kept") else f for f in args.forms.split(";")}
+            forms = {label: form for label, form in forms.items() if label in wanted | {"fp16 kept"}}
+        for label, (store, _mask, options) in forms.items():
+            start = time.perf_counter()
+            sizes[label] = make_store(store, args.images, args.shard_size, **options)
+            print(f"store {label}: {args.images} views, {sizes[label] / 1000:.1f} kB/view "
+                  f"(made in {time.perf_counter() - start:.0f}s)")
+        kept, _, _ = forms["fp16 kept"]
+
+        print(f"machine: {platform.processor() or 'cpu'}, {os.cpu_count()} cpus; torch {torch.__version__}; "
+              f"batch {args.batch_size}, {args.lanes} lanes")
+        print(f"{'source':34s} {'workers':>7s} {'samples/s':>10s} {'GB/s':>7s} {'memcpy samples/s':>17s} "
+              f"{'loader/memcpy':>13s}")
+        rates = {}
+        rows = [(label, label, "wds") for label in forms] + [("fp16 kept, zarr reader", "fp16 kept", "zarr")]
+        rows = [row for row in rows if row[0] in args.forms.split(";")] if args.forms else rows
+        for label, form, reader in rows:
+            (store, mask, _options), size = forms[form], sizes[form]
+            copy = memcpy_rate(store, int(size), args.batch_size, args.epochs)
+            crc = crc_seconds_per_sample(store, args.images) if reader == "wds" else 0.0
+            for w in workers:
+                rate = loader_rate(store, w, args.batch_size, args.lanes, args.epochs, mask, reader)
+                rates[(label, w)] = rate
+                print(f"{label:34s} {w:7d} {rate:10.0f} {rate * size / 1e9:7.3f} {copy:17.0f} {rate / copy:13.2f}")
+            if reader == "wds":
+                unchecked = loader_rate(store, 0, args.batch_size, args.lanes, args.epochs, mask, reader, False)
+                print(f"{label + ', no crc32c check':34s} {0:7d} {unchecked:10.0f} {unchecked * size / 1e9:7.3f}   "
+                      f"(the check costs {100 * (1 - rate_0(rates, label) / unchecked):.0f}% of the rate; crc32c "
+                      f"alone over freshly mapped shards: {1e6 * crc:.0f} us per view)")
 
         import s3fs
         remote = args.s3 or "s3://hdistill-bench/store"
         fs = s3fs.S3FileSystem()
         if args.s3 is None:
             fs.mkdir("hdistill-bench")
-        fs.put(local, remote.removeprefix("s3://"), recursive=True)
+        fs.put(kept, remote.removeprefix("s3://"), recursive=True)
+        for w in workers:
+            rate = loader_rate(remote, w, args.batch_size, args.lanes, args.epochs, "progressive", "wds")
+            print(f"{'fp16 kept, ' + os.environ.get('AWS_ENDPOINT_URL', 'S3'):34s} {w:7d} {rate:10.0f} "
+                  f"{rate * sizes['fp16 kept'] / 1e9:7.3f}")
 
-        print(f"machine: {platform.processor() or 'cpu'}, {os.cpu_count()} cpus; torch {torch.__version__}; "
-              f"batch {args.batch_size}, {args.lanes} lanes; endpoint {os.environ.get('AWS_ENDPOINT_URL', 'AWS')}")
-        print(f"{'source':28s} {'workers':>7s} {'samples/s':>10s} {'GB/s':>7s}")
-        for label, store in [("local disk", local), (remote, remote)]:
-            for w in workers:
-                rate = loader_rate(store, w, args.batch_size, args.lanes, args.epochs)
-                print(f"{label:28s} {w:7d} {rate:10.0f} {rate * per_view / 1e9:7.3f}")
-
-    print(f"\nread bandwidth one GPU needs (samples/s x bytes/view; {per_view / 1000:.0f} kB/view fp16, "
-          f"{INT8_KB_PER_VIEW:.0f} kB/view int8):")
+    best = max(rates[("fp16 kept", w)] for w in workers)
+    print(f"\nloader processes one GPU needs for the fp16 kept store at the best rate above ({best:.0f} samples/s):")
     for r in (int(x) for x in args.rates.split(",")):
-        print(f"  {r:5d} samples/s: {r * per_view / 1e9:5.2f} GB/s fp16, {r * INT8_KB_PER_VIEW * 1e3 / 1e9:5.2f} GB/s "
-              f"int8; 8 GPUs: {8 * r * per_view / 1e9:5.1f} GB/s")
+        print(f"  {r:6d} samples/s: {math.ceil(r / best)} process(es), {r * sizes['fp16 kept'] / 1e9:.2f} GB/s")
 
 
 @contextmanager

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -388,8 +389,16 @@ def test_damaged_shard_and_nan_target_are_named(stores, tmp_path):
         if record["name"] == "view0-000000":
             record["crc32c"] = f"{google_crc32c.value(shard.read_bytes()):08x}"
     (store / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(HdistillError, match=r"the batch of step \d+ holds NaN or Inf in feat.clip: the store is damaged"):
-        run_train(config(store, steps=9, lanes=1), str(tmp_path / "run3"), TrainRuntime(progress=False))
+    trainer = Trainer(config(store, steps=9, lanes=1), str(tmp_path / "run3"),
+                      TrainRuntime(progress=False, log_every=3, checkpoint_every=3))
+    with pytest.raises(HdistillError, match=r"the batch of step (\d) holds NaN or Inf in feat.clip: the store is "
+                                            r"damaged; check it with hdistill verify \(its update was not applied") as err:
+        trainer.run()
+    bad_step = int(err.value.args[0].split("step ")[1].split(" ")[0])
+    assert trainer.step == -(-bad_step // 3) * 3, "the run stops at the first log step after the bad batch"
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters()), "the NaN update was skipped"
+    saved = torch.load(tmp_path / "run3" / "checkpoint.pt", weights_only=True)["step"] if bad_step > 3 else None
+    assert saved in (None, (bad_step - 1) // 3 * 3), "only the steps before the bad batch are checkpointed"
 
 
 def test_train_cli(stores, tmp_path):
@@ -463,6 +472,31 @@ def test_two_ranks_take_the_global_batches_of_one(stores, tmp_path):
     assert state["world_size"] == 2 and state["position"] == (9, 3)    # 12 samples: 3 steps an epoch, 10 epochs
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc), children first."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == pid:
+            children.append(int(stat.parent.name))
+    return children + [d for c in children for d in descendants(c)]
+
+
+def ranks_alive(run) -> list[int]:
+    """Processes that still have the run's files open (a rank killed a moment ago may take a while to go)."""
+    alive = []
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            if os.readlink(fd).startswith(str(run)):
+                alive.append(int(fd.parent.parent.name))
+        except OSError:
+            continue
+    return alive
+
+
 def test_each_rank_draws_its_own_stochastic_depth_and_a_two_rank_kill_resumes_exactly(stores, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -483,8 +517,11 @@ def test_each_rank_draws_its_own_stochastic_depth_and_a_two_rank_kill_resumes_ex
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "checkpoint.pt").exists():
         time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)        # the agent and both ranks at once
+    for pid in [proc.pid, *descendants(proc.pid)]:     # torchrun starts each rank in a session of its own
+        os.kill(pid, signal.SIGKILL)
     proc.wait()
+    while any(Path(f"/proc/{pid}").exists() for pid in ranks_alive(out)):
+        time.sleep(0.01)
     killed_at = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
     assert 2 <= killed_at < 12, "the kill should land mid-run"
     shutil.copytree(out, tmp_path / "one")

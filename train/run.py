@@ -28,14 +28,15 @@ from tqdm import tqdm
 from hdistill.common.atomic import atomic_open, remove_stale_temporaries, write_error
 from hdistill.common.errors import HdistillError
 from hdistill.common.lock import hold_lock
-from hdistill.common.processes import StopRequest, Stopped, duration, loader_worker_init, start_workers
+from hdistill.common.processes import StopRequest, Stopped, duration
 from hdistill.common.specs import TokenGrid, check_same_grid
 from hdistill.common.storage import Retry
 from hdistill.shards.manifest import Manifest
 
-from .data import (AllSamples, StoreStream, check_mask, concat, default_lanes, default_reader,
+from .data import (AllSamples, StoreStream, check_mask, default_lanes, default_reader,
                    epoch_samples, open_store, steps_per_epoch)
 from .dist import barrier, gather_objects, init_distributed, mean_over_ranks
+from .loader import StoreLoader
 from .loss import DistillLoss, LossConfig, parse_losses, plan_losses
 from .student import IMAGENET_MEAN, IMAGENET_STD, Student, build_student, export_student
 from .validate import evaluate, open_val_store
@@ -209,10 +210,11 @@ class Trainer:
         self.student.capture(taps)
         self.frozen = self.student.freeze_unreached(taps, final=any(t.student_tap is None for t in self.terms))
         self.optimizer = torch.optim.AdamW(param_groups([self.student, self.loss_fn], cfg.weight_decay),
-                                           lr=base_lr(cfg), betas=(0.9, 0.95), fused=cuda or None)
+                                           lr=base_lr(cfg), betas=(0.9, 0.95), fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.steps, self.warmup))
         self.model = Distiller(self.student, self.loss_fn)
+        self.health = StepHealth([t.name for t in self.terms], rt.device, self.dist)
         # everything is built from one seed, the same on every rank; from here on the global RNG draws only the
         # student's stochastic depth, and each rank draws its own (MAE and nanoGPT offset the seed by the rank)
         torch.manual_seed(stochastic_depth_seed(cfg.seed, self.dist.rank))
@@ -356,31 +358,13 @@ class Trainer:
     # ---------------------------------------------------------------- data
 
     def batches(self):
-        """Endless local batches, epoch after epoch, from the saved position: each joins this rank's pieces of
-        one global batch in lane order (StoreStream)."""
+        """Endless local batches from the saved position (StoreLoader, the public loader), through the source."""
+        loader = StoreLoader(self.source.stream, self.cfg.workers, self.rt.device, self.epoch, self.epoch_batches)
         while True:
-            stream = self.source.stream
-            stream.set_epoch(self.epoch, self.epoch_batches)
-            if stream.plan().steps == 0:
-                raise HdistillError(f"epoch {self.epoch} holds {epoch_samples(self.manifest, self.epoch)} samples: "
-                                    f"too few for one global batch of {self.cfg.batch_size}")
-            lanes = stream.my_lanes()
-            # its own generator: making the iterator draws a seed, which must not shift the global RNG that the
-            # student's stochastic depth uses (a resume makes the iterator at another point of the RNG stream)
-            loader = torch.utils.data.DataLoader(
-                stream, batch_size=None, num_workers=min(self.cfg.workers, len(lanes)),
-                pin_memory=self.rt.device.startswith("cuda"), worker_init_fn=loader_worker_init,
-                generator=torch.Generator().manual_seed(self.cfg.seed * 100_003 + self.epoch))
-            pending: dict[int, dict[int, dict]] = {}
-            for piece in start_workers(loader):
-                if "error" in piece:
-                    raise HdistillError(piece["error"])
-                pending.setdefault(piece["batch"], {})[piece["lane"]] = piece["samples"]
-                while len(pending.get(self.epoch_batches, ())) == len(lanes):
-                    parts = pending.pop(self.epoch_batches)
-                    self.epoch_batches += 1
-                    yield self.source.prepare(concat([parts[lane] for lane in lanes]))
-            self.epoch, self.epoch_batches = self.epoch + 1, 0
+            for batch in loader:
+                self.epoch, self.epoch_batches = loader.epoch, loader.batch
+                yield self.source.prepare(batch)
+            self.epoch, self.epoch_batches = loader.epoch, loader.batch
 
     # ---------------------------------------------------------------- steps
 
@@ -395,24 +379,22 @@ class Trainer:
                                               self.rt.device, self.autocast(), self.dist)}
 
     def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        """One step, enqueued without waiting on the device: finite-ness is recorded (StepHealth) and checked at the
+        next log or checkpoint step, and a non-finite gradient is never applied (the fused AdamW skips it on the
+        device, as it does under a GradScaler)."""
         dev = self.rt.device
         to = lambda t: t.to(dev, non_blocking=True)  # noqa: E731
         targets = {n: to(t) for n, t in batch["targets"].items()}
         with self.autocast():
             terms = self.ddp(to(batch["pixels"]), to(batch["keep"]), targets)
-        finite = torch.stack([torch.isfinite(terms["loss"])] + [torch.isfinite(t).all() for t in targets.values()])
-        if not finite.all():                                  # one check on the device for the loss and the batch
-            bad = [n for n, ok in zip(targets, finite[1:].tolist()) if not ok]
-            if bad:
-                raise HdistillError(f"the batch of step {self.step + 1} holds NaN or Inf in {', '.join(bad)}: the "
-                                    "store is damaged; check it with hdistill verify")
-            raise HdistillError(f"the loss became {terms['loss'].item()} at step {self.step}; lower --lr or check "
-                                "the store with hdistill verify")
+        self.health.record(self.step + 1, terms["loss"], targets)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(terms["loss"]).backward()          # fp16: scaled against underflow; else as is
         self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
-                                       self.cfg.clip_grad)
+        norm = torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                              self.cfg.clip_grad)
+        if not self.scaler.is_enabled():   # (the GradScaler sets it itself) the same on every rank: grads are reduced
+            self.optimizer.found_inf = (~torch.isfinite(norm)).float()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -489,6 +471,7 @@ class Trainer:
                 bar.update(1)
                 logged = self.step % self.rt.log_every == 0 or self.step == self.steps
                 if logged or self.step == first_step:           # one reduction serves both
+                    self.health.check()
                     losses = mean_over_ranks(terms, self.dist)
                 if self.step == first_step:
                     self._describe_terms(losses)
@@ -512,6 +495,7 @@ class Trainer:
                     self._log_line(f"val/loss {record['val/loss']:.4f}")
                 stop = self.stop_requested() and self.step < self.steps
                 if stop or self.step % self.rt.checkpoint_every == 0 or self.step == self.steps:
+                    self.health.check()                          # nothing non-finite is ever checkpointed
                     self.save()
                 if stop:
                     raise Stopped(f"train: {self.stop.name or 'a stop request'} at step {self.step} of "
@@ -529,6 +513,38 @@ class Trainer:
         parts = [f"{t.name} {losses[t.key]:.4g} x {t.weight:g} = {losses[t.key] * t.weight:.4g}" for t in self.terms]
         print(f"train: step {self.step} terms: {'; '.join(parts)}; loss {losses['loss']:.4g} "
               f"(peak lr {base_lr(self.cfg):.3g})", file=sys.stderr)
+
+
+class StepHealth:
+    """Whether each step's loss and batch targets were finite, kept on the device between checks: `record` adds no
+    host-device sync to a step; `check`, at log and checkpoint steps, is one (and one reduction over the ranks, so
+    every rank stops together) and raises naming the first bad step and what was non-finite."""
+
+    NONE = 2 ** 62                               # no bad step yet
+
+    def __init__(self, targets: list[str], device: str, dist):
+        self.names, self.dist = ["loss", *targets], dist
+        self.first_bad = torch.full((len(self.names),), self.NONE, dtype=torch.int64, device=device)
+
+    def record(self, step: int, loss: torch.Tensor, targets: dict[str, torch.Tensor]):
+        finite = torch.stack([torch.isfinite(loss)] + [torch.isfinite(targets[n]).all() for n in self.names[1:]])
+        self.first_bad = torch.where(finite, self.first_bad, self.first_bad.clamp(max=step))
+
+    def check(self):
+        first = self.first_bad.clone()
+        if self.dist.world_size > 1:
+            torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
+        bad = {name: step for name, step in zip(self.names, first.tolist()) if step != self.NONE}
+        if not bad:
+            return
+        skipped = "its update was not applied, and nothing after it is checkpointed"
+        targets = [name for name in bad if name != "loss"]
+        if targets:
+            step = min(bad[name] for name in targets)
+            raise HdistillError(f"the batch of step {step} holds NaN or Inf in {', '.join(targets)}: the store is "
+                                f"damaged; check it with hdistill verify ({skipped})")
+        raise HdistillError(f"the loss became NaN or Inf at step {bad['loss']}; lower --lr or check the store with "
+                            f"hdistill verify ({skipped})")
 
 
 class _MetricsLog:

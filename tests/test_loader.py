@@ -1,0 +1,101 @@
+"""The store loader: its samples against plain webdataset reads, its batches against the trainer's, exact resume."""
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import hdistill
+from test_store import precompute, wds_samples, write_photos
+from hdistill.common.errors import HdistillError
+from hdistill.shards.reader import StoreReader
+from hdistill.train.run import TrainConfig, TrainRuntime, run_train
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loader")
+    write_photos(root / "photos", 12, seed=5)
+    precompute(root / "photos", root / "store", views=2, formats=["wds"], encodings=["rel=int8"])
+    return root / "store"
+
+
+def test_the_reader_gives_what_plain_webdataset_reads(store):
+    plain = wds_samples(store)
+    store_ = hdistill.open_store(str(store))
+    reader = StoreReader(str(store), store_.manifest)
+    seen = 0
+    for shard in store_.manifest.shards:
+        for sample in reader.read(shard):
+            want = plain[sample.key]
+            for name in ("stage", "keep", "pixels"):
+                np.testing.assert_array_equal(getattr(sample, name), want[f"{name}.npy"])
+            np.testing.assert_array_equal(sample.targets["feat.clip"], want["feat.clip.npy"])
+            for rel in ("rel.mae.b1", "rel.mae.b2"):             # int8 with a per-row scale, decoded by hand here
+                decoded = want[f"{rel}.npy"].astype(np.float32) * want[f"scale.{rel}.npy"][..., None].astype(np.float32)
+                np.testing.assert_array_equal(sample.targets[rel], decoded)
+            assert sample.record.to_json() == want["json"]
+            seen += 1
+    assert seen == len(plain) == 24
+
+
+def test_a_hand_written_loop_on_the_public_loader_gives_the_trainers_losses(store, tmp_path):
+    from hdistill.train.loss import DistillLoss, LossConfig, plan_losses
+    from hdistill.train.run import lr_factor, param_groups
+    from hdistill.train.student import build_student
+    run_train(TrainConfig(shards=str(store), student="vit_base_patch16_224", drop_path=0.0, steps=6, batch_size=4,
+                          lr=1e-3, student_args=dict(depth=3, embed_dim=24, num_heads=6), lane_buffer_mb=0.02),
+              str(tmp_path / "run"), TrainRuntime(progress=False, log_every=1))
+    expected = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+
+    opened = hdistill.open_store(str(store))
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    student = build_student("vit_base_patch16_224", 64, dict(depth=3, embed_dim=24, num_heads=6))
+    terms = plan_losses(opened.manifest, None, student.depth)
+    loss_fn = DistillLoss(terms, student.width, student.heads, LossConfig())
+    taps = sorted({t.student_tap for t in terms if t.student_tap})
+    student.capture(taps)
+    optimizer = torch.optim.AdamW(param_groups([student, loss_fn], 0.05), lr=1e-3, betas=(0.9, 0.95), fused=True)
+    loader = opened.loader(batch_size=4, targets=[t.name for t in terms], seed=0, buffer_mb=0.02)
+    losses, step = [], 0
+    while step < 6:
+        for batch in loader:
+            for group in optimizer.param_groups:
+                group["lr"] = 1e-3 * lr_factor(step, 6, 1)
+            out = student(batch["pixels"], batch["keep"])
+            loss = loss_fn(out.tokens, out.taps, batch["targets"])["loss"]
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 3.0)
+            optimizer.step()
+            losses.append(loss.item())
+            step += 1
+            if step == 6:
+                break
+    assert losses == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_loader_resumes_exactly_from_its_state(store):
+    opened = hdistill.open_store(str(store))
+    loader = opened.loader(batch_size=4, seed=3, lanes=2, buffer_mb=0.02)
+    assert len(loader) == 3 and opened.targets == ["feat.clip", "rel.mae.b1", "rel.mae.b2"]
+    keys = lambda batch: batch["pixels"].flatten(1)[:, :64].tolist()  # noqa: E731  what identifies the samples
+    whole = [keys(b) for _ in range(2) for b in loader]          # two epochs
+    again = opened.loader(batch_size=4, seed=3, lanes=2, buffer_mb=0.02)
+    first = iter(again)
+    head = [keys(next(first)) for _ in range(2)]
+    state = again.state_dict()
+    assert state == {"epoch": 0, "batch": 2}
+    resumed = opened.loader(batch_size=4, seed=3, lanes=2, buffer_mb=0.02)
+    resumed.load_state_dict(state)
+    tail = [keys(b) for b in resumed] + [keys(b) for b in resumed]
+    assert head + tail == whole
+    # two ranks: each takes its lanes of every global batch
+    halves = [opened.loader(batch_size=4, seed=3, lanes=2, rank=r, world_size=2, buffer_mb=0.02) for r in (0, 1)]
+    joined = [a + b for a, b in zip(*([keys(b) for b in h] for h in halves))]
+    assert joined == whole[:3]
+    with pytest.raises(HdistillError, match="no target feat.dino"):
+        opened.loader(batch_size=4, targets=["feat.dino"])

@@ -1,0 +1,117 @@
+"""The public loader: a store's batches for any training loop, the same batches `hdistill train` steps on.
+
+    import hdistill
+    store = hdistill.open_store("s3://bucket/store")          # or a local path
+    loader = store.loader(batch_size=256, targets=["feat.clip", "rel.mae.b9", "rel.mae.b10"],
+                          seed=0, rank=0, world_size=1, workers=0, device="cpu")
+    for batch in loader:               # one epoch from the loader's position, then the next epoch
+        batch["pixels"], batch["keep"], batch["targets"]["feat.clip"]      # torch tensors on `device`
+    state = loader.state_dict()        # {"epoch", "batch"}: load_state_dict resumes exactly, on any rank count
+
+`batch_size` is the global batch; rank r of `world_size` gets its share of each global batch (the lanes
+l with l % world_size == r). The order is a function of (seed, epoch, lanes, batch size) alone (EpochPlan).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from hdistill.common.errors import HdistillError
+from hdistill.common.processes import loader_worker_init, start_workers
+from hdistill.common.storage import Retry
+from hdistill.shards.manifest import Manifest
+
+from .data import StoreStream, check_mask, concat, default_lanes, default_reader, epoch_samples, open_store as _manifest
+
+
+class StoreLoader:
+    """Local batches of a StoreStream, epoch after epoch, from a position (epoch, batch of the epoch). Each batch
+    joins this rank's pieces of one global batch in lane order; DataLoader workers share the rank's lanes."""
+
+    def __init__(self, stream: StoreStream, workers: int = 0, device: str = "cpu", epoch: int = 0, batch: int = 0):
+        self.stream, self.workers, self.device = stream, workers, device
+        self.epoch, self.batch = epoch, batch
+
+    def __len__(self) -> int:
+        """Global batches of the current epoch."""
+        self.stream.set_epoch(self.epoch)
+        return self.stream.plan().steps
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def load_state_dict(self, state: dict):
+        self.epoch, self.batch = state["epoch"], state["batch"]
+
+    def __iter__(self) -> Iterator[dict]:
+        """The rest of the current epoch; the position then moves to the start of the next one."""
+        stream = self.stream
+        stream.set_epoch(self.epoch, self.batch)
+        if stream.plan().steps == 0:
+            raise HdistillError(f"epoch {self.epoch} holds {epoch_samples(stream.manifest, self.epoch)} samples: too "
+                                f"few for one global batch of {stream.batch_size}")
+        lanes = stream.my_lanes()
+        cuda = self.device.startswith("cuda")
+        # its own generator: making the iterator draws a seed, which must not shift the global RNG that a student's
+        # stochastic depth uses (a resume makes the iterator at another point of the RNG stream)
+        loader = torch.utils.data.DataLoader(
+            stream, batch_size=None, num_workers=min(self.workers, len(lanes)), pin_memory=cuda,
+            worker_init_fn=loader_worker_init, generator=torch.Generator().manual_seed(stream.seed * 100_003 + self.epoch))
+        pending: dict[int, dict[int, dict]] = {}
+        for piece in start_workers(loader):
+            if "error" in piece:
+                raise HdistillError(piece["error"])
+            pending.setdefault(piece["batch"], {})[piece["lane"]] = piece["samples"]
+            while len(pending.get(self.batch, ())) == len(lanes):
+                parts = pending.pop(self.batch)
+                self.batch += 1
+                yield _to(concat([parts[lane] for lane in lanes]), self.device)
+        self.epoch, self.batch = self.epoch + 1, 0
+
+
+def _to(batch, device: str):
+    """Every tensor of a batch (dicts nested) on `device`, copied without waiting (from pinned memory on CUDA)."""
+    if device == "cpu":
+        return batch
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {key: _to(value, device) for key, value in batch.items()}
+    return batch
+
+
+class Store:
+    """A complete store, opened for reading: its manifest, and loaders over it."""
+
+    def __init__(self, path: str, reader: str | None = None):
+        self.path = str(path)
+        self.manifest: Manifest = _manifest(self.path, reader)
+        self.reader = reader or default_reader(self.manifest)
+
+    @property
+    def targets(self) -> list[str]:
+        return [t.name for t in self.manifest.targets]
+
+    def loader(self, batch_size: int, targets: list[str] | None = None, seed: int = 0, rank: int = 0,
+               world_size: int = 1, workers: int = 0, device: str = "cpu", mask: str = "progressive",
+               lanes: int | None = None, buffer_mb: float = 64.0, retry: Retry = Retry()) -> StoreLoader:
+        """A loader of global batches of `batch_size` (`targets`: target names, None for all of the store's)."""
+        names = self.targets if targets is None else list(targets)
+        unknown = [n for n in names if not self.manifest.has_target(n)]
+        if unknown:
+            raise HdistillError(f"{self.path}: no target {', '.join(unknown)} in the store (it holds "
+                                f"{', '.join(self.targets)})")
+        lanes = lanes or default_lanes(batch_size)
+        if batch_size % lanes or lanes % world_size:
+            raise HdistillError(f"lanes {lanes} must divide the batch size {batch_size}, and the {world_size} ranks "
+                                "must divide the lanes (each rank reads whole lanes)")
+        stream = StoreStream(self.path, self.manifest, [self.manifest.target(n) for n in names],
+                             check_mask(self.manifest, mask), seed, lanes, batch_size, buffer_mb, rank, world_size,
+                             self.reader, retry)
+        return StoreLoader(stream, workers, device)
+
+
+def open_store(path: str, reader: str | None = None) -> Store:
+    """A complete store (a local folder or an s3://, gs://, http(s):// URL) opened for reading."""
+    return Store(path, reader)
