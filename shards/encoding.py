@@ -7,7 +7,8 @@
     bf16  float16 with the mantissa rounded to 7 bits (round half to even, numcodecs BitRound);
           applied by the zarr writer as a filter, so the stored and decoded arrays are float16
 
-Encoding runs on the teachers' device, batched; decoding is numpy, per sample.
+Encoding runs on the teachers' device, batched; decoding is numpy per sample (`decode`), or torch per batch
+on the training device (`decode_batch`: int8 crosses the bus as int8).
 """
 from __future__ import annotations
 
@@ -45,3 +46,9 @@ def _check_finite(spec: TargetSpec, stored: torch.Tensor, who):
     if bad.any():
         raise HdistillError(f"non-finite {spec.name} in float16 for {who(torch.nonzero(bad).flatten().tolist())}: "
                             "the teacher's values overflow float16 or are NaN; check the teacher weights")
+
+
+def decode_batch(targets: dict[str, torch.Tensor], scales: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A batch's stored targets -> values, on the tensors' device: an int8 target (one with a scale) times its
+    float16 row scale, in float32; the others as they are."""
+    return {name: t.float() * scales[name].float()[..., None] if name in scales else t for name, t in targets.items()}

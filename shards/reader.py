@@ -1,7 +1,7 @@
 """Reading a store: the samples of a shard from its webdataset tar or from its zarr region.
 
 Both forms give the same samples in the same order (store order within the shard), with every
-array checked against the manifest's shapes and dtypes and targets decoded from their encoding.
+array checked against the manifest's shapes and dtypes; targets decode from their encoding on request.
 A tar shard is loaded whole (a memory map of a local file, one stream of ranged GETs for an object),
 checked against the crc32c its commit recorded, indexed by one pass over its headers, and its arrays
 are numpy views into it: nothing is parsed or copied per sample. Errors name the shard's file or zarr
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ import numpy as np
 from hdistill.common.errors import HdistillError
 from hdistill.common.specs import ViewRecord, sample_key
 from hdistill.common.storage import Location, as_location
+from hdistill.common.targets import TargetSpec
 
 from . import tarindex
 from .encoding import decode
@@ -31,9 +33,10 @@ ZARR_BLOCK = 64   # slots read at a time from a zarr region: bounds a reader's m
 
 @dataclass
 class Sample:
-    """One stored sample, decoded: the mask, the pixels and the chosen targets (by target name).
+    """One stored sample: the mask, the pixels and the chosen targets' stored arrays.
 
-    stage uint8 [N]; keep int16 [n]; pixels uint8 [n, P, P, 3]; targets: float16, or float32 for int8.
+    stage uint8 [N]; keep int16 [n]; pixels uint8 [n, P, P, 3]; stored: array name -> the target arrays as
+    stored (an int8 target and its scale.<name>); `targets` decodes them (float16, or float32 for int8).
     From a tar shard the arrays are read-only views into the loaded shard.
     """
 
@@ -41,8 +44,13 @@ class Sample:
     stage: np.ndarray
     keep: np.ndarray
     pixels: np.ndarray
-    targets: dict[str, np.ndarray] = field(default_factory=dict)
+    specs: list[TargetSpec] = field(default_factory=list)
+    stored: dict[str, np.ndarray] = field(default_factory=dict)
     view_json: bytes | None = None      # the webdataset json entry; None from zarr
+
+    @cached_property
+    def targets(self) -> dict[str, np.ndarray]:
+        return {spec.name: decode(spec, self.stored) for spec in self.specs}
 
     @property
     def record(self) -> ViewRecord | None:
@@ -140,8 +148,8 @@ class StoreReader:
         if not checked:
             for name, a in arrays.items():
                 self._check(where, key, name, a)
-        targets = {spec.name: decode(spec, arrays) for spec in self.specs}
-        return Sample(key, arrays["stage"], arrays["keep"], arrays["pixels"], targets, view_json)
+        stored = {name: a for name, a in arrays.items() if name not in ("stage", "keep", "pixels")}
+        return Sample(key, arrays["stage"], arrays["keep"], arrays["pixels"], self.specs, stored, view_json)
 
 
 def _npy_header(shape, dtype) -> bytes:

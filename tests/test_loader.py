@@ -97,5 +97,14 @@ def test_the_loader_resumes_exactly_from_its_state(store):
     halves = [opened.loader(batch_size=4, seed=3, lanes=2, rank=r, world_size=2, buffer_mb=0.02) for r in (0, 1)]
     joined = [a + b for a, b in zip(*([keys(b) for b in h] for h in halves))]
     assert joined == whole[:3]
+    # int8 targets leave the loader process as int8 with their float16 row scales; the batch holds their values
+    fresh = opened.loader(batch_size=4, seed=3, lanes=2, buffer_mb=0.02)
+    fresh.stream.set_epoch(0)
+    piece = next(iter(fresh.stream))["samples"]                  # lane 0's share of the first global batch
+    assert piece["targets"]["rel.mae.b1"].dtype == torch.int8 and piece["scales"]["rel.mae.b1"].shape == (2, 4, 1 + 7)
+    batch = next(iter(fresh))
+    assert batch["targets"]["rel.mae.b1"].dtype == torch.float32 and "scales" not in batch
+    torch.testing.assert_close(batch["targets"]["rel.mae.b1"][:2], piece["targets"]["rel.mae.b1"].float()
+                               * piece["scales"]["rel.mae.b1"].float()[..., None], rtol=0, atol=0)
     with pytest.raises(HdistillError, match="no target feat.dino"):
         opened.loader(batch_size=4, targets=["feat.dino"])

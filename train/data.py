@@ -152,22 +152,26 @@ class StoreStream(torch.utils.data.IterableDataset):
         B, n, P = len(samples), self.n_keep if self.mask != "none" else self.layout.num_patches, self.layout.patch_size
         pixels = np.empty((B, n, P, P, 3), np.uint8)
         keep = np.empty((B, n), np.int64)
-        targets = {t.name: np.empty((B, *token_shape(t, 1 + n)), samples[0].targets[t.name].dtype) for t in self.targets}
+        stored_arrays = [(name, t.kind == "rel") for t in self.targets for name in t.arrays()]   # target, int8 scale
+        arrays = {name: np.empty((B, *token_shape(shape, pairs, 1 + n)), dtype) for t in self.targets
+                  for name, (shape, dtype) in t.arrays().items() for pairs in [t.kind == "rel"]}
         for i, stored in enumerate(samples):
             if self.full:                          # choose the patches, then gather those rows (and columns)
                 sel = select_patches(self.mask, stored.stage, stored.key, self.seed, self.epoch, self.n_keep)
                 tokens = np.concatenate([[0], sel + 1])                         # [1+n]
                 np.take(stored.pixels, sel, axis=0, out=pixels[i])
                 keep[i] = stored.keep[sel]
-                for t in self.targets:
-                    targets[t.name][i] = select_tokens(t, stored.targets[t.name], tokens)
+                for name, pairs in stored_arrays:
+                    arrays[name][i] = select_tokens(stored.stored[name], tokens, pairs)
             else:                                  # a kept store holds exactly the student's tokens: plain copies
                 pixels[i] = stored.pixels
                 keep[i] = stored.keep
-                for t in self.targets:
-                    targets[t.name][i] = stored.targets[t.name]
+                for name, a in arrays.items():
+                    a[i] = stored.stored[name]
+        scales = {name.removeprefix("scale."): torch.from_numpy(a) for name, a in arrays.items()
+                  if name.startswith("scale.")}
         return {"count": B, "pixels": torch.from_numpy(pixels), "keep": torch.from_numpy(keep),
-                "targets": {name: torch.from_numpy(a) for name, a in targets.items()}}
+                "targets": {t.name: torch.from_numpy(arrays[t.name]) for t in self.targets}, "scales": scales}
 
     def set_epoch(self, epoch: int, start: int = 0):
         self.epoch, self.start = epoch, start
@@ -260,16 +264,22 @@ class AllSamples(torch.utils.data.IterableDataset):
             yield {"error": str(err)}
 
 
-def select_tokens(target: TargetSpec, values, tokens):
-    """A target's values over the chosen tokens: rows ([T, D]), or rows and columns of relations ([H, T, T])."""
-    if target.kind == "rel":
-        return values[:, tokens][:, :, tokens]
-    return values[tokens]
+def select_tokens(values: np.ndarray, tokens: np.ndarray, pairs: bool) -> np.ndarray:
+    """A stored array over the chosen tokens: rows ([T, D], a scale [T]), or for relations (`pairs`) rows and
+    columns ([H, T, T]; their scale [H, T]: rows)."""
+    if not pairs:
+        return values[tokens]
+    return values[:, tokens][:, :, tokens] if values.ndim == 3 else values[:, tokens]
 
 
-def token_shape(target: TargetSpec, tokens: int) -> tuple[int, ...]:
-    """A target's per-sample shape over `tokens` tokens."""
-    return (target.shape[0], tokens, tokens) if target.kind == "rel" else (tokens, target.shape[-1])
+def token_shape(stored: tuple[int, ...], pairs: bool, tokens: int) -> tuple[int, ...]:
+    """A stored array's per-sample shape (a target's or its scale's) over `tokens` tokens."""
+    shape = list(stored)
+    if pairs:
+        shape[1:3] = [tokens] * len(shape[1:3])          # relations [H, T, T], their scale [H, T]
+    else:
+        shape[0] = tokens                                # [T, D], its scale [T]
+    return tuple(shape)
 
 
 def select_patches(mask: str, stage: np.ndarray, key: str, seed: int, epoch: int, n_keep: int) -> np.ndarray:

@@ -20,6 +20,7 @@ import torch
 from hdistill.common.errors import HdistillError
 from hdistill.common.processes import loader_worker_init, start_workers
 from hdistill.common.storage import Retry
+from hdistill.shards.encoding import decode_batch
 from hdistill.shards.manifest import Manifest
 
 from .data import StoreStream, check_mask, concat, default_lanes, default_reader, epoch_samples, open_store as _manifest
@@ -66,18 +67,27 @@ class StoreLoader:
             while len(pending.get(self.batch, ())) == len(lanes):
                 parts = pending.pop(self.batch)
                 self.batch += 1
-                yield _to(concat([parts[lane] for lane in lanes]), self.device)
+                yield decoded(to_device(concat([parts[lane] for lane in lanes]), self.device))
         self.epoch, self.batch = self.epoch + 1, 0
 
 
-def _to(batch, device: str):
+def decoded(batch: dict) -> dict:
+    """int8 targets decoded where the batch now is (on the device: int8 crossed the bus), the scales dropped."""
+    if "scales" not in batch:
+        return batch
+    out = {k: v for k, v in batch.items() if k != "scales"}
+    out["targets"] = decode_batch(batch["targets"], batch["scales"])
+    return out
+
+
+def to_device(batch, device: str):
     """Every tensor of a batch (dicts nested) on `device`, copied without waiting (from pinned memory on CUDA)."""
     if device == "cpu":
         return batch
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
-        return {key: _to(value, device) for key, value in batch.items()}
+        return {key: to_device(value, device) for key, value in batch.items()}
     return batch
 
 

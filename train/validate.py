@@ -17,6 +17,7 @@ from hdistill.common.targets import TargetSpec
 from hdistill.shards.manifest import Manifest
 
 from .data import AllSamples, check_mask, open_store
+from .loader import decoded, to_device
 from .dist import DistInfo, sum_over_ranks
 
 
@@ -60,9 +61,9 @@ def evaluate(model: torch.nn.Module, keys: list[str], stream: AllSamples, batch_
         for batch in loader:
             if "error" in batch:
                 raise HdistillError(batch["error"])
-            to = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+            batch = decoded(to_device(batch, device))
             with autocast:
-                terms = model(to(batch["pixels"]), to(batch["keep"]), {n: to(t) for n, t in batch["targets"].items()})
+                terms = model(batch["pixels"], batch["keep"], batch["targets"])
             for key in keys:                          # each term is a mean over its batch's samples
                 sums[key] += terms[key].item() * batch["count"]
             count += batch["count"]
