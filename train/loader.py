@@ -46,29 +46,66 @@ class StoreLoader:
         self.epoch, self.batch = state["epoch"], state["batch"]
 
     def __iter__(self) -> Iterator[dict]:
-        """The rest of the current epoch; the position then moves to the start of the next one."""
+        """The rest of the current epoch; the position then moves to the start of the next one. On CUDA the next
+        batch is copied to the device on a side stream while the current one is used (as timm's PrefetchLoader)."""
         stream = self.stream
         stream.set_epoch(self.epoch, self.batch)
         if stream.plan().steps == 0:
             raise HdistillError(f"epoch {self.epoch} holds {epoch_samples(stream.manifest, self.epoch)} samples: too "
                                 f"few for one global batch of {stream.batch_size}")
+        batches = self._joined(self.batch)
+        for index, batch in _prefetched(batches, self.device) if self.device.startswith("cuda") else \
+                ((i, decoded(to_device(b, self.device))) for i, b in batches):
+            self.batch = index + 1                  # the position counts what the caller was given
+            yield batch
+        self.epoch, self.batch = self.epoch + 1, 0
+
+    def _joined(self, start: int) -> Iterator[tuple[int, dict]]:
+        """(batch index, this rank's pieces of that global batch joined in lane order) from batch `start` on."""
+        stream = self.stream
         lanes = stream.my_lanes()
-        cuda = self.device.startswith("cuda")
         # its own generator: making the iterator draws a seed, which must not shift the global RNG that a student's
         # stochastic depth uses (a resume makes the iterator at another point of the RNG stream)
         loader = torch.utils.data.DataLoader(
-            stream, batch_size=None, num_workers=min(self.workers, len(lanes)), pin_memory=cuda,
+            stream, batch_size=None, num_workers=min(self.workers, len(lanes)), pin_memory=self.device.startswith("cuda"),
             worker_init_fn=loader_worker_init, generator=torch.Generator().manual_seed(stream.seed * 100_003 + self.epoch))
         pending: dict[int, dict[int, dict]] = {}
+        index = start
         for piece in start_workers(loader):
             if "error" in piece:
                 raise HdistillError(piece["error"])
             pending.setdefault(piece["batch"], {})[piece["lane"]] = piece["samples"]
-            while len(pending.get(self.batch, ())) == len(lanes):
-                parts = pending.pop(self.batch)
-                self.batch += 1
-                yield decoded(to_device(concat([parts[lane] for lane in lanes]), self.device))
-        self.epoch, self.batch = self.epoch + 1, 0
+            while len(pending.get(index, ())) == len(lanes):
+                parts = pending.pop(index)
+                yield index, concat([parts[lane] for lane in lanes])
+                index += 1
+
+
+def _prefetched(batches: Iterator[tuple[int, dict]], device: str) -> Iterator[tuple[int, dict]]:
+    """Batches moved to a CUDA device one ahead, on a side stream; each is handed over once the compute stream
+    waits for its copy."""
+    side = torch.cuda.Stream(device)
+    ahead = None
+    for index, batch in batches:
+        with torch.cuda.stream(side):
+            moved = decoded(to_device(batch, device))
+        if ahead is not None:
+            yield ahead
+        current = torch.cuda.current_stream(device)
+        current.wait_stream(side)
+        for t in _tensors(moved):
+            t.record_stream(current)          # allocated on the side stream, used on the compute stream
+        ahead = index, moved
+    if ahead is not None:
+        yield ahead
+
+
+def _tensors(batch) -> Iterator[torch.Tensor]:
+    if isinstance(batch, torch.Tensor):
+        yield batch
+    elif isinstance(batch, dict):
+        for value in batch.values():
+            yield from _tensors(value)
 
 
 def decoded(batch: dict) -> dict:
