@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loader import loader_rate  # noqa: E402  (benchmarks/loader.py)
 from precompute import teachers_only  # noqa: E402
+from train import rate, sync  # noqa: E402  (benchmarks/train.py)
 
 from hdistill.online import LiveTargets  # noqa: E402
 from hdistill.precompute.run import PrecomputeConfig, Runtime, build_teachers, run_precompute  # noqa: E402
@@ -42,23 +43,6 @@ TINY_VIT = {"depth": 3, "embed_dim": 32, "num_heads": 2}
 SMOKE = dict(images=16, batch=4, steps=2, workers=[0, 1], resume_steps=8, image_size=32,
              teachers={"mae": {**TINY_VIT, "depth": 4}, "clip": TINY_VIT},
              students={"tiny": ("vit_base_patch16_224", TINY_VIT)})
-
-
-def sync(device: str):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def rate(fn, device: str, steps: int, warmup: int = 2) -> float:
-    """Calls per second of fn, after `warmup` calls, timed between device syncs."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    sync(device)
-    return steps / (time.perf_counter() - start)
 
 
 def make_store(tmp: str, size: dict, device: str, precision: str) -> str:
@@ -82,7 +66,7 @@ def student_rows(store: str, size: dict, device: str, out: str) -> list[tuple[st
             trainer = Trainer(cfg, f"{out}/{label}-{compiled}", TrainRuntime(device=device, progress=False,
                                                                               compile=compiled))
             batch = next(trainer.batches())
-            steps = rate(lambda: trainer.train_step(batch), device, size["steps"], warmup=3 if compiled else 2)
+            steps = rate(lambda: trainer.train_step(batch), device, 3 if compiled else 2, size["steps"])
             rows.append((f"student {label} {'compile' if compiled else 'eager'} {trainer.precision}",
                          f"{steps * size['batch']:.0f} samples/s"))
     return rows
@@ -115,7 +99,7 @@ def online_rows(store: str, size: dict, device: str, out: str) -> list[tuple[str
     for label, source in (("offline", None), ("online", LiveTargets)):
         trainer = Trainer(cfg, f"{out}/{label}", TrainRuntime(device=device, progress=False), source=source)
         batches = trainer.batches()
-        figures[label] = rate(lambda: trainer.train_step(next(batches)), device, size["steps"]) * size["batch"]
+        figures[label] = rate(lambda: trainer.train_step(next(batches)), device, 2, size["steps"]) * size["batch"]
     return [("offline student (stored targets)", f"{figures['offline']:.0f} samples/s"),
             ("online student (live teachers)", f"{figures['online']:.0f} samples/s "
                                                f"(offline is {figures['offline'] / figures['online']:.1f}x)")]

@@ -44,6 +44,15 @@ def load_views(limit: int, device: str) -> torch.Tensor:
                         for f in files]).to(device)
 
 
+def real_teacher_and_views(images: int, device: str):
+    """The real ViT-S/14 as the mae teacher, and view 0 of the first `images` real ImageNet images."""
+    from hdistill.precompute.teachers import WeightSource, build_teacher
+    if not WEIGHTS.exists():
+        raise SystemExit(f"needs the real ViT-S/14 at {WEIGHTS}")
+    teacher = build_teacher("mae", WeightSource("file", path=str(WEIGHTS)), 224, "vit_small_patch14_dinov2")
+    return teacher.to(device), load_views(images, device)
+
+
 def kept_sets(teacher, pixels, mask, precision, batch) -> list[set[int]]:
     out = []
     for i in range(0, len(pixels), batch):
@@ -72,8 +81,6 @@ def time_targets(teacher, pixels, specs, mask, precision, repeats) -> float:
 
 
 def main():
-    from hdistill.precompute.teachers import WeightSource, build_teacher
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=100)
     ap.add_argument("--ratio", type=float, default=0.3)
@@ -82,10 +89,7 @@ def main():
     ap.add_argument("--batch", type=int, default=25, help="views per teacher forward")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    if not WEIGHTS.exists():
-        raise SystemExit(f"needs the real ViT-S/14 at {WEIGHTS}")
-    teacher = build_teacher("mae", WeightSource("file", path=str(WEIGHTS)), 224, "vit_small_patch14_dinov2").to(args.device)
-    pixels = load_views(args.images, args.device)
+    teacher, pixels = real_teacher_and_views(args.images, args.device)
     masks = {label: plan_mask({"mae": teacher}, args.ratio, **options) for label, options in RULES.items()}
     counts = masks["normalized/full"].kept_counts(teacher.info.grid.num_patches)
     print(f"mask rules: real ViT-S/14, {len(pixels)} ImageNet views, K={args.ratio}, blocks "

@@ -17,7 +17,7 @@ import torch
 from hdistill.common.targets import parse_targets
 from hdistill.precompute.targets import compute_targets, plan_mask, plan_targets
 
-from mask_rules import WEIGHTS, jaccard, load_views
+from mask_rules import jaccard, real_teacher_and_views
 
 TARGETS = ["mae:feat", "mae:feat@8", "mae:rel@9,10", "mae:msa@9"]
 
@@ -28,17 +28,12 @@ def relative(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
 
 
 def main():
-    from hdistill.precompute.teachers import WeightSource, build_teacher
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=100)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", type=int, default=25)
     args = ap.parse_args()
-    if not WEIGHTS.exists():
-        raise SystemExit(f"needs the real ViT-S/14 at {WEIGHTS}")
-    teacher = build_teacher("mae", WeightSource("file", path=str(WEIGHTS)), 224, "vit_small_patch14_dinov2").to(args.device)
-    pixels = load_views(args.images, args.device)
+    teacher, pixels = real_teacher_and_views(args.images, args.device)
     specs = plan_targets({"mae": teacher}, parse_targets(TARGETS), 1 + teacher.info.grid.num_patches)
     mask = plan_mask({"mae": teacher})
     runs = {p: [compute_targets({"mae": teacher}, pixels[i:i + args.batch], specs, mask, p)
