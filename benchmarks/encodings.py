@@ -31,6 +31,7 @@ from hdistill.precompute.targets import compute_targets, plan_mask, plan_targets
 from hdistill.shards.encoding import BF16_KEEPBITS, decode, encode
 from hdistill.train.data import AllSamples, StoreStream
 from hdistill.train.run import TrainConfig, Trainer, TrainRuntime
+from hdistill.train.validate import evaluate
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 WEIGHTS = ASSETS / "vit_small_patch14_dinov2.imgfocus_fp16.safetensors"
@@ -95,19 +96,10 @@ def make_store(args, device, out, encodings, formats, images: slice):
     return run_precompute(cfg, out, Runtime(device=device, workers=0, progress=False))
 
 
-@torch.no_grad()
 def held_out_loss(trainer: Trainer, store: str, manifest) -> float:
     """Mean loss of the trained student and projection over every sample of the held-out store."""
-    batches = list(AllSamples(StoreStream(store, manifest, [t.target for t in trainer.terms], "progressive", seed=0),
-                              batch_size=16))
-    trainer.model.eval()
-    dev = trainer.rt.device
-    total = 0.0
-    for b in batches:
-        terms = trainer.model(b["pixels"].to(dev), b["keep"].to(dev), {n: t.to(dev) for n, t in b["targets"].items()})
-        total += terms["loss"].item() * b["count"]
-    trainer.model.train()
-    return total / manifest.samples
+    samples = AllSamples(StoreStream(store, manifest, [t.target for t in trainer.terms], "progressive", seed=0), 16)
+    return evaluate(trainer.model, ["loss"], samples, 0, trainer.rt.device, trainer.autocast(), trainer.dist)["val/loss"]
 
 
 def training(args, device, tmp):

@@ -33,7 +33,8 @@ class _Stages:
 
     def __init__(self, spec: MaskSpec, batch: int, num_patches: int, device):
         self.spec = spec
-        self.drops = [a - b for a, b in zip(spec.kept_counts(num_patches), spec.kept_counts(num_patches)[1:])]
+        counts = spec.kept_counts(num_patches)
+        self.drops = [a - b for a, b in zip(counts, counts[1:])]          # patches each stage drops
         self.keep_idx = torch.arange(num_patches, device=device).expand(batch, -1)
         self.stage = torch.zeros(batch, num_patches, dtype=torch.uint8, device=device)
 

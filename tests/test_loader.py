@@ -108,3 +108,21 @@ def test_the_loader_resumes_exactly_from_its_state(store):
                                * piece["scales"]["rel.mae.b1"].float()[..., None], rtol=0, atol=0)
     with pytest.raises(HdistillError, match="no target feat.dino"):
         opened.loader(batch_size=4, targets=["feat.dino"])
+
+
+def test_a_stream_reads_each_target_as_its_own_store_encodes_it(store):
+    """A run's targets may be encoded otherwise in the store it reads (a held-out store, say): its own encoding wins."""
+    from dataclasses import replace
+
+    from hdistill.train.data import AllSamples, StoreStream
+    from hdistill.train.loader import decoded
+    manifest = hdistill.open_store(str(store)).manifest
+    as_fp16 = [replace(t, encoding="fp16") for t in manifest.targets]            # what another store would hold
+    batch = decoded(next(iter(AllSamples(StoreStream(str(store), manifest, as_fp16, "progressive", seed=0), 12))))
+    plain = wds_samples(store)
+    view0 = [s.key for shard in manifest.view_shards(0) for s in StoreReader(str(store), manifest).read(shard)]
+    assert batch["count"] == len(view0) == 12
+    for i, key in enumerate(view0):
+        want = plain[key]
+        by_hand = want["rel.mae.b1.npy"].astype(np.float32) * want["scale.rel.mae.b1.npy"][..., None].astype(np.float32)
+        np.testing.assert_array_equal(batch["targets"]["rel.mae.b1"][i].numpy(), by_hand)

@@ -144,6 +144,9 @@ class StoreStream(torch.utils.data.IterableDataset):
         self.buffer = max(1, int(buffer_mb * 2 ** 20) // sample_bytes)            # samples per lane
         self.full = manifest.store_mode == "full"
         self.n_keep = manifest.mask.kept_counts(self.layout.num_patches)[-1]
+        # (array name, stored shape, dtype, relation-shaped): every target as this store encodes it, and its int8 scale
+        self.stored = [(name, shape, dtype, t.kind == "rel") for t in self.reader.specs
+                       for name, (shape, dtype) in t.arrays().items()]
         self.epoch, self.start = 0, 0
 
     def collate(self, samples: list[Sample]) -> dict:
@@ -152,16 +155,14 @@ class StoreStream(torch.utils.data.IterableDataset):
         B, n, P = len(samples), self.n_keep if self.mask != "none" else self.layout.num_patches, self.layout.patch_size
         pixels = np.empty((B, n, P, P, 3), np.uint8)
         keep = np.empty((B, n), np.int64)
-        stored_arrays = [(name, t.kind == "rel") for t in self.targets for name in t.arrays()]   # target, int8 scale
-        arrays = {name: np.empty((B, *token_shape(shape, pairs, 1 + n)), dtype) for t in self.targets
-                  for name, (shape, dtype) in t.arrays().items() for pairs in [t.kind == "rel"]}
+        arrays = {name: np.empty((B, *token_shape(shape, pairs, 1 + n)), dtype) for name, shape, dtype, pairs in self.stored}
         for i, stored in enumerate(samples):
             if self.full:                          # choose the patches, then gather those rows (and columns)
                 sel = select_patches(self.mask, stored.stage, stored.key, self.seed, self.epoch, self.n_keep)
                 tokens = np.concatenate([[0], sel + 1])                         # [1+n]
                 np.take(stored.pixels, sel, axis=0, out=pixels[i])
                 keep[i] = stored.keep[sel]
-                for name, pairs in stored_arrays:
+                for name, _shape, _dtype, pairs in self.stored:
                     arrays[name][i] = select_tokens(stored.stored[name], tokens, pairs)
             else:                                  # a kept store holds exactly the student's tokens: plain copies
                 pixels[i] = stored.pixels
@@ -294,6 +295,13 @@ def select_patches(mask: str, stage: np.ndarray, key: str, seed: int, epoch: int
 
 def epoch_samples(manifest: Manifest, epoch: int) -> int:
     return sum(s.samples for s in manifest.view_shards(epoch % manifest.layout.views))
+
+
+def check_lanes(lanes: int, batch_size: int, world_size: int):
+    if batch_size % lanes or lanes % world_size:
+        raise HdistillError(f"--lanes {lanes} must divide --batch-size {batch_size}, and the {world_size} ranks must "
+                            "divide the lanes (each rank reads whole lanes); give --lanes a multiple of the rank count "
+                            "that divides the batch")
 
 
 def default_lanes(batch_size: int) -> int:

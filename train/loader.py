@@ -23,7 +23,8 @@ from hdistill.common.storage import Retry
 from hdistill.shards.encoding import decode_batch
 from hdistill.shards.manifest import Manifest
 
-from .data import StoreStream, check_mask, concat, default_lanes, default_reader, epoch_samples, open_store as _manifest
+from .data import (StoreStream, check_lanes, check_mask, concat, default_lanes, default_reader, epoch_samples,
+                   open_store as _manifest)
 
 
 class StoreLoader:
@@ -150,9 +151,7 @@ class Store:
             raise HdistillError(f"{self.path}: no target {', '.join(unknown)} in the store (it holds "
                                 f"{', '.join(self.targets)})")
         lanes = lanes or default_lanes(batch_size)
-        if batch_size % lanes or lanes % world_size:
-            raise HdistillError(f"lanes {lanes} must divide the batch size {batch_size}, and the {world_size} ranks "
-                                "must divide the lanes (each rank reads whole lanes)")
+        check_lanes(lanes, batch_size, world_size)
         stream = StoreStream(self.path, self.manifest, [self.manifest.target(n) for n in names],
                              check_mask(self.manifest, mask), seed, lanes, batch_size, buffer_mb, rank, world_size,
                              self.reader, retry)

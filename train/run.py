@@ -33,7 +33,7 @@ from hdistill.common.specs import TokenGrid, check_same_grid
 from hdistill.common.storage import Retry
 from hdistill.shards.manifest import Manifest
 
-from .data import (AllSamples, StoreStream, check_mask, default_lanes, default_reader,
+from .data import (AllSamples, StoreStream, check_lanes, check_mask, default_lanes, default_reader,
                    epoch_samples, open_store, steps_per_epoch)
 from .dist import barrier, gather_objects, init_distributed, mean_over_ranks
 from .loader import StoreLoader
@@ -180,10 +180,7 @@ class Trainer:
         self.dist, device = init_distributed(rt.device)
         self.rt = rt = replace(rt, device=device, progress=rt.progress and self.dist.main)
         self.lanes = cfg.lanes or default_lanes(cfg.batch_size)
-        if cfg.batch_size % self.lanes or self.lanes % self.dist.world_size:
-            raise HdistillError(f"--lanes {self.lanes} must divide --batch-size {cfg.batch_size}, and the "
-                                f"{self.dist.world_size} ranks must divide the lanes (each rank reads whole lanes); "
-                                "give --lanes a multiple of the rank count that divides the batch")
+        check_lanes(self.lanes, cfg.batch_size, self.dist.world_size)
         self.local_batch = cfg.batch_size // self.dist.world_size
         self.manifest = open_store(cfg.shards, cfg.reader)
         self.reader = cfg.reader or default_reader(self.manifest)
@@ -236,7 +233,7 @@ class Trainer:
                                                        [t.target for t in self.terms], self.mask)
             self.val = AllSamples(StoreStream(cfg.val_shards, val_manifest, val_targets, self.mask, cfg.seed,
                                               rank=self.dist.rank, world_size=self.dist.world_size,
-                                              reader=default_reader(val_manifest), retry=rt.retry))
+                                              reader=default_reader(val_manifest), retry=rt.retry), self.local_batch)
             self.stores["val_shards"] = val_manifest.digest()
         self.step, self.epoch, self.epoch_batches = 0, 0, 0
         self.lock, self.opened, self.resumed, self.stop = None, False, False, StopRequest()
@@ -375,18 +372,16 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """The loss on the held-out store (no gradient, no stochastic depth): {"step", "val/loss", ...}."""
         keys = ["loss", *(t.key for t in self.terms)]
-        return {"step": self.step, **evaluate(self.model, keys, self.val, self.local_batch, self.cfg.workers,
+        return {"step": self.step, **evaluate(self.model, keys, self.val, self.cfg.workers,
                                               self.rt.device, self.autocast(), self.dist)}
 
     def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
         """One step, enqueued without waiting on the device: finite-ness is recorded (StepHealth) and checked at the
         next log or checkpoint step, and a non-finite gradient is never applied (the fused AdamW skips it on the
         device, as it does under a GradScaler)."""
-        dev = self.rt.device
-        to = lambda t: t.to(dev, non_blocking=True)  # noqa: E731
-        targets = {n: to(t) for n, t in batch["targets"].items()}
+        targets = batch["targets"]                            # on the device already (StoreLoader, or the source)
         with self.autocast():
-            terms = self.ddp(to(batch["pixels"]), to(batch["keep"]), targets)
+            terms = self.ddp(batch["pixels"], batch["keep"], targets)
         self.health.record(self.step + 1, terms["loss"], targets)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(terms["loss"]).backward()          # fp16: scaled against underflow; else as is
@@ -471,7 +466,7 @@ class Trainer:
                 bar.update(1)
                 logged = self.step % self.rt.log_every == 0 or self.step == self.steps
                 if logged or self.step == first_step:           # one reduction serves both
-                    self.health.check()
+                    self.health.check(self.step)
                     losses = mean_over_ranks(terms, self.dist)
                 if self.step == first_step:
                     self._describe_terms(losses)
@@ -495,7 +490,7 @@ class Trainer:
                     self._log_line(f"val/loss {record['val/loss']:.4f}")
                 stop = self.stop_requested() and self.step < self.steps
                 if stop or self.step % self.rt.checkpoint_every == 0 or self.step == self.steps:
-                    self.health.check()                          # nothing non-finite is ever checkpointed
+                    self.health.check(self.step)                 # nothing non-finite is ever checkpointed
                     self.save()
                 if stop:
                     raise Stopped(f"train: {self.stop.name or 'a stop request'} at step {self.step} of "
@@ -525,12 +520,17 @@ class StepHealth:
     def __init__(self, targets: list[str], device: str, dist):
         self.names, self.dist = ["loss", *targets], dist
         self.first_bad = torch.full((len(self.names),), self.NONE, dtype=torch.int64, device=device)
+        self.checked_at = None
 
     def record(self, step: int, loss: torch.Tensor, targets: dict[str, torch.Tensor]):
         finite = torch.stack([torch.isfinite(loss)] + [torch.isfinite(targets[n]).all() for n in self.names[1:]])
         self.first_bad = torch.where(finite, self.first_bad, self.first_bad.clamp(max=step))
 
-    def check(self):
+    def check(self, step: int):
+        """At `step` (a second call at the same step costs nothing)."""
+        if step == self.checked_at:
+            return
+        self.checked_at = step
         first = self.first_bad.clone()
         if self.dist.world_size > 1:
             torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)

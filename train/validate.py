@@ -47,10 +47,9 @@ def open_val_store(path: str, train_path: str, train: Manifest, targets: list[Ta
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, keys: list[str], stream: AllSamples, batch_size: int, workers: int,
+def evaluate(model: torch.nn.Module, keys: list[str], stream: AllSamples, workers: int,
              device: str, autocast: AbstractContextManager, dist: DistInfo) -> dict[str, float]:
     """{"val/<key>": mean over every sample of the held-out store} for the loss terms `keys` ("loss", ...)."""
-    stream.batch_size = batch_size
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
                                          generator=torch.Generator().manual_seed(0))
     sums = dict.fromkeys(keys, 0.0)
