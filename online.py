@@ -43,12 +43,13 @@ class LiveViews(StoreStream):
         super().__init__(store, manifest, targets, mask, seed, lanes, batch_size, buffer_mb, rank, world_size,
                          manifest.formats[0])
         self.images, self.fresh = images, fresh
+        self.load_ahead = False                  # the views come from the images, not from the store's shards
         self.view_seed = manifest.config["seed"]
         self.skipped = {(s["image_id"], s["view"]) for s in manifest.skipped}
 
     collate = staticmethod(collate_views)
 
-    def _read(self, shard, offsets):
+    def _read(self, shard, offsets, loading=None):
         """The views at `offsets` of a shard: its positions less the inputs precompute could not read."""
         refs = [self.images[int(self.layout.order[p])] for p in self.layout.positions(shard.index)]
         refs = [ref for ref in refs if (ref.image_id, shard.view) not in self.skipped]

@@ -24,6 +24,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import google_crc32c
+
 from .atomic import atomic_open, write_error
 from .errors import HdistillError
 
@@ -32,6 +34,7 @@ BACKENDS = {"s3": ("s3fs", "cloud"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "g
             "http": ("aiohttp", "cloud"), "https": ("aiohttp", "cloud")}
 READ_ONLY = ("http", "https")
 STREAM_BLOCK = 16 * 2 ** 20     # bytes per ranged read when streaming an object (a tar shard) from start to end
+CRC_BLOCK = 2 ** 20             # bytes per checksum update: google-crc32c releases the GIL from 1 MiB of bytes up
 
 
 def is_url(path) -> bool:
@@ -271,16 +274,27 @@ class Location:
         """A binary file object for reading from start to end (remote: ranged reads of STREAM_BLOCK bytes)."""
         return open_file(self.url_of(name))
 
-    def load(self, name: str):
-        """A whole file as a read-only buffer: a memory map of a local file (its pages stay in the page cache, nothing
-        is copied), the bytes of an object read in STREAM_BLOCK ranged GETs. FileNotFoundError passes through."""
+    def load(self, name: str, checksum: bool = True) -> tuple[bytes | mmap.mmap, str | None]:
+        """A whole file as a read-only buffer, and the CRC32C of what was read (8 hex digits; None without
+        `checksum`). A local file is a memory map (its pages stay in the page cache, nothing is kept twice); its
+        checksum reads the same open file in CRC_BLOCK preads, so neither the reads nor the checksum hold the GIL
+        (a loader can load the next shard on a thread while it gathers this one). An object is the bytes of
+        STREAM_BLOCK ranged GETs, checksummed block by block. FileNotFoundError passes through."""
+        crc = 0
         if not self.remote:
-            with open(self.url_of(name), "rb") as f:
-                if os.fstat(f.fileno()).st_size == 0:
-                    return b""
-                return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        with self.open(name) as f:
-            return f.read()
+            with open(self.url_of(name), "rb", buffering=0) as f:
+                size = os.fstat(f.fileno()).st_size
+                for start in range(0, size if checksum else 0, CRC_BLOCK):
+                    crc = google_crc32c.extend(crc, os.pread(f.fileno(), CRC_BLOCK, start))
+                buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+        else:
+            blocks = []
+            with self.open(name) as f:
+                while block := f.read(STREAM_BLOCK):
+                    crc = google_crc32c.extend(crc, block) if checksum else 0
+                    blocks.append(block)
+            buf = b"".join(blocks)
+        return buf, f"{crc:08x}" if checksum else None
 
     def isdir(self) -> bool:
         return os.path.isdir(self.url) if not self.remote else self.fs.isdir(self._path())

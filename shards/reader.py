@@ -82,17 +82,28 @@ class StoreReader:
             return self.store.url_of(shard.file)
         return f"{self.store.url_of(ZARR_DIR)} shard {shard.name}"
 
-    def read(self, shard: ShardRecord, offsets: set[int] | None = None) -> Iterator[Sample]:
-        """The shard's samples in store order; only those at `offsets` (0-based within the shard) if given."""
-        return self._read_wds(shard, offsets) if self.fmt == "wds" else self._read_zarr(shard, offsets)
+    def read(self, shard: ShardRecord, offsets: set[int] | None = None, loaded=None) -> Iterator[Sample]:
+        """The shard's samples in store order; only those at `offsets` (0-based within the shard) if given.
+        `loaded`: what `load(shard)` returned, if it was called ahead (on another thread, say)."""
+        if self.fmt == "zarr":
+            return self._read_zarr(shard, offsets)
+        return self._read_wds(shard, offsets, self.load(shard) if loaded is None else loaded)
 
-    def _read_wds(self, shard: ShardRecord, offsets: set[int] | None) -> Iterator[Sample]:
+    def load(self, shard: ShardRecord):
+        """A tar shard's bytes, whole and checked against its crc32c (None for zarr, read per region). Safe to
+        call on another thread: the reads and the checksum run without the GIL."""
+        if self.fmt == "zarr":
+            return None
+        buf, crc = self.store.load(shard.file, checksum=shard.crc32c is not None)
+        if crc != shard.crc32c:
+            raise HdistillError(f"{self.where(shard)}: crc32c {crc} differs from the {shard.crc32c} its commit "
+                                "recorded: the shard was damaged, changed or replaced after the manifest was read; "
+                                "restore it from a copy or make the store again (hdistill verify lists every damaged "
+                                "shard)")
+        return buf
+
+    def _read_wds(self, shard: ShardRecord, offsets: set[int] | None, buf) -> Iterator[Sample]:
         url = self.where(shard)
-        buf = self.store.load(shard.file)
-        if shard.crc32c is not None and (crc := tarindex.crc32c(buf)) != shard.crc32c:
-            raise HdistillError(f"{url}: crc32c {crc} differs from the {shard.crc32c} its commit recorded: the shard "
-                                "was damaged, changed or replaced after the manifest was read; restore it from a copy "
-                                "or make the store again (hdistill verify lists every damaged shard)")
         try:
             index = tarindex.samples(buf)
         except tarindex.TarError as err:

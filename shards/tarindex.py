@@ -1,28 +1,16 @@
-"""A tar shard in memory: its checksum and one pass over its headers, for readers that take views, not copies.
+"""A tar shard in memory: one pass over its headers, for readers that take views, not copies.
 
 `members` walks the 512-byte headers of a ustar/pax archive (what Python's tarfile and webdataset write)
 and returns each regular member's name, data offset and size; `samples` groups them by webdataset's
-rule (key = the name up to the first dot of its last path component). `crc32c` is the Castagnoli CRC
-of a buffer (hardware-accelerated by google-crc32c), the shard checksum the manifest records.
+rule (key = the name up to the first dot of its last path component).
 """
 from __future__ import annotations
 
-import google_crc32c
-
 BLOCK = 512
-CRC_CHUNK = 2 ** 20      # google-crc32c takes bytes: 1 MiB slices of a memory map stay in the CPU cache
 
 
 class TarError(ValueError):
     """The buffer is not a well-formed tar archive (the message says where)."""
-
-
-def crc32c(buf) -> str:
-    """The CRC32C of a bytes-like buffer (bytes or a memory map) as 8 hex digits."""
-    crc = 0
-    for start in range(0, len(buf), CRC_CHUNK):
-        crc = google_crc32c.extend(crc, buf[start:start + CRC_CHUNK])      # a slice of bytes or a map is bytes
-    return f"{crc:08x}"
 
 
 def _number(field: bytes, where: int) -> int:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 import random
 import zlib
 
@@ -128,7 +130,9 @@ class StoreStream(torch.utils.data.IterableDataset):
     give the same samples in the same order. A resume starts at batch `start` without reading what the
     lanes had emitted: only the shards holding what they still had to emit are opened. A read that
     fails transiently (a dropped connection to object storage) is reopened where it stopped, as `retry`
-    says; then the run stops naming the shard: no sample is skipped, the order never changes.
+    says; then the run stops naming the shard: no sample is skipped, the order never changes. Each lane's
+    next tar shard is loaded and checked on a thread while its current one is gathered, so a lane holds at
+    most two shards.
     """
 
     def __init__(self, store: str, manifest: Manifest, targets: list[TargetSpec], mask: str, seed: int,
@@ -147,6 +151,7 @@ class StoreStream(torch.utils.data.IterableDataset):
         # (array name, stored shape, dtype, relation-shaped): every target as this store encodes it, and its int8 scale
         self.stored = [(name, shape, dtype, t.kind == "rel") for t in self.reader.specs
                        for name, (shape, dtype) in t.arrays().items()]
+        self.load_ahead = reader == "wds"         # read and check each lane's next tar shard on a thread
         self.epoch, self.start = 0, 0
 
     def collate(self, samples: list[Sample]) -> dict:
@@ -187,7 +192,8 @@ class StoreStream(torch.utils.data.IterableDataset):
         plan = self.plan()
         info = torch.utils.data.get_worker_info()
         lanes = self.my_lanes()[info.id::info.num_workers] if info else self.my_lanes()
-        streams = {lane: self._lane(plan, lane) for lane in lanes}
+        ahead = ThreadPoolExecutor(1, thread_name_prefix="hdistill-shard") if self.load_ahead else None
+        streams = {lane: self._lane(plan, lane, ahead) for lane in lanes}
         try:
             for b in range(self.start, plan.steps):
                 for lane, stream in streams.items():
@@ -201,28 +207,47 @@ class StoreStream(torch.utils.data.IterableDataset):
                     yield {"batch": b, "lane": lane, "samples": self.collate(samples)}
         except HdistillError as err:
             yield {"error": str(err)}
+        finally:
+            if ahead is not None:
+                ahead.shutdown(wait=False, cancel_futures=True)
 
-    def _lane(self, plan: EpochPlan, lane: int):
+    def _lane(self, plan: EpochPlan, lane: int, ahead: ThreadPoolExecutor | None):
         """The lane's samples in emission order from the start batch, holding at most what the buffer held."""
         order = plan.emission(lane)[self.start * plan.per_lane:]
         if not order:
             return
         held, t = {}, 0
-        for k, offsets in plan.locate(lane, order).items():
-            for offset, sample in zip(sorted(offsets), self._read(plan.shards[k], set(offsets))):
+        located = plan.locate(lane, order)
+        loads = self._loads(ahead, [plan.shards[k] for k in located])
+        for (k, offsets), loaded in zip(located.items(), loads):
+            for offset, sample in zip(sorted(offsets), self._read(plan.shards[k], set(offsets), loaded)):
                 held[offsets[offset]] = sample
                 while t < len(order) and order[t] in held:
                     yield held.pop(order[t])
                     t += 1
 
-    def _read(self, shard, offsets: set[int] | None):
-        """The training samples at `offsets` of a shard (all if None), in offset order; after a transient
-        failure the shard is reopened at the first sample not yet given."""
+    def _loads(self, ahead: ThreadPoolExecutor | None, shards: list) -> Iterator[Future | None]:
+        """For each shard in turn, its load (a Future of the checked bytes) begun on `ahead`'s thread when the
+        shard before it is taken: shard k + 1 is read and checked while shard k is gathered. None: load in place."""
+        if ahead is None or not shards:
+            yield from itertools.repeat(None, len(shards))
+            return
+        following = ahead.submit(self.reader.load, shards[0])
+        for k in range(len(shards)):
+            current = following
+            following = ahead.submit(self.reader.load, shards[k + 1]) if k + 1 < len(shards) else None
+            yield current
+
+    def _read(self, shard, offsets: set[int] | None, loading: Future | None = None):
+        """The training samples at `offsets` of a shard (all if None), in offset order, from `loading` if the
+        shard's load was begun ahead; after a transient failure the shard is reopened at the first sample not
+        yet given."""
         wanted = sorted(offsets) if offsets is not None else range(shard.samples)
         given, attempt = 0, 0
         while True:
             try:
-                for stored in self.reader.read(shard, offsets if given == 0 else set(wanted[given:])):
+                loaded = loading.result() if loading is not None and attempt == 0 else None
+                for stored in self.reader.read(shard, offsets if given == 0 else set(wanted[given:]), loaded):
                     given += 1
                     yield stored
                 return
@@ -251,10 +276,12 @@ class AllSamples(torch.utils.data.IterableDataset):
         s = self.stream
         shards = [r for r in s.manifest.view_shards(0) if r.samples][s.rank::s.world_size]
         info = torch.utils.data.get_worker_info()
+        shards = shards[info.id::info.num_workers] if info else shards
         pending: list[Sample] = []
+        ahead = ThreadPoolExecutor(1, thread_name_prefix="hdistill-shard") if s.load_ahead else None
         try:
-            for shard in shards[info.id::info.num_workers] if info else shards:
-                for stored in s._read(shard, None):
+            for shard, loaded in zip(shards, s._loads(ahead, shards)):
+                for stored in s._read(shard, None, loaded):
                     pending.append(stored)
                     if len(pending) == self.batch_size:
                         yield s.collate(pending)
@@ -263,6 +290,9 @@ class AllSamples(torch.utils.data.IterableDataset):
                 yield s.collate(pending)
         except HdistillError as err:
             yield {"error": str(err)}
+        finally:
+            if ahead is not None:
+                ahead.shutdown(wait=False, cancel_futures=True)
 
 
 def select_tokens(values: np.ndarray, tokens: np.ndarray, pairs: bool) -> np.ndarray:
