@@ -480,6 +480,7 @@ def train(shards, out, student, student_args, drop_path, student_mean, student_s
 def inspect(store):
     """Summarise a store: teachers, target table, mask, views, samples, bytes per view, skipped inputs."""
     from hdistill.shards.format import store_bytes
+    from hdistill.shards.encoding import ENCODINGS
     from hdistill.shards.manifest import read_manifest
 
     m = read_manifest(store)
@@ -495,7 +496,7 @@ def inspect(store):
         click.echo(f"teacher    {t.role:5s} {t.model}  patch {t.patch_size} grid {t.grid.side}x{t.grid.side} "
                    f"width {t.width} depth {t.depth} heads {t.heads}  [{weights}]")
     for t in m.targets:
-        click.echo(f"target     {t.name:18s} {t.tap:14s} {t.dtype}{list(t.shape)} {t.encoding}")
+        click.echo(f"target     {t.name:18s} {t.tap:14s} {ENCODINGS[t.encoding].dtype}{list(t.shape)} {t.encoding}")
     stages = f" (matching {mask.stages} progressive stages)" if mask.strategy == "direct" else ""
     click.echo("mask       " + (f"{mask.strategy} {mask.role} K={mask.ratio} blocks {list(mask.blocks)}{stages} "
                                  f"mean={mask.mean} forward={mask.forward}" if mask.role else "none (every patch kept)"))

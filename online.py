@@ -14,7 +14,8 @@ import torch
 
 from hdistill.common.errors import HdistillError
 from hdistill.common.specs import sample_key
-from hdistill.common.tokens import gather_relations, gather_rows, patchify, token_index
+from hdistill.common.targets import KINDS
+from hdistill.common.tokens import gather_rows, patchify, token_index
 from hdistill.precompute.data import list_images
 from hdistill.precompute.image import decode_image
 from hdistill.precompute.run import PrecomputeConfig, build_teachers, plan_store
@@ -102,5 +103,4 @@ class LiveTargets:
         return {"count": batch["count"],
                 "pixels": gather_rows(patchify(pixels, self.stream.layout.patch_size), sel),
                 "keep": sel,
-                "targets": {t.name: gather(targets.values[t.name], tokens) for t in self.targets
-                            for gather in [gather_relations if t.kind == "rel" else gather_rows]}}
+                "targets": {t.name: KINDS[t.kind].gather(targets.values[t.name], tokens) for t in self.targets}}

@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hdistill.common.targets import ENCODINGS, TargetSpec, parse_targets
+from hdistill.common.targets import KINDS, TargetSpec, parse_targets
 from hdistill.precompute.run import PrecomputeConfig, Runtime, run_precompute
 from hdistill.precompute.targets import compute_targets, plan_mask, plan_targets
-from hdistill.shards.encoding import BF16_KEEPBITS, decode, encode
+from hdistill.shards.encoding import ENCODINGS, decode, encode
 from hdistill.train.data import AllSamples, StoreStream
 from hdistill.train.run import TrainConfig, Trainer, TrainRuntime
 from hdistill.train.validate import evaluate
@@ -42,16 +42,16 @@ TARGETS = ["dino:feat", "mae:rel@9,10", "mae:msa@9", "mae:feat@8"]
 
 
 def bitround(values: np.ndarray) -> np.ndarray:
-    """What the zarr BitRound filter stores for float16 values (keep BF16_KEEPBITS mantissa bits)."""
+    """What the zarr BitRound filter stores for float16 values (keep bf16's mantissa bits)."""
     import numcodecs
-    return numcodecs.BitRound(keepbits=BF16_KEEPBITS).decode(numcodecs.BitRound(keepbits=BF16_KEEPBITS).encode(
-        values.astype(np.float16))).view(np.float16).reshape(values.shape)
+    bitround = numcodecs.BitRound(keepbits=ENCODINGS["bf16"].keepbits)
+    return bitround.decode(bitround.encode(values.astype(np.float16))).view(np.float16).reshape(values.shape)
 
 
 def encoding_errors(args, device):
     from PIL import Image
 
-    from hdistill.common.tokens import gather_relations, gather_rows, token_index
+    from hdistill.common.tokens import token_index
     from hdistill.precompute.teachers import WeightSource, build_teacher
     from hdistill.precompute.view import make_view
 
@@ -71,7 +71,7 @@ def encoding_errors(args, device):
           f"{'mean/mean|x|':>13s}")
     for spec in specs:
         v = values.values[spec.name]
-        x = (gather_relations(v, tokens) if spec.kind == "rel" else gather_rows(v, tokens)).float()
+        x = KINDS[spec.kind].gather(v, tokens).float()
         ref = x.cpu().numpy()
         for enc in ENCODINGS:
             s = TargetSpec(spec.kind, spec.role, spec.block, spec.shape, enc)

@@ -285,7 +285,7 @@ class Location:
             with open(self.url_of(name), "rb", buffering=0) as f:
                 size = os.fstat(f.fileno()).st_size
                 for start in range(0, size if checksum else 0, CRC_BLOCK):
-                    crc = google_crc32c.extend(crc, os.pread(f.fileno(), CRC_BLOCK, start))
+                    crc = google_crc32c.extend(crc, os.pread(f.fileno(), min(CRC_BLOCK, size - start), start))
                 buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
         else:
             blocks = []

@@ -6,32 +6,74 @@ A target is (kind, teacher role, block) with a stable name:
     feat  -      feat.<role>        last block's tokens after the final norm              [1+n, D]
     feat  B      feat.<role>.b<B>   residual stream after 0-indexed block B (no norm)     [1+n, D]
     rel   B      rel.<role>.b<B>    raw per-head Q K^T at block B (no scale, no softmax)  [H, 1+n, 1+n]
-    msa   B      msa.<role>.b<B>    block B's attention output after its out-projection,  [1+n, D]
-                                    before LayerScale and the residual add
+    msa   B      msa.<role>.b<B>    block B's softmax(Q K^T / sqrt(d)) V, heads           [1+n, D]
+                                    concatenated, before the output projection
 
-n is the number of stored patches. The name is the webdataset entry (`<name>.npy`) and the zarr
-array (`targets.zarr/<name>`). How a target's values are stored is its encoding (ENCODINGS); an
-encoding may add a companion array (`scale.<name>` for int8).
+n is the number of stored patches; each kind is a row of KINDS, which says how its arrays run over tokens. The name is the webdataset entry (`<name>.npy`) and the zarr
+array (`targets.zarr/<name>`). How a target's values are stored is its encoding (shards.encoding.ENCODINGS,
+which the manifest records); an encoding may add a companion array (`scale.<name>` for int8).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from .errors import HdistillError
+from .tokens import gather_along
 
-KINDS = {
-    "feat": "the last block's tokens after the final norm, or with @B the residual stream after block B",
-    "rel": "raw per-head Q K^T at block B",
-    "msa": "block B's attention sub-layer output (after its output projection, before LayerScale and the residual)",
-}
+@dataclass(frozen=True)
+class Kind:
+    """A target kind: what it holds, whether it is taken at a block, and its layout over the tokens.
 
-ENCODINGS = {
-    "fp16": "float16 (the default; the targets are computed in float32)",
-    "int8": "symmetric int8 per row (the last axis) with a float16 scale per row in scale.<name>",
-    "bf16": "float16 with the mantissa rounded to bfloat16's 7 bits (numcodecs BitRound), zarr only: "
-            "it saves bytes through zarr's compressor",
-}
+    Row-shaped kinds hold a row per token, [T, D] (D the teacher's width); pair-shaped kinds hold a T x T map
+    per head, [H, T, T]. The token axes of a per-sample array follow from that: a row target's rows, a pair
+    target's rows and columns, and for a companion array with one axis less (the int8 scale, [T] or [H, T])
+    its rows. Everything that selects, stores, reads or checks a target goes through these methods.
+    """
 
+    name: str
+    help: str
+    needs_block: bool          # False: the final features without @B, a block's with it
+    pairs: bool
+
+    def shape(self, heads: int, width: int, tokens: int) -> tuple[int, ...]:
+        """The per-sample shape over `tokens` tokens of a teacher with `heads` heads and width `width`."""
+        return (heads, tokens, tokens) if self.pairs else (tokens, width)
+
+    def token_axes(self, ndim: int) -> tuple[int, ...]:
+        """The axes of a per-sample array of `ndim` axes (the target or its companion) that run over tokens."""
+        return (1, 2)[:ndim - 1] if self.pairs else (0,)
+
+    def token_shape(self, shape: tuple[int, ...], tokens: int) -> tuple[int, ...]:
+        """A per-sample shape (the target's or its companion's) over `tokens` tokens instead."""
+        axes = self.token_axes(len(shape))
+        return tuple(tokens if axis in axes else size for axis, size in enumerate(shape))
+
+    def take(self, values, tokens):
+        """One sample's array (numpy or torch, the target or its companion) over the token indices `tokens`."""
+        for axis in self.token_axes(values.ndim):
+            values = values[(slice(None),) * axis + (tokens,)]
+        return values
+
+    def gather(self, values: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """A batch [B, ...] over per-sample token indices `tokens` [B, k]."""
+        for axis in self.token_axes(values.dim() - 1):
+            values = gather_along(values, axis + 1, tokens)
+        return values
+
+    def channels(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """What a teacher fixes in the shape, whatever the token count: its heads, or its width."""
+        return shape[:1] if self.pairs else shape[-1:]
+
+
+KINDS: dict[str, Kind] = {k.name: k for k in [
+    Kind("feat", "the last block's tokens after the final norm, or with @B the residual stream after block B",
+         needs_block=False, pairs=False),
+    Kind("rel", "raw per-head Q K^T at block B", needs_block=True, pairs=True),
+    Kind("msa", "block B's attention output: softmax(Q K^T / sqrt(d)) V, heads concatenated, before the output "
+         "projection", needs_block=True, pairs=False),
+]}
 
 @dataclass(frozen=True)
 class TargetSpec:
@@ -46,10 +88,8 @@ class TargetSpec:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise HdistillError(f"unknown target kind {self.kind!r}; known kinds: {', '.join(KINDS)}")
-        if self.block is None and self.kind != "feat":
+        if self.block is None and KINDS[self.kind].needs_block:
             raise HdistillError(f"target kind {self.kind!r} needs a block: {self.role}:{self.kind}@B")
-        if self.encoding not in ENCODINGS:
-            raise HdistillError(f"unknown encoding {self.encoding!r} for {self.name}; known: {', '.join(ENCODINGS)}")
 
     @property
     def name(self) -> str:
@@ -60,25 +100,6 @@ class TargetSpec:
         """The CLI form: ROLE:KIND[@B]."""
         return f"{self.role}:{self.kind}" + ("" if self.block is None else f"@{self.block}")
 
-    @property
-    def dtype(self) -> str:
-        return "int8" if self.encoding == "int8" else "float16"
-
-    def arrays(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        """Stored array name -> (per-sample shape, dtype): the target, then any companion array."""
-        out = {self.name: (self.shape, self.dtype)}
-        if self.encoding == "int8":
-            out[f"scale.{self.name}"] = (self.shape[:-1], "float16")
-        return out
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "role": self.role, "block": self.block,
-                "shape": list(self.shape), "dtype": self.dtype, "encoding": self.encoding}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TargetSpec":
-        return cls(kind=d["kind"], role=d["role"], block=d["block"], shape=tuple(d["shape"]),
-                   encoding=d["encoding"])
 
 
 @dataclass(frozen=True)
@@ -100,7 +121,7 @@ def parse_targets(values) -> list[TargetRequest]:
             raise HdistillError(f"--target {value!r}: expected ROLE:KIND[@B[,B...]] with KIND one of "
                                 f"{', '.join(KINDS)}, e.g. clip:feat, mae:rel@9,10, mae:feat@8")
         if not at:
-            if kind != "feat":
+            if KINDS[kind].needs_block:
                 raise HdistillError(f"--target {value!r}: {kind} needs blocks, e.g. {role}:{kind}@9,10")
             out.append(TargetRequest(role, kind))
             continue
@@ -108,19 +129,6 @@ def parse_targets(values) -> list[TargetRequest]:
             out += [TargetRequest(role, kind, int(b)) for b in blocks.split(",")]
         except ValueError:
             raise HdistillError(f"--target {value!r}: blocks must be integers, e.g. {role}:{kind}@-3,-2") from None
-    return out
-
-
-def parse_encodings(values) -> dict[str, str]:
-    """`--encoding [KEY=]ENC` values -> {key: encoding}; KEY is a kind or a target name, none means all."""
-    out = {}
-    for value in values:
-        key, sep, enc = value.rpartition("=")
-        key = key if sep else "*"
-        if enc not in ENCODINGS or (sep and not key):
-            raise HdistillError(f"--encoding {value!r}: expected [KIND|TARGET=]ENCODING with ENCODING one of "
-                                f"{', '.join(ENCODINGS)}, e.g. rel=int8 or rel.mae.b9=int8")
-        out[key] = enc
     return out
 
 

@@ -1,5 +1,5 @@
-"""Token bookkeeping shared by precompute and train: patchify pixels, keep rows and columns, and where in a
-timm Attention the relation and MSA targets are read.
+"""Token bookkeeping shared by precompute and train: patchify pixels, keep rows and columns, and the taps of a
+timm ViT's blocks (where its relation, MSA and block-output targets are read).
 
 Token index 0 is CLS, token index p + 1 is patch p (raster order).
 """
@@ -24,16 +24,16 @@ def token_index(keep_idx: torch.Tensor) -> torch.Tensor:
 
 def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """x [B, T, ...], idx [B, k] -> [B, k, ...]."""
-    view = idx.reshape(*idx.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
-    return x.gather(1, view)
+    return gather_along(x, 1, idx)
 
 
-def gather_relations(relations: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """relations [B, H, T, T], tokens [B, k] -> [B, H, k, k] (rows and columns kept)."""
-    B, H, T, _ = relations.shape
-    k = tokens.shape[1]
-    rows = relations.gather(2, tokens[:, None, :, None].expand(B, H, k, T))  # [B, H, k, T]
-    return rows.gather(3, tokens[:, None, None, :].expand(B, H, k, k))       # [B, H, k, k]
+def gather_along(x: torch.Tensor, axis: int, idx: torch.Tensor) -> torch.Tensor:
+    """x [B, ..., T (at `axis`), ...], idx [B, k] -> x with only those k entries along `axis`, per sample."""
+    shape = [1] * x.dim()
+    shape[0], shape[axis] = idx.shape
+    size = list(x.shape)
+    size[axis] = idx.shape[1]
+    return x.gather(axis, idx.reshape(shape).expand(size))
 
 
 def split_qk(qkv: torch.Tensor, heads: int, q_norm=None, k_norm=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,8 +53,26 @@ def qk_relations(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         return q.float() @ k.float().transpose(-2, -1)
 
 
-def heads_output_site(attn: torch.nn.Module) -> torch.nn.Module:
-    """The module of a timm Attention whose input is softmax(Q K^T / sqrt(d)) V with the heads concatenated
-    [B, T, A] (paper Eq. 2's MSA): its post-attention norm, an Identity unless scale_norm, which comes before
-    the output projection."""
-    return attn.norm
+def tap_block_output(block: torch.nn.Module, fn):
+    """feat@B: the residual stream after a timm Block [B, T, D]."""
+    return block.register_forward_hook(lambda _m, _args, out: fn(out))
+
+
+def tap_relation(block: torch.nn.Module, fn):
+    """rel@B: raw per-head Q K^T [B, H, T, T] from the block's own fused qkv Linear output (nothing recomputed),
+    after timm's q_norm / k_norm."""
+    attn = block.attn
+    return attn.qkv.register_forward_hook(
+        lambda _m, _args, qkv: fn(qk_relations(*split_qk(qkv, attn.num_heads, attn.q_norm, attn.k_norm))))
+
+
+def tap_msa(block: torch.nn.Module, fn):
+    """msa@B: softmax(Q K^T / sqrt(d)) V with the heads concatenated [B, T, A] (paper Eq. 2's MSA), the input of
+    timm Attention's post-attention norm (an Identity unless scale_norm), which comes before the output
+    projection."""
+    return block.attn.norm.register_forward_pre_hook(lambda _m, args: fn(args[0]))
+
+
+# A timm VisionTransformer's taps, keyed by target kind: (block module, fn) -> a removable hook handle that hands
+# the tensor to fn during every forward. The timm teachers and the student share them.
+TIMM_TAPS = {"feat": tap_block_output, "rel": tap_relation, "msa": tap_msa}

@@ -27,9 +27,9 @@ from hdistill.common.errors import HdistillError
 from hdistill.common.processes import StopRequest, Stopped, duration, loader_worker_init, start_workers
 from hdistill.common.specs import ViewRecord, ViewTargets
 from hdistill.common.storage import Location, Retry, error_text, read_files, transient
-from hdistill.common.targets import TargetSpec, parse_encodings, parse_targets
-from hdistill.common.tokens import gather_relations, gather_rows, patchify, token_index
-from hdistill.shards.encoding import encode
+from hdistill.common.targets import KINDS, TargetSpec, parse_targets
+from hdistill.common.tokens import gather_rows, patchify, token_index
+from hdistill.shards.encoding import check_formats, encode, parse_encodings
 from hdistill.shards.format import FORMATS, StoredSample, StoreLayout, shard_name
 from hdistill.shards.manifest import Manifest
 from hdistill.shards.writer import StoreWriter
@@ -81,9 +81,7 @@ class PrecomputeConfig:
         if self.crop == "center" and self.views > 1:
             raise HdistillError(f"--crop center gives one view per image; --views {self.views} would store it "
                                 f"{self.views} times (use --views 1)")
-        if "bf16" in parse_encodings(self.encodings).values() and "wds" in self.formats:
-            raise HdistillError("--encoding bf16 rounds mantissas for zarr's compressor and saves nothing in "
-                                "webdataset tars; use it with --format zarr, or use int8")
+        check_formats(parse_encodings(self.encodings), self.formats)
         for name, value in [("--views", self.views), ("--batch-size", self.batch_size),
                             ("--shard-size", self.shard_size), ("--image-size", self.image_size)]:
             if value < 1:
@@ -231,8 +229,7 @@ def stored_samples(values: ViewTargets, targets: list[TargetSpec], pixels: torch
     who = lambda rows: ", ".join(records[i].source for i in rows[:5])  # noqa: E731
     for spec in targets:
         value = values.values[spec.name]
-        kept = gather_relations(value, tokens) if spec.kind == "rel" else gather_rows(value, tokens)
-        arrays.update(encode(spec, kept, who))
+        arrays.update(encode(spec, KINDS[spec.kind].gather(value, tokens), who))
     arrays = {name: a.cpu().numpy() for name, a in arrays.items()}
     return [StoredSample(record, {name: a[i] for name, a in arrays.items()}) for i, record in enumerate(records)]
 

@@ -85,7 +85,7 @@ def plan_targets(teachers: dict[str, Teacher], requests: Sequence[TargetRequest]
         info = teachers[req.role].info
         block = None if req.block is None else \
             resolve_blocks([req.block], info.depth, f"--target {req.role}:{req.kind}@{req.block}")[0]
-        shape = (info.heads, tokens, tokens) if req.kind == "rel" else (tokens, info.width)
+        shape = KINDS[req.kind].shape(info.heads, info.width, tokens)
         spec = TargetSpec(req.kind, req.role, block, shape)
         specs[spec.name] = TargetSpec(req.kind, req.role, block, shape, encoding_for(spec, encodings))
     unused = set(encodings) - {"*"} - {k for s in specs.values() for k in (s.name, s.kind)}

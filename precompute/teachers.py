@@ -14,12 +14,14 @@ Weights come from exactly one source per teacher, chosen by the user:
     WeightSource("random", seed=...)  random weights, recorded as such in every output
 
 Every teacher owns its preprocessing (mean/std) and exposes `tokens` (last block after the final
-norm), its taps (hooks that hand an inner tensor to the target table during that forward), and
-`embed` / `run_block` for forwards that change the token set between blocks (the dropping mask).
+norm), its taps (a table keyed by target kind of hooks that hand an inner tensor to the target table
+during that forward), and `embed` / `run_block` for forwards that change the token set between blocks
+(the dropping mask).
 """
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 from dataclasses import dataclass
 
@@ -30,7 +32,7 @@ from torch import nn
 from hdistill.common.errors import HdistillError
 from hdistill.common.files import file_sha256
 from hdistill.common.specs import TeacherInfo, TokenGrid
-from hdistill.common.tokens import heads_output_site, qk_relations, split_qk
+from hdistill.common.tokens import TIMM_TAPS, qk_relations, split_qk
 
 
 @dataclass(frozen=True)
@@ -69,12 +71,13 @@ class WeightSource:
 class Teacher(nn.Module):
     """A frozen ViT teacher in eval mode. A subclass adapts one model family and declares its taps.
 
-    A tap registers a hook that hands one intermediate tensor to `fn` during every forward:
+    `taps()` maps each target kind (common.targets.KINDS) to a function (block, fn) that registers a hook
+    handing one intermediate tensor to `fn` during every forward:
         feat@B  the residual stream after block B            [B, 1+N, D]
         rel@B   raw per-head Q K^T of block B, in float32      [B, H, 1+N, 1+N]
         msa@B   softmax(Q K^T / sqrt(d)) V of block B, heads concatenated, before the
                 output projection (Eq. 2)                      [B, 1+N, D]
-    Adding a target kind means one tap method per family plus a row in common.targets.KINDS.
+    Adding a target kind means a row in KINDS and an entry in each family's table.
     """
 
     def __init__(self, info: TeacherInfo, model: nn.Module):
@@ -93,16 +96,9 @@ class Teacher(nn.Module):
         x = pixels.to(self.mean.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
         return (x - self.mean) / self.std
 
-    def blocks(self) -> nn.ModuleList:
-        raise NotImplementedError
-
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised images -> last block tokens after the final norm, float [B, 1+N, D]."""
         raise NotImplementedError
-
-    def to_btd(self, x: torch.Tensor) -> torch.Tensor:
-        """Block inputs/outputs -> [B, T, D] (only sequence-first models need to override)."""
-        return x
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised images -> the tokens entering block 0, [B, 1+N, D]."""
@@ -112,24 +108,15 @@ class Teacher(nn.Module):
         """Block `block` on tokens [B, T, D] (any T) -> [B, T, D]."""
         raise NotImplementedError
 
+    def taps(self) -> dict:
+        """Target kind -> (block, fn) -> a removable hook handle."""
+        raise NotImplementedError
+
     def tap(self, kind: str, block: int, fn) -> torch.utils.hooks.RemovableHandle:
-        taps = {"feat": self.tap_block_output, "rel": self.tap_relation, "msa": self.tap_msa}
-        return taps[kind](block, fn)
-
-    def tap_block_output(self, block: int, fn):
-        return self.blocks()[block].register_forward_hook(lambda _m, _a, out: fn(self.to_btd(out)))
-
-    def tap_relation(self, block: int, fn):
-        raise NotImplementedError
-
-    def tap_msa(self, block: int, fn):
-        raise NotImplementedError
+        return self.taps()[kind](block, fn)
 
 
 class TimmTeacher(Teacher):
-    def blocks(self):
-        return self.model.blocks
-
     def tokens(self, images):
         return self.model.forward_features(images)
 
@@ -140,17 +127,9 @@ class TimmTeacher(Teacher):
     def run_block(self, block, x):
         return self.model.blocks[block](x)
 
-    def tap_relation(self, block, fn):
-        """From the block's own qkv Linear output: nothing is recomputed."""
-        attn = self.model.blocks[block].attn
-
-        def hook(_module, _args, qkv):
-            fn(qk_relations(*split_qk(qkv, attn.num_heads, attn.q_norm, attn.k_norm)))
-        return attn.qkv.register_forward_hook(hook)
-
-    def tap_msa(self, block, fn):
-        """The input of timm Attention's post-attention norm (Identity in a plain ViT), the heads concatenated."""
-        return heads_output_site(self.model.blocks[block].attn).register_forward_pre_hook(lambda _m, args: fn(args[0]))
+    def taps(self):
+        """The student's taps (common.tokens.TIMM_TAPS), on this model's blocks."""
+        return {kind: functools.partial(_on_block, tap, self.model.blocks) for kind, tap in TIMM_TAPS.items()}
 
 
 class OpenClipTeacher(Teacher):
@@ -158,10 +137,8 @@ class OpenClipTeacher(Teacher):
         super().__init__(info, model)
         self.batch_first = getattr(model.transformer, "batch_first", True)
 
-    def blocks(self):
-        return self.model.transformer.resblocks
-
     def to_btd(self, x):
+        """Block inputs/outputs -> [B, T, D] (open_clip's towers may run sequence-first)."""
         return x if self.batch_first else x.transpose(0, 1)
 
     def tokens(self, images):
@@ -190,6 +167,12 @@ class OpenClipTeacher(Teacher):
             fn(F.linear(self.to_btd(args[0]), attn.in_proj_weight, attn.in_proj_bias), attn.num_heads)
         return attn.register_forward_pre_hook(hook)
 
+    def taps(self):
+        return {"feat": self.tap_block_output, "rel": self.tap_relation, "msa": self.tap_msa}
+
+    def tap_block_output(self, block, fn):
+        return self.model.transformer.resblocks[block].register_forward_hook(lambda _m, _a, out: fn(self.to_btd(out)))
+
     def tap_relation(self, block, fn):
         return self._on_qkv(block, lambda qkv, heads: fn(qk_relations(*split_qk(qkv, heads))))
 
@@ -200,6 +183,10 @@ class OpenClipTeacher(Teacher):
             q, k, v = qkv.reshape(B, T, 3, heads, -1).permute(2, 0, 3, 1, 4)        # [B, H, T, d] each
             fn(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, -1))
         return self._on_qkv(block, attend)
+
+
+def _on_block(tap, blocks: nn.ModuleList, block: int, fn):
+    return tap(blocks[block], fn)
 
 
 def _suggest(name: str, known: list[str]) -> str:

@@ -12,6 +12,8 @@ import numpy as np
 from hdistill.common.specs import ViewRecord
 from hdistill.common.targets import TargetSpec
 
+from .encoding import target_arrays
+
 FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 WDS_DIR = "wds"
@@ -117,7 +119,7 @@ def sample_arrays(layout: StoreLayout, targets: list[TargetSpec]) -> dict[str, t
     n, P = layout.stored_patches, layout.patch_size
     out = {"stage": ((layout.num_patches,), "uint8"), "keep": ((n,), "int16"), "pixels": ((n, P, P, 3), "uint8")}
     for spec in targets:
-        out.update(spec.arrays())
+        out.update(target_arrays(spec))
     return out
 
 

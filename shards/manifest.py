@@ -11,6 +11,7 @@ from hdistill.common.storage import Location, as_location, storage_error
 from hdistill.common.specs import MaskSpec, TeacherInfo
 from hdistill.common.targets import TargetSpec
 
+from .encoding import ENCODINGS
 from .format import FORMAT_VERSION, MANIFEST, StoreLayout, sample_arrays
 
 
@@ -97,7 +98,7 @@ class Manifest:
         n, g = self.layout.stored_patches, self.layout.image_size // self.layout.patch_size
         return json.loads(json.dumps({
             "format_version": self.format_version, "config": self.config,
-            "teachers": [t.to_dict() for t in self.teachers], "targets": [t.to_dict() for t in self.targets],
+            "teachers": [t.to_dict() for t in self.teachers], "targets": [target_record(t) for t in self.targets],
             "mask": self.mask.to_dict(), "layout": self.layout.to_dict(), "formats": self.formats,
             "token_layout": {"order": "CLS first, then stored patches in keep order",
                              "patch_order": "raster (row-major) over the patch grid", "grid": [g, g],
@@ -109,10 +110,24 @@ class Manifest:
     @classmethod
     def from_dict(cls, d: dict) -> "Manifest":
         return cls(config=d["config"], teachers=[TeacherInfo.from_dict(t) for t in d["teachers"]],
-                   targets=[TargetSpec.from_dict(t) for t in d["targets"]], mask=MaskSpec.from_dict(d["mask"]),
+                   targets=[target_spec(t) for t in d["targets"]], mask=MaskSpec.from_dict(d["mask"]),
                    layout=StoreLayout.from_dict(d["layout"]), formats=list(d["formats"]), complete=d["complete"],
                    shards=[ShardRecord.from_dict(s) for s in d["shards"]], skipped=d["skipped"],
                    format_version=d["format_version"])
+
+
+def target_record(spec: TargetSpec) -> dict:
+    """A target's row of the manifest."""
+    return {"name": spec.name, "kind": spec.kind, "role": spec.role, "block": spec.block, "shape": list(spec.shape),
+            "dtype": ENCODINGS[spec.encoding].dtype, "encoding": spec.encoding}
+
+
+def target_spec(record: dict) -> TargetSpec:
+    if record["encoding"] not in ENCODINGS:
+        raise HdistillError(f"target {record['name']}: unknown encoding {record['encoding']!r} (this hdistill knows "
+                            f"{', '.join(ENCODINGS)}); read the store with the hdistill that made it")
+    return TargetSpec(kind=record["kind"], role=record["role"], block=record["block"], shape=tuple(record["shape"]),
+                      encoding=record["encoding"])
 
 
 def read_manifest(store: str | Path | Location) -> Manifest:

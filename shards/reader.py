@@ -23,7 +23,7 @@ from hdistill.common.storage import Location, as_location
 from hdistill.common.targets import TargetSpec
 
 from . import tarindex
-from .encoding import decode
+from .encoding import decode, target_arrays
 from .format import FORMATS, ZARR_DIR, npy_bytes, npy_load
 from .manifest import Manifest, ShardRecord
 from .zarr_store import read_region, read_slots
@@ -74,7 +74,7 @@ class StoreReader:
         shapes = manifest.arrays()
         self.arrays = {n: shapes[n] for n in ("stage", "keep", "pixels")}
         for spec in self.specs:
-            self.arrays.update(spec.arrays())
+            self.arrays.update(target_arrays(spec))
         self.headers = {name: _npy_header(shape, dtype) for name, (shape, dtype) in self.arrays.items()}
 
     def where(self, shard: ShardRecord) -> str:

@@ -32,7 +32,7 @@ import zarr.codecs as zc
 
 from hdistill.common.storage import Location, staging_prefix
 
-from .encoding import BF16_KEEPBITS
+from .encoding import encoding_of
 from .format import ZARR_DIR, StoredSample
 from .manifest import Manifest
 
@@ -65,9 +65,8 @@ def array_shapes(manifest: Manifest) -> dict[str, tuple[tuple[int, ...], str]]:
 
 
 def _filters(manifest: Manifest) -> dict[str, list]:
-    """zarr array -> filters: BitRound for the arrays of bf16-encoded targets."""
-    from zarr.codecs.numcodecs import BitRound
-    return {t.name: [BitRound(keepbits=BF16_KEEPBITS)] for t in manifest.targets if t.encoding == "bf16"}
+    """zarr array -> filters: those of each target's encoding (BitRound for bf16)."""
+    return {t.name: filters for t in manifest.targets if (filters := encoding_of(t).zarr_filters())}
 
 
 def create(store: Location, manifest: Manifest):

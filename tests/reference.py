@@ -57,7 +57,7 @@ def reference_forward(teacher, pixels):
     relations, outputs, msa = {}, {}, {}
     with torch.no_grad():
         x = reference_embed(teacher, pixels)
-        depth = len(teacher.blocks())
+        depth = teacher.info.depth
         for i in range(depth):
             x, relations[i], msa[i] = reference_block(teacher, i, x)
             outputs[i] = x

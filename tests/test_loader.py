@@ -101,11 +101,11 @@ def test_the_loader_resumes_exactly_from_its_state(store):
     fresh = opened.loader(batch_size=4, seed=3, lanes=2, buffer_mb=0.02)
     fresh.stream.set_epoch(0)
     piece = next(iter(fresh.stream))["samples"]                  # lane 0's share of the first global batch
-    assert piece["targets"]["rel.mae.b1"].dtype == torch.int8 and piece["scales"]["rel.mae.b1"].shape == (2, 4, 1 + 7)
+    assert piece["targets"]["rel.mae.b1"].dtype == torch.int8 and piece["companions"]["scale.rel.mae.b1"].shape == (2, 4, 1 + 7)
     batch = next(iter(fresh))
-    assert batch["targets"]["rel.mae.b1"].dtype == torch.float32 and "scales" not in batch
+    assert batch["targets"]["rel.mae.b1"].dtype == torch.float32 and "companions" not in batch
     torch.testing.assert_close(batch["targets"]["rel.mae.b1"][:2], piece["targets"]["rel.mae.b1"].float()
-                               * piece["scales"]["rel.mae.b1"].float()[..., None], rtol=0, atol=0)
+                               * piece["companions"]["scale.rel.mae.b1"].float()[..., None], rtol=0, atol=0)
     with pytest.raises(HdistillError, match="no target feat.dino"):
         opened.loader(batch_size=4, targets=["feat.dino"])
 
@@ -118,7 +118,8 @@ def test_a_stream_reads_each_target_as_its_own_store_encodes_it(store):
     from hdistill.train.loader import decoded
     manifest = hdistill.open_store(str(store)).manifest
     as_fp16 = [replace(t, encoding="fp16") for t in manifest.targets]            # what another store would hold
-    batch = decoded(next(iter(AllSamples(StoreStream(str(store), manifest, as_fp16, "progressive", seed=0), 12))))
+    stream = StoreStream(str(store), manifest, as_fp16, "progressive", seed=0)
+    batch = decoded(next(iter(AllSamples(stream, 12))), stream.reader.specs)
     plain = wds_samples(store)
     view0 = [s.key for shard in manifest.view_shards(0) for s in StoreReader(str(store), manifest).read(shard)]
     assert batch["count"] == len(view0) == 12

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from hdistill.cli import cli
-from hdistill.common.targets import parse_encodings, parse_targets
+from hdistill.common.targets import parse_targets
+from hdistill.shards.encoding import parse_encodings
 from hdistill.train.loss import parse_losses
 
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -58,8 +58,7 @@ def test_real_vit_s14_from_file_matches_the_documented_recipe():
 
 
 def test_int8_encoding_of_real_targets_stays_within_its_bound():
-    from hdistill.common.targets import parse_encodings
-    from hdistill.shards.encoding import decode, encode
+    from hdistill.shards.encoding import decode, encode, parse_encodings
     teacher = build_teacher("mae", WeightSource("file", path=str(WEIGHTS)), 224, "vit_small_patch14_dinov2")
     files = sorted(IMAGES.glob("*.JPEG"))[4:8]
     pixels = torch.stack([torch.from_numpy(make_view(Image.open(f).convert("RGB"), f.stem, 0, 0, 224)[0])

@@ -6,7 +6,8 @@ from safetensors.torch import save_file
 from tinymodels import TIMM_TINY, random_pixels
 from hdistill.common.errors import HdistillError
 from hdistill.common.specs import TokenGrid, check_same_grid
-from hdistill.common.targets import parse_encodings, parse_targets
+from hdistill.common.targets import parse_targets
+from hdistill.shards.encoding import parse_encodings, target_arrays
 from hdistill.precompute.targets import plan_mask, plan_targets
 from hdistill.precompute.teachers import WeightSource, build_teacher
 
@@ -103,14 +104,13 @@ def test_target_table_defaults_blocks_and_errors():
     # the paper's defaults: features of every non-MIM teacher, Q K^T of the MIM teacher at L-3, L-2; no MAE features
     defaults = plan_targets({"mae": mae, "clip": clip}, None, 17)
     assert names(defaults) == ["feat.clip", "rel.mae.b1", "rel.mae.b2"]
-    assert [(t.shape, t.dtype, t.encoding) for t in defaults] == [((17, 32), "float16", "fp16"),
-                                                                  ((4, 17, 17), "float16", "fp16")] + \
-        [((4, 17, 17), "float16", "fp16")]
+    assert [(t.shape, t.encoding) for t in defaults] == [((17, 32), "fp16"), ((4, 17, 17), "fp16"),
+                                                        ((4, 17, 17), "fp16")]
     asked = plan_targets({"mae": mae, "clip": clip}, parse_targets(["mae:feat", "clip:feat", "mae:msa@0"]), 17,
                          parse_encodings(["int8", "feat.clip=fp16"]))
     assert [(t.name, t.encoding) for t in asked] == [("feat.clip", "fp16"), ("feat.mae", "int8"),
                                                      ("msa.mae.b0", "int8")]
-    assert asked[1].arrays() == {"feat.mae": ((17, 32), "int8"), "scale.feat.mae": ((17,), "float16")}
+    assert target_arrays(asked[1]) == {"feat.mae": ((17, 32), "int8"), "scale.feat.mae": ((17,), "float16")}
     with pytest.raises(HdistillError, match=r"--encoding rel: no such target"):
         plan_targets({"mae": mae, "clip": clip}, parse_targets(["clip:feat"]), 17, parse_encodings(["rel=int8"]))
     for bad, message in [("mae", "expected ROLE:KIND"), ("mae:rel", "rel needs blocks"), ("mae:att@3", "expected"),

@@ -23,7 +23,8 @@ import torch
 
 from hdistill.common.errors import HdistillError
 from hdistill.common.storage import Retry, error_text, transient
-from hdistill.common.targets import TargetSpec
+from hdistill.common.targets import KINDS, TargetSpec
+from hdistill.shards.encoding import target_arrays
 from hdistill.shards.manifest import Manifest, read_manifest
 from hdistill.shards.reader import Sample, StoreReader
 
@@ -148,9 +149,9 @@ class StoreStream(torch.utils.data.IterableDataset):
         self.buffer = max(1, int(buffer_mb * 2 ** 20) // sample_bytes)            # samples per lane
         self.full = manifest.store_mode == "full"
         self.n_keep = manifest.mask.kept_counts(self.layout.num_patches)[-1]
-        # (array name, stored shape, dtype, relation-shaped): every target as this store encodes it, and its int8 scale
-        self.stored = [(name, shape, dtype, t.kind == "rel") for t in self.reader.specs
-                       for name, (shape, dtype) in t.arrays().items()]
+        # (array name, stored shape, dtype, kind): every target as this store encodes it, and its int8 scale
+        self.stored = [(name, shape, dtype, KINDS[t.kind]) for t in self.reader.specs
+                       for name, (shape, dtype) in target_arrays(t).items()]
         self.load_ahead = reader == "wds"         # read and check each lane's next tar shard on a thread
         self.epoch, self.start = 0, 0
 
@@ -160,24 +161,24 @@ class StoreStream(torch.utils.data.IterableDataset):
         B, n, P = len(samples), self.n_keep if self.mask != "none" else self.layout.num_patches, self.layout.patch_size
         pixels = np.empty((B, n, P, P, 3), np.uint8)
         keep = np.empty((B, n), np.int64)
-        arrays = {name: np.empty((B, *token_shape(shape, pairs, 1 + n)), dtype) for name, shape, dtype, pairs in self.stored}
+        arrays = {name: np.empty((B, *kind.token_shape(shape, 1 + n)), dtype) for name, shape, dtype, kind in self.stored}
         for i, stored in enumerate(samples):
             if self.full:                          # choose the patches, then gather those rows (and columns)
                 sel = select_patches(self.mask, stored.stage, stored.key, self.seed, self.epoch, self.n_keep)
                 tokens = np.concatenate([[0], sel + 1])                         # [1+n]
                 np.take(stored.pixels, sel, axis=0, out=pixels[i])
                 keep[i] = stored.keep[sel]
-                for name, _shape, _dtype, pairs in self.stored:
-                    arrays[name][i] = select_tokens(stored.stored[name], tokens, pairs)
+                for name, _shape, _dtype, kind in self.stored:
+                    arrays[name][i] = kind.take(stored.stored[name], tokens)
             else:                                  # a kept store holds exactly the student's tokens: plain copies
                 pixels[i] = stored.pixels
                 keep[i] = stored.keep
                 for name, a in arrays.items():
                     a[i] = stored.stored[name]
-        scales = {name.removeprefix("scale."): torch.from_numpy(a) for name, a in arrays.items()
-                  if name.startswith("scale.")}
+        names = {t.name for t in self.targets}
         return {"count": B, "pixels": torch.from_numpy(pixels), "keep": torch.from_numpy(keep),
-                "targets": {t.name: torch.from_numpy(arrays[t.name]) for t in self.targets}, "scales": scales}
+                "targets": {name: torch.from_numpy(a) for name, a in arrays.items() if name in names},
+                "companions": {name: torch.from_numpy(a) for name, a in arrays.items() if name not in names}}
 
     def set_epoch(self, epoch: int, start: int = 0):
         self.epoch, self.start = epoch, start
@@ -211,7 +212,7 @@ class StoreStream(torch.utils.data.IterableDataset):
             if ahead is not None:
                 ahead.shutdown(wait=False, cancel_futures=True)
 
-    def _lane(self, plan: EpochPlan, lane: int, ahead: ThreadPoolExecutor | None):
+    def _lane(self, plan: EpochPlan, lane: int, ahead: ThreadPoolExecutor | None = None):
         """The lane's samples in emission order from the start batch, holding at most what the buffer held."""
         order = plan.emission(lane)[self.start * plan.per_lane:]
         if not order:
@@ -293,24 +294,6 @@ class AllSamples(torch.utils.data.IterableDataset):
         finally:
             if ahead is not None:
                 ahead.shutdown(wait=False, cancel_futures=True)
-
-
-def select_tokens(values: np.ndarray, tokens: np.ndarray, pairs: bool) -> np.ndarray:
-    """A stored array over the chosen tokens: rows ([T, D], a scale [T]), or for relations (`pairs`) rows and
-    columns ([H, T, T]; their scale [H, T]: rows)."""
-    if not pairs:
-        return values[tokens]
-    return values[:, tokens][:, :, tokens] if values.ndim == 3 else values[:, tokens]
-
-
-def token_shape(stored: tuple[int, ...], pairs: bool, tokens: int) -> tuple[int, ...]:
-    """A stored array's per-sample shape (a target's or its scale's) over `tokens` tokens."""
-    shape = list(stored)
-    if pairs:
-        shape[1:3] = [tokens] * len(shape[1:3])          # relations [H, T, T], their scale [H, T]
-    else:
-        shape[0] = tokens                                # [T, D], its scale [T]
-    return tuple(shape)
 
 
 def select_patches(mask: str, stage: np.ndarray, key: str, seed: int, epoch: int, n_keep: int) -> np.ndarray:

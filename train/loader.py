@@ -20,6 +20,7 @@ import torch
 from hdistill.common.errors import HdistillError
 from hdistill.common.processes import loader_worker_init, start_workers
 from hdistill.common.storage import Retry
+from hdistill.common.targets import TargetSpec
 from hdistill.shards.encoding import decode_batch
 from hdistill.shards.manifest import Manifest
 
@@ -55,8 +56,8 @@ class StoreLoader:
             raise HdistillError(f"epoch {self.epoch} holds {epoch_samples(stream.manifest, self.epoch)} samples: too "
                                 f"few for one global batch of {stream.batch_size}")
         batches = self._joined(self.batch)
-        for index, batch in _prefetched(batches, self.device) if self.device.startswith("cuda") else \
-                ((i, decoded(to_device(b, self.device))) for i, b in batches):
+        for index, batch in _prefetched(batches, self.device, stream.reader.specs) if self.device.startswith("cuda") else \
+                ((i, decoded(to_device(b, self.device), stream.reader.specs)) for i, b in batches):
             self.batch = index + 1                  # the position counts what the caller was given
             yield batch
         self.epoch, self.batch = self.epoch + 1, 0
@@ -82,14 +83,14 @@ class StoreLoader:
                 index += 1
 
 
-def _prefetched(batches: Iterator[tuple[int, dict]], device: str) -> Iterator[tuple[int, dict]]:
+def _prefetched(batches: Iterator[tuple[int, dict]], device: str, specs: list[TargetSpec]) -> Iterator[tuple[int, dict]]:
     """Batches moved to a CUDA device one ahead, on a side stream; each is handed over once the compute stream
     waits for its copy."""
     side = torch.cuda.Stream(device)
     ahead = None
     for index, batch in batches:
         with torch.cuda.stream(side):
-            moved = decoded(to_device(batch, device))
+            moved = decoded(to_device(batch, device), specs)
         if ahead is not None:
             yield ahead
         current = torch.cuda.current_stream(device)
@@ -109,12 +110,13 @@ def _tensors(batch) -> Iterator[torch.Tensor]:
             yield from _tensors(value)
 
 
-def decoded(batch: dict) -> dict:
-    """int8 targets decoded where the batch now is (on the device: int8 crossed the bus), the scales dropped."""
-    if "scales" not in batch:
+def decoded(batch: dict, specs: list[TargetSpec]) -> dict:
+    """The targets decoded by their encodings (`specs`: the store's rows) where the batch now is (on the device:
+    int8 crossed the bus as int8), the companion arrays dropped."""
+    if "companions" not in batch:
         return batch
-    out = {k: v for k, v in batch.items() if k != "scales"}
-    out["targets"] = decode_batch(batch["targets"], batch["scales"])
+    out = {k: v for k, v in batch.items() if k != "companions"}
+    out["targets"] = decode_batch(specs, {**batch["targets"], **batch["companions"]})
     return out
 
 

@@ -49,7 +49,7 @@ def parse_losses(values) -> list[LossRequest]:
             block_list = [int(b) for b in blocks.split(",")] if at else [None]
         except ValueError:
             block_list, w = [], None
-        if not sep or not colon or not role or kind not in KINDS or w is None or (kind != "feat" and not at):
+        if not sep or not colon or not role or kind not in KINDS or w is None or (KINDS[kind].needs_block and not at):
             raise HdistillError(f"--loss {value!r}: expected ROLE:KIND[@B[,B...]]=WEIGHT with KIND one of "
                                 f"{', '.join(KINDS)}, e.g. clip:feat=1 or mae:rel@9,10=0.5")
         out += [LossRequest(role, kind, b, w) for b in block_list]
@@ -72,6 +72,12 @@ class LossTerm:
     def key(self) -> str:
         """The metrics name: loss/<target name>."""
         return f"loss/{self.target.name}"
+
+    @property
+    def pairs(self) -> bool:
+        """A pair-shaped target (relations): compared as it is, over groups of heads; a row-shaped one through a
+        projection of the student's width, standardised."""
+        return KINDS[self.target.kind].pairs
 
     @property
     def student_tap(self) -> tuple[str, int] | None:
@@ -107,8 +113,8 @@ class DistillLoss(nn.Module):
         super().__init__()
         self.terms, self.cfg = terms, cfg
         self.proj = nn.ModuleDict({_module_key(t): nn.Linear(student_width, t.target.shape[-1])
-                                   for t in terms if t.target.kind != "rel"})
-        self.groups = {t.name: math.gcd(student_heads, t.target.shape[0]) for t in terms if t.target.kind == "rel"}
+                                   for t in terms if not t.pairs})
+        self.groups = {t.name: math.gcd(student_heads, t.target.shape[0]) for t in terms if t.pairs}
 
     def forward(self, tokens: torch.Tensor, taps: dict[tuple[str, int], torch.Tensor],
                 targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -118,7 +124,7 @@ class DistillLoss(nn.Module):
         for term in self.terms:
             student = tokens if term.student_tap is None else taps[term.student_tap]
             target = targets[term.name].float()
-            if term.target.kind == "rel":
+            if term.pairs:
                 g = self.groups[term.name]
                 out[term.key] = F.smooth_l1_loss(group_heads(student.float(), g), group_heads(target, g),
                                                  beta=self.cfg.beta)

@@ -9,6 +9,7 @@ float32, also under bf16 autocast), the residual stream after a block, a block's
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from torch import nn
 from hdistill.common.atomic import atomic_open
 from hdistill.common.errors import HdistillError
 from hdistill.common.specs import TokenGrid
-from hdistill.common.tokens import gather_rows, heads_output_site, qk_relations, split_qk
+from hdistill.common.tokens import TIMM_TAPS, gather_rows
 
 
 @dataclass
@@ -80,26 +81,7 @@ class Student(nn.Module):
         once, so torch.compile sees them from the start)."""
         self._captured: dict[tuple[str, int], torch.Tensor] = {}
         for kind, block in taps:
-            blk = self.model.blocks[block]
-            hook = self._hook(kind, block)
-            if kind == "msa":
-                heads_output_site(blk.attn).register_forward_pre_hook(hook)
-            else:
-                {"rel": blk.attn.qkv, "feat": blk}[kind].register_forward_hook(hook)
-
-    def _hook(self, kind: str, block: int):
-        """The hook `capture` registers for one tap: it stores the tap's tensor of this forward."""
-        attn, key = self.model.blocks[block].attn, (kind, block)
-
-        def on_qkv(_module, _args, qkv):            # [B, 1+n, 3A] -> raw Q K^T [B, H, 1+n, 1+n]
-            self._captured[key] = qk_relations(*split_qk(qkv, attn.num_heads, attn.q_norm, attn.k_norm))
-
-        def on_heads_output(_module, args):         # the heads concatenated, before the projection [B, 1+n, A]
-            self._captured[key] = args[0]
-
-        def on_block(_module, _args, out):          # the residual stream after the block [B, 1+n, D]
-            self._captured[key] = out
-        return {"rel": on_qkv, "msa": on_heads_output, "feat": on_block}[kind]
+            TIMM_TAPS[kind](self.model.blocks[block], functools.partial(self._captured.__setitem__, (kind, block)))
 
     def freeze_unreached(self, taps, final: bool) -> list[str]:
         """Freeze (requires_grad False) the parameters that neither the captured `taps` nor, with `final`, the final

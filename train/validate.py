@@ -13,7 +13,7 @@ import torch
 
 from hdistill.common.errors import HdistillError
 from hdistill.common.specs import TokenGrid, check_same_grid
-from hdistill.common.targets import TargetSpec
+from hdistill.common.targets import KINDS, TargetSpec
 from hdistill.shards.manifest import Manifest
 
 from .data import AllSamples, check_mask, open_store
@@ -38,8 +38,8 @@ def open_val_store(path: str, train_path: str, train: Manifest, targets: list[Ta
             raise HdistillError(f"--val-shards {path}: no target {target.name}, which the loss uses (it holds "
                                 f"{', '.join(t.name for t in manifest.targets)}); make it with the same --target")
         row = manifest.target(target.name)
-        channels = lambda t: t.shape[:1] if t.kind == "rel" else t.shape[-1:]  # noqa: E731  heads or width
-        if channels(row) != channels(target):
+        channels = KINDS[target.kind].channels
+        if channels(row.shape) != channels(target.shape):
             raise HdistillError(f"--val-shards {path}: {target.name} has shape {list(row.shape)}, the training "
                                 f"store's has {list(target.shape)}: the stores were made by different teachers")
         rows.append(row)
@@ -60,7 +60,7 @@ def evaluate(model: torch.nn.Module, keys: list[str], stream: AllSamples, worker
         for batch in loader:
             if "error" in batch:
                 raise HdistillError(batch["error"])
-            batch = decoded(to_device(batch, device))
+            batch = decoded(to_device(batch, device), stream.stream.reader.specs)
             with autocast:
                 terms = model(batch["pixels"], batch["keep"], batch["targets"])
             for key in keys:                          # each term is a mean over its batch's samples
