@@ -76,11 +76,6 @@ def _discard(tmp: Path):
         pass
 
 
-def atomic_write(path: str | Path, data: bytes):
-    with atomic_open(path) as f:
-        f.write(data)
-
-
 def remove_stale_temporaries(path: str | Path):
     """Remove temporaries of `path` left by a killed writer. Only for files one process owns."""
     path = Path(path)

@@ -5,5 +5,7 @@ Modules, in the order of the flow:
   view      deterministic RandomResizedCrop + flip from (seed, image id, view index)
   teachers  the role registry and the timm / open_clip teacher wrappers
   mask      the progressive redundant-token mask (paper Eq. 4)
-  targets   one forward per teacher -> features, Q K^T relations, mask
+  targets   one forward per teacher -> the target table's values, and the mask
+  data      image sources (folders, lists, tars, object storage) and the views dataset
+  run       the precompute run: batches of views through the teachers into store shards
 """

@@ -9,9 +9,6 @@ from PIL import Image
 
 from hdistill.common.errors import HdistillError
 
-# A 16k x 16k photo is legitimate; beyond that PIL's bomb check still applies.
-MAX_IMAGE_PIXELS = 16384 * 16384
-
 
 def decode_image(data: bytes, name: str) -> Image.Image:
     """Bytes of any PIL-readable image -> fully loaded RGB PIL image.
@@ -19,11 +16,12 @@ def decode_image(data: bytes, name: str) -> Image.Image:
     Grayscale, CMYK, palette and alpha images are converted with PIL's convert("RGB"),
     as timm and torchvision do (alpha is dropped); 16-bit greyscale is scaled to 8 bits first
     (its high byte), where convert("RGB") would clip it to white. Raises HdistillError naming `name`
-    for anything unreadable: empty, truncated or corrupt files, non-images.
+    for anything unreadable: empty, truncated or corrupt files, non-images, and images beyond PIL's
+    decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`, about 89 megapixels unless the caller raises it;
+    hdistill does not change it).
     """
     if not data:
         raise HdistillError(f"{name}: empty file")
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

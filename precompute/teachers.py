@@ -23,6 +23,7 @@ from __future__ import annotations
 import difflib
 import functools
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -185,6 +186,15 @@ class OpenClipTeacher(Teacher):
         return self._on_qkv(block, attend)
 
 
+@contextmanager
+def _seeded(weights: WeightSource):
+    """Random weights are a function of the teacher's seed alone: the model is built under torch's RNG seeded with
+    it, and the caller's RNG does not move."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(weights.seed)
+        yield
+
+
 def _on_block(tap, blocks: nn.ModuleList, block: int, fn):
     return tap(blocks[block], fn)
 
@@ -256,8 +266,7 @@ def _build_timm(role: str, name: str, weights: WeightSource, image_size: int, kw
     else:
         create_kwargs.update(pretrained=weights.kind == "hub")
     try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(weights.seed)
+        with _seeded(weights):
             model = timm.create_model(name, **create_kwargs)
     except (RuntimeError, KeyError, ValueError) as err:
         if weights.kind == "random":
@@ -297,8 +306,7 @@ def _build_open_clip(role: str, name: str, weights: WeightSource, image_size: in
     _check_file(role, weights)
     pretrained = {"hub": tag, "file": weights.path, "random": None}[weights.kind]
     try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(weights.seed)
+        with _seeded(weights):
             clip = open_clip.create_model(arch, pretrained=pretrained, force_image_size=image_size, **kwargs)
     except (RuntimeError, KeyError, ValueError) as err:
         raise _load_error(role, f"open_clip:{arch}", weights, err) from None

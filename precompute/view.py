@@ -54,11 +54,13 @@ def sample_crop(height: int, width: int, rng: np.random.Generator,
         h, w = height, int(round(height * max(ratio)))
     else:
         w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+    return (height - h) // 2, (width - w) // 2, h, w        # RandomResizedCrop's fallback: its floor division
 
 
 def center_crop(height: int, width: int) -> tuple[int, int, int, int]:
-    """(top, left, side, side): the centred square of CENTER_CROP_PCT x the short side (torchvision's rounding)."""
+    """(top, left, side, side): the centred square of CENTER_CROP_PCT x the short side, rounded as torchvision's
+    CenterCrop rounds (RandomResizedCrop's fallback above floors instead: each follows its torchvision original,
+    and the stored views depend on both)."""
     side = max(1, round(min(height, width) * CENTER_CROP_PCT))
     return int(round((height - side) / 2)), int(round((width - side) / 2)), side, side
 

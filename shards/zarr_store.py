@@ -18,6 +18,7 @@ temporary folder and published whole: renamed in, or uploaded with the group's z
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -45,18 +46,21 @@ VIEW_RECORDS = {"valid": ((), "bool"), "image_id": ((), "str"), "view": ((), "in
                 "flip": ((), "bool")}
 
 
-# bf16 targets carry numcodecs' BitRound filter, which zarr notes is outside the v3 specification each time it
-# parses such an array's metadata, also in zarr's own I/O thread, where _quiet does not reach: once is enough.
-warnings.filterwarnings("once", message="Numcodecs codecs are not in the Zarr version 3 specification")
-
-
 @contextmanager
 def _quiet():
-    """Without zarr's notices that str arrays and numcodecs filters (BitRound) are outside the v3 spec."""
+    """Without zarr's notices that str arrays and numcodecs filters (BitRound) are outside the v3 spec. zarr also
+    gives the second notice in its own I/O thread, where this context does not reach: there it is shown once per
+    process, by a filter added on the first use (not on import)."""
+    _notice_once()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The data type .* does not have a Zarr V3 specification")
         warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
         yield
+
+
+@functools.cache
+def _notice_once():
+    warnings.filterwarnings("once", message="Numcodecs codecs are not in the Zarr version 3 specification")
 
 
 def array_shapes(manifest: Manifest) -> dict[str, tuple[tuple[int, ...], str]]:

@@ -1,10 +1,11 @@
-"""Fixtures: tiny open_clip configs registered for the session; no test reaches a hub."""
+"""Fixtures: tiny open_clip configs registered for the session, the training stores; no test reaches a hub."""
 import json
 import os
 
 import pytest
 import torch
 
+from helpers import precompute, write_photos
 from tinymodels import OPEN_CLIP_TINY
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -25,3 +26,14 @@ def open_clip_tiny(tmp_path_factory):
         (folder / f"{name}.json").write_text(json.dumps(cfg))
     open_clip.add_model_config(folder)
     return {name: size for name, (_v, size) in OPEN_CLIP_TINY.items()}
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    """A kept store (every kind of target) and a full store of 12 photos x 2 views, for the training tests."""
+    root = tmp_path_factory.mktemp("train-stores")
+    write_photos(root / "photos", 12, seed=11)
+    precompute(root / "photos", root / "kept", views=2, formats=["wds"],
+               targets=["clip:feat", "mae:rel@1,2", "mae:msa@1", "mae:feat@2"])
+    precompute(root / "photos", root / "full", views=2, formats=["wds"], store="full")
+    return root

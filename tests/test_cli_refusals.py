@@ -18,8 +18,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from test_store import CLI_TINY, precompute, write_photos
-from test_train import config, stores  # noqa: F401  (stores: the module-scoped fixture)
+from helpers import CLI_TINY, config, precompute, write_photos
 from hdistill.cli import cli
 from hdistill.common.errors import HdistillError
 from hdistill.precompute.data import list_images

@@ -12,7 +12,7 @@ import torch
 import webdataset as wds
 import zarr
 
-from test_store import precompute, write_photos
+from helpers import precompute, write_photos
 from hdistill.common.errors import HdistillError
 from hdistill.common.targets import TargetSpec
 from hdistill.shards.encoding import decode, encode
@@ -58,7 +58,7 @@ def test_int8_encoding_against_its_bound():
 
 
 @pytest.fixture(scope="module")
-def stores(tmp_path_factory):
+def encoded_stores(tmp_path_factory):
     root = tmp_path_factory.mktemp("encodings")
     write_photos(root / "photos", 5, seed=2)
     both = ["wds", "zarr"]
@@ -74,15 +74,15 @@ def decoded(store, fmt):
     return {s.key: s for shard in manifest.shards for s in reader.read(shard)}
 
 
-def test_int8_store_decodes_within_its_bound_in_both_readers(stores):
-    reference = decoded(stores / "fp16", "wds")
-    manifest = read_manifest(stores / "int8")
+def test_int8_store_decodes_within_its_bound_in_both_readers(encoded_stores):
+    reference = decoded(encoded_stores / "fp16", "wds")
+    manifest = read_manifest(encoded_stores / "int8")
     assert {t.name: t.encoding for t in manifest.targets} == {"feat.clip": "fp16", "rel.mae.b1": "int8",
                                                               "rel.mae.b2": "int8", "msa.mae.b0": "int8"}
-    by_reader = {fmt: decoded(stores / "int8", fmt) for fmt in ("wds", "zarr")}
+    by_reader = {fmt: decoded(encoded_stores / "int8", fmt) for fmt in ("wds", "zarr")}
     assert by_reader["wds"].keys() == by_reader["zarr"].keys() == reference.keys()
     # plain webdataset + numpy: the raw arrays, decoded by hand
-    raw = {s["__key__"]: s for s in wds.WebDataset(sorted(glob.glob(str(stores / "int8" / "wds" / "*.tar"))),
+    raw = {s["__key__"]: s for s in wds.WebDataset(sorted(glob.glob(str(encoded_stores / "int8" / "wds" / "*.tar"))),
                                                    shardshuffle=False).decode()}
     for key, ref in reference.items():
         for fmt, samples in by_reader.items():
@@ -97,10 +97,10 @@ def test_int8_store_decodes_within_its_bound_in_both_readers(stores):
 
 
 @pytest.mark.filterwarnings("ignore:Numcodecs codecs are not in the Zarr version 3")
-def test_bf16_store_holds_rounded_float16(stores):
-    reference = decoded(stores / "fp16", "zarr")
-    got = decoded(stores / "bf16", "zarr")
-    group = zarr.open_group(stores / "bf16" / "targets.zarr", mode="r")
+def test_bf16_store_holds_rounded_float16(encoded_stores):
+    reference = decoded(encoded_stores / "fp16", "zarr")
+    got = decoded(encoded_stores / "bf16", "zarr")
+    group = zarr.open_group(encoded_stores / "bf16" / "targets.zarr", mode="r")
     assert group["rel.mae.b1"].dtype == np.float16
     for key, ref in reference.items():
         for name, values in ref.targets.items():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from test_store import CLI_TINY, precompute, wds_samples, write_photos
+from helpers import CLI_TINY, precompute, wds_samples, write_photos
 from hdistill.cli import cli
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import hdistill
-from test_store import precompute, wds_samples, write_photos
+from helpers import precompute, wds_samples, write_photos
 from hdistill.common.errors import HdistillError
 from hdistill.shards.reader import StoreReader
 from hdistill.train.run import TrainConfig, TrainRuntime, run_train

@@ -22,9 +22,7 @@ import pytest
 s3fs = pytest.importorskip("s3fs", reason="the cloud extra is not installed")
 moto_server = pytest.importorskip("moto.server", reason="moto[server] (the test extra) is not installed")
 
-from test_precompute_processes import command as precompute_command, env as precompute_env  # noqa: E402
-from test_store import precompute, write_photos  # noqa: E402
-from test_train import config as train_config  # noqa: E402
+from helpers import config as train_config, precompute, precompute_command, precompute_env, write_photos  # noqa: E402
 from hdistill.common.errors import HdistillError  # noqa: E402
 from hdistill.common.storage import Retry  # noqa: E402
 from hdistill.shards.manifest import read_manifest  # noqa: E402
@@ -93,7 +91,7 @@ class FaultyHandler(http.server.SimpleHTTPRequestHandler):
 
 
 @pytest.fixture(scope="module")
-def stores(tmp_path_factory):
+def served_stores(tmp_path_factory):
     """A local training store (2 views) and its http:// URL."""
     root = tmp_path_factory.mktemp("served")
     write_photos(root / "photos", 12, seed=11)
@@ -320,10 +318,10 @@ def test_a_remote_tar_is_listed_once_and_again_when_it_changes(s3, bucket, photo
         data.list_images(f"s3://{bucket}/tars/t{{2,7}}.tar", index=data.TarIndex(store))
 
 
-def test_an_image_read_that_drops_is_retried_and_one_that_keeps_failing_stops_precompute(stores, tmp_path):
+def test_an_image_read_that_drops_is_retried_and_one_that_keeps_failing_stops_precompute(served_stores, tmp_path):
     from hdistill.precompute.run import PrecomputeConfig, Runtime, run_precompute
-    from test_store import TINY
-    root, http_root = stores
+    from helpers import TINY
+    root, http_root = served_stores
     names = sorted(str(p.relative_to(root / "photos")) for p in (root / "photos").rglob("*.jpg"))  # class<i>/*.jpg
     (root / "photos" / "list.txt").write_text("\n".join(names) + "\n")      # served as http_root/photos/list.txt
 
@@ -359,8 +357,8 @@ def test_an_image_read_that_drops_is_retried_and_one_that_keeps_failing_stops_pr
 
 # ---------------------------------------------------------------- training from s3:// and http://
 
-def test_train_from_s3_and_http_gives_the_local_losses(s3, bucket, stores, tmp_path):
-    root, http_root = stores
+def test_train_from_s3_and_http_gives_the_local_losses(s3, bucket, served_stores, tmp_path):
+    root, http_root = served_stores
     s3.put(str(root / "kept"), f"{bucket}/kept", recursive=True)
     runs = {}
     for label, shards, reader, workers in [
@@ -374,8 +372,8 @@ def test_train_from_s3_and_http_gives_the_local_losses(s3, bucket, stores, tmp_p
         assert runs[label] == runs["local"], label
 
 
-def test_a_dropped_connection_is_retried_and_changes_nothing(stores, tmp_path):
-    _root, http_root = stores
+def test_a_dropped_connection_is_retried_and_changes_nothing(served_stores, tmp_path):
+    _root, http_root = served_stores
     shard = "/kept/wds/view1-000001.tar"      # read in epoch 1
     FaultyHandler.gets[shard] = 0
     run_train(train_config(f"{http_root}/kept"), str(tmp_path / "reference"), TrainRuntime(progress=False))
@@ -388,8 +386,8 @@ def test_a_dropped_connection_is_retried_and_changes_nothing(stores, tmp_path):
     assert metrics(tmp_path / "dropped") == metrics(tmp_path / "reference")
 
 
-def test_a_connection_that_keeps_dropping_stops_the_run_and_its_checkpoint_resumes_exactly(stores, tmp_path):
-    root, http_root = stores
+def test_a_connection_that_keeps_dropping_stops_the_run_and_its_checkpoint_resumes_exactly(served_stores, tmp_path):
+    root, http_root = served_stores
     run_train(train_config(root / "kept", steps=8), str(tmp_path / "local"), TrainRuntime(progress=False))
     shard = "/kept/wds/view1-000000.tar"      # read in epoch 1 (steps 4-6), after the checkpoint at step 2
     FaultyHandler.cut[shard] = 100
@@ -409,8 +407,8 @@ def test_a_connection_that_keeps_dropping_stops_the_run_and_its_checkpoint_resum
 
 # ---------------------------------------------------------------- bad configuration
 
-def test_bad_configuration_fails_at_start_up_with_one_line(s3, bucket, stores, photos, tmp_path):
-    root, http_root = stores
+def test_bad_configuration_fails_at_start_up_with_one_line(s3, bucket, served_stores, photos, tmp_path):
+    root, http_root = served_stores
     no_keys = {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""}
     hub = ["--weights", "mae=hub", "--weights", "clip=hub"]       # would fail later, offline: the check comes first
     args = [a for a in precompute_args(photos, f"s3://{bucket}/store") if a != "--random-init"] + hub
@@ -436,8 +434,8 @@ def test_bad_configuration_fails_at_start_up_with_one_line(s3, bucket, stores, p
     assert not s3.exists(f"{bucket}/store"), "nothing was written"
 
 
-def test_without_the_cloud_extra_a_url_names_it(stores):
-    _root, http_root = stores
+def test_without_the_cloud_extra_a_url_names_it(served_stores):
+    _root, http_root = served_stores
     code = ("import sys; sys.modules['s3fs'] = sys.modules['aiohttp'] = None; from hdistill.cli import main; "
             "sys.argv = ['hdistill', 'inspect', sys.argv[1]]; main()")
     for url in ("s3://bucket/store", f"{http_root}/kept"):

@@ -10,18 +10,9 @@ from pathlib import Path
 import pytest
 import zarr
 
-from test_store import CLI_TINY, write_photos
+from helpers import precompute_command as command, precompute_env as env, write_photos
 
 HERE = Path(__file__).resolve().parent
-
-
-def command(data, out, *extra):
-    return [sys.executable, "-m", "hdistill", "precompute", "--data", str(data), "--out", str(out),
-            "--workers", "0", "--device", "cpu", "--quiet", "--format", "wds,zarr", *CLI_TINY, *extra]
-
-
-def env():
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
 def store_digest(store: Path) -> dict:

@@ -1,6 +1,5 @@
 """The target store: round trip through plain webdataset and zarr against targets recomputed here,
 kept vs full, bad inputs, refusal of a changed configuration, full disk, verify."""
-import glob
 import hashlib
 import io
 import json
@@ -11,52 +10,22 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TF
-import webdataset as wds
 import zarr
 from click.testing import CliRunner
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
+from helpers import precompute, wds_samples, write_photos
 from reference import loop_mask, reference_forward
 from hdistill.cli import cli
 from hdistill.common.errors import HdistillError
-from hdistill.precompute.run import PrecomputeConfig, Runtime, build_teachers, run_precompute
-
-TINY = dict(
-    teachers=["mae", "clip"],
-    models={"mae": "vit_base_patch16_224", "clip": "vit_base_patch16_clip_quickgelu_224"},
-    model_args={"mae": dict(depth=4, embed_dim=32, num_heads=4), "clip": dict(depth=3, embed_dim=24, num_heads=3)},
-    random_init=True, image_size=64, batch_size=4, shard_size=4,
-)
-CLI_TINY = ["--random-init", "--image-size", "64", "--batch-size", "4", "--shard-size", "4",
-            "--model", "mae=vit_base_patch16_224", "--model-arg", "mae.depth=4", "--model-arg", "mae.embed_dim=32",
-            "--model-arg", "mae.num_heads=4", "--model", "clip=vit_base_patch16_clip_quickgelu_224",
-            "--model-arg", "clip.depth=3", "--model-arg", "clip.embed_dim=24", "--model-arg", "clip.num_heads=3"]
-
-
-def write_photos(folder: Path, count: int, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    for i in range(count):
-        h, w = rng.integers(40, 200, size=2)
-        base = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
-        img = Image.fromarray(base).resize((int(w), int(h)), Image.BILINEAR)
-        noise = rng.integers(-20, 20, (int(h), int(w), 3))
-        img = Image.fromarray(np.clip(np.asarray(img) + noise, 0, 255).astype(np.uint8))
-        sub = folder / f"class{i % 2}"
-        sub.mkdir(parents=True, exist_ok=True)
-        img.save(sub / f"img.{i:03d}.jpg" if i == 0 else sub / f"img{i:03d}.jpg", quality=90)
-
+from hdistill.precompute.run import build_teachers
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     folder = tmp_path_factory.mktemp("photos")
     write_photos(folder, 6)
     return folder
-
-
-def precompute(data, out, workers=0, **overrides):
-    cfg = PrecomputeConfig(data=str(data), **{**TINY, **overrides})
-    return run_precompute(cfg, str(out), Runtime(workers=workers, progress=False)), cfg
 
 
 # every kind of target, from both teachers (the defaults are tested in test_teachers and test_inputs_cli)
@@ -68,11 +37,6 @@ def kept_store(photos, tmp_path_factory):
     out = tmp_path_factory.mktemp("stores") / "kept"
     manifest, cfg = precompute(photos, out, views=2, targets=EVERY_KIND, formats=["wds", "zarr"])
     return out, manifest, cfg
-
-
-def wds_samples(store):
-    urls = sorted(glob.glob(str(store / "wds" / "*.tar")))
-    return {s["__key__"]: s for s in wds.WebDataset(urls, shardshuffle=False).decode()}
 
 
 def expected_view(meta):

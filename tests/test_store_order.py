@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
-from test_store import precompute, write_photos
+from helpers import precompute, write_photos
 from hdistill.shards.format import StoreLayout
 
 

@@ -15,32 +15,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from test_store import precompute, write_photos
+from helpers import STUDENT, config, precompute, write_photos
 from hdistill.cli import cli
 from hdistill.common.errors import HdistillError
 from hdistill.common.targets import TargetSpec
 from hdistill.train.data import AllSamples, StoreStream, open_store
 from hdistill.train.loss import DistillLoss, LossConfig, LossTerm, group_heads, parse_losses, plan_losses
-from hdistill.train.run import TrainConfig, TrainRuntime, Trainer, run_train
+from hdistill.train.run import TrainRuntime, Trainer, run_train
 from hdistill.train.student import build_student
-
-STUDENT = dict(student="vit_base_patch16_224", student_args=dict(depth=3, embed_dim=24, num_heads=6))
-
-
-@pytest.fixture(scope="module")
-def stores(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train-stores")
-    write_photos(root / "photos", 12, seed=11)
-    precompute(root / "photos", root / "kept", views=2, formats=["wds"],
-               targets=["clip:feat", "mae:rel@1,2", "mae:msa@1", "mae:feat@2"])
-    precompute(root / "photos", root / "full", views=2, formats=["wds"], store="full")
-    return root
-
-
-def config(store, **overrides):
-    return TrainConfig(shards=str(store), **{**STUDENT, "steps": 6, "batch_size": 4, "lr": 1e-3, "workers": 0,
-                                             "lane_buffer_mb": 0.02, **overrides})
-
 
 def default_targets(manifest):
     return [manifest.target(n) for n in ("feat.clip", "rel.mae.b1", "rel.mae.b2")]

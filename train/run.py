@@ -7,7 +7,7 @@ The run counts steps; `--epochs` converts to steps from the store's sample count
 RUN/
   checkpoint.pt        complete state, written atomically every --checkpoint-every steps
   metrics.jsonl        one JSON object per logged step
-  student.safetensors  the backbone, loadable by timm (written at the end)
+  student.safetensors  the backbone, loadable by timm (written with every checkpoint)
 """
 from __future__ import annotations
 

@@ -1,0 +1,63 @@
+"""Helpers shared by the test modules: tiny teachers and their stores, photos, a train config, plain reads."""
+import glob
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+from hdistill.precompute.run import PrecomputeConfig, Runtime, run_precompute
+from hdistill.train.run import TrainConfig
+
+TINY = dict(
+    teachers=["mae", "clip"],
+    models={"mae": "vit_base_patch16_224", "clip": "vit_base_patch16_clip_quickgelu_224"},
+    model_args={"mae": dict(depth=4, embed_dim=32, num_heads=4), "clip": dict(depth=3, embed_dim=24, num_heads=3)},
+    random_init=True, image_size=64, batch_size=4, shard_size=4,
+)
+CLI_TINY = ["--random-init", "--image-size", "64", "--batch-size", "4", "--shard-size", "4",
+            "--model", "mae=vit_base_patch16_224", "--model-arg", "mae.depth=4", "--model-arg", "mae.embed_dim=32",
+            "--model-arg", "mae.num_heads=4", "--model", "clip=vit_base_patch16_clip_quickgelu_224",
+            "--model-arg", "clip.depth=3", "--model-arg", "clip.embed_dim=24", "--model-arg", "clip.num_heads=3"]
+
+
+def write_photos(folder: Path, count: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        h, w = rng.integers(40, 200, size=2)
+        base = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+        img = Image.fromarray(base).resize((int(w), int(h)), Image.BILINEAR)
+        noise = rng.integers(-20, 20, (int(h), int(w), 3))
+        img = Image.fromarray(np.clip(np.asarray(img) + noise, 0, 255).astype(np.uint8))
+        sub = folder / f"class{i % 2}"
+        sub.mkdir(parents=True, exist_ok=True)
+        img.save(sub / f"img.{i:03d}.jpg" if i == 0 else sub / f"img{i:03d}.jpg", quality=90)
+
+
+def precompute(data, out, workers=0, **overrides):
+    cfg = PrecomputeConfig(data=str(data), **{**TINY, **overrides})
+    return run_precompute(cfg, str(out), Runtime(workers=workers, progress=False)), cfg
+
+
+def wds_samples(store):
+    urls = sorted(glob.glob(str(store / "wds" / "*.tar")))
+    return {s["__key__"]: s for s in wds.WebDataset(urls, shardshuffle=False).decode()}
+
+
+STUDENT = dict(student="vit_base_patch16_224", student_args=dict(depth=3, embed_dim=24, num_heads=6))
+
+
+def config(store, **overrides):
+    return TrainConfig(shards=str(store), **{**STUDENT, "steps": 6, "batch_size": 4, "lr": 1e-3, "workers": 0,
+                                             "lane_buffer_mb": 0.02, **overrides})
+
+
+def precompute_command(data, out, *extra):
+    return [sys.executable, "-m", "hdistill", "precompute", "--data", str(data), "--out", str(out),
+            "--workers", "0", "--device", "cpu", "--quiet", "--format", "wds,zarr", *CLI_TINY, *extra]
+
+
+def precompute_env():
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
