@@ -126,10 +126,6 @@ def crc_seconds_per_sample(store: str, samples: int) -> float:
     return (time.perf_counter() - start) / samples
 
 
-def rate_0(rates: dict, label: str) -> float:
-    return rates[(label, 0)] if (label, 0) in rates else max(r for (name, _w), r in rates.items() if name == label)
-
-
 def make_store(out: str, images: int, shard_size: int, **options) -> float:
     """Bytes per view of the webdataset form of a store made at `out` (its tar shards, what the loader reads)."""
     manifest = run_precompute(

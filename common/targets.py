@@ -9,9 +9,10 @@ A target is (kind, teacher role, block) with a stable name:
     msa   B      msa.<role>.b<B>    block B's softmax(Q K^T / sqrt(d)) V, heads           [1+n, D]
                                     concatenated, before the output projection
 
-n is the number of stored patches; each kind is a row of KINDS, which says how its arrays run over tokens. The name is the webdataset entry (`<name>.npy`) and the zarr
-array (`targets.zarr/<name>`). How a target's values are stored is its encoding (shards.encoding.ENCODINGS,
-which the manifest records); an encoding may add a companion array (`scale.<name>` for int8).
+n is the number of stored patches; each kind is a row of KINDS, which says how its arrays run over
+tokens. The name is the webdataset entry (`<name>.npy`) and the zarr array (`targets.zarr/<name>`). How
+a target's values are stored is its encoding (shards.encoding.ENCODINGS, which the manifest records); an
+encoding may add a companion array (`scale.<name>` for int8).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch
 
 from .errors import HdistillError
 from .tokens import gather_along
+
 
 @dataclass(frozen=True)
 class Kind:
@@ -75,6 +77,7 @@ KINDS: dict[str, Kind] = {k.name: k for k in [
          "projection", needs_block=True, pairs=False),
 ]}
 
+
 @dataclass(frozen=True)
 class TargetSpec:
     """One stored target: what it is, its per-sample shape over the stored tokens, how it is encoded."""
@@ -99,7 +102,6 @@ class TargetSpec:
     def tap(self) -> str:
         """The CLI form: ROLE:KIND[@B]."""
         return f"{self.role}:{self.kind}" + ("" if self.block is None else f"@{self.block}")
-
 
 
 @dataclass(frozen=True)

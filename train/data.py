@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 import random
 import zlib
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -193,21 +194,28 @@ class StoreStream(torch.utils.data.IterableDataset):
         plan = self.plan()
         info = torch.utils.data.get_worker_info()
         lanes = self.my_lanes()[info.id::info.num_workers] if info else self.my_lanes()
-        ahead = ThreadPoolExecutor(1, thread_name_prefix="hdistill-shard") if self.load_ahead else None
-        streams = {lane: self._lane(plan, lane, ahead) for lane in lanes}
         try:
-            for b in range(self.start, plan.steps):
-                for lane, stream in streams.items():
-                    samples = list(itertools.islice(stream, plan.per_lane))
-                    if len(samples) < plan.per_lane:
-                        raise HdistillError(
-                            f"{self.store}: lane {lane} ran out of samples at batch {b} of epoch {self.epoch}: its "
-                            "shards hold fewer samples than the manifest the run started with (was the store "
-                            "replaced while the run read it?); check it with hdistill verify, then run the same "
-                            "command to resume from the last checkpoint")
-                    yield {"batch": b, "lane": lane, "samples": self.collate(samples)}
+            with self._load_thread() as ahead:
+                streams = {lane: self._lane(plan, lane, ahead) for lane in lanes}
+                for b in range(self.start, plan.steps):
+                    for lane, stream in streams.items():
+                        samples = list(itertools.islice(stream, plan.per_lane))
+                        if len(samples) < plan.per_lane:
+                            raise HdistillError(
+                                f"{self.store}: lane {lane} ran out of samples at batch {b} of epoch {self.epoch}: "
+                                "its shards hold fewer samples than the manifest the run started with (was the "
+                                "store replaced while the run read it?); check it with hdistill verify, then run "
+                                "the same command to resume from the last checkpoint")
+                        yield {"batch": b, "lane": lane, "samples": self.collate(samples)}
         except HdistillError as err:
             yield {"error": str(err)}
+
+    @contextmanager
+    def _load_thread(self):
+        """The thread that loads shards ahead (None for zarr, or for views made online), stopped with the stream."""
+        ahead = ThreadPoolExecutor(1, thread_name_prefix="hdistill-shard") if self.load_ahead else None
+        try:
+            yield ahead
         finally:
             if ahead is not None:
                 ahead.shutdown(wait=False, cancel_futures=True)
@@ -279,22 +287,18 @@ class AllSamples(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         shards = shards[info.id::info.num_workers] if info else shards
         pending: list[Sample] = []
-        ahead = ThreadPoolExecutor(1, thread_name_prefix="hdistill-shard") if s.load_ahead else None
         try:
-            for shard, loaded in zip(shards, s._loads(ahead, shards)):
-                for stored in s._read(shard, None, loaded):
-                    pending.append(stored)
-                    if len(pending) == self.batch_size:
-                        yield s.collate(pending)
-                        pending = []
+            with s._load_thread() as ahead:
+                for shard, loaded in zip(shards, s._loads(ahead, shards)):
+                    for stored in s._read(shard, None, loaded):
+                        pending.append(stored)
+                        if len(pending) == self.batch_size:
+                            yield s.collate(pending)
+                            pending = []
             if pending:
                 yield s.collate(pending)
         except HdistillError as err:
             yield {"error": str(err)}
-        finally:
-            if ahead is not None:
-                ahead.shutdown(wait=False, cancel_futures=True)
-
 
 def select_patches(mask: str, stage: np.ndarray, key: str, seed: int, epoch: int, n_keep: int) -> np.ndarray:
     """Patches the student sees, from all N: the progressive mask's, all, or a seeded random set."""
