@@ -87,7 +87,7 @@ def student_as_teacher(path: str, name: str | None = None, image_size: int | Non
     info = read_export_info(path)
     name = name or info.timm_model
     if name is None:
-        raise HdistillError(f"--student {path}: the file does not say which timm model it holds; give --student-model")
+        raise HdistillError(f"--student-weights {path}: the file does not say which timm model it holds; give --student")
     kwargs = {**info.model_args, **(kwargs or {})}
     image_size = kwargs.pop("img_size", None) or image_size or info.img_size or 224
     norm = {k: v for k, v in (("mean", info.mean), ("std", info.std)) if v is not None}
@@ -95,7 +95,7 @@ def student_as_teacher(path: str, name: str | None = None, image_size: int | Non
         model = timm.create_model(name, pretrained=True, num_classes=0, img_size=image_size,
                                   pretrained_cfg_overlay=dict(file=path, num_classes=0, **norm), **kwargs)
     except (RuntimeError, KeyError, ValueError, TypeError) as err:
-        raise HdistillError(f"--student {path} does not fit timm model {name} {kwargs}: {state_dict_problem(err)}"
+        raise HdistillError(f"--student-weights {path} does not fit timm model {name} {kwargs}: {state_dict_problem(err)}"
                             ) from None
     cfg = model.pretrained_cfg
     teacher_info = TeacherInfo(role="student", model=f"timm:{name}", weights={"source": "file", "path": path},
@@ -122,7 +122,7 @@ def state_dict_problem(err: Exception) -> str:
         parts.append(f"{len(shapes)} shape mismatches ({key}: {file_shape} in the file, {model_shape} in the model)")
     if not parts:
         return text.splitlines()[0][:400]
-    return "; ".join(parts) + "; check --student-model and --student-arg"
+    return "; ".join(parts) + "; check --student and --student-arg"
 
 
 @torch.inference_mode()

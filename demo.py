@@ -12,8 +12,10 @@ from pathlib import Path
 
 from hdistill.analyze import run_analysis, student_as_teacher
 from hdistill.common.errors import HdistillError
-from hdistill.precompute.run import PrecomputeConfig, Runtime, build_teachers, run_precompute
-from hdistill.train.run import TrainConfig, TrainRuntime, run_train
+from hdistill.precompute.config import PrecomputeConfig, Runtime
+from hdistill.precompute.run import build_teachers, run_precompute
+from hdistill.train.config import TrainConfig, TrainRuntime
+from hdistill.train.run import run_train
 
 # small stand-ins for the default ViT-B/16 teachers: same family and patch size, 6 blocks of width 96
 TINY_TEACHER = ("vit_small_patch16_224", {"depth": 6, "embed_dim": 96, "num_heads": 3})
@@ -65,7 +67,7 @@ def run_demo(out: str, models: dict[str, str] | None = None, model_args: dict | 
                             weights=weights, random_init=random_init, views=2, batch_size=32, shard_size=32,
                             formats=["wds", "zarr"])
     echo(f"demo: 1/3 precompute {images} generated images x 2 views -> {out_dir / 'store'}")
-    run_precompute(pcfg, str(out_dir / "store"), Runtime(device="cpu", workers=0, progress=False))
+    run_precompute(pcfg, str(out_dir / "store"), Runtime(device="cpu", workers=0, quiet=True))
 
     echo(f"demo: 2/3 train a {TINY_STUDENT[0]} {TINY_STUDENT[1]} student for {steps} steps -> {out_dir / 'run'}")
     # gcd(4, batch) lanes, not gcd(16, batch): a demo epoch is 6 batches from 3 shards per view, and every lane
@@ -73,9 +75,9 @@ def run_demo(out: str, models: dict[str, str] | None = None, model_args: dict | 
     # the step)
     batch = min(batch_size, images)
     tcfg = TrainConfig(shards=str(out_dir / "store"), student=TINY_STUDENT[0], student_args=TINY_STUDENT[1],
-                       steps=steps, batch_size=batch, lr=1e-3, workers=0, lanes=math.gcd(4, batch))
-    student_file = run_train(tcfg, str(out_dir / "run"), TrainRuntime(device="cpu", log_every=5,
-                                                                      checkpoint_every=steps, progress=False))
+                       steps=steps, batch_size=batch, lr=1e-3, lanes=math.gcd(4, batch))
+    student_file = run_train(tcfg, str(out_dir / "run"), TrainRuntime(device="cpu", workers=0, log_every=5,
+                                                                      checkpoint_every=steps, quiet=True))
     loss_png = plot_losses(out_dir / "run" / "metrics.jsonl", out_dir / "loss.png")
 
     echo(f"demo: 3/3 analyze attention of teachers and student -> {out_dir / 'analysis'}")

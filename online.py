@@ -9,6 +9,8 @@ reference: on the CPU both give the same losses up to the float16 rounding of st
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -18,11 +20,14 @@ from hdistill.common.targets import KINDS
 from hdistill.common.tokens import gather_rows, patchify, token_index
 from hdistill.precompute.data import list_images
 from hdistill.precompute.image import decode_image
-from hdistill.precompute.run import PrecomputeConfig, build_teachers, plan_store
+from hdistill.precompute.config import PrecomputeConfig
+from hdistill.precompute.run import build_teachers, plan_store
 from hdistill.precompute.targets import compute_targets
 from hdistill.precompute.view import make_view
 from hdistill.shards.manifest import Manifest
+from hdistill.train.config import OnlineConfig
 from hdistill.train.data import StoreStream, select_patches
+from hdistill.train.source import SourceFactory, SourcePlan
 
 
 def collate_views(samples: list[dict]) -> dict:
@@ -67,28 +72,28 @@ class LiveViews(StoreStream):
 
 
 class LiveTargets:
-    """A train source (see train.run.Trainer) whose targets come from the teachers, live."""
+    """A train source (train.source.TargetSource) whose targets come from the store's teachers, live."""
 
-    def __init__(self, trainer):
-        manifest = trainer.manifest
+    def __init__(self, plan: SourcePlan, options: OnlineConfig):
+        manifest = plan.manifest
         self.pcfg = PrecomputeConfig(**manifest.config)
-        self.device = trainer.rt.device
+        self.device, self.fresh_views = plan.device, options.fresh_views
         self.teachers = build_teachers(self.pcfg, self.device)
-        data = trainer.rt.data or self.pcfg.data
+        data = options.data or self.pcfg.data
         images = list_images(data, self.pcfg.limit)
         if len(images) != manifest.layout.num_images:
             raise HdistillError(f"--online: {data} holds {len(images)} images, the store was made from "
                                 f"{manifest.layout.num_images}")
         if plan_store(self.pcfg, self.teachers, len(images)).identity() != manifest.identity():
             raise HdistillError("--online: the teachers rebuilt from the store's manifest do not give its targets")
-        self.manifest = manifest
-        cfg = trainer.cfg
-        self.targets, self.mask, self.seed = [t.target for t in trainer.terms], trainer.mask, cfg.seed
-        if cfg.fresh_views and self.pcfg.crop != "random":
+        if options.fresh_views and self.pcfg.crop != "random":
             raise HdistillError("--fresh-views: the store was made with --crop center; fresh views are random crops")
-        self.stream = LiveViews(cfg.shards, manifest, self.targets, self.mask, cfg.seed, trainer.lanes,
-                                cfg.batch_size, cfg.lane_buffer_mb, trainer.dist.rank, trainer.dist.world_size,
-                                images, cfg.fresh_views)
+        self.manifest, self.targets, self.mask, self.seed = manifest, plan.targets, plan.mask, plan.seed
+        self.stream = LiveViews(plan.shards, manifest, self.targets, self.mask, plan.seed, plan.lanes, plan.batch_size,
+                                plan.lane_buffer_mb, plan.rank, plan.world_size, images, options.fresh_views)
+
+    def record(self) -> dict:
+        return {"source": "online", "fresh_views": self.fresh_views}
 
     def prepare(self, batch: dict) -> dict:
         """Views -> the batch the offline loader would give, with float32 targets."""
@@ -104,3 +109,8 @@ class LiveTargets:
                 "pixels": gather_rows(patchify(pixels, self.stream.layout.patch_size), sel),
                 "keep": sel,
                 "targets": {t.name: KINDS[t.kind].gather(targets.values[t.name], tokens) for t in self.targets}}
+
+
+def live_targets(options: OnlineConfig) -> SourceFactory:
+    """The Trainer's `source` for `hdistill train --online [--fresh-views] [--data D]`."""
+    return functools.partial(LiveTargets, options=options)

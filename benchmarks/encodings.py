@@ -26,11 +26,13 @@ import numpy as np
 import torch
 
 from hdistill.common.targets import KINDS, TargetSpec, parse_targets
-from hdistill.precompute.run import PrecomputeConfig, Runtime, run_precompute
+from hdistill.precompute.config import PrecomputeConfig, Runtime
+from hdistill.precompute.run import run_precompute
 from hdistill.precompute.targets import compute_targets, plan_mask, plan_targets
 from hdistill.shards.encoding import ENCODINGS, decode, encode
 from hdistill.train.data import AllSamples, StoreStream
-from hdistill.train.run import TrainConfig, Trainer, TrainRuntime
+from hdistill.train.config import TrainConfig, TrainRuntime
+from hdistill.train.run import Trainer
 from hdistill.train.validate import evaluate
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
@@ -93,7 +95,7 @@ def make_store(args, device, out, encodings, formats, images: slice):
         list_file = Path(out).with_suffix(".txt")
         list_file.write_text("".join(f"{p}\n" for p in sorted(IMAGES.glob("*.JPEG"))[images]))
         cfg.data, cfg.limit = str(list_file), None
-    return run_precompute(cfg, out, Runtime(device=device, workers=0, progress=False))
+    return run_precompute(cfg, out, Runtime(device=device, workers=0, quiet=True))
 
 
 def held_out_loss(trainer: Trainer, store: str, manifest) -> float:
@@ -112,9 +114,9 @@ def training(args, device, tmp):
     for name, (encodings, formats) in stores.items():
         make_store(args, device, f"{tmp}/{name}", encodings, formats, train_images)
         cfg = TrainConfig(shards=f"{tmp}/{name}", student=STUDENT[0], student_args=STUDENT[1], steps=args.steps,
-                          batch_size=args.batch_size, lr=1e-3, workers=0, reader=formats[0])
-        trainer = Trainer(cfg, f"{tmp}/run-{name}", TrainRuntime(device=device, log_every=10, progress=False,
-                                                                  checkpoint_every=10 ** 9))
+                          batch_size=args.batch_size, lr=1e-3)
+        trainer = Trainer(cfg, f"{tmp}/run-{name}", TrainRuntime(device=device, log_every=10, quiet=True, workers=0,
+                                                                  format=formats[0], checkpoint_every=10 ** 9))
         trainer.run()
         curves[name] = [json.loads(line) for line in Path(f"{tmp}/run-{name}/metrics.jsonl").read_text().splitlines()]
         held_out[name] = held_out_loss(trainer, f"{tmp}/val", val)

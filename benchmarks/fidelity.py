@@ -24,9 +24,11 @@ from pathlib import Path
 
 import torch
 
-from hdistill.online import LiveTargets
-from hdistill.precompute.run import PrecomputeConfig, Runtime, run_precompute
-from hdistill.train.run import TrainConfig, TrainRuntime, run_train
+from hdistill.online import live_targets
+from hdistill.precompute.config import PrecomputeConfig, Runtime
+from hdistill.precompute.run import run_precompute
+from hdistill.train.config import OnlineConfig, TrainConfig, TrainRuntime
+from hdistill.train.run import run_train
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 WEIGHTS = ASSETS / "vit_small_patch14_dinov2.imgfocus_fp16.safetensors"
@@ -48,18 +50,18 @@ def make_store(args, device, out: Path, data: str, **options) -> float:
                            targets=TARGETS, image_size=args.image_size, batch_size=16, shard_size=20,
                            precision=args.precision, **options)
     start = time.perf_counter()
-    run_precompute(cfg, str(out), Runtime(device=device, workers=0, progress=False))
+    run_precompute(cfg, str(out), Runtime(device=device, workers=0, quiet=True))
     return time.perf_counter() - start
 
 
 def train(args, device, store: Path, val: Path, out: Path, fresh: bool = False, reader: str | None = None) -> dict:
     cfg = TrainConfig(shards=str(store), student=STUDENT[0], student_args=STUDENT[1], steps=args.steps,
-                      batch_size=args.batch_size, lr=args.lr, losses=LOSSES, drop_path=0.0, workers=0,
-                      reader=reader, val_shards=str(val), val_every=args.steps,
-                      fresh_views=fresh)
+                      batch_size=args.batch_size, lr=args.lr, losses=LOSSES, drop_path=0.0,
+                      val_shards=str(val), val_every=args.steps)
     start = time.perf_counter()
-    run_train(cfg, str(out), TrainRuntime(device=device, log_every=args.steps, progress=False),
-              source=LiveTargets if fresh else None)
+    source = {"source": live_targets(OnlineConfig(online=True, fresh_views=True))} if fresh else {}
+    run_train(cfg, str(out), TrainRuntime(device=device, log_every=args.steps, quiet=True, workers=0, format=reader),
+              **source)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_loss = next(r for r in records if "loss" in r and r["step"] == args.steps)["loss"]
     val = next(r for r in records if "val/loss" in r)

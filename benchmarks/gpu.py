@@ -32,9 +32,11 @@ from loader import loader_rate  # noqa: E402  (benchmarks/loader.py)
 from precompute import teachers_only  # noqa: E402
 from train import rate, sync  # noqa: E402  (benchmarks/train.py)
 
-from hdistill.online import LiveTargets  # noqa: E402
-from hdistill.precompute.run import PrecomputeConfig, Runtime, build_teachers, run_precompute  # noqa: E402
-from hdistill.train.run import TrainConfig, Trainer, TrainRuntime  # noqa: E402
+from hdistill.online import live_targets  # noqa: E402
+from hdistill.precompute.config import PrecomputeConfig, Runtime  # noqa: E402
+from hdistill.precompute.run import build_teachers, run_precompute  # noqa: E402
+from hdistill.train.config import OnlineConfig, TrainConfig, TrainRuntime  # noqa: E402
+from hdistill.train.run import Trainer  # noqa: E402
 
 FULL = dict(images=1024, batch=256, steps=20, workers=[1, 2, 4, 8], resume_steps=200, image_size=224,
             teachers={"mae": {}, "clip": {}}, students={"ViT-S/16": ("vit_small_patch16_224", {}),
@@ -48,7 +50,7 @@ SMOKE = dict(images=16, batch=4, steps=2, workers=[0, 1], resume_steps=8, image_
 def make_store(tmp: str, size: dict, device: str, precision: str) -> str:
     store = f"{tmp}/store"
     run_precompute(precompute_config(size, precision, f"synthetic:{size['images']}"), store,
-                   Runtime(device=device, workers=0, progress=False))
+                   Runtime(device=device, workers=0, quiet=True))
     return store
 
 
@@ -63,7 +65,7 @@ def student_rows(store: str, size: dict, device: str, out: str) -> list[tuple[st
     for label, (name, args) in size["students"].items():
         for compiled in (False, True):
             cfg = TrainConfig(shards=store, student=name, student_args=args, steps=10_000, batch_size=size["batch"])
-            trainer = Trainer(cfg, f"{out}/{label}-{compiled}", TrainRuntime(device=device, progress=False,
+            trainer = Trainer(cfg, f"{out}/{label}-{compiled}", TrainRuntime(device=device, quiet=True,
                                                                               compile=compiled))
             batch = next(trainer.batches())
             steps = rate(lambda: trainer.train_step(batch), device, 3 if compiled else 2, size["steps"])
@@ -85,7 +87,7 @@ def precompute_rows(tmp: str, size: dict, device: str, precision: str) -> list[t
     start = time.perf_counter()
     sync(device)
     manifest = run_precompute(cfg, f"{tmp}/precompute", Runtime(device=device, workers=4 if device != "cpu" else 0,
-                                                                progress=False), teachers)
+                                                                quiet=True), teachers)
     sync(device)
     whole = manifest.samples / (time.perf_counter() - start)
     return [("precompute: teachers' forward", f"{forward:.0f} images/s"),
@@ -96,8 +98,8 @@ def online_rows(store: str, size: dict, device: str, out: str) -> list[tuple[str
     name, args = list(size["students"].values())[-1]
     cfg = TrainConfig(shards=store, student=name, student_args=args, steps=10_000, batch_size=size["batch"])
     figures = {}
-    for label, source in (("offline", None), ("online", LiveTargets)):
-        trainer = Trainer(cfg, f"{out}/{label}", TrainRuntime(device=device, progress=False), source=source)
+    for label, source in (("offline", {}), ("online", {"source": live_targets(OnlineConfig(online=True))})):
+        trainer = Trainer(cfg, f"{out}/{label}", TrainRuntime(device=device, quiet=True), **source)
         batches = trainer.batches()
         figures[label] = rate(lambda: trainer.train_step(next(batches)), device, 2, size["steps"]) * size["batch"]
     return [("offline student (stored targets)", f"{figures['offline']:.0f} samples/s"),

@@ -38,8 +38,10 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from hdistill.common.processes import start_workers
 from hdistill.common.storage import Location
-from hdistill.precompute.run import PrecomputeConfig, Runtime, run_precompute
+from hdistill.precompute.config import PrecomputeConfig, Runtime
+from hdistill.precompute.run import run_precompute
 from hdistill.train.data import StoreStream, open_store
 
 VIT_B_SHALLOW = {"mae": {"depth": 3}, "clip": {"depth": 3}}   # ViT-B/16 width and heads; 3 blocks
@@ -80,16 +82,14 @@ def loader_rate(store: str, workers: int, batch_size: int, lanes: int, epochs: i
         for shard in manifest.shards:
             shard.crc32c = None
     stream = StoreStream(store, manifest, manifest.targets, mask, seed=0, lanes=lanes,
-                         batch_size=batch_size, buffer_mb=16, reader=reader)
+                         batch_size=batch_size, buffer_mb=16, format=reader)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
                                          prefetch_factor=4 if workers else None, persistent_workers=workers > 0)
     samples = 0
     for epoch in range(epochs + 1):
         if epoch == 1:
             samples, start = 0, time.perf_counter()
-        for piece in loader:
-            if "error" in piece:
-                raise RuntimeError(piece["error"])
+        for piece in start_workers(loader):
             samples += piece["samples"]["count"]
     return samples / (time.perf_counter() - start)
 
@@ -131,7 +131,7 @@ def make_store(out: str, images: int, shard_size: int, **options) -> float:
     manifest = run_precompute(
         PrecomputeConfig(data=f"synthetic:{images}", teachers=["mae", "clip"], model_args=VIT_B_SHALLOW,
                          random_init=True, batch_size=32, shard_size=shard_size, **options),
-        out, Runtime(workers=min(2, os.cpu_count() or 1), progress=False))
+        out, Runtime(workers=min(2, os.cpu_count() or 1), quiet=True))
     return sum(os.path.getsize(f) for f in shard_files(out)) / manifest.samples
 
 
@@ -159,7 +159,7 @@ def main():
         forms = {   # label -> (store, StoreStream mask)
             "fp16 kept": (f"{tmp}/kept", "progressive", dict(formats=["wds", "zarr"])),
             "int8 kept": (f"{tmp}/int8", "progressive", dict(formats=["wds"], encodings=["int8"])),
-            "fp16 full, --mask random": (f"{tmp}/full", "random", dict(formats=["wds"], store="full")),
+            "fp16 full, --mask random": (f"{tmp}/full", "random", dict(formats=["wds"], tokens="full")),
         }
         sizes = {}
         if args.forms:

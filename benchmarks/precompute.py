@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from hdistill.precompute.run import PrecomputeConfig, Runtime, build_teachers, run_precompute
+from hdistill.precompute.config import PrecomputeConfig, Runtime
+from hdistill.precompute.run import build_teachers, run_precompute
 from hdistill.shards.format import store_bytes
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "assets" / "imagenet-sample-100"
@@ -92,7 +93,7 @@ def main():
                            image_size=args.image_size, batch_size=args.batch_size, shard_size=args.batch_size * 4,
                            precision=args.precision, **PRESETS[args.preset])
     teachers = build_teachers(cfg, device)
-    rt = Runtime(device=device, workers=args.workers, progress=False)
+    rt = Runtime(device=device, workers=args.workers, quiet=True)
     name = torch.cuda.get_device_name() if device.startswith("cuda") else f"{platform.processor() or 'cpu'}, " \
         f"{torch.get_num_threads()} threads"
     print(f"device: {device} ({name}); torch {torch.__version__}; teachers {cfg.teachers} preset {args.preset}; "
@@ -129,7 +130,7 @@ def bytes_per_view(cfg, teachers, rt, args):
     for mode in ("kept", "full"):
         for label, encodings, formats in ENCODINGS:
             with tempfile.TemporaryDirectory() as tmp:
-                sized = PrecomputeConfig(**{**cfg.__dict__, "limit": args.size_images, "store": mode,
+                sized = PrecomputeConfig(**{**cfg.__dict__, "limit": args.size_images, "tokens": mode,
                                             "shard_size": args.size_images, "encodings": encodings,
                                             "formats": formats})
                 m = run_precompute(sized, tmp, rt, teachers)

@@ -19,15 +19,16 @@ from pathlib import Path
 import torch
 
 from fidelity import IMAGES, STUDENT, WEIGHTS, image_list, make_store, run_arguments
-from hdistill.train.run import TrainConfig, TrainRuntime, run_train
+from hdistill.train.config import TrainConfig, TrainRuntime
+from hdistill.train.run import run_train
 
 
 def train(args, device, store: Path, val: Path, out: Path, lr: float) -> tuple[list[dict], float]:
     cfg = TrainConfig(shards=str(store), student=STUDENT[0], student_args=STUDENT[1], steps=args.steps,
-                      batch_size=args.batch_size, lr=lr, drop_path=0.0, workers=0, val_shards=str(val),
+                      batch_size=args.batch_size, lr=lr, drop_path=0.0, val_shards=str(val),
                       val_every=args.val_every)
     start = time.perf_counter()
-    run_train(cfg, str(out), TrainRuntime(device=device, log_every=args.val_every, progress=False))
+    run_train(cfg, str(out), TrainRuntime(device=device, log_every=args.val_every, quiet=True, workers=0))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r for r in records if "val/loss" in r], time.perf_counter() - start
 

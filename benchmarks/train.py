@@ -21,9 +21,11 @@ from pathlib import Path
 
 import torch
 
-from hdistill.online import LiveTargets
-from hdistill.precompute.run import PrecomputeConfig, Runtime, run_precompute
-from hdistill.train.run import TrainConfig, Trainer, TrainRuntime
+from hdistill.online import live_targets
+from hdistill.precompute.config import PrecomputeConfig, Runtime
+from hdistill.precompute.run import run_precompute
+from hdistill.train.config import OnlineConfig, TrainConfig, TrainRuntime
+from hdistill.train.run import Trainer
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "assets" / "imagenet-sample-100"
 PRESETS = {  # teachers, student
@@ -71,10 +73,9 @@ def main():
         run_precompute(PrecomputeConfig(data=args.data, limit=args.images, teachers=["mae", "clip"], models=teachers,
                                         random_init=True, batch_size=args.batch_size, shard_size=25,
                                         precision=args.precision, formats=["wds"]),
-                       store, Runtime(device=device, workers=workers, progress=False))
-        cfg = TrainConfig(shards=store, student=student, steps=10_000, batch_size=args.batch_size,
-                          workers=workers)
-        rt = TrainRuntime(device=device, progress=False)
+                       store, Runtime(device=device, workers=workers, quiet=True))
+        cfg = TrainConfig(shards=store, student=student, steps=10_000, batch_size=args.batch_size)
+        rt = TrainRuntime(device=device, quiet=True, workers=workers)
         name = torch.cuda.get_device_name() if device.startswith("cuda") else \
             f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
         print(f"device: {device} ({name}); torch {torch.__version__}; preset {args.preset}: student {student}, "
@@ -85,7 +86,7 @@ def main():
         batches = offline.batches()
         loader = rate(lambda: next(batches), device, args.warmup, args.steps * 3) * args.batch_size
         offline_steps = rate(lambda: offline.train_step(next(batches)), device, args.warmup, args.steps)
-        online = Trainer(cfg, f"{tmp}/online", rt, source=LiveTargets)
+        online = Trainer(cfg, f"{tmp}/online", rt, source=live_targets(OnlineConfig(online=True)))
         live = online.batches()
         online_steps = rate(lambda: online.train_step(next(live)), device, args.warmup, args.steps)
 

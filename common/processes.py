@@ -14,18 +14,38 @@ import os
 import signal
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
+
+from .errors import HdistillError
 
 PR_SET_PDEATHSIG = 1
 
 
+@dataclass(frozen=True)
+class Failure:
+    """An error that stops the run, met in a loader worker and sent to the main process as an item of the stream
+    (start_workers raises it there): a user's message, not a worker's re-wrapped traceback."""
+
+    message: str
+
+
 def start_workers(loader):
     """iter(loader), its workers forked with SIGTERM blocked, so that none dies of a SIGTERM that arrives before its
-    loader_worker_init has made it ignore the signal (the parent's arrives once it is unblocked)."""
+    loader_worker_init has made it ignore the signal (the parent's arrives once it is unblocked); a Failure that a
+    worker sends is raised here as an HdistillError."""
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
-        return iter(loader)
+        items = iter(loader)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    return _raising(items)
+
+
+def _raising(items):
+    for item in items:
+        if isinstance(item, Failure):
+            raise HdistillError(item.message)
+        yield item
 
 
 def loader_worker_init(_worker_id: int = 0):

@@ -7,5 +7,6 @@ Modules, in the order of the flow:
   mask      the progressive redundant-token mask (paper Eq. 4)
   targets   one forward per teacher -> the target table's values, and the mask
   data      image sources (folders, lists, tars, object storage) and the views dataset
+  config    what a store holds (PrecomputeConfig) and how a process runs (Runtime): the command's options
   run       the precompute run: batches of views through the teachers into store shards
 """

@@ -18,100 +18,28 @@ import queue
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import torch
 from tqdm import tqdm
 
 from hdistill.common.errors import HdistillError
-from hdistill.common.processes import StopRequest, Stopped, duration, loader_worker_init, start_workers
+from hdistill.common.processes import Failure, StopRequest, Stopped, duration, loader_worker_init, start_workers
 from hdistill.common.specs import ViewRecord, ViewTargets
 from hdistill.common.storage import Location, Retry, error_text, read_files, transient
 from hdistill.common.targets import KINDS, TargetSpec, parse_targets
 from hdistill.common.tokens import gather_rows, patchify, token_index
-from hdistill.shards.encoding import check_formats, encode, parse_encodings
-from hdistill.shards.format import FORMATS, StoredSample, StoreLayout, shard_name
+from hdistill.shards.encoding import encode, parse_encodings
+from hdistill.shards.format import StoredSample, StoreLayout, shard_name
 from hdistill.shards.manifest import Manifest
 from hdistill.shards.writer import StoreWriter
 
+from .config import PrecomputeConfig, Runtime
 from .data import ImageRef, TarIndex, list_images
 from .image import decode_image
 from .targets import compute_targets, plan_mask, plan_targets
 from .teachers import Teacher, WeightSource, build_teacher
 from .view import make_view
-
-
-@dataclass
-class PrecomputeConfig:
-    """Everything that decides a store's content; a store only resumes with an equal config."""
-
-    data: str
-    teachers: list[str]
-    models: dict[str, str] = field(default_factory=dict)
-    model_args: dict[str, dict] = field(default_factory=dict)
-    weights: dict[str, str] = field(default_factory=dict)     # role -> "hub" | path
-    random_init: bool = False
-    seed: int = 0
-    views: int = 1
-    crop: str = "random"                                        # "random" (training) | "center" (validation)
-    image_size: int = 224
-    targets: list[str] | None = None                            # --target ROLE:KIND[@B,...]; None: the defaults
-    encodings: list[str] = field(default_factory=list)          # --encoding [KEY=]ENC
-    mask_ratio: float = 0.3
-    mask_teacher: str | None = None
-    mask_strategy: str = "progressive"                          # "progressive" | "direct"
-    mask_blocks: list[int] | None = None                        # None: [0, L/3, 2L/3]
-    mask_mean: str = "normalized"                               # "normalized" | "raw"
-    mask_forward: str = "full"                                  # "full" | "drop"
-    store: str = "kept"                                         # "kept" | "full"
-    formats: list[str] = field(default_factory=lambda: ["wds"])
-    batch_size: int = 64
-    shard_size: int = 1024
-    limit: int | None = None
-    precision: str = "fp32"                                     # teachers' forward: "fp32" | "bf16" autocast
-
-    def validate(self):
-        if self.precision not in ("fp32", "bf16"):
-            raise HdistillError(f"--precision must be 'fp32' or 'bf16', got {self.precision!r}")
-        if self.store not in ("kept", "full"):
-            raise HdistillError(f"--store must be 'kept' or 'full', got {self.store!r}")
-        unknown = set(self.formats) - set(FORMATS)
-        if unknown or not self.formats:
-            raise HdistillError(f"--format {','.join(self.formats) or '(empty)'}: use wds, zarr or wds,zarr")
-        if self.crop == "center" and self.views > 1:
-            raise HdistillError(f"--crop center gives one view per image; --views {self.views} would store it "
-                                f"{self.views} times (use --views 1)")
-        check_formats(parse_encodings(self.encodings), self.formats)
-        for name, value in [("--views", self.views), ("--batch-size", self.batch_size),
-                            ("--shard-size", self.shard_size), ("--image-size", self.image_size)]:
-            if value < 1:
-                raise HdistillError(f"{name} must be at least 1, got {value}")
-        for option, roles in [("--model", self.models), ("--model-arg", self.model_args), ("--weights", self.weights)]:
-            extra = set(roles) - set(self.teachers)
-            if extra:
-                raise HdistillError(f"{option} names {', '.join(sorted(extra))}, which is not among --teachers "
-                                    f"({', '.join(self.teachers)})")
-        missing = [r for r in self.teachers if r not in self.weights]
-        if missing and not self.random_init:
-            raise HdistillError(
-                f"no weights for teacher(s) {', '.join(missing)}: pass --weights ROLE=hub to fetch the model's "
-                "pretrained tag, --weights ROLE=PATH for a local file, or --random-init for random weights")
-        if self.random_init and self.weights:
-            raise HdistillError("--random-init and --weights exclude each other")
-
-
-@dataclass
-class Runtime:
-    """How this process runs; does not change the store's content."""
-
-    device: str = "cpu"
-    workers: int = 0
-    rank: int = 0
-    world_size: int = 1
-    progress: bool = True                         # a progress bar (on a terminal)
-    log_lines: bool = False                       # plain progress lines instead (a scheduler's log file)
-    log_every_s: float = 30.0                     # seconds between progress lines
-    retry: Retry = field(default_factory=Retry)   # reads of images on object storage
 
 
 def build_teachers(cfg: PrecomputeConfig, device: str) -> dict[str, Teacher]:
@@ -129,7 +57,7 @@ def plan_store(cfg: PrecomputeConfig, teachers: dict[str, Teacher], num_images: 
     mask = plan_mask(teachers, cfg.mask_ratio, cfg.mask_teacher, cfg.mask_blocks, cfg.mask_mean, cfg.mask_strategy,
                      cfg.mask_forward)
     grid = next(iter(teachers.values())).info.grid
-    stored = mask.kept_counts(grid.num_patches)[-1] if cfg.store == "kept" else grid.num_patches
+    stored = mask.kept_counts(grid.num_patches)[-1] if cfg.tokens == "kept" else grid.num_patches
     requests = None if cfg.targets is None else parse_targets(cfg.targets)
     targets = plan_targets(teachers, requests, 1 + stored, parse_encodings(cfg.encodings))
     layout = StoreLayout(num_images=num_images, views=cfg.views, shard_size=cfg.shard_size,
@@ -180,28 +108,30 @@ class ViewDataset(torch.utils.data.Dataset):
         if isinstance(read, Exception):
             err = read
             if transient(err):    # the storage, not the image: stop rather than skip an image the store should hold
-                return {**out, "fatal": f"{ref.source}: cannot read after {self.retry.attempts} retries "
-                                        f"({type(err).__name__}: {error_text(err)}); run the same command again "
-                                        "to resume"}
+                return Failure(f"{ref.source}: cannot read after {self.retry.attempts} retries "
+                               f"({type(err).__name__}: {error_text(err)}); run the same command again to resume")
             if not isinstance(err, OSError):
                 raise err
-            return {**out, "error": {"source": ref.source, "image_id": ref.image_id,
-                                     "reason": f"{ref.source}: cannot read ({err.strerror or err})"}}
+            return {**out, "skipped": {"source": ref.source, "image_id": ref.image_id,
+                                       "reason": f"{ref.source}: cannot read ({err.strerror or err})"}}
         try:
             img = decode_image(read, ref.source)
             pixels, params = make_view(img, ref.image_id, view, self.seed, self.size, crop=self.crop)
         except HdistillError as err:
-            return {**out, "error": {"source": ref.source, "image_id": ref.image_id, "reason": str(err)}}
+            return {**out, "skipped": {"source": ref.source, "image_id": ref.image_id, "reason": str(err)}}
         record = ViewRecord(ref.source, img.size, params)
         return {**out, "pixels": torch.from_numpy(pixels), "record": record}
 
 
-def collate_views(items: list[dict]) -> dict:
+def collate_views(items: list) -> dict | Failure:
+    """A batch of rendered views and of the inputs skipped (unreadable or undecodable), or the batch's Failure."""
+    failure = next((it for it in items if isinstance(it, Failure)), None)
+    if failure:
+        return failure
     ok = [it for it in items if "pixels" in it]
-    return {"fatal": [it["fatal"] for it in items if "fatal" in it],
-            "pixels": torch.stack([it["pixels"] for it in ok]) if ok else None,
+    return {"pixels": torch.stack([it["pixels"] for it in ok]) if ok else None,
             "ok": [{k: it[k] for k in ("view", "shard", "position", "record")} for it in ok],
-            "failed": [{k: it[k] for k in ("view", "shard", "position", "error")} for it in items if "error" in it]}
+            "skipped": [{k: it[k] for k in ("view", "shard", "position", "skipped")} for it in items if "skipped" in it]}
 
 
 def shard_batches(items: list[tuple[int, int, int]], batch_size: int) -> list[list[int]]:
@@ -250,9 +180,9 @@ class ShardCommitter:
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
-    def put(self, samples: list[tuple[int, int, int, StoredSample]], failed: list[dict]):
+    def put(self, samples: list[tuple[int, int, int, StoredSample]], skipped: list[dict]):
         self.raise_error()
-        self.queue.put((samples, failed))
+        self.queue.put((samples, skipped))
 
     def close(self):
         self.queue.put(None)
@@ -266,12 +196,12 @@ class ShardCommitter:
     def _run(self):
         try:
             while (batch := self.queue.get()) is not None:
-                samples, failed = batch
+                samples, skipped = batch
                 for view, shard, position, sample in samples:
                     self._shard(view, shard)["samples"].append((position, sample))
-                for f in failed:
-                    self._shard(f["view"], f["shard"])["skipped"].append(
-                        {"position": f["position"], "view": f["view"], **f["error"]})
+                for s in skipped:
+                    self._shard(s["view"], s["shard"])["skipped"].append(
+                        {"position": s["position"], "view": s["view"], **s["skipped"]})
                 for key in [k for k, s in self.pending.items()
                             if len(s["samples"]) + len(s["skipped"]) == len(self.layout.positions(k[1]))]:
                     shard = self.pending.pop(key)
@@ -295,6 +225,7 @@ def run_precompute(cfg: PrecomputeConfig, out: str, rt: Runtime,
     `teachers` may be passed prebuilt (as build_teachers(cfg, rt.device) makes them), e.g. by benchmarks.
     """
     cfg.validate()
+    rt = rt.resolved()
     store = Location(out)
     store.check_writable("--out")
     images = list_images(cfg.data, cfg.limit, TarIndex(store, rt.rank, rt.world_size))
@@ -331,8 +262,6 @@ def _process(cfg, rt, writer, teachers, images, items):
     try:
         with stop.listening():
             for batch in start_workers(loader):
-                if batch["fatal"]:
-                    raise HdistillError(batch["fatal"][0])
                 if stop:            # the shard in progress is dropped: only whole shards are committed
                     break
                 samples = []
@@ -341,12 +270,12 @@ def _process(cfg, rt, writer, teachers, images, items):
                     values = compute_targets(teachers, pixels, manifest.targets, manifest.mask, cfg.precision)
                     records = [it["record"] for it in batch["ok"]]
                     stored = stored_samples(values, manifest.targets, pixels, records, manifest.layout.patch_size,
-                                            cfg.store == "full")
+                                            cfg.tokens == "full")
                     samples = [(it["view"], it["shard"], it["position"], s) for it, s in zip(batch["ok"], stored)]
-                committer.put(samples, batch["failed"])
-                skipped += len(batch["failed"])
-                done += len(batch["ok"]) + len(batch["failed"])
-                bar.update(len(batch["ok"]) + len(batch["failed"]))
+                committer.put(samples, batch["skipped"])
+                skipped += len(batch["skipped"])
+                done += len(batch["ok"]) + len(batch["skipped"])
+                bar.update(len(batch["ok"]) + len(batch["skipped"]))
                 bar.set_postfix(skipped=skipped, refresh=False)
                 if progress:
                     progress.update(done, committer.committed, skipped)

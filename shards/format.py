@@ -22,7 +22,7 @@ COMMITS_DIR = "commits"
 LOCKS_DIR = "locks"
 INPUTS_DIR = "inputs"          # precompute's listings of remote input tars (a cache; readers never need it)
 FORMATS = ("wds", "zarr")
-CONFIG = "config.yaml"         # the precompute options (written by the CLI)
+CONFIG = "config.yaml"         # the precompute options (writer.write_store_options)
 STORE_ENTRIES = (MANIFEST, WDS_DIR, ZARR_DIR, COMMITS_DIR, LOCKS_DIR, INPUTS_DIR, CONFIG)   # what a store folder holds
 
 

@@ -63,7 +63,7 @@ class Manifest:
         return sum(s.samples for s in self.shards)
 
     @property
-    def store_mode(self) -> str:
+    def tokens(self) -> str:
         return "full" if self.layout.stored_patches == self.layout.num_patches else "kept"
 
     def teacher(self, role: str) -> TeacherInfo:

@@ -63,7 +63,7 @@ class StoreReader:
         if fmt not in FORMATS:
             raise HdistillError(f"unknown store format {fmt!r}; choose one of {', '.join(FORMATS)}")
         if fmt not in manifest.formats:
-            raise HdistillError(f"--reader {fmt}: the store {store} holds only {','.join(manifest.formats)}")
+            raise HdistillError(f"--format {fmt}: the store {store} holds only {','.join(manifest.formats)}")
         names = [t.name for t in manifest.targets] if targets is None else targets
         missing = [n for n in names if not manifest.has_target(n)]
         if missing:

@@ -18,7 +18,7 @@ from hdistill.common.lock import hold_lock
 from hdistill.common.storage import Location, as_location, remove_dead_staging
 
 from . import wds, zarr_store
-from .format import COMMITS_DIR, LOCKS_DIR, MANIFEST, STORE_ENTRIES, WDS_DIR, StoredSample, shard_name
+from .format import COMMITS_DIR, CONFIG, LOCKS_DIR, MANIFEST, STORE_ENTRIES, WDS_DIR, StoredSample, shard_name
 from .manifest import Manifest, ShardRecord, read_manifest, write_manifest
 
 
@@ -118,3 +118,9 @@ class StoreWriter:
         self.manifest.complete, self.manifest.shards, self.manifest.skipped = True, shards, skipped
         write_manifest(self.store, self.manifest)
         return self.manifest
+
+
+def write_store_options(store: str | Path | Location, options: bytes):
+    """STORE/config.yaml: the precompute options that made the store (common.options.options_yaml), which
+    `hdistill precompute --config` loads again; every rank writes the same bytes."""
+    as_location(store).write_bytes(CONFIG, options)

@@ -35,5 +35,5 @@ def stores(tmp_path_factory):
     write_photos(root / "photos", 12, seed=11)
     precompute(root / "photos", root / "kept", views=2, formats=["wds"],
                targets=["clip:feat", "mae:rel@1,2", "mae:msa@1", "mae:feat@2"])
-    precompute(root / "photos", root / "full", views=2, formats=["wds"], store="full")
+    precompute(root / "photos", root / "full", views=2, formats=["wds"], tokens="full")
     return root

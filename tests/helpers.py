@@ -8,8 +8,9 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from hdistill.precompute.run import PrecomputeConfig, Runtime, run_precompute
-from hdistill.train.run import TrainConfig
+from hdistill.precompute.config import PrecomputeConfig, Runtime
+from hdistill.precompute.run import run_precompute
+from hdistill.train.config import OnlineConfig, TrainConfig, TrainRuntime
 
 TINY = dict(
     teachers=["mae", "clip"],
@@ -38,7 +39,7 @@ def write_photos(folder: Path, count: int, seed: int = 0):
 
 def precompute(data, out, workers=0, **overrides):
     cfg = PrecomputeConfig(data=str(data), **{**TINY, **overrides})
-    return run_precompute(cfg, str(out), Runtime(workers=workers, progress=False)), cfg
+    return run_precompute(cfg, str(out), Runtime(workers=workers, quiet=True)), cfg
 
 
 def wds_samples(store):
@@ -50,8 +51,19 @@ STUDENT = dict(student="vit_base_patch16_224", student_args=dict(depth=3, embed_
 
 
 def config(store, **overrides):
-    return TrainConfig(shards=str(store), **{**STUDENT, "steps": 6, "batch_size": 4, "lr": 1e-3, "workers": 0,
+    return TrainConfig(shards=str(store), **{**STUDENT, "steps": 6, "batch_size": 4, "lr": 1e-3,
                                              "lane_buffer_mb": 0.02, **overrides})
+
+
+def runtime(**overrides):
+    """A quiet CPU TrainRuntime with no loader processes unless `overrides` say otherwise."""
+    return TrainRuntime(**{"device": "cpu", "workers": 0, "quiet": True, **overrides})
+
+
+def online(fresh_views=False):
+    """The --online source (as `hdistill train --online [--fresh-views]` makes it)."""
+    from hdistill.online import live_targets
+    return live_targets(OnlineConfig(online=True, fresh_views=fresh_views))
 
 
 def precompute_command(data, out, *extra):

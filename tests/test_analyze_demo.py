@@ -52,7 +52,7 @@ def test_patch_attention_drops_cls_and_renormalises():
 
 
 def test_reduced_demo_leaves_its_files(tmp_path):
-    result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "demo"), "--images", "16", "--steps", "10"])
+    result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "demo"), "--num-images", "16", "--steps", "10"])
     assert result.exit_code == 0, result.output
     assert "RANDOM weights" in result.output
     demo = tmp_path / "demo"
@@ -68,9 +68,9 @@ def test_reduced_demo_leaves_its_files(tmp_path):
                     reason="../shared/assets not present")
 def test_analyze_a_real_teacher_on_real_images(tmp_path):
     weights = ASSETS / "vit_small_patch14_dinov2.imgfocus_fp16.safetensors"
-    result = CliRunner().invoke(cli, ["analyze", "--out", str(tmp_path), "--teacher", "dino",
+    result = CliRunner().invoke(cli, ["analyze", "--out", str(tmp_path), "--teachers", "dino",
                                       "--model", "dino=vit_small_patch14_dinov2", "--weights", f"dino={weights}",
-                                      "--images", str(ASSETS / "imagenet-sample-100"), "--count", "4"])
+                                      "--data", str(ASSETS / "imagenet-sample-100"), "--count", "4"])
     assert result.exit_code == 0, result.output
     import json
     stats = json.loads((tmp_path / "attention.json").read_text())
@@ -107,7 +107,7 @@ def test_eval_separates_two_visibly_different_classes(tmp_path):
         for i in range(10):
             noise = rng.integers(-40, 40, (48, 64, 3))
             Image.fromarray(np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)).save(tmp_path / label / f"{i}.png")
-    result = CliRunner().invoke(cli, ["eval", "--data", str(tmp_path), "--teacher", "dino", "--random-init",
+    result = CliRunner().invoke(cli, ["eval", "--data", str(tmp_path), "--teachers", "dino", "--random-init",
                                       "--model", "dino=vit_small_patch16_224", "--model-arg", "dino.depth=2",
                                       "--model-arg", "dino.embed_dim=48", "--model-arg", "dino.num_heads=3",
                                       "--image-size", "64"])
@@ -135,15 +135,15 @@ def test_eval_builds_students_from_their_files_alone_and_names_them_by_path(tmp_
         student = build_student("vit_small_patch16_224", 64, dict(depth=depth, embed_dim=48, num_heads=3))
         paths.append(str(export_student(student, tmp_path / f"run{i}" / "student.safetensors")))
     data = labelled_folder(tmp_path / "data")
-    result = CliRunner().invoke(cli, ["eval", "--data", str(data), "--student", paths[0], "--student", paths[1]])
+    result = CliRunner().invoke(cli, ["eval", "--data", str(data), "--student-weights", paths[0], "--student-weights", paths[1]])
     assert result.exit_code == 0, result.output
     lines = [line for line in result.output.splitlines() if line.startswith("eval ")]
     assert [line.split(":")[0] for line in lines] == [f"eval {p}" for p in paths]
     # the argument train accepts is accepted here too
-    result = CliRunner().invoke(cli, ["eval", "--data", str(data), "--student", paths[0], "--student-arg", "img_size=64"])
+    result = CliRunner().invoke(cli, ["eval", "--data", str(data), "--student-weights", paths[0], "--student-arg", "img_size=64"])
     assert result.exit_code == 0, result.output
     # the wrong architecture: counts and first keys, not torch's whole key list
-    result = CliRunner().invoke(cli, ["eval", "--data", str(data), "--student", paths[1], "--student-arg", "depth=2"])
+    result = CliRunner().invoke(cli, ["eval", "--data", str(data), "--student-weights", paths[1], "--student-arg", "depth=2"])
     assert result.exit_code == 1
     message = result.output.strip().splitlines()[-1]
     assert "does not fit timm model vit_small_patch16_224" in message and "unexpected keys (blocks.2." in message

@@ -18,12 +18,13 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from helpers import CLI_TINY, config, precompute, write_photos
+from helpers import CLI_TINY, config, precompute, runtime, write_photos
 from hdistill.cli import cli
 from hdistill.common.errors import HdistillError
+from hdistill.common.processes import Failure
 from hdistill.precompute.data import list_images
 from hdistill.precompute.image import decode_image
-from hdistill.train.run import TrainRuntime, run_train
+from hdistill.train.run import run_train
 
 TRAIN_ARGS = ["--batch-size", "4", "--lr", "1e-3", "--workers", "0", "--device", "cpu", "--lane-buffer-mb", "0.02",
               "--student-arg", "depth=3", "--student-arg", "embed_dim=24", "--student-arg", "num_heads=6"]
@@ -139,7 +140,7 @@ def test_resume_says_where_it_starts_and_a_finished_run_says_so(stores, tmp_path
 def test_a_full_disk_while_writing_a_checkpoint_is_named_and_keeps_the_last_one(stores, tmp_path, monkeypatch):
     import hdistill.common.atomic as atomic
     run = tmp_path / "run"
-    run_train(config(stores / "kept", steps=2), str(run), TrainRuntime(progress=False, checkpoint_every=2))
+    run_train(config(stores / "kept", steps=2), str(run), runtime(checkpoint_every=2))
     before = (run / "checkpoint.pt").read_bytes()
 
     class FullDisk(io.FileIO):
@@ -151,7 +152,7 @@ def test_a_full_disk_while_writing_a_checkpoint_is_named_and_keeps_the_last_one(
                         if "checkpoint.pt.tmp" in str(path) else real_open(path, mode, *a, **k), raising=False)
     with pytest.raises(HdistillError, match=r"cannot write .*checkpoint.pt: No space left on device \(the disk is "
                                             r"full\)\. Files already committed are intact"):
-        run_train(config(stores / "kept", steps=4), str(run), TrainRuntime(progress=False, checkpoint_every=2))
+        run_train(config(stores / "kept", steps=4), str(run), runtime(checkpoint_every=2))
     assert (run / "checkpoint.pt").read_bytes() == before
     assert not list(run.glob(".*.tmp-*"))
 
@@ -169,8 +170,8 @@ def test_a_store_replaced_under_a_run_is_named(tmp_path):
     with pytest.raises(HdistillError, match=r"small/wds/view0-00000[01].tar: crc32c [0-9a-f]{8} differs from the "
                                             r"[0-9a-f]{8} its commit recorded: the shard was damaged, changed or replaced"):
         for piece in stream:
-            if "error" in piece:
-                raise HdistillError(piece["error"])
+            if isinstance(piece, Failure):
+                raise HdistillError(piece.message)
 
 
 def test_a_corrupt_weights_file_is_named(tmp_path):
@@ -180,8 +181,8 @@ def test_a_corrupt_weights_file_is_named(tmp_path):
     with pytest.raises(HdistillError, match=rf"teacher 'mae': weight file {bad} is not a readable safetensors file"):
         build_teacher("mae", WeightSource.parse(str(bad)), 64, "vit_base_patch16_224",
                       dict(depth=2, embed_dim=32, num_heads=4))
-    output = refused(CliRunner().invoke(cli, ["eval", "--data", str(tmp_path), "--student", str(bad)]))
-    assert f"--student {bad}: not a readable safetensors file" in output
+    output = refused(CliRunner().invoke(cli, ["eval", "--data", str(tmp_path), "--student-weights", str(bad)]))
+    assert f"--student-weights {bad}: not a readable safetensors file" in output
 
 
 def test_a_16_bit_png_keeps_its_tones(tmp_path):

@@ -79,7 +79,7 @@ def test_every_command_explains_its_options():
     text = CliRunner().invoke(cli, ["precompute", "--help"]).output
     for option in ("--teachers", "--model", "--model-arg", "--weights", "--random-init", "--views", "--image-size",
                    "--target", "--encoding", "--mask-ratio", "--mask-strategy", "--mask-blocks", "--mask-mean",
-                   "--mask-forward", "--store", "--format", "--seed", "--batch-size",
+                   "--mask-forward", "--tokens", "--format", "--seed", "--batch-size",
                    "--device", "--workers", "--shard-size", "--limit", "--rank", "--world-size"):
         assert option in text
 
@@ -104,7 +104,7 @@ def test_the_mask_options_reach_the_manifest_and_inspect(photos, tmp_path):
 def test_device_under_torchrun_and_worker_count(monkeypatch):
     import torch
 
-    from hdistill.cli import loader_workers, resolve_device
+    from hdistill.common.runtime import loader_workers, resolve_device
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert resolve_device("cuda") == "cuda:3" and resolve_device("auto") == "cuda:3"
@@ -133,7 +133,7 @@ def test_a_yaml_config_sets_options_flags_override_and_the_resolved_one_reloads(
     assert manifest["layout"]["shard_size"] == 2, "the flag overrides the file"
     assert [t["name"] for t in manifest["targets"]] == ["feat.clip", "rel.mae.b2"] and manifest["layout"]["image_size"] == 64
     resolved = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())
-    assert resolved["shard_size"] == 2 and resolved["targets"] == ["clip:feat", "mae:rel@-2"] and "workers" not in resolved
+    assert resolved["shard_size"] == 2 and resolved["target"] == ["clip:feat", "mae:rel@-2"] and "workers" not in resolved
     again = runner.invoke(cli, ["precompute", "--config", str(tmp_path / "a" / "config.yaml"), "--out", str(tmp_path / "b"),
                                 "--workers", "0", "--device", "cpu"])
     assert again.exit_code == 0, again.output
@@ -141,4 +141,4 @@ def test_a_yaml_config_sets_options_flags_override_and_the_resolved_one_reloads(
     assert second["shards"] == manifest["shards"], "the resolved configuration makes the same store"
     config.write_text("data: x\nbatch-sise: 4\n")
     bad = runner.invoke(cli, ["precompute", "--config", str(config), "--out", str(tmp_path / "c")])
-    assert bad.exit_code == 2 and "store.yaml: hdistill precompute has no option 'batch-sise'" in bad.output
+    assert bad.exit_code == 2 and "store.yaml: hdistill precompute: no option 'batch-sise'" in bad.output

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import hdistill
-from helpers import precompute, wds_samples, write_photos
+from helpers import precompute, runtime, wds_samples, write_photos
 from hdistill.common.errors import HdistillError
 from hdistill.shards.reader import StoreReader
-from hdistill.train.run import TrainConfig, TrainRuntime, run_train
+from hdistill.train.config import TrainConfig
+from hdistill.train.run import run_train
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def test_a_hand_written_loop_on_the_public_loader_gives_the_trainers_losses(stor
     from hdistill.train.student import build_student
     run_train(TrainConfig(shards=str(store), student="vit_base_patch16_224", drop_path=0.0, steps=6, batch_size=4,
                           lr=1e-3, student_args=dict(depth=3, embed_dim=24, num_heads=6), lane_buffer_mb=0.02),
-              str(tmp_path / "run"), TrainRuntime(progress=False, log_every=1))
+              str(tmp_path / "run"), runtime(log_every=1))
     expected = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
 
     opened = hdistill.open_store(str(store))

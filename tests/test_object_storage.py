@@ -22,12 +22,12 @@ import pytest
 s3fs = pytest.importorskip("s3fs", reason="the cloud extra is not installed")
 moto_server = pytest.importorskip("moto.server", reason="moto[server] (the test extra) is not installed")
 
-from helpers import config as train_config, precompute, precompute_command, precompute_env, write_photos  # noqa: E402
+from helpers import config as train_config, precompute, precompute_command, precompute_env, runtime, write_photos  # noqa: E402
 from hdistill.common.errors import HdistillError  # noqa: E402
 from hdistill.common.storage import Retry  # noqa: E402
 from hdistill.shards.manifest import read_manifest  # noqa: E402
 from hdistill.shards.reader import StoreReader  # noqa: E402
-from hdistill.train.run import TrainRuntime, run_train  # noqa: E402
+from hdistill.train.run import run_train  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 NO_CREDENTIALS = {"AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent",
@@ -319,7 +319,8 @@ def test_a_remote_tar_is_listed_once_and_again_when_it_changes(s3, bucket, photo
 
 
 def test_an_image_read_that_drops_is_retried_and_one_that_keeps_failing_stops_precompute(served_stores, tmp_path):
-    from hdistill.precompute.run import PrecomputeConfig, Runtime, run_precompute
+    from hdistill.precompute.config import PrecomputeConfig, Runtime
+    from hdistill.precompute.run import run_precompute
     from helpers import TINY
     root, http_root = served_stores
     names = sorted(str(p.relative_to(root / "photos")) for p in (root / "photos").rglob("*.jpg"))  # class<i>/*.jpg
@@ -327,7 +328,7 @@ def test_an_image_read_that_drops_is_retried_and_one_that_keeps_failing_stops_pr
 
     def run(data, out, attempts=3):
         return run_precompute(PrecomputeConfig(data=str(data), **TINY), str(out),
-                              Runtime(progress=False, retry=Retry(attempts=attempts, base=0.01)))
+                              Runtime(quiet=True, retry=Retry(attempts=attempts, base=0.01)))
 
     def samples(store, manifest):
         reader = StoreReader(store, manifest)
@@ -364,8 +365,8 @@ def test_train_from_s3_and_http_gives_the_local_losses(s3, bucket, served_stores
     for label, shards, reader, workers in [
             ("local", root / "kept", "wds", 0), ("s3", f"s3://{bucket}/kept", "wds", 2),
             ("s3-zarr", f"s3://{bucket}/kept", "zarr", 2), ("http", f"{http_root}/kept", "wds", 0)]:
-        run_train(train_config(shards, reader=reader, val_shards=str(shards), val_every=3, workers=workers),
-                  str(tmp_path / label), TrainRuntime(progress=False))
+        run_train(train_config(shards, val_shards=str(shards), val_every=3), str(tmp_path / label),
+                  runtime(format=reader, workers=workers))
         runs[label] = metrics(tmp_path / label)
     assert any("val/loss" in r for r in runs["local"])
     for label in ("s3", "s3-zarr", "http"):
@@ -376,23 +377,23 @@ def test_a_dropped_connection_is_retried_and_changes_nothing(served_stores, tmp_
     _root, http_root = served_stores
     shard = "/kept/wds/view1-000001.tar"      # read in epoch 1
     FaultyHandler.gets[shard] = 0
-    run_train(train_config(f"{http_root}/kept"), str(tmp_path / "reference"), TrainRuntime(progress=False))
+    run_train(train_config(f"{http_root}/kept"), str(tmp_path / "reference"), runtime())
     reads = FaultyHandler.gets[shard]
     FaultyHandler.cut[shard], FaultyHandler.gets[shard] = 1, 0
     with pytest.warns(RuntimeWarning, match=r"view1-000001.tar: .*retry 1 of 3"):
         run_train(train_config(f"{http_root}/kept"), str(tmp_path / "dropped"),
-                  TrainRuntime(progress=False, retry=Retry(attempts=3, base=0.01)))
+                  runtime(retry=Retry(attempts=3, base=0.01)))
     assert FaultyHandler.gets[shard] == reads + 1, "the shard was read again after the drop"
     assert metrics(tmp_path / "dropped") == metrics(tmp_path / "reference")
 
 
 def test_a_connection_that_keeps_dropping_stops_the_run_and_its_checkpoint_resumes_exactly(served_stores, tmp_path):
     root, http_root = served_stores
-    run_train(train_config(root / "kept", steps=8), str(tmp_path / "local"), TrainRuntime(progress=False))
+    run_train(train_config(root / "kept", steps=8), str(tmp_path / "local"), runtime())
     shard = "/kept/wds/view1-000000.tar"      # read in epoch 1 (steps 4-6), after the checkpoint at step 2
     FaultyHandler.cut[shard] = 100
     run = tmp_path / "http"
-    rt = TrainRuntime(progress=False, checkpoint_every=2, retry=Retry(attempts=2, base=0.01))
+    rt = runtime(checkpoint_every=2, retry=Retry(attempts=2, base=0.01))
     with pytest.warns(RuntimeWarning), pytest.raises(HdistillError) as err:
         run_train(train_config(f"{http_root}/kept", steps=8), str(run), rt)
     assert f"{http_root}{shard}: unreadable shard after 2 retries" in str(err.value)

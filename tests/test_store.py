@@ -112,7 +112,7 @@ def test_zarr_holds_the_same_arrays(kept_store):
 
 def test_kept_store_is_full_store_sliced_by_keep(kept_store, photos, tmp_path):
     store, _, _ = kept_store
-    precompute(photos, tmp_path / "full", views=2, store="full", targets=EVERY_KIND)
+    precompute(photos, tmp_path / "full", views=2, tokens="full", targets=EVERY_KIND)
     kept, full = wds_samples(store), wds_samples(tmp_path / "full")
     assert kept.keys() == full.keys()
     for key, k in kept.items():

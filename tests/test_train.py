@@ -15,13 +15,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from helpers import STUDENT, config, precompute, write_photos
+from helpers import STUDENT, config, online, precompute, runtime, write_photos
 from hdistill.cli import cli
 from hdistill.common.errors import HdistillError
 from hdistill.common.targets import TargetSpec
 from hdistill.train.data import AllSamples, StoreStream, open_store
 from hdistill.train.loss import DistillLoss, LossConfig, LossTerm, group_heads, parse_losses, plan_losses
-from hdistill.train.run import TrainRuntime, Trainer, run_train
+from hdistill.train.run import Trainer, run_train
 from hdistill.train.student import build_student
 
 def default_targets(manifest):
@@ -143,11 +143,10 @@ def test_default_objective_is_eq1_and_loss_options_pick_stored_targets(stores):
 
 
 def test_every_loss_kind_trains_offline_and_online_alike(stores, tmp_path):
-    from hdistill.online import LiveTargets
     losses = ["clip:feat=1", "mae:rel@1,2=0.5", "mae:msa@1=0.3", "mae:feat@2=0.2"]
     cfg = config(stores / "kept", steps=4, losses=losses)
-    run_train(cfg, str(tmp_path / "off"), TrainRuntime(progress=False, log_every=1))
-    run_train(cfg, str(tmp_path / "on"), TrainRuntime(progress=False, log_every=1), source=LiveTargets)
+    run_train(cfg, str(tmp_path / "off"), runtime(log_every=1))
+    run_train(cfg, str(tmp_path / "on"), runtime(log_every=1), source=online())
     off, on = ([json.loads(line) for line in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
                for r in ("off", "on"))
     keys = {"loss", "loss/feat.clip", "loss/rel.mae.b1", "loss/rel.mae.b2", "loss/msa.mae.b1", "loss/feat.mae.b2"}
@@ -175,7 +174,7 @@ def test_mask_strategies_from_a_full_store(stores):
 
 def test_export_loads_in_timm_with_strict_keys(stores, tmp_path):
     import timm
-    path = run_train(config(stores / "kept", steps=2), str(tmp_path / "run"), TrainRuntime(progress=False))
+    path = run_train(config(stores / "kept", steps=2), str(tmp_path / "run"), runtime())
     trained = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["student"]
     model = timm.create_model("vit_base_patch16_224", pretrained=True, img_size=64, num_classes=0,
                               pretrained_cfg_overlay=dict(file=str(path), num_classes=0), **STUDENT["student_args"])
@@ -191,7 +190,7 @@ def test_input_normalisation_is_explicit_and_travels_with_the_export(stores, tmp
 
     mean, std = (0.1, 0.2, 0.3), (0.6, 0.5, 0.4)
     trainer = Trainer(config(stores / "kept", steps=1, student_mean=mean, student_std=std), str(tmp_path / "run"),
-                      TrainRuntime(progress=False))
+                      runtime())
     pixels = torch.full((1, 1, 16, 16, 3), 51, dtype=torch.uint8)            # 0.2 in every channel
     normalised = (pixels.permute(0, 1, 4, 2, 3).float() / 255 - trainer.student.mean) / trainer.student.std
     torch.testing.assert_close(normalised[0, 0, :, 0, 0], torch.tensor([(0.2 - m) / s for m, s in zip(mean, std)]))
@@ -213,7 +212,7 @@ def test_input_normalisation_is_explicit_and_travels_with_the_export(stores, tmp
 
 def test_stochastic_depth_and_fp16_with_a_gradient_scaler(stores, tmp_path):
     trainer = Trainer(config(stores / "kept", steps=3, drop_path=0.3, precision="fp16"), str(tmp_path / "run"),
-                      TrainRuntime(progress=False, log_every=1))
+                      runtime(log_every=1))
     blocks = trainer.student.model.blocks                                       # timm: linear in depth, 0 to the rate
     rates = [getattr(b.drop_path1, "drop_prob", 0.0) for b in blocks]          # rate 0: an Identity
     assert rates == pytest.approx([0.0, 0.15, 0.3])
@@ -304,7 +303,7 @@ def test_loader_workers_die_with_a_killed_train(stores, tmp_path):
 def test_clear_errors_before_any_step(stores, tmp_path):
     kept, full = stores / "kept", stores / "full"
     cases = [
-        (config(kept, mask="random"), "--mask random needs a store made with --store full"),
+        (config(kept, mask="random"), "--mask random needs a store made with --tokens full"),
         (config(kept, feature_teacher="deit"), "--feature-teacher deit: the store holds features of clip"),
         (config(kept, relation_blocks=[0]), r"--relation-blocks 0: the store holds relations of mae at blocks \[1, 2\]"),
         (config(kept, student_args=dict(depth=3, embed_dim=24, num_heads=6, patch_size=8)),
@@ -324,7 +323,7 @@ def test_clear_errors_before_any_step(stores, tmp_path):
     ]
     for cfg, message in cases:
         with pytest.raises(HdistillError, match=message):
-            Trainer(cfg, str(tmp_path / "x"), TrainRuntime(progress=False))
+            Trainer(cfg, str(tmp_path / "x"), runtime())
 
 
 def test_damaged_shard_and_nan_target_are_named(stores, tmp_path):
@@ -337,7 +336,7 @@ def test_damaged_shard_and_nan_target_are_named(stores, tmp_path):
     shard = store / "wds" / "view0-000000.tar"
     shard.write_bytes(shard.read_bytes()[:3000] + b"\x00garbage" * 50)
     with pytest.raises(HdistillError, match="view0-000000.tar"):
-        run_train(config(store, steps=3), str(tmp_path / "run1"), TrainRuntime(progress=False))
+        run_train(config(store, steps=3), str(tmp_path / "run1"), runtime())
 
     # one flipped bit inside a float16 target array: shapes and headers intact, the values still finite
     shutil.rmtree(store)
@@ -349,7 +348,7 @@ def test_damaged_shard_and_nan_target_are_named(stores, tmp_path):
     shard.write_bytes(bytes(data))
     with pytest.raises(HdistillError, match=r"view0-000000.tar: crc32c [0-9a-f]{8} differs from the [0-9a-f]{8} its "
                                             r"commit recorded"):
-        run_train(config(store, steps=3), str(tmp_path / "run2"), TrainRuntime(progress=False))
+        run_train(config(store, steps=3), str(tmp_path / "run2"), runtime())
 
     # a NaN that the checksum does not catch (the shard rewritten and its crc32c recorded anew): found on the device
     shutil.rmtree(store)
@@ -372,7 +371,7 @@ def test_damaged_shard_and_nan_target_are_named(stores, tmp_path):
             record["crc32c"] = f"{google_crc32c.value(shard.read_bytes()):08x}"
     (store / "manifest.json").write_text(json.dumps(manifest))
     trainer = Trainer(config(store, steps=9, lanes=1), str(tmp_path / "run3"),
-                      TrainRuntime(progress=False, log_every=3, checkpoint_every=3))
+                      runtime(log_every=3, checkpoint_every=3))
     with pytest.raises(HdistillError, match=r"the batch of step (\d) holds NaN or Inf in feat.clip: the store is "
                                             r"damaged; check it with hdistill verify \(its update was not applied") as err:
         trainer.run()
@@ -395,7 +394,7 @@ def test_train_cli(stores, tmp_path):
     assert "train: step 2/2 epoch 0 loss" in result.output and "samples/s eta 0:00:00" in result.output
     import yaml
     resolved = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
-    assert (resolved["mask"], resolved["steps"], resolved["student_args"]) == ("none", 2, ["depth=3", "embed_dim=24",
+    assert (resolved["mask"], resolved["steps"], resolved["student_arg"]) == ("none", 2, ["depth=3", "embed_dim=24",
                                                                                           "num_heads=6"])
     assert {"step", "loss", "loss/feat.clip", "loss/rel.mae.b1", "loss/rel.mae.b2", "lr", "samples_per_s"} \
         == set(records[0]) - {"epoch"}
@@ -531,7 +530,7 @@ def test_objectives_that_reach_part_of_the_student_train_under_two_ranks(stores,
 
     from safetensors.torch import load_file
     run_train(config(stores / "kept", steps=4, losses=[loss], drop_path=0.0), str(tmp_path / "one"),
-              TrainRuntime(progress=False, log_every=1))
+              runtime(log_every=1))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     result = subprocess.run(torchrun + train_command(stores / "kept", tmp_path / "two", 4, "--drop-path", "0",
                                                      "--loss", loss)[1:],
@@ -556,10 +555,9 @@ def test_objectives_that_reach_part_of_the_student_train_under_two_ranks(stores,
 
 @pytest.mark.parametrize("store,mask", [("kept", "progressive"), ("full", "random")])
 def test_online_and_offline_give_the_same_losses(stores, tmp_path, store, mask):
-    from hdistill.online import LiveTargets
     cfg = config(stores / store, steps=20, mask=mask)
-    run_train(cfg, str(tmp_path / "off"), TrainRuntime(progress=False, log_every=1))
-    run_train(cfg, str(tmp_path / "on"), TrainRuntime(progress=False, log_every=1), source=LiveTargets)
+    run_train(cfg, str(tmp_path / "off"), runtime(log_every=1))
+    run_train(cfg, str(tmp_path / "on"), runtime(log_every=1), source=online())
     off, on = ([json.loads(line) for line in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
                for r in ("off", "on"))
     assert len(off) == len(on) == 20
@@ -609,8 +607,8 @@ def test_epoch_order_views_lanes_and_a_resume_that_skips(stores, monkeypatch):
 
 def test_compiled_training_gives_the_eager_losses(stores, tmp_path):
     cfg = config(stores / "kept", steps=3, drop_path=0.0)   # compiled code draws other random numbers
-    run_train(cfg, str(tmp_path / "eager"), TrainRuntime(progress=False, log_every=1))
-    run_train(cfg, str(tmp_path / "compiled"), TrainRuntime(progress=False, log_every=1, compile=True))
+    run_train(cfg, str(tmp_path / "eager"), runtime(log_every=1))
+    run_train(cfg, str(tmp_path / "compiled"), runtime(log_every=1, compile=True))
     eager, compiled = ([json.loads(line)["loss"] for line in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
                        for r in ("eager", "compiled"))
     assert compiled == pytest.approx(eager, rel=1e-5)
@@ -618,21 +616,21 @@ def test_compiled_training_gives_the_eager_losses(stores, tmp_path):
 
 def test_zarr_reader_gives_the_webdataset_losses(tmp_path):
     write_photos(tmp_path / "photos", 10, seed=5)
-    precompute(tmp_path / "photos", tmp_path / "store", views=2, store="full", formats=["wds", "zarr"])
+    precompute(tmp_path / "photos", tmp_path / "store", views=2, tokens="full", formats=["wds", "zarr"])
     losses = {}
     for reader in ("wds", "zarr"):
-        cfg = config(tmp_path / "store", steps=6, reader=reader, mask="random", workers=1)
-        run_train(cfg, str(tmp_path / reader), TrainRuntime(progress=False, log_every=1))
+        cfg = config(tmp_path / "store", steps=6, mask="random")
+        run_train(cfg, str(tmp_path / reader), runtime(log_every=1, format=reader, workers=1))
         losses[reader] = [json.loads(line) for line in (tmp_path / reader / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in losses["zarr"]] == [r["loss"] for r in losses["wds"]]
     # a zarr-only store is read from zarr without being told
-    precompute(tmp_path / "photos", tmp_path / "zarr-only", views=2, store="full", formats=["zarr"])
-    run_train(config(tmp_path / "zarr-only", steps=6, mask="random", workers=1), str(tmp_path / "default"),
-              TrainRuntime(progress=False, log_every=1))
+    precompute(tmp_path / "photos", tmp_path / "zarr-only", views=2, tokens="full", formats=["zarr"])
+    run_train(config(tmp_path / "zarr-only", steps=6, mask="random"), str(tmp_path / "default"),
+              runtime(log_every=1, workers=1))
     default = [json.loads(line)["loss"] for line in (tmp_path / "default" / "metrics.jsonl").read_text().splitlines()]
     assert default == [r["loss"] for r in losses["zarr"]]
     precompute(tmp_path / "photos", tmp_path / "wds-only", formats=["wds"])
-    with pytest.raises(HdistillError, match="--reader zarr: the store .* holds only wds"):
+    with pytest.raises(HdistillError, match="--format zarr: the store .* holds only wds"):
         open_store(str(tmp_path / "wds-only"), "zarr")
 
 
@@ -643,7 +641,7 @@ def test_validation_is_the_mean_loss_over_every_held_out_sample(stores, tmp_path
                targets=["clip:feat", "mae:rel@1,2", "mae:msa@1", "mae:feat@2", "mae:feat"])   # a superset
     losses = ["clip:feat=1", "mae:rel@2=0.5", "mae:msa@1=0.3"]
     cfg = config(stores / "kept", steps=4, losses=losses, val_shards=str(tmp_path / "val"), val_every=3)
-    run_train(cfg, str(tmp_path / "run"), TrainRuntime(progress=False, log_every=1))
+    run_train(cfg, str(tmp_path / "run"), runtime(log_every=1))
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in records if "val/loss" in r]
     assert [r["step"] for r in val] == [3, 4]
@@ -685,7 +683,7 @@ def test_validation_store_must_hold_the_run_targets(stores, tmp_path):
     precompute(tmp_path / "held-out", tmp_path / "val", crop="center", targets=["clip:feat", "mae:rel@1"])
     cfg = config(stores / "kept", val_shards=str(tmp_path / "val"))
     with pytest.raises(HdistillError, match=r"--val-shards .*val: no target rel.mae.b2, which the loss uses"):
-        Trainer(cfg, str(tmp_path / "run"), TrainRuntime(progress=False))
+        Trainer(cfg, str(tmp_path / "run"), runtime())
     with pytest.raises(HdistillError, match="--crop center gives one view per image"):
         precompute(tmp_path / "held-out", tmp_path / "val2", crop="center", views=2)
 
@@ -693,19 +691,19 @@ def test_validation_store_must_hold_the_run_targets(stores, tmp_path):
 def test_checkpoint_history_weights_only_and_a_longer_run(stores, tmp_path):
     base = dict(steps=4, lr=1e-3, warmup_steps=None)
     run_train(config(stores / "kept", **base), str(tmp_path / "run"),
-              TrainRuntime(progress=False, log_every=1, checkpoint_every=2, keep_checkpoints=2))
+              runtime(log_every=1, checkpoint_every=2, keep_checkpoints=2))
     history = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert history == ["step-000000002.pt", "step-000000004.pt"]
     for name, step in zip(history, (2, 4)):
         state = torch.load(tmp_path / "run" / "checkpoints" / name, weights_only=True)
         assert state["step"] == step and state["warmup"] == 1           # 5% of 4 steps, at least 1
     with pytest.raises(HdistillError, match="is at step 4; --steps/--epochs give 3, which is behind it"):
-        run_train(config(stores / "kept", **{**base, "steps": 3}), str(tmp_path / "run"), TrainRuntime(progress=False))
+        run_train(config(stores / "kept", **{**base, "steps": 3}), str(tmp_path / "run"), runtime())
     with pytest.raises(HdistillError, match=r"other options \(--alpha\)"):
-        run_train(config(stores / "kept", **{**base, "alpha": 0.5}), str(tmp_path / "run"), TrainRuntime(progress=False))
+        run_train(config(stores / "kept", **{**base, "alpha": 0.5}), str(tmp_path / "run"), runtime())
 
     run_train(config(stores / "kept", **{**base, "steps": 8}), str(tmp_path / "run"),
-              TrainRuntime(progress=False, log_every=1, checkpoint_every=2, keep_checkpoints=2))
+              runtime(log_every=1, checkpoint_every=2, keep_checkpoints=2))
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 9))
     # the step k record holds the lr of step k: warm-up kept at 1 step, cosine decay now over 8 steps
@@ -718,11 +716,9 @@ def test_checkpoint_history_weights_only_and_a_longer_run(stores, tmp_path):
 def test_fresh_views_match_the_store_until_its_views_run_out(stores, tmp_path):
     """A 2-view store: epochs 0 and 1 render the stored views (same losses as offline, up to float16),
     epoch 2 renders view 2, which no store holds."""
-    from hdistill.online import LiveTargets
     cfg = config(stores / "kept", steps=9, drop_path=0.0)                  # 12 images, batch 4: 3 steps per epoch
-    run_train(cfg, str(tmp_path / "off"), TrainRuntime(progress=False, log_every=1))
-    run_train(config(stores / "kept", steps=9, drop_path=0.0, fresh_views=True), str(tmp_path / "fresh"),
-              TrainRuntime(progress=False, log_every=1), source=LiveTargets)
+    run_train(cfg, str(tmp_path / "off"), runtime(log_every=1))
+    run_train(cfg, str(tmp_path / "fresh"), runtime(log_every=1), source=online(fresh_views=True))
     off, fresh = ([json.loads(line) for line in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
                   for r in ("off", "fresh"))
     for a, b in zip(off[:6], fresh[:6]):
@@ -730,8 +726,10 @@ def test_fresh_views_match_the_store_until_its_views_run_out(stores, tmp_path):
     # view 2 is another crop: its losses differ well beyond the float16 rounding of the stored ones (about 1e-5)
     assert all(abs(b["loss/feat.clip"] - a["loss/feat.clip"]) > 1e-3 * a["loss/feat.clip"]
                for a, b in zip(off[6:], fresh[6:]))
-    with pytest.raises(HdistillError, match="--fresh-views renders new views with the teachers: it needs --online"):
-        Trainer(config(stores / "kept", fresh_views=True), str(tmp_path / "x"), TrainRuntime(progress=False))
+    refused = CliRunner().invoke(cli, ["train", "--shards", str(stores / "kept"), "--out", str(tmp_path / "x"),
+                                       "--steps", "1", "--fresh-views"])
+    assert refused.exit_code != 0 and "--fresh-views and --data render views with the teachers: they need --online" \
+        in refused.output
 
 
 def test_a_one_shard_store_gives_every_rank_its_half_of_each_global_batch(tmp_path):

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from hdistill.common.errors import HdistillError
+from hdistill.common.processes import Failure
 from hdistill.common.storage import Retry, error_text, transient
 from hdistill.common.targets import KINDS, TargetSpec
 from hdistill.shards.encoding import target_arrays
@@ -32,17 +33,17 @@ from hdistill.shards.reader import Sample, StoreReader
 MASKS = ("progressive", "none", "random")
 
 
-def open_store(path: str, reader: str | None = None) -> Manifest:
-    """The manifest of a complete store that holds the form `reader` (None: any)."""
+def open_store(path: str, format: str | None = None) -> Manifest:
+    """The manifest of a complete store that holds the form `format` (None: any)."""
     manifest = read_manifest(path)
     if not manifest.complete:
         raise HdistillError(f"--shards {path}: the store is not complete; finish its precompute run first")
-    if reader is not None and reader not in manifest.formats:
-        raise HdistillError(f"--reader {reader}: the store {path} holds only {','.join(manifest.formats)}")
+    if format is not None and format not in manifest.formats:
+        raise HdistillError(f"--format {format}: the store {path} holds only {','.join(manifest.formats)}")
     return manifest
 
 
-def default_reader(manifest: Manifest) -> str:
+def default_format(manifest: Manifest) -> str:
     """wds when the store holds it (streamed), else zarr."""
     return "wds" if "wds" in manifest.formats else manifest.formats[0]
 
@@ -50,9 +51,9 @@ def default_reader(manifest: Manifest) -> str:
 def check_mask(manifest: Manifest, mask: str) -> str:
     if mask not in MASKS:
         raise HdistillError(f"--mask {mask!r}: choose one of {', '.join(MASKS)}")
-    if mask != "progressive" and manifest.store_mode != "full":
-        raise HdistillError(f"--mask {mask} needs a store made with --store full; this one holds only the "
-                            "progressive mask's tokens (--store kept)")
+    if mask != "progressive" and manifest.tokens != "full":
+        raise HdistillError(f"--mask {mask} needs a store made with --tokens full; this one holds only the "
+                            "progressive mask's tokens (--tokens kept)")
     return mask
 
 
@@ -128,7 +129,7 @@ class StoreStream(torch.utils.data.IterableDataset):
     {"batch": b, "lane": l, "samples": collated batch/lanes samples}; Trainer.batches joins a batch's
     pieces in lane order. Each loader worker reads a share of the rank's lanes, all at once.
 
-    `reader` "wds" streams the tar shards, "zarr" reads each store shard's region of targets.zarr; both
+    `format` "wds" streams the tar shards, "zarr" reads each store shard's region of targets.zarr; both
     give the same samples in the same order. A resume starts at batch `start` without reading what the
     lanes had emitted: only the shards holding what they still had to emit are opened. A read that
     fails transiently (a dropped connection to object storage) is reopened where it stopped, as `retry`
@@ -139,21 +140,21 @@ class StoreStream(torch.utils.data.IterableDataset):
 
     def __init__(self, store: str, manifest: Manifest, targets: list[TargetSpec], mask: str, seed: int,
                  lanes: int = 1, batch_size: int = 1, buffer_mb: float = 64.0, rank: int = 0, world_size: int = 1,
-                 reader: str = "wds", retry: Retry = Retry()):
+                 format: str = "wds", retry: Retry = Retry()):
         self.store, self.manifest, self.targets, self.mask, self.seed = store, manifest, targets, mask, seed
         self.retry = retry
         self.layout = manifest.layout
         self.lanes, self.batch_size, self.rank, self.world_size = lanes, batch_size, rank, world_size
-        self.reader = StoreReader(store, manifest, reader, [t.name for t in targets])
+        self.reader = StoreReader(store, manifest, format, [t.name for t in targets])
         sample_bytes = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
                            for shape, dtype in self.reader.arrays.values())
         self.buffer = max(1, int(buffer_mb * 2 ** 20) // sample_bytes)            # samples per lane
-        self.full = manifest.store_mode == "full"
+        self.full = manifest.tokens == "full"
         self.n_keep = manifest.mask.kept_counts(self.layout.num_patches)[-1]
         # (array name, stored shape, dtype, kind): every target as this store encodes it, and its int8 scale
         self.stored = [(name, shape, dtype, KINDS[t.kind]) for t in self.reader.specs
                        for name, (shape, dtype) in target_arrays(t).items()]
-        self.load_ahead = reader == "wds"         # read and check each lane's next tar shard on a thread
+        self.load_ahead = format == "wds"         # read and check each lane's next tar shard on a thread
         self.epoch, self.start = 0, 0
 
     def collate(self, samples: list[Sample]) -> dict:
@@ -208,7 +209,7 @@ class StoreStream(torch.utils.data.IterableDataset):
                                 "the same command to resume from the last checkpoint")
                         yield {"batch": b, "lane": lane, "samples": self.collate(samples)}
         except HdistillError as err:
-            yield {"error": str(err)}
+            yield Failure(str(err))
 
     @contextmanager
     def _load_thread(self):
@@ -298,7 +299,7 @@ class AllSamples(torch.utils.data.IterableDataset):
             if pending:
                 yield s.collate(pending)
         except HdistillError as err:
-            yield {"error": str(err)}
+            yield Failure(str(err))
 
 def select_patches(mask: str, stage: np.ndarray, key: str, seed: int, epoch: int, n_keep: int) -> np.ndarray:
     """Patches the student sees, from all N: the progressive mask's, all, or a seeded random set."""

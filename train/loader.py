@@ -24,7 +24,7 @@ from hdistill.common.targets import TargetSpec
 from hdistill.shards.encoding import decode_batch
 from hdistill.shards.manifest import Manifest
 
-from .data import (StoreStream, check_lanes, check_mask, concat, default_lanes, default_reader, epoch_samples,
+from .data import (StoreStream, check_lanes, check_mask, concat, default_lanes, default_format, epoch_samples,
                    open_store as _manifest)
 
 
@@ -74,8 +74,6 @@ class StoreLoader:
         pending: dict[int, dict[int, dict]] = {}
         index = start
         for piece in start_workers(loader):
-            if "error" in piece:
-                raise HdistillError(piece["error"])
             pending.setdefault(piece["batch"], {})[piece["lane"]] = piece["samples"]
             while len(pending.get(index, ())) == len(lanes):
                 parts = pending.pop(index)
@@ -134,10 +132,10 @@ def to_device(batch, device: str):
 class Store:
     """A complete store, opened for reading: its manifest, and loaders over it."""
 
-    def __init__(self, path: str, reader: str | None = None):
+    def __init__(self, path: str, format: str | None = None):
         self.path = str(path)
-        self.manifest: Manifest = _manifest(self.path, reader)
-        self.reader = reader or default_reader(self.manifest)
+        self.manifest: Manifest = _manifest(self.path, format)
+        self.format = format or default_format(self.manifest)
 
     @property
     def targets(self) -> list[str]:
@@ -156,10 +154,10 @@ class Store:
         check_lanes(lanes, batch_size, world_size)
         stream = StoreStream(self.path, self.manifest, [self.manifest.target(n) for n in names],
                              check_mask(self.manifest, mask), seed, lanes, batch_size, buffer_mb, rank, world_size,
-                             self.reader, retry)
+                             self.format, retry)
         return StoreLoader(stream, workers, device)
 
 
-def open_store(path: str, reader: str | None = None) -> Store:
+def open_store(path: str, format: str | None = None) -> Store:
     """A complete store (a local folder or an s3://, gs://, http(s):// URL) opened for reading."""
-    return Store(path, reader)
+    return Store(path, format)

@@ -18,7 +18,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,17 +28,19 @@ from tqdm import tqdm
 from hdistill.common.atomic import atomic_open, remove_stale_temporaries, write_error
 from hdistill.common.errors import HdistillError
 from hdistill.common.lock import hold_lock
+from hdistill.common.options import option_name
 from hdistill.common.processes import StopRequest, Stopped, duration
 from hdistill.common.specs import TokenGrid, check_same_grid
-from hdistill.common.storage import Retry
 from hdistill.shards.manifest import Manifest
 
-from .data import (AllSamples, StoreStream, check_lanes, check_mask, default_lanes, default_reader,
+from .data import (AllSamples, StoreStream, check_lanes, check_mask, default_lanes, default_format,
                    epoch_samples, open_store, steps_per_epoch)
 from .dist import barrier, gather_objects, init_distributed, mean_over_ranks
 from .loader import StoreLoader
+from .config import DEFAULT_LR, TrainConfig, TrainRuntime
 from .loss import DistillLoss, LossConfig, parse_losses, plan_losses
-from .student import IMAGENET_MEAN, IMAGENET_STD, Student, build_student, export_student
+from .source import SourceFactory, SourcePlan, StoredTargets
+from .student import Student, build_student, export_student
 from .validate import evaluate, open_val_store
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -48,67 +50,12 @@ LENGTH_OPTIONS = ("steps", "epochs")     # a run may be extended
 STORE_OPTIONS = ("shards", "val_shards")  # a store may move (a bucket, a local copy) if its manifest is the same
 METRICS = "metrics.jsonl"
 EXPORT = "student.safetensors"
+OPTIONS = "config.yaml"
 LOCK = ".lock"
-# TrainConfig fields whose command-line option is not --<field with dashes>
-OPTION_NAMES = {"student_args": "--student-arg", "losses": "--loss", "standardize_targets": "--standardize-targets"}
-
-
-def option_name(field_name: str) -> str:
-    return OPTION_NAMES.get(field_name, "--" + field_name.replace("_", "-"))
-
-
-@dataclass
-class TrainConfig:
-    """Everything that decides a run's result; a run directory only resumes with an equal config."""
-
-    shards: str
-    student: str = "vit_base_patch16_224"
-    student_args: dict = field(default_factory=dict)
-    drop_path: float = 0.2               # stochastic depth; FD's ViT-B recipe with a CLIP teacher
-    student_mean: tuple[float, float, float] = IMAGENET_MEAN
-    student_std: tuple[float, float, float] = IMAGENET_STD
-    precision: str | None = None         # "bf16" | "fp16" | "fp32"; None: bf16 on CUDA, fp32 on the CPU
-    steps: int | None = None
-    epochs: float | None = None
-    batch_size: int = 256
-    lr: float | None = None              # default: 6e-4 * batch_size / 1024
-    weight_decay: float = 0.05
-    warmup_steps: int | None = None      # default: 5% of the steps
-    clip_grad: float = 3.0
-    losses: list[str] | None = None      # --loss ROLE:KIND[@B,...]=WEIGHT; None: Eq. 1 from the options below
-    alpha: float = 1.0
-    beta: float = 2.0
-    standardize_targets: bool = True
-    feature_teacher: str | None = None
-    relation_teacher: str | None = None
-    relation_blocks: list[int] | None = None
-    student_blocks: dict[int, int] | None = None   # teacher block -> student block (default: same offset from the end)
-    mask: str = "progressive"
-    seed: int = 0
-    lanes: int | None = None             # parts of the store every global batch mixes (default: gcd(16, batch))
-    lane_buffer_mb: float = 64.0         # shuffle buffer per lane, in MB of decoded samples
-    workers: int = 2
-    reader: str | None = None            # "wds" | "zarr": which form of the store to read (None: wds if stored)
-    val_shards: str | None = None        # a held-out store, evaluated every val_every steps and at the end
-    val_every: int = 1000
-    fresh_views: bool = False            # with --online: a new view of every image every epoch
-
-
-@dataclass
-class TrainRuntime:
-    device: str = "cpu"
-    log_every: int = 10
-    checkpoint_every: int = 500
-    progress: bool = True                # a progress bar (on a terminal)
-    compile: bool = False
-    log_lines: bool = False              # a plain progress line every log_every steps (a scheduler's log)
-    keep_checkpoints: int = 0            # also keep the last N checkpoints as checkpoints/step-<step>.pt
-    data: str | None = None              # with --online: where the store's images are now (default: as recorded)
-    retry: Retry = field(default_factory=Retry)   # transient read failures of the store (object storage)
 
 
 def base_lr(cfg: TrainConfig) -> float:
-    return cfg.lr if cfg.lr is not None else 6e-4 * cfg.batch_size / 1024
+    return cfg.lr if cfg.lr is not None else DEFAULT_LR * cfg.batch_size / 1024
 
 
 def total_steps(cfg: TrainConfig, manifest: Manifest) -> int:
@@ -123,7 +70,7 @@ def total_steps(cfg: TrainConfig, manifest: Manifest) -> int:
 
 
 def lr_factor(step: int, steps: int, warmup: int) -> float:
-    """Linear warm-up from 0, then cosine decay to 0."""
+    """The lr of step `step` (0-based) over the peak: linear warm-up from 0, then cosine decay to 0."""
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
@@ -143,17 +90,6 @@ def param_groups(modules: list[torch.nn.Module], weight_decay: float) -> list[di
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-class StoredTargets:
-    """The default source: batches of stored targets, ready as they are."""
-
-    def __init__(self, stream: StoreStream):
-        self.stream = stream
-
-    @staticmethod
-    def prepare(batch: dict) -> dict:
-        return batch
-
-
 class Distiller(torch.nn.Module):
     """Student + loss as one module, so DDP sees every trained parameter (the projection too)."""
 
@@ -171,72 +107,87 @@ class Trainer:
 
     Under torchrun each rank reads its lanes and takes --batch-size / world_size samples of every
     global batch; the checkpoint keeps the global data position; rank 0 writes the files.
+    `source` makes the run's targets from a SourcePlan (train.source; default: the store's own).
     """
 
-    def __init__(self, cfg: TrainConfig, out: str, rt: TrainRuntime, source=None):
-        """`source(trainer)` may replace the store's targets (hdistill.online computes them live); it
-        returns an object with `stream` (a StoreStream) and `prepare(batch)`."""
+    def __init__(self, cfg: TrainConfig, out: str, rt: TrainRuntime, source: SourceFactory = StoredTargets):
         self.cfg, self.out = cfg, Path(out)
+        rt = rt.resolved()
         self.dist, device = init_distributed(rt.device)
-        self.rt = rt = replace(rt, device=device, progress=rt.progress and self.dist.main)
-        self.lanes = cfg.lanes or default_lanes(cfg.batch_size)
-        check_lanes(self.lanes, cfg.batch_size, self.dist.world_size)
-        self.local_batch = cfg.batch_size // self.dist.world_size
-        self.manifest = open_store(cfg.shards, cfg.reader)
-        self.reader = cfg.reader or default_reader(self.manifest)
-        layout = self.manifest.layout
-        self.mask = check_mask(self.manifest, cfg.mask)
+        self.rt = replace(rt, device=device)
+        self.show_progress = self.rt.progress and self.dist.main
+        self.manifest = open_store(cfg.shards, rt.format)
+        self.format = rt.format or default_format(self.manifest)
         self.steps = total_steps(cfg, self.manifest)
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, self.steps // 20)
+        self._build_model()
+        self._build_data(source)
+        self._build_validation()
+        self.step, self.epoch, self.epoch_batches = 0, 0, 0
+        self.lock, self.opened, self.resumed, self.stop = None, False, False, StopRequest()
+
+    def _build_model(self):
+        """Student, loss terms and optimiser, from one seed (the same on every rank), then each rank's stochastic-depth
+        stream; DDP (and torch.compile) around the student and loss."""
+        cfg, device, layout = self.cfg, self.rt.device, self.manifest.layout
         _seed_everything(cfg.seed)
         self.student = build_student(cfg.student, layout.image_size, cfg.student_args, cfg.drop_path,
-                                     cfg.student_mean, cfg.student_std).to(rt.device)
-        self.precision = cfg.precision or ("bf16" if rt.device.startswith("cuda") else "fp32")
+                                     cfg.student_mean, cfg.student_std).to(device)
+        self.precision = cfg.precision or ("bf16" if device.startswith("cuda") else "fp32")
         if self.precision not in PRECISIONS:
             raise HdistillError(f"--precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
-        self.scaler = torch.amp.GradScaler(torch.device(rt.device).type, enabled=self.precision == "fp16")
+        self.scaler = torch.amp.GradScaler(torch.device(device).type, enabled=self.precision == "fp16")
         check_same_grid({f"the store {cfg.shards}": TokenGrid(layout.image_size, layout.patch_size),
                          f"student {cfg.student}": self.student.grid})
-        self.terms = plan_losses(self.manifest, None if cfg.losses is None else parse_losses(cfg.losses),
+        self.terms = plan_losses(self.manifest, parse_losses(cfg.losses) if cfg.losses else None,
                                  self.student.depth, cfg.alpha, cfg.feature_teacher, cfg.relation_teacher,
                                  cfg.relation_blocks, cfg.student_blocks)
         self.loss_fn = DistillLoss(self.terms, self.student.width, self.student.heads,
-                                   LossConfig(cfg.beta, cfg.standardize_targets)).to(rt.device)
-        cuda = rt.device.startswith("cuda")
+                                   LossConfig(cfg.beta, cfg.standardize_targets)).to(device)
         taps = sorted({t.student_tap for t in self.terms if t.student_tap})
         self.student.capture(taps)
         self.frozen = self.student.freeze_unreached(taps, final=any(t.student_tap is None for t in self.terms))
         self.optimizer = torch.optim.AdamW(param_groups([self.student, self.loss_fn], cfg.weight_decay),
                                            lr=base_lr(cfg), betas=(0.9, 0.95), fused=True)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, self.steps, self.warmup))
         self.model = Distiller(self.student, self.loss_fn)
-        self.health = StepHealth([t.name for t in self.terms], rt.device, self.dist)
-        # everything is built from one seed, the same on every rank; from here on the global RNG draws only the
-        # student's stochastic depth, and each rank draws its own (MAE and nanoGPT offset the seed by the rank)
+        self.health = StepHealth([t.name for t in self.terms], device, self.dist)
+        # from here on the global RNG draws only the student's stochastic depth, and each rank draws its own (MAE and
+        # nanoGPT offset the seed by the rank)
         torch.manual_seed(stochastic_depth_seed(cfg.seed, self.dist.rank))
         # Plain DDP (no find_unused_parameters, so no extra graph walk a step): the parameters that no loss term
         # reaches are frozen above, and DDP leaves frozen parameters out of its buckets.
         self.ddp = self.model if self.dist.world_size == 1 else torch.nn.parallel.DistributedDataParallel(
-            self.model, device_ids=[device] if cuda else None)
-        if rt.compile:
+            self.model, device_ids=[device] if device.startswith("cuda") else None)
+        if self.rt.compile:
             self.ddp = torch.compile(self.ddp)
-        if cfg.fresh_views and source is None:
-            raise HdistillError("--fresh-views renders new views with the teachers: it needs --online")
-        self.source = source(self) if source else StoredTargets(
-            StoreStream(cfg.shards, self.manifest, [t.target for t in self.terms], self.mask, cfg.seed,
-                        self.lanes, cfg.batch_size, cfg.lane_buffer_mb, self.dist.rank, self.dist.world_size,
-                        self.reader, rt.retry))
+
+    def _build_data(self, source: SourceFactory):
+        """The run's share of every global batch, through its target source."""
+        cfg = self.cfg
+        self.lanes = cfg.lanes or default_lanes(cfg.batch_size)
+        check_lanes(self.lanes, cfg.batch_size, self.dist.world_size)
+        self.local_batch = cfg.batch_size // self.dist.world_size
+        self.mask = check_mask(self.manifest, cfg.mask)
+        self.source = source(SourcePlan(
+            cfg.shards, self.manifest, [t.target for t in self.terms], self.mask, cfg.seed, self.lanes, cfg.batch_size,
+            cfg.lane_buffer_mb, self.dist.rank, self.dist.world_size, self.rt.device, self.format, self.rt.retry))
+
+    def _build_validation(self):
+        """The held-out store's samples, all of them, split over the ranks (--val-shards)."""
+        cfg = self.cfg
         self.val, self.stores = None, {"shards": self.manifest.digest(), "val_shards": None}
-        if cfg.val_shards:
-            val_manifest, val_targets = open_val_store(cfg.val_shards, cfg.shards, self.manifest,
-                                                       [t.target for t in self.terms], self.mask)
-            self.val = AllSamples(StoreStream(cfg.val_shards, val_manifest, val_targets, self.mask, cfg.seed,
-                                              rank=self.dist.rank, world_size=self.dist.world_size,
-                                              reader=default_reader(val_manifest), retry=rt.retry), self.local_batch)
-            self.stores["val_shards"] = val_manifest.digest()
-        self.step, self.epoch, self.epoch_batches = 0, 0, 0
-        self.lock, self.opened, self.resumed, self.stop = None, False, False, StopRequest()
+        if not cfg.val_shards:
+            return
+        val_manifest, val_targets = open_val_store(cfg.val_shards, cfg.shards, self.manifest,
+                                                   [t.target for t in self.terms], self.mask)
+        self.val = AllSamples(StoreStream(cfg.val_shards, val_manifest, val_targets, self.mask, cfg.seed,
+                                          rank=self.dist.rank, world_size=self.dist.world_size,
+                                          format=default_format(val_manifest), retry=self.rt.retry), self.local_batch)
+        self.stores["val_shards"] = val_manifest.digest()
+
+    def lr(self, step: int) -> float:
+        """The learning rate of step `step` (0-based), from the schedule; set on the optimiser before each step."""
+        return base_lr(self.cfg) * lr_factor(step, self.steps, self.warmup)
 
     # ---------------------------------------------------------------- state
 
@@ -246,10 +197,10 @@ class Trainer:
         every rank's RNG state (rank_rng_state), in rank order."""
         return {"config": asdict(self.cfg), "step": self.step, "steps": self.steps, "warmup": self.warmup,
                 "world_size": self.dist.world_size, "position": (self.epoch, self.epoch_batches),
-                "stores": self.stores,
+                "stores": self.stores, "source": self.source.record(),
                 "student": self.student.state_dict(),
                 "loss": self.loss_fn.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng}
+                "scaler": self.scaler.state_dict(), "rng": rng}
 
     def rank_rng_state(self) -> dict:
         cuda = self.rt.device.startswith("cuda")
@@ -284,7 +235,7 @@ class Trainer:
             except OSError as err:
                 raise write_error(self.out, err) from None
             self.lock = hold_lock(self.out / LOCK, f"the run {self.out}")
-            for name in (CHECKPOINT, EXPORT, METRICS, "config.yaml"):
+            for name in (CHECKPOINT, EXPORT, METRICS, OPTIONS):
                 remove_stale_temporaries(self.out / name)
         barrier(self.dist)
         try:
@@ -295,6 +246,13 @@ class Trainer:
         if self.resumed and not self.finished and self.dist.main:
             print(f"train: resuming {self.out / CHECKPOINT} at step {self.step} of {self.steps} (epoch {self.epoch}, "
                   f"batch {self.epoch_batches} of the epoch)", file=sys.stderr)
+
+    def write_options(self, options: bytes):
+        """RUN/config.yaml (common.options.options_yaml): the run's options, which `hdistill train --config` loads
+        again; written by rank 0 once the run folder is open, unless the run had finished before."""
+        if self.dist.main and not self.finished:
+            with atomic_open(self.out / OPTIONS) as f:
+                f.write(options)
 
     def close(self):
         if self.lock is not None:
@@ -313,13 +271,16 @@ class Trainer:
         old, new = json.loads(json.dumps(state["config"])), json.loads(json.dumps(asdict(self.cfg)))
         for k in STORE_OPTIONS:     # the same path may now hold another store: compare what it holds, always
             if state.get("stores", {}).get(k) != self.stores[k]:
-                raise HdistillError(f"{option_name(k)} {new[k]} is not the store {self.out} was trained on (its "
-                                    f"manifest differs from the one recorded in {path}); give the run's own store, "
+                raise HdistillError(f"{option_name(TrainConfig, k)} {new[k]} is not the store {self.out} was "
+                                    f"trained on (its manifest differs from the one recorded in {path}); give the run's own store, "
                                     "or a new --out for a new run")
         diff = [k for k in new if old.get(k) != new[k] and k not in LENGTH_OPTIONS + STORE_OPTIONS]
+        if state["source"] != self.source.record():
+            raise HdistillError(f"{self.out} was trained from {state['source']}, this run's targets come from "
+                                f"{self.source.record()}; use a new --out or the run's own --online options")
         if diff:
             raise HdistillError(f"{self.out} holds a run with other options "
-                                f"({', '.join(option_name(d) for d in diff)}); use a new --out or the "
+                                f"({', '.join(option_name(TrainConfig, d) for d in diff)}); use a new --out or the "
                                 "original options to resume (only --steps / --epochs may change, and --shards / --val-shards "
                                 "may name the same store in another place)")
         if self.steps < state["step"]:
@@ -330,14 +291,10 @@ class Trainer:
             print(f"train: the run is extended from {state['steps']} to {self.steps} steps: warm-up stays "
                   f"{self.warmup} steps, the cosine decay now ends at step {self.steps} (lr at step {state['step']}: "
                   f"{lr_factor(state['step'], state['steps'], self.warmup) * base_lr(self.cfg):.3g} -> "
-                  f"{lr_factor(state['step'], self.steps, self.warmup) * base_lr(self.cfg):.3g})", file=sys.stderr)
+                  f"{self.lr(state['step']):.3g})", file=sys.stderr)
         self.student.load_state_dict(state["student"])
         self.loss_fn.load_state_dict(state["loss"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.steps != state["steps"]:           # the optimizer holds the old schedule's lr for the next step
-            for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
-                group["lr"] = base * lr_factor(state["step"], self.steps, self.warmup)
         self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
         self.epoch, self.epoch_batches = state["position"]           # global: any rank count resumes it
@@ -356,7 +313,7 @@ class Trainer:
 
     def batches(self):
         """Endless local batches from the saved position (StoreLoader, the public loader), through the source."""
-        loader = StoreLoader(self.source.stream, self.cfg.workers, self.rt.device, self.epoch, self.epoch_batches)
+        loader = StoreLoader(self.source.stream, self.rt.workers, self.rt.device, self.epoch, self.epoch_batches)
         while True:
             for batch in loader:
                 self.epoch, self.epoch_batches = loader.epoch, loader.batch
@@ -372,7 +329,7 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """The loss on the held-out store (no gradient, no stochastic depth): {"step", "val/loss", ...}."""
         keys = ["loss", *(t.key for t in self.terms)]
-        return {"step": self.step, **evaluate(self.model, keys, self.val, self.cfg.workers,
+        return {"step": self.step, **evaluate(self.model, keys, self.val, self.rt.workers,
                                               self.rt.device, self.autocast(), self.dist)}
 
     def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -380,6 +337,8 @@ class Trainer:
         next log or checkpoint step, and a non-finite gradient is never applied (the fused AdamW skips it on the
         device, as it does under a GradScaler)."""
         targets = batch["targets"]                            # on the device already (StoreLoader, or the source)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr(self.step)
         with self.autocast():
             terms = self.ddp(batch["pixels"], batch["keep"], targets)
         self.health.record(self.step + 1, terms["loss"], targets)
@@ -392,7 +351,6 @@ class Trainer:
             self.optimizer.found_inf = (~torch.isfinite(norm)).float()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
         self.step += 1
         return terms
 
@@ -432,7 +390,7 @@ class Trainer:
     def _say_if_views_repeat(self):
         """Once, at the start: a run longer than the store has views reads each fixed view again."""
         views, epochs = self.manifest.layout.views, self.epochs()
-        if self.cfg.fresh_views or epochs <= views:
+        if self.source.record().get("fresh_views") or epochs <= views:
             return
         print(f"train: {epochs} epochs from a store of {views} view(s) per image: epoch e reads view e mod "
               f"{views}, so each view is read about {epochs / views:.0f} times. Fixed views cost held-out loss "
@@ -456,12 +414,12 @@ class Trainer:
     def _steps(self):
         metrics = _MetricsLog(self.out / METRICS, keep_until=self.step if self.resumed else 0) \
             if self.dist.main else None
-        bar = tqdm(total=self.steps, initial=self.step, unit="step", disable=not self.rt.progress)
+        bar = tqdm(total=self.steps, initial=self.step, unit="step", disable=not self.show_progress)
         data, last_time, last_step = self.batches(), time.perf_counter(), self.step
         first_step, postfix = self.step + 1, {}
         try:
             while self.step < self.steps:
-                lr = self.optimizer.param_groups[0]["lr"]
+                lr = self.lr(self.step)
                 terms = self.train_step(next(data))
                 bar.update(1)
                 logged = self.step % self.rt.log_every == 0 or self.step == self.steps
@@ -597,5 +555,5 @@ def _seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
-def run_train(cfg: TrainConfig, out: str, rt: TrainRuntime, source=None) -> Path:
+def run_train(cfg: TrainConfig, out: str, rt: TrainRuntime, source: SourceFactory = StoredTargets) -> Path:
     return Trainer(cfg, out, rt, source).run()

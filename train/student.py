@@ -23,6 +23,8 @@ from hdistill.common.errors import HdistillError
 from hdistill.common.specs import TokenGrid
 from hdistill.common.tokens import TIMM_TAPS, gather_rows
 
+from .config import IMAGENET_MEAN, IMAGENET_STD
+
 
 @dataclass
 class StudentOutput:
@@ -33,9 +35,6 @@ class StudentOutput:
     tokens: torch.Tensor
     taps: dict[tuple[str, int], torch.Tensor]
 
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)   # what MAE / dBOT pre-training and fine-tuning normalise with
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class Student(nn.Module):
@@ -203,7 +202,7 @@ def read_export_info(path: str) -> ExportInfo:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError) as err:
-        raise HdistillError(f"--student {path}: not a readable safetensors file ({err}); give the "
+        raise HdistillError(f"--student-weights {path}: not a readable safetensors file ({err}); give the "
                             "student.safetensors that hdistill train wrote") from None
     as_rgb = lambda key: tuple(json.loads(meta[key])) if key in meta else None  # noqa: E731
     return ExportInfo(meta.get("timm_model"), json.loads(meta.get("model_args", "{}")),

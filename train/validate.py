@@ -12,6 +12,7 @@ from contextlib import AbstractContextManager
 import torch
 
 from hdistill.common.errors import HdistillError
+from hdistill.common.processes import start_workers
 from hdistill.common.specs import TokenGrid, check_same_grid
 from hdistill.common.targets import KINDS, TargetSpec
 from hdistill.shards.manifest import Manifest
@@ -57,9 +58,7 @@ def evaluate(model: torch.nn.Module, keys: list[str], stream: AllSamples, worker
     was_training = model.training
     model.eval()
     try:
-        for batch in loader:
-            if "error" in batch:
-                raise HdistillError(batch["error"])
+        for batch in start_workers(loader):
             batch = decoded(to_device(batch, device), stream.stream.reader.specs)
             with autocast:
                 terms = model(batch["pixels"], batch["keep"], batch["targets"])

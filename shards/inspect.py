@@ -1,0 +1,47 @@
+"""`hdistill inspect STORE`: a store's summary as lines of text, from its manifest (and its size, once complete)."""
+from __future__ import annotations
+
+from .encoding import ENCODINGS
+from .format import store_bytes
+from .manifest import read_manifest
+
+
+def human_bytes(n: float) -> str:
+    if n < 1024:
+        return f"{int(n)} B"
+    for unit in ("KB", "MB", "GB", "TB"):
+        n /= 1024
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}"
+
+
+def _weights(w: dict) -> str:
+    return {"file": f"file {w.get('path')} sha256 {str(w.get('sha256'))[:12]}", "hub": f"hub {w.get('tag')}",
+            "random-init": f"RANDOM INIT seed {w.get('seed')}"}[w["source"]]
+
+
+def describe_store(store: str) -> list[str]:
+    """Teachers, target table, mask, views, samples, bytes per view, skipped inputs."""
+    m = read_manifest(store)
+    layout, mask = m.layout, m.mask
+    lines = [f"store      {store}  (format v{m.format_version}, {'complete' if m.complete else 'INCOMPLETE'}, "
+             f"{','.join(m.formats)})",
+             f"data       {m.config['data']}  images={layout.num_images} views={layout.views} "
+             f"seed={layout.order_seed} size={layout.image_size} order=seeded permutation"]
+    for t in m.teachers:
+        lines.append(f"teacher    {t.role:5s} {t.model}  patch {t.patch_size} grid {t.grid.side}x{t.grid.side} "
+                     f"width {t.width} depth {t.depth} heads {t.heads}  [{_weights(t.weights)}]")
+    for t in m.targets:
+        lines.append(f"target     {t.name:18s} {t.tap:14s} {ENCODINGS[t.encoding].dtype}{list(t.shape)} {t.encoding}")
+    stages = f" (matching {mask.stages} progressive stages)" if mask.strategy == "direct" else ""
+    lines.append("mask       " + (f"{mask.strategy} {mask.role} K={mask.ratio} blocks {list(mask.blocks)}{stages} "
+                                  f"mean={mask.mean} forward={mask.forward}" if mask.role else
+                                  "none (every patch kept)"))
+    lines.append(f"tokens     {m.tokens}: {layout.stored_patches} of {layout.num_patches} patches per view (+CLS)")
+    if m.complete:
+        nbytes = store_bytes(store)
+        lines.append(f"samples    {m.samples} in {len(m.shards)} shards, {human_bytes(nbytes)} in all files, "
+                     f"{human_bytes(nbytes / max(m.samples, 1))} per view")
+        lines.append(f"skipped    {len(m.skipped)} inputs")
+        lines += [f"           {s['source']} (view {s['view']}): {s['reason']}" for s in m.skipped[:20]]
+    return lines
