@@ -104,11 +104,11 @@ class LiveTargets:
         sel = torch.from_numpy(np.stack([
             select_patches(self.mask, stage[i], key, self.seed, self.stream.epoch, n_keep)
             for i, key in enumerate(batch["keys"])])).to(self.device)             # [B, n]
-        tokens = token_index(sel)                                                  # [B, 1+n]
         return {"count": batch["count"],
                 "pixels": gather_rows(patchify(pixels, self.stream.layout.patch_size), sel),
                 "keep": sel,
-                "targets": {t.name: KINDS[t.kind].gather(targets.values[t.name], tokens) for t in self.targets}}
+                "targets": {t.name: KINDS[t.kind].gather(targets.values[t.name], token_index(sel, t.cls))
+                            for t in self.targets}}
 
 
 def live_targets(options: OnlineConfig) -> SourceFactory:

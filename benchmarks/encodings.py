@@ -64,7 +64,7 @@ def encoding_errors(args, device):
     mask = plan_mask({"mae": teacher})
     n = mask.kept_counts(teacher.info.grid.num_patches)[-1]
     specs = plan_targets({"mae": teacher}, parse_targets(["mae:feat", "mae:rel@9,10", "mae:msa@9", "mae:feat@8"]),
-                         1 + n)
+                         n)
     values = compute_targets({"mae": teacher}, pixels, specs, mask, args.precision)
     tokens = token_index(values.mask.keep_idx)
     print(f"\nencoding errors: real ViT-S/14 ({WEIGHTS.name}), {len(files)} ImageNet views, kept tokens "

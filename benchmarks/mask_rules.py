@@ -100,7 +100,7 @@ def main():
     for a, b in combinations(RULES, 2):
         print(f"  {a:18s} vs {b:18s} {jaccard(sets[a], sets[b]):.3f}")
 
-    specs = plan_targets({"mae": teacher}, parse_targets(["mae:rel@9,10"]), 1 + teacher.info.grid.num_patches)
+    specs = plan_targets({"mae": teacher}, parse_targets(["mae:rel@9,10"]), teacher.info.grid.num_patches)
     batch = pixels[:args.batch]
     full = time_targets(teacher, batch, specs, masks["normalized/full"], args.precision, args.repeats)
     drop = time_targets(teacher, batch, specs, masks["normalized/drop"], args.precision, args.repeats)

@@ -34,7 +34,7 @@ def main():
     ap.add_argument("--batch", type=int, default=25)
     args = ap.parse_args()
     teacher, pixels = real_teacher_and_views(args.images, args.device)
-    specs = plan_targets({"mae": teacher}, parse_targets(TARGETS), 1 + teacher.info.grid.num_patches)
+    specs = plan_targets({"mae": teacher}, parse_targets(TARGETS), teacher.info.grid.num_patches)
     mask = plan_mask({"mae": teacher})
     runs = {p: [compute_targets({"mae": teacher}, pixels[i:i + args.batch], specs, mask, p)
                 for i in range(0, len(pixels), args.batch)] for p in ("fp32", "bf16")}

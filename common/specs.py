@@ -1,8 +1,8 @@
 """Typed records shared by precompute and train.
 
-Token layout everywhere: index 0 is the CLS token, indices 1..N are the patch tokens
-in raster order (row-major over the patch grid). A patch index `p` (0-based over
-patches) is token index `p + 1`.
+Stored token layout (TokenLayout): the teacher's CLS token first when it has one, then the patch tokens in raster
+order (row-major over the patch grid); register tokens are never stored. A patch index `p` (0-based over patches)
+is token index `p + 1` of a teacher with a CLS token, `p` of one without (SigLIP).
 """
 from __future__ import annotations
 
@@ -142,6 +142,32 @@ def default_relation_blocks(depth: int) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True)
+class TokenLayout:
+    """A teacher's prefix tokens: a CLS token or none (SigLIP's MAP-pooled towers), and register tokens (DINOv2
+    with registers), ahead of the patch tokens in its own sequence. Its stored targets keep CLS and the patches."""
+
+    cls: bool = True
+    registers: int = 0
+
+    @property
+    def prefix(self) -> int:
+        """Tokens ahead of the patches in the teacher's own sequence."""
+        return int(self.cls) + self.registers
+
+    @property
+    def stored_prefix(self) -> int:
+        """Tokens ahead of the patches in a stored target: 1 with CLS, 0 without."""
+        return int(self.cls)
+
+    def to_dict(self) -> dict:
+        return {"cls": self.cls, "registers": self.registers}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TokenLayout":
+        return cls(cls=d["cls"], registers=d["registers"])
+
+
+@dataclass(frozen=True)
 class TeacherInfo:
     """What a teacher is, as recorded in a store's manifest."""
 
@@ -155,6 +181,7 @@ class TeacherInfo:
     heads: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    layout: TokenLayout = TokenLayout()
 
     @property
     def grid(self) -> TokenGrid:
@@ -168,7 +195,8 @@ class TeacherInfo:
     @classmethod
     def from_dict(cls, d: dict) -> "TeacherInfo":
         fields = {k: d[k] for k in cls.__dataclass_fields__}
-        return cls(**{**fields, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
+        return cls(**{**fields, "mean": tuple(d["mean"]), "std": tuple(d["std"]),
+                      "layout": TokenLayout.from_dict(d["layout"])})
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,13 @@ class Kind:
             values = gather_along(values, axis + 1, tokens)
         return values
 
+    def drop_leading(self, values: torch.Tensor, count: int) -> torch.Tensor:
+        """A batch [B, ...] without its first `count` tokens on every token axis (the student's CLS, for a target
+        of a teacher without one)."""
+        for axis in self.token_axes(values.dim() - 1):
+            values = values[(slice(None),) * (axis + 1) + (slice(count, None),)]
+        return values
+
     def channels(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """What a teacher fixes in the shape, whatever the token count: its heads, or its width."""
         return shape[:1] if self.pairs else shape[-1:]
@@ -87,6 +94,7 @@ class TargetSpec:
     block: int | None = None            # None: the final features (kind "feat" only)
     shape: tuple[int, ...] = ()
     encoding: str = "fp16"
+    cls: bool = True                    # the teacher's CLS token is the first stored token (TokenLayout)
 
     def __post_init__(self):
         if self.kind not in KINDS:

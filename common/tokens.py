@@ -1,7 +1,8 @@
 """Token bookkeeping shared by precompute and train: patchify pixels, keep rows and columns, and the taps of a
 timm ViT's blocks (where its relation, MSA and block-output targets are read).
 
-Token index 0 is CLS, token index p + 1 is patch p (raster order).
+Stored token layout (common.specs.TokenLayout): CLS first when the teacher has one, then the patches in raster
+order; a timm student always has CLS at token 0.
 """
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ def patchify(pixels: torch.Tensor, patch: int) -> torch.Tensor:
     return x.reshape(B, g * g, patch, patch, C)
 
 
-def token_index(keep_idx: torch.Tensor) -> torch.Tensor:
-    """Kept patch indices [B, n] -> token indices [B, 1+n] (CLS first)."""
-    cls = torch.zeros_like(keep_idx[:, :1])
-    return torch.cat([cls, keep_idx + 1], dim=1)
+def token_index(keep_idx: torch.Tensor, cls: bool = True) -> torch.Tensor:
+    """Kept patch indices [B, n] -> token indices [B, 1+n] (CLS first), or [B, n] for a layout without CLS."""
+    if not cls:
+        return keep_idx
+    return torch.cat([torch.zeros_like(keep_idx[:, :1]), keep_idx + 1], dim=1)
 
 
 def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

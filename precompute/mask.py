@@ -49,25 +49,27 @@ class _Stages:
         return ProgressiveMask(stage=self.stage, keep_idx=self.keep_idx)
 
 
-def mask_from_full_forward(stage_tokens: list[torch.Tensor], spec: MaskSpec) -> ProgressiveMask:
-    """stage_tokens[s]: the mask teacher's output of block spec.blocks[s] over all tokens, [B, 1+N, D]."""
+def mask_from_full_forward(stage_tokens: list[torch.Tensor], spec: MaskSpec, prefix: int = 1) -> ProgressiveMask:
+    """stage_tokens[s]: the mask teacher's output of block spec.blocks[s] over all tokens, [B, prefix+N, D], the
+    `prefix` tokens (its CLS) ahead of the patches."""
     B, T, _ = stage_tokens[0].shape
-    stages = _Stages(spec, B, T - 1, stage_tokens[0].device)
+    stages = _Stages(spec, B, T - prefix, stage_tokens[0].device)
     for s, tokens in enumerate(stage_tokens, start=1):
-        stages.rank(s, gather_rows(tokens[:, 1:], stages.keep_idx))             # [B, n, D]
+        stages.rank(s, gather_rows(tokens[:, prefix:], stages.keep_idx))        # [B, n, D]
     return stages.result()
 
 
 def mask_from_dropping_forward(teacher, images: torch.Tensor, spec: MaskSpec) -> ProgressiveMask:
     """Normalised images -> the mask of a forward that drops each stage's tokens (PCAE). The teacher runs
-    its blocks up to the last mask block only."""
-    x = teacher.embed(images)                                                 # [B, 1+N, D]
-    stages = _Stages(spec, x.shape[0], x.shape[1] - 1, x.device)
+    its blocks up to the last mask block only; its prefix tokens (CLS, registers) go on through every block."""
+    p = teacher.info.layout.prefix
+    x = teacher.embed(images)                                                 # [B, p+N, D]
+    stages = _Stages(spec, x.shape[0], x.shape[1] - p, x.device)
     first = 0
     for s, last in enumerate(spec.blocks, start=1):
         for b in range(first, last + 1):
             x = teacher.run_block(b, x)
         first = last + 1
-        keep_pos = stages.rank(s, x[:, 1:])
-        x = torch.cat([x[:, :1], gather_rows(x[:, 1:], keep_pos)], dim=1)    # [B, 1+n', D]
+        keep_pos = stages.rank(s, x[:, p:])
+        x = torch.cat([x[:, :p], gather_rows(x[:, p:], keep_pos)], dim=1)    # [B, p+n', D]
     return stages.result()

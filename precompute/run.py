@@ -59,7 +59,7 @@ def plan_store(cfg: PrecomputeConfig, teachers: dict[str, Teacher], num_images: 
     grid = next(iter(teachers.values())).info.grid
     stored = mask.kept_counts(grid.num_patches)[-1] if cfg.tokens == "kept" else grid.num_patches
     requests = None if cfg.targets is None else parse_targets(cfg.targets)
-    targets = plan_targets(teachers, requests, 1 + stored, parse_encodings(cfg.encodings))
+    targets = plan_targets(teachers, requests, stored, parse_encodings(cfg.encodings))
     layout = StoreLayout(num_images=num_images, views=cfg.views, shard_size=cfg.shard_size,
                          image_size=cfg.image_size, patch_size=grid.patch_size, num_patches=grid.num_patches,
                          stored_patches=stored, order_seed=cfg.seed)
@@ -153,12 +153,12 @@ def stored_samples(values: ViewTargets, targets: list[TargetSpec], pixels: torch
     mask = values.mask
     keep_idx = torch.arange(mask.stage.shape[1], device=mask.stage.device).expand_as(mask.stage) \
         if full else mask.keep_idx                                                # [B, n]
-    tokens = token_index(keep_idx)                                               # [B, 1+n]
     arrays = {"stage": mask.stage, "keep": keep_idx.to(torch.int16),
               "pixels": gather_rows(patchify(pixels.to(keep_idx.device), patch), keep_idx)}  # [B, n, P, P, 3]
     who = lambda rows: ", ".join(records[i].source for i in rows[:5])  # noqa: E731
     for spec in targets:
         value = values.values[spec.name]
+        tokens = token_index(keep_idx, spec.cls)                                 # [B, 1+n] ([B, n] without CLS)
         arrays.update(encode(spec, KINDS[spec.kind].gather(value, tokens), who))
     arrays = {name: a.cpu().numpy() for name, a in arrays.items()}
     return [StoredSample(record, {name: a[i] for name, a in arrays.items()}) for i, record in enumerate(records)]

@@ -73,9 +73,10 @@ def default_requests(teachers: dict[str, Teacher]) -> list[TargetRequest]:
     return feats + rels
 
 
-def plan_targets(teachers: dict[str, Teacher], requests: Sequence[TargetRequest] | None, tokens: int,
+def plan_targets(teachers: dict[str, Teacher], requests: Sequence[TargetRequest] | None, patches: int,
                  encodings: dict[str, str] | None = None) -> list[TargetSpec]:
-    """Requests (None: the defaults) -> the store's target table, for `tokens` stored tokens (1+n)."""
+    """Requests (None: the defaults) -> the store's target table, for `patches` stored patches (n) and each
+    teacher's CLS token if it has one (TokenLayout)."""
     encodings = encodings or {}
     specs = {}
     for req in default_requests(teachers) if requests is None else requests:
@@ -85,9 +86,10 @@ def plan_targets(teachers: dict[str, Teacher], requests: Sequence[TargetRequest]
         info = teachers[req.role].info
         block = None if req.block is None else \
             resolve_blocks([req.block], info.depth, f"--target {req.role}:{req.kind}@{req.block}")[0]
-        shape = KINDS[req.kind].shape(info.heads, info.width, tokens)
-        spec = TargetSpec(req.kind, req.role, block, shape)
-        specs[spec.name] = TargetSpec(req.kind, req.role, block, shape, encoding_for(spec, encodings))
+        shape = KINDS[req.kind].shape(info.heads, info.width, info.layout.stored_prefix + patches)
+        spec = TargetSpec(req.kind, req.role, block, shape, cls=info.layout.cls)
+        specs[spec.name] = TargetSpec(req.kind, req.role, block, shape, encoding_for(spec, encodings),
+                                      info.layout.cls)
     unused = set(encodings) - {"*"} - {k for s in specs.values() for k in (s.name, s.kind)}
     if unused:
         raise HdistillError(f"--encoding {', '.join(sorted(unused))}: no such target in this store "
@@ -134,7 +136,8 @@ def compute_targets(teachers: dict[str, Teacher], pixels: torch.Tensor, targets:
             for t in mine:
                 out.values[t.name] = (final if t.block is None else captured[(t.kind, t.block)]).float()
             if ranks_here:
-                out.mask = mask_from_full_forward([captured[tap] for tap in mask_taps], mask)
+                out.mask = mask_from_full_forward([captured[tap] for tap in mask_taps], mask,
+                                                  teacher.info.layout.stored_prefix)
         if role == mask.role and mask.forward == "drop":
             with autocast:
                 out.mask = mask_from_dropping_forward(teacher, images, mask)

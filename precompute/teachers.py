@@ -5,6 +5,9 @@ A role names what a teacher is for (``mae`` gives Q K^T relations and the token 
 pointed at another timm ViT or open_clip model:
 
     timm:  "vit_base_patch16_224.mae"            (optionally "timm:" in front; ".tag" = hub tag)
+           timm's VisionTransformer (CLS, registers as DINOv2's "vit_base_patch14_reg4_dinov2", or no
+           CLS as SigLIP's "vit_base_patch16_siglip_224.webli") and Eva (EVA-02 and EVA-CLIP image towers,
+           "eva02_base_patch16_clip_224.merged2b": separate q/v biases, RoPE on q and k)
     open_clip: "open_clip:ViT-B-16-quickgelu@openai"   ("@tag" = open_clip pretrained tag)
 
 Weights come from exactly one source per teacher, chosen by the user:
@@ -13,8 +16,8 @@ Weights come from exactly one source per teacher, chosen by the user:
                                pretrained path (key conversion, pos-embed resampling)
     WeightSource("random", seed=...)  random weights, recorded as such in every output
 
-Every teacher owns its preprocessing (mean/std) and exposes `tokens` (last block after the final
-norm), its taps (a table keyed by target kind of hooks that hand an inner tensor to the target table
+Every teacher owns its preprocessing (mean/std) and its token layout (CLS or none, registers: TokenLayout),
+and exposes `tokens` (last block after the final norm), its taps (a table keyed by target kind of hooks that hand an inner tensor to the target table
 during that forward), and `embed` / `run_block` for forwards that change the token set between blocks
 (the dropping mask).
 """
@@ -32,8 +35,9 @@ from torch import nn
 
 from hdistill.common.errors import HdistillError
 from hdistill.common.files import file_sha256
-from hdistill.common.specs import TeacherInfo, TokenGrid
-from hdistill.common.tokens import TIMM_TAPS, qk_relations, split_qk
+from hdistill.common.specs import TeacherInfo, TokenGrid, TokenLayout
+from hdistill.common.targets import KINDS
+from hdistill.common.tokens import TIMM_TAPS, qk_relations, split_qk, tap_block_output, tap_msa
 
 
 @dataclass(frozen=True)
@@ -73,11 +77,12 @@ class Teacher(nn.Module):
     """A frozen ViT teacher in eval mode. A subclass adapts one model family and declares its taps.
 
     `taps()` maps each target kind (common.targets.KINDS) to a function (block, fn) that registers a hook
-    handing one intermediate tensor to `fn` during every forward:
-        feat@B  the residual stream after block B            [B, 1+N, D]
-        rel@B   raw per-head Q K^T of block B, in float32      [B, H, 1+N, 1+N]
+    handing one intermediate tensor over the model's own tokens (T = prefix + N) to `fn` during every forward:
+        feat@B  the residual stream after block B            [B, T, D]
+        rel@B   raw per-head Q K^T of block B, in float32      [B, H, T, T]
         msa@B   softmax(Q K^T / sqrt(d)) V of block B, heads concatenated, before the
-                output projection (Eq. 2)                      [B, 1+N, D]
+                output projection (Eq. 2)                      [B, T, D]
+    `tap` and `tokens` hand on the stored tokens: CLS (if any) and the patches, registers dropped.
     Adding a target kind means a row in KINDS and an entry in each family's table.
     """
 
@@ -92,17 +97,28 @@ class Teacher(nn.Module):
     def role(self) -> str:
         return self.info.role
 
+    def stored_tokens(self, kind: str, values: torch.Tensor) -> torch.Tensor:
+        """A batch [B, ...] over the model's own tokens -> over the stored ones: its register tokens dropped."""
+        layout = self.info.layout
+        if not layout.registers:
+            return values
+        for axis in KINDS[kind].token_axes(values.dim() - 1):
+            T = values.shape[axis + 1]
+            keep = torch.cat([torch.arange(layout.stored_prefix), torch.arange(layout.prefix, T)]).to(values.device)
+            values = values.index_select(axis + 1, keep)
+        return values
+
     def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 [B, H, W, 3] -> normalised float [B, 3, H, W] with this teacher's mean/std."""
         x = pixels.to(self.mean.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
         return (x - self.mean) / self.std
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised images -> last block tokens after the final norm, float [B, 1+N, D]."""
+        """Normalised images -> last block's stored tokens after the final norm, float [B, cls+N, D]."""
         raise NotImplementedError
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised images -> the tokens entering block 0, [B, 1+N, D]."""
+        """Normalised images -> the tokens entering block 0 (the prefix tokens too), [B, prefix+N, D]."""
         raise NotImplementedError
 
     def run_block(self, block: int, x: torch.Tensor) -> torch.Tensor:
@@ -114,12 +130,13 @@ class Teacher(nn.Module):
         raise NotImplementedError
 
     def tap(self, kind: str, block: int, fn) -> torch.utils.hooks.RemovableHandle:
-        return self.taps()[kind](block, fn)
+        """A hook handing `fn` the stored tokens of a `kind` target at `block` during every forward."""
+        return self.taps()[kind](block, lambda values: fn(self.stored_tokens(kind, values)))
 
 
 class TimmTeacher(Teacher):
     def tokens(self, images):
-        return self.model.forward_features(images)
+        return self.stored_tokens("feat", self.model.forward_features(images))
 
     def embed(self, images):
         m = self.model
@@ -131,6 +148,48 @@ class TimmTeacher(Teacher):
     def taps(self):
         """The student's taps (common.tokens.TIMM_TAPS), on this model's blocks."""
         return {kind: functools.partial(_on_block, tap, self.model.blocks) for kind, tap in TIMM_TAPS.items()}
+
+
+class EvaTeacher(TimmTeacher):
+    """timm's Eva (EVA-02, EVA-CLIP): its attention adds separate q and v biases (or projects q, k, v apart) and
+    rotates q and k of the patch tokens by RoPE before Q K^T, so the relation is formed from the block's input
+    as EvaAttention forms it; the RoPE table is the one the block is called with."""
+
+    def embed(self, images):
+        m = self.model
+        return m.norm_pre(m._pos_embed(m.patch_embed(images))[0])
+
+    def run_block(self, block, x):
+        raise HdistillError(f"teacher {self.role!r}: --mask-forward drop is not available for Eva teachers (their "
+                            "RoPE table is per patch position, which a dropping forward would have to gather)")
+
+    def taps(self):
+        return {"feat": functools.partial(_on_block, tap_block_output, self.model.blocks),
+                "rel": self.tap_relation, "msa": functools.partial(_on_block, tap_msa, self.model.blocks)}
+
+    def tap_relation(self, block, fn):
+        attn = self.model.blocks[block].attn
+
+        def hook(_module, args, kwargs):
+            fn(qk_relations(*eva_qk(attn, args[0], kwargs.get("rope"))))
+        return attn.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def eva_qk(attn: nn.Module, x: torch.Tensor, rope: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k [B, H, T, d] of a timm EvaAttention on its input x [B, T, D], as its forward forms them: fused qkv with
+    (q, 0, v) biases or separate projections, q_norm / k_norm, RoPE on the tokens after the prefix."""
+    from timm.layers import apply_rot_embed_cat
+    B, T, _ = x.shape
+    if attn.qkv is not None:
+        bias = None if attn.q_bias is None else torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+        q, k = split_qk(F.linear(x, attn.qkv.weight, bias), attn.num_heads, attn.q_norm, attn.k_norm)
+    else:
+        q = attn.q_norm(attn.q_proj(x).reshape(B, T, attn.num_heads, -1).transpose(1, 2))
+        k = attn.k_norm(attn.k_proj(x).reshape(B, T, attn.num_heads, -1).transpose(1, 2))
+    if rope is not None:
+        p, half = attn.num_prefix_tokens, getattr(attn, "rotate_half", False)
+        q, k = (torch.cat([t[:, :, :p], apply_rot_embed_cat(t[:, :, p:], rope, half=half)], dim=2) for t in (q, k))
+    return q, k
 
 
 class OpenClipTeacher(Teacher):
@@ -236,18 +295,22 @@ def _check_file(role: str, weights: WeightSource):
                                 f"({err}); download it again or give another --weights") from None
 
 
-def _check_is_vit(role: str, name: str, kwargs: dict):
-    """Build the architecture on the meta device (no memory, no weights) to check its class."""
+def _timm_wrapper(role: str, name: str, kwargs: dict) -> type[Teacher]:
+    """Build the architecture on the meta device (no memory, no weights) -> the Teacher class of its family."""
     import timm
+    from timm.models.eva import Eva
     from timm.models.vision_transformer import VisionTransformer
     try:
         with torch.device("meta"):
             probe = timm.create_model(name, pretrained=False, **kwargs)
     except TypeError as err:
         raise HdistillError(f"teacher {role!r}: bad model argument for {name!r}: {err}") from None
+    if isinstance(probe, Eva):
+        return EvaTeacher
     if not isinstance(probe, VisionTransformer):
         raise HdistillError(f"teacher {role!r}: {name!r} is a {type(probe).__name__}; hdistill needs a timm "
-                            "VisionTransformer (a plain ViT with a CLS token).")
+                            "VisionTransformer or Eva (a ViT).")
+    return TimmTeacher
 
 
 def _build_timm(role: str, name: str, weights: WeightSource, image_size: int, kwargs: dict) -> Teacher:
@@ -259,7 +322,7 @@ def _build_timm(role: str, name: str, weights: WeightSource, image_size: int, kw
     if weights.kind == "hub" and "." not in name and not timm.list_pretrained(arch):
         raise HdistillError(f"teacher {role!r}: timm model {name!r} has no pretrained tag to fetch from the hub")
     _check_file(role, weights)
-    _check_is_vit(role, name, kwargs)
+    wrapper = _timm_wrapper(role, name, kwargs)
     create_kwargs = dict(num_classes=0, img_size=image_size, **kwargs)
     if weights.kind == "file":
         create_kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=weights.path))
@@ -274,12 +337,11 @@ def _build_timm(role: str, name: str, weights: WeightSource, image_size: int, kw
         raise _load_error(role, name, weights, err) from None
     except TypeError as err:
         raise HdistillError(f"teacher {role!r}: bad model argument for {name!r}: {err}") from None
-    if model.cls_token is None or model.num_prefix_tokens != 1:
-        raise HdistillError(f"teacher {role!r}: {name!r} has {model.num_prefix_tokens} prefix tokens; hdistill "
-                            "needs exactly one CLS token and no register tokens.")
-    if not all(hasattr(b.attn, "qkv") and hasattr(b.attn, "norm") for b in model.blocks):
+    if wrapper is TimmTeacher and not all(hasattr(b.attn, "qkv") and hasattr(b.attn, "norm") for b in model.blocks):
         raise HdistillError(f"teacher {role!r}: {name!r} has no timm Attention with a fused qkv projection to take "
                             "Q K^T and the attention output from")
+    cls = model.cls_token is not None
+    layout = TokenLayout(cls=cls, registers=model.num_prefix_tokens - int(cls))
     cfg = model.pretrained_cfg
     hub_tag = f"{arch}.{cfg.get('tag')}" if cfg.get("tag") else arch
     info = TeacherInfo(
@@ -287,9 +349,9 @@ def _build_timm(role: str, name: str, weights: WeightSource, image_size: int, kw
         patch_size=model.patch_embed.patch_size[0], image_size=image_size, width=model.embed_dim,
         depth=len(model.blocks), heads=model.blocks[0].attn.num_heads,
         mean=tuple(float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406))),
-        std=tuple(float(v) for v in cfg.get("std", (0.229, 0.224, 0.225))),
+        std=tuple(float(v) for v in cfg.get("std", (0.229, 0.224, 0.225))), layout=layout,
     )
-    return TimmTeacher(info, model)
+    return wrapper(info, model)
 
 
 def _build_open_clip(role: str, name: str, weights: WeightSource, image_size: int, kwargs: dict) -> Teacher:

@@ -14,7 +14,7 @@ from hdistill.common.targets import TargetSpec
 
 from .encoding import target_arrays
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 MANIFEST = "manifest.json"
 WDS_DIR = "wds"
 ZARR_DIR = "targets.zarr"

@@ -100,7 +100,8 @@ class Manifest:
             "format_version": self.format_version, "config": self.config,
             "teachers": [t.to_dict() for t in self.teachers], "targets": [target_record(t) for t in self.targets],
             "mask": self.mask.to_dict(), "layout": self.layout.to_dict(), "formats": self.formats,
-            "token_layout": {"order": "CLS first, then stored patches in keep order",
+            "token_layout": {"order": "the teacher's CLS first if it has one (a target's 'cls'), then the stored "
+                                      "patches in keep order; register tokens never stored",
                              "patch_order": "raster (row-major) over the patch grid", "grid": [g, g],
                              "patch_size": self.layout.patch_size, "num_patches": self.layout.num_patches,
                              "stored_patches": n},
@@ -119,7 +120,7 @@ class Manifest:
 def target_record(spec: TargetSpec) -> dict:
     """A target's row of the manifest."""
     return {"name": spec.name, "kind": spec.kind, "role": spec.role, "block": spec.block, "shape": list(spec.shape),
-            "dtype": ENCODINGS[spec.encoding].dtype, "encoding": spec.encoding}
+            "dtype": ENCODINGS[spec.encoding].dtype, "encoding": spec.encoding, "cls": spec.cls}
 
 
 def target_spec(record: dict) -> TargetSpec:
@@ -127,7 +128,7 @@ def target_spec(record: dict) -> TargetSpec:
         raise HdistillError(f"target {record['name']}: unknown encoding {record['encoding']!r} (this hdistill knows "
                             f"{', '.join(ENCODINGS)}); read the store with the hdistill that made it")
     return TargetSpec(kind=record["kind"], role=record["role"], block=record["block"], shape=tuple(record["shape"]),
-                      encoding=record["encoding"])
+                      encoding=record["encoding"], cls=record["cls"])
 
 
 def read_manifest(store: str | Path | Location) -> Manifest:

@@ -1,4 +1,5 @@
-"""Independent references written for the tests: a ViT forward by hand, the mask rule as plain loops."""
+"""Independent references written for the tests: a ViT forward by hand (timm ViTs with CLS, registers or neither,
+Eva with RoPE, open_clip towers), the mask rule as plain loops."""
 import math
 
 import numpy as np
@@ -20,8 +21,43 @@ def manual_attention(x, weight, bias, heads, q_norm, k_norm):
     return (attn @ v).transpose(1, 2).reshape(B, T, -1), raw
 
 
+def rotate_pairs(x, rope):
+    """RoPE by hand, interleaved pairs (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin); rope [N, 2d] = (sin, cos)."""
+    sin, cos = rope.tensor_split(2, -1)
+    turned = torch.stack([-x[..., 1::2], x[..., ::2]], -1).reshape(x.shape)
+    return x * cos + turned * sin
+
+
+def eva_attention(a, x, rope):
+    """timm EvaAttention by hand -> (softmax attention output before the norm and projection, raw q k^T)."""
+    B, T, _ = x.shape
+    if a.qkv is not None:
+        d = a.qkv.weight.shape[0] // 3
+        bias = torch.cat([a.q_bias, torch.zeros(d), a.v_bias])               # EVA has no k bias
+        q, k, v = (x @ a.qkv.weight.T + bias).split(d, dim=-1)
+    else:
+        q, k, v = x @ a.q_proj.weight.T + a.q_proj.bias, x @ a.k_proj.weight.T, x @ a.v_proj.weight.T + a.v_proj.bias
+    q, k, v = (t.reshape(B, T, a.num_heads, -1).transpose(1, 2) for t in (q, k, v))
+    q, k = a.q_norm(q), a.k_norm(k)
+    assert not a.rotate_half
+    p = a.num_prefix_tokens
+    q = torch.cat([q[:, :, :p], rotate_pairs(q[:, :, p:], rope)], 2)
+    k = torch.cat([k[:, :, :p], rotate_pairs(k[:, :, p:], rope)], 2)
+    raw = torch.einsum("bhqd,bhkd->bhqk", q, k)
+    attn = torch.softmax(raw / math.sqrt(q.shape[-1]), dim=-1)
+    return (attn @ v).transpose(1, 2).reshape(B, T, -1), raw
+
+
+def stored(teacher, values, pairs=False):
+    """A teacher's tensor over its own tokens -> over the stored ones: register tokens dropped (CLS kept)."""
+    layout = teacher.info.layout
+    keep = list(range(layout.stored_prefix)) + list(range(layout.prefix, values.shape[-2 if not pairs else -1]))
+    values = values[..., keep, :] if not pairs else values[..., keep, :][..., keep]
+    return values
+
+
 def reference_embed(teacher, pixels):
-    """uint8 views [B, S, S, 3] -> the tokens entering block 0 [B, 1+N, D], by hand."""
+    """uint8 views [B, S, S, 3] -> the tokens entering block 0 [B, prefix+N, D], by hand."""
     m = teacher.model
     x = (pixels.permute(0, 3, 1, 2).float() / 255 - torch.tensor(teacher.info.mean).view(1, 3, 1, 1)) \
         / torch.tensor(teacher.info.std).view(1, 3, 1, 1)
@@ -31,7 +67,10 @@ def reference_embed(teacher, pixels):
         return m.ln_pre(torch.cat([cls, p], 1) + m.positional_embedding)
     w = m.patch_embed.proj
     p = F.conv2d(x, w.weight, w.bias, stride=teacher.info.patch_size).flatten(2).transpose(1, 2)
-    return m.norm_pre(torch.cat([m.cls_token.expand(p.shape[0], -1, -1), p], 1) + m.pos_embed)
+    prefix = [t.expand(p.shape[0], -1, -1) for t in (m.cls_token, getattr(m, "reg_token", None)) if t is not None]
+    if m.no_embed_class:                       # DINOv2 with registers: positions on the patches only
+        return m.norm_pre(torch.cat(prefix + [p + m.pos_embed], 1))
+    return m.norm_pre(torch.cat(prefix + [p], 1) + m.pos_embed)
 
 
 def reference_block(teacher, i, x):
@@ -44,13 +83,19 @@ def reference_block(teacher, i, x):
         return x + blk.ls_2(blk.mlp(blk.ln_2(x))), raw, msa
     blk = teacher.model.blocks[i]
     a = blk.attn
+    if hasattr(teacher.model, "rope"):         # Eva
+        msa, raw = eva_attention(a, blk.norm1(x), teacher.model.rope.get_embed())
+        gamma1, gamma2 = (g if g is not None else 1.0 for g in (blk.gamma_1, blk.gamma_2))
+        x = x + gamma1 * a.proj(a.norm(msa))
+        return x + gamma2 * blk.mlp(blk.norm2(x)), raw, msa
     msa, raw = manual_attention(blk.norm1(x), a.qkv.weight, a.qkv.bias, a.num_heads, a.q_norm, a.k_norm)
     x = x + blk.ls1(a.proj(a.norm(msa)))
     return x + blk.ls2(blk.mlp(blk.norm2(x))), raw, msa
 
 
 def reference_forward(teacher, pixels):
-    """(final tokens, {block: raw QK^T}, {block: block output}, {block: MSA}) computed by hand.
+    """(final tokens, {block: raw QK^T}, {block: block output}, {block: MSA}) computed by hand, over the stored
+    tokens (CLS if the teacher has one, the patches; registers dropped).
 
     MSA is softmax(Q K^T / sqrt(d)) V with the heads concatenated, before the output projection (Eq. 2).
     """
@@ -59,10 +104,11 @@ def reference_forward(teacher, pixels):
         x = reference_embed(teacher, pixels)
         depth = teacher.info.depth
         for i in range(depth):
-            x, relations[i], msa[i] = reference_block(teacher, i, x)
-            outputs[i] = x
+            x, raw, attended = reference_block(teacher, i, x)
+            relations[i], outputs[i], msa[i] = stored(teacher, raw, pairs=True), stored(teacher, x), \
+                stored(teacher, attended)
         final = teacher.model.ln_post(x) if isinstance(teacher, OpenClipTeacher) else teacher.model.norm(x)
-        return final, relations, outputs, msa
+        return stored(teacher, final), relations, outputs, msa
 
 
 def _rank(patches, kept, drop, normalized):
@@ -78,19 +124,19 @@ def _rank(patches, kept, drop, normalized):
     return [p for _, p in sims[:drop]], sorted(p for _, p in sims[drop:])
 
 
-def loop_mask(block_outputs, ratio_tenths, normalized=False, drops=None):
+def loop_mask(block_outputs, ratio_tenths, normalized=False, drops=None, prefix=1):
     """Plain-loop reference of the progressive mask for one view over a forward on all tokens.
 
-    block_outputs: list of [1+N, D] arrays; drops floor(ratio * kept) per stage, ratio = tenths/10, unless
+    block_outputs: list of [prefix+N, D] arrays (prefix: the CLS token, or none); drops floor(ratio * kept) per stage, ratio = tenths/10, unless
     `drops` lists each stage's count. normalized: the average token is the mean of the kept tokens divided
     by their norms.
     """
-    n = block_outputs[0].shape[0] - 1
+    n = block_outputs[0].shape[0] - prefix
     kept = list(range(n))
     stage = [0] * n
     for s, tokens in enumerate(block_outputs, start=1):
         drop = len(kept) * ratio_tenths // 10 if drops is None else drops[s - 1]
-        dropped, kept = _rank(np.asarray(tokens)[1:][kept], kept, drop, normalized)
+        dropped, kept = _rank(np.asarray(tokens)[prefix:][kept], kept, drop, normalized)
         for p in dropped:
             stage[p] = s
     return np.array(stage, dtype=np.uint8), np.array(kept)

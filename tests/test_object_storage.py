@@ -328,7 +328,7 @@ def test_an_image_read_that_drops_is_retried_and_one_that_keeps_failing_stops_pr
 
     def run(data, out, attempts=3):
         return run_precompute(PrecomputeConfig(data=str(data), **TINY), str(out),
-                              Runtime(quiet=True, retry=Retry(attempts=attempts, base=0.01)))
+                              Runtime(workers=0, quiet=True, retry=Retry(attempts=attempts, base=0.01)))
 
     def samples(store, manifest):
         reader = StoreReader(store, manifest)

@@ -42,7 +42,7 @@ def test_real_vit_s14_from_file_matches_the_documented_recipe():
     pixels = torch.stack([torch.from_numpy(make_view(Image.open(f).convert("RGB"), f.stem, 0, 0, 224)[0])
                           for f in files])
     mask = plan_mask({"mae": teacher})
-    specs = plan_targets({"mae": teacher}, parse_targets(["mae:feat"]) + default_requests({"mae": teacher}), 257)
+    specs = plan_targets({"mae": teacher}, parse_targets(["mae:feat"]) + default_requests({"mae": teacher}), 256)
     targets = compute_targets({"mae": teacher}, pixels, specs, mask)
     with torch.no_grad():
         expected = loaded_by_hand().forward_features(teacher.preprocess(pixels))
@@ -63,7 +63,7 @@ def test_int8_encoding_of_real_targets_stays_within_its_bound():
     files = sorted(IMAGES.glob("*.JPEG"))[4:8]
     pixels = torch.stack([torch.from_numpy(make_view(Image.open(f).convert("RGB"), f.stem, 0, 0, 224)[0])
                           for f in files])
-    specs = plan_targets({"mae": teacher}, parse_targets(["mae:rel@9", "mae:msa@9", "mae:feat@8"]), 257,
+    specs = plan_targets({"mae": teacher}, parse_targets(["mae:rel@9", "mae:msa@9", "mae:feat@8"]), 256,
                          parse_encodings(["int8"]))
     values = compute_targets({"mae": teacher}, pixels, specs, plan_mask({"mae": teacher}, ratio=0.0)).values
     for spec in specs:

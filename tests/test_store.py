@@ -214,8 +214,11 @@ def test_manifest_is_typed_and_round_trips(kept_store):
     from hdistill.shards.manifest import Manifest, read_manifest
     store, manifest, _ = kept_store
     on_disk = json.loads((store / "manifest.json").read_text())
-    assert on_disk["format_version"] == 3
+    assert on_disk["format_version"] == 4
     assert Manifest.from_dict(on_disk) == manifest == read_manifest(store)
+    # the token layout, per teacher and per target: MAE and the CLIP tower have CLS and no registers
+    assert [t["layout"] for t in on_disk["teachers"]] == [{"cls": True, "registers": 0}] * 2
+    assert all(t["cls"] for t in on_disk["targets"])
     assert [t["name"] for t in on_disk["targets"]] == [t.name for t in manifest.targets]
     assert on_disk["mask"] == {"rule": "cosine-to-mean", "strategy": "progressive", "role": "mae", "ratio": 0.3,
                                "blocks": [0, 1, 2], "stages": None, "mean": "normalized", "forward": "full",
@@ -223,7 +226,7 @@ def test_manifest_is_typed_and_round_trips(kept_store):
 
 
 def test_an_older_store_is_refused_with_what_to_do(kept_store, tmp_path):
-    """v2 stored msa@B after the output projection: a v3 reader must not read it as Eq. 2's MSA."""
+    """v3 recorded no token layout (every teacher was CLS-first): a v4 reader refuses it rather than guess."""
     store, _, _ = kept_store
     old = tmp_path / "v2"
     shutil.copytree(store, old)
@@ -233,7 +236,7 @@ def test_an_older_store_is_refused_with_what_to_do(kept_store, tmp_path):
                     ["train", "--shards", str(old), "--out", str(tmp_path / "run"), "--steps", "1"]):
         result = CliRunner().invoke(cli, command)
         assert result.exit_code == 1
-        assert "store format version 2; this hdistill reads version 3 only. Make the store again" in result.output
+        assert "store format version 2; this hdistill reads version 4 only. Make the store again" in result.output
 
 
 def test_verify_checks_a_zarr_only_store(photos, tmp_path):

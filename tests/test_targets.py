@@ -49,9 +49,10 @@ ALL_KINDS = [TargetRequest("mae", "feat"), TargetRequest("mae", "feat", 1), Targ
 @pytest.mark.parametrize("index", range(len(TIMM_TINY) + len(OPEN_CLIP_TINY)))
 def test_every_target_kind_matches_hand_computed_forward(teachers, index):
     label, teacher = teachers[index]
-    T = teacher.info.grid.num_patches + 1
+    prefix = teacher.info.layout.stored_prefix                             # CLS stored, registers never
+    T = prefix + teacher.info.grid.num_patches
     mask = plan_mask({"mae": teacher}, ratio=0.3)
-    targets = plan_targets({"mae": teacher}, ALL_KINDS, T)
+    targets = plan_targets({"mae": teacher}, ALL_KINDS, teacher.info.grid.num_patches)
     assert [t.name for t in targets] == ["feat.mae", "feat.mae.b1", "feat.mae.b3", "rel.mae.b1", "rel.mae.b2",
                                          "msa.mae.b0", "msa.mae.b2"]
     pixels = random_pixels(3, teacher.info.image_size, seed=index)
@@ -74,9 +75,21 @@ def test_every_target_kind_matches_hand_computed_forward(teachers, index):
     assert mask.blocks == (0, 1, 2)  # [0, L/3, 2L/3] for L = 4
     m = compute_targets({"mae": teacher}, pixels, targets, mask).mask
     for v in range(3):
-        stage, kept = loop_mask([outputs[b][v].numpy() for b in mask.blocks], ratio_tenths=3, normalized=True)
+        stage, kept = loop_mask([outputs[b][v].numpy() for b in mask.blocks], ratio_tenths=3, normalized=True,
+                                prefix=prefix)
         np.testing.assert_array_equal(m.stage[v].numpy(), stage)
         np.testing.assert_array_equal(m.keep_idx[v].numpy(), kept)
+
+
+def test_teachers_declare_their_token_layout(teachers):
+    """CLS-first ViTs, DINOv2 with registers (stored without them), SigLIP without CLS, and Eva's CLS."""
+    layouts = {label: (t.info.layout.cls, t.info.layout.registers) for label, t in teachers}
+    assert layouts["timm-p16"] == layouts["hdtest-vit-p16"] == layouts["eva02"] == (True, 0)
+    assert layouts["timm-p14-reg4"] == (True, 4) and layouts["timm-siglip"] == (False, 0)
+    labels = dict(teachers)
+    specs = plan_targets({"mae": labels["timm-siglip"]}, ALL_KINDS[:4], 16)
+    assert {t.shape[-2 if t.kind != "rel" else -1] for t in specs} == {16} and not any(t.cls for t in specs)
+    assert {t.shape[0] for t in plan_targets({"mae": labels["timm-p14-reg4"]}, ALL_KINDS[:1], 16)} == {17}
 
 
 def test_msa_is_taken_before_layerscale(teachers):
@@ -86,7 +99,7 @@ def test_msa_is_taken_before_layerscale(teachers):
         teacher = labels[label]
         pixels = random_pixels(2, teacher.info.image_size, seed=5)
         targets = plan_targets({"mae": teacher}, [TargetRequest("mae", "msa", 1), TargetRequest("mae", "feat", 0),
-                                                  TargetRequest("mae", "feat", 1)], 17)
+                                                  TargetRequest("mae", "feat", 1)], 16)
         values = compute_targets({"mae": teacher}, pixels, targets, MaskSpec(ratio=0.0)).values
         _, _, outputs, msa = reference_forward(teacher, pixels)
         # residual after block 1 = after block 0 + 0.5 * msa(1) + 0.5 * mlp(...): msa alone is not half of it
@@ -179,7 +192,7 @@ def test_dropping_forward_against_a_hand_written_one(teachers, mean):
     full forward's."""
     for label, teacher in teachers[:1] + teachers[-1:]:
         pixels = random_pixels(8, teacher.info.image_size, seed=12)
-        targets = plan_targets({"mae": teacher}, ALL_KINDS, 17)
+        targets = plan_targets({"mae": teacher}, ALL_KINDS, 16)
         full = compute_targets({"mae": teacher}, pixels, targets, plan_mask({"mae": teacher}, 0.3, mean=mean))
         dropping = plan_mask({"mae": teacher}, ratio=0.3, mean=mean, forward="drop")
         got = compute_targets({"mae": teacher}, pixels, targets, dropping)

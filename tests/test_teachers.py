@@ -96,23 +96,23 @@ def test_target_table_defaults_blocks_and_errors():
     mae = build_teacher("mae", WeightSource("random"), size, name, kwargs)
     clip = build_teacher("clip", WeightSource("random"), size, name, kwargs)
     with pytest.raises(HdistillError, match=r"--target mae:rel@4: block 4 is out of range for a 4-block"):
-        plan_targets({"mae": mae}, parse_targets(["mae:rel@2,4"]), 17)
+        plan_targets({"mae": mae}, parse_targets(["mae:rel@2,4"]), 16)
     with pytest.raises(HdistillError, match=r"--target deit:feat: 'deit' is not among the teachers"):
-        plan_targets({"mae": mae}, parse_targets(["deit:feat"]), 17)
+        plan_targets({"mae": mae}, parse_targets(["deit:feat"]), 16)
     names = lambda specs: [t.name for t in specs]  # noqa: E731
-    assert names(plan_targets({"mae": mae}, parse_targets(["mae:rel@-3,-2"]), 17)) == ["rel.mae.b1", "rel.mae.b2"]
+    assert names(plan_targets({"mae": mae}, parse_targets(["mae:rel@-3,-2"]), 16)) == ["rel.mae.b1", "rel.mae.b2"]
     # the paper's defaults: features of every non-MIM teacher, Q K^T of the MIM teacher at L-3, L-2; no MAE features
-    defaults = plan_targets({"mae": mae, "clip": clip}, None, 17)
+    defaults = plan_targets({"mae": mae, "clip": clip}, None, 16)
     assert names(defaults) == ["feat.clip", "rel.mae.b1", "rel.mae.b2"]
     assert [(t.shape, t.encoding) for t in defaults] == [((17, 32), "fp16"), ((4, 17, 17), "fp16"),
                                                         ((4, 17, 17), "fp16")]
-    asked = plan_targets({"mae": mae, "clip": clip}, parse_targets(["mae:feat", "clip:feat", "mae:msa@0"]), 17,
+    asked = plan_targets({"mae": mae, "clip": clip}, parse_targets(["mae:feat", "clip:feat", "mae:msa@0"]), 16,
                          parse_encodings(["int8", "feat.clip=fp16"]))
     assert [(t.name, t.encoding) for t in asked] == [("feat.clip", "fp16"), ("feat.mae", "int8"),
                                                      ("msa.mae.b0", "int8")]
     assert target_arrays(asked[1]) == {"feat.mae": ((17, 32), "int8"), "scale.feat.mae": ((17,), "float16")}
     with pytest.raises(HdistillError, match=r"--encoding rel: no such target"):
-        plan_targets({"mae": mae, "clip": clip}, parse_targets(["clip:feat"]), 17, parse_encodings(["rel=int8"]))
+        plan_targets({"mae": mae, "clip": clip}, parse_targets(["clip:feat"]), 16, parse_encodings(["rel=int8"]))
     for bad, message in [("mae", "expected ROLE:KIND"), ("mae:rel", "rel needs blocks"), ("mae:att@3", "expected"),
                          ("mae:rel@x", "blocks must be integers")]:
         with pytest.raises(HdistillError, match=message):

@@ -142,6 +142,54 @@ def test_default_objective_is_eq1_and_loss_options_pick_stored_targets(stores):
         [("rel.mae.b2", 1, 2.0), ("msa.mae.b1", 2, 0.5), ("feat.mae.b2", 1, 0.25)]
 
 
+def test_a_target_without_cls_meets_the_students_patch_tokens_only():
+    """SigLIP has no CLS: its feat target holds the n patches; the student's CLS is left out of that term (and of a
+    relation's rows and columns)."""
+    g = torch.Generator().manual_seed(4)
+    tokens, rel = torch.randn(2, 1 + 5, 24, generator=g), torch.randn(2, 6, 1 + 5, 1 + 5, generator=g)
+    targets = {"feat.clip": torch.randn(2, 5, 16, generator=g), "rel.clip.b1": torch.randn(2, 3, 5, 5, generator=g)}
+    terms = [LossTerm(TargetSpec("feat", "clip", None, (5, 16), cls=False), None, 1.0),
+             LossTerm(TargetSpec("rel", "clip", 1, (3, 5, 5), cls=False), 1, 1.0)]
+    loss_fn = DistillLoss(terms, 24, 6, LossConfig(beta=2.0))
+    got = loss_fn(tokens, {("rel", 1): rel}, targets)
+    proj = loss_fn.proj["feat_clip"]
+    target = targets["feat.clip"]
+    standardised = (target - target.mean(-1, keepdim=True)) / torch.sqrt(target.var(-1, unbiased=False, keepdim=True)
+                                                                         + 1e-6)
+    torch.testing.assert_close(got["loss/feat.clip"], smooth_l1(tokens[:, 1:] @ proj.weight.T + proj.bias,
+                                                                standardised, 2.0))
+    grouped = torch.stack([rel[:, 2 * j:2 * j + 2, 1:, 1:].sum(1) for j in range(3)], 1)   # gcd(6, 3) = 3 groups
+    torch.testing.assert_close(got["loss/rel.clip.b1"], smooth_l1(grouped, targets["rel.clip.b1"], 2.0))
+
+
+def test_teachers_without_cls_and_with_registers_store_and_train_by_their_layout(tmp_path):
+    """A SigLIP-like feature teacher (no CLS) and a ViT with 4 registers beside MAE: the manifest records each
+    layout, the stored targets hold CLS only where the teacher has one and never the registers, and the targets
+    computed online agree with the stored ones through training."""
+    write_photos(tmp_path / "photos", 8, seed=3)
+    manifest, _ = precompute(
+        tmp_path / "photos", tmp_path / "store", teachers=["mae", "clip", "dino"], formats=["wds"],
+        models={"mae": "vit_base_patch16_224", "clip": "vit_base_patch16_siglip_224", "dino": "vit_base_patch16_224"},
+        model_args={"mae": dict(depth=4, embed_dim=32, num_heads=4), "clip": dict(depth=2, embed_dim=24, num_heads=3),
+                    "dino": dict(depth=2, embed_dim=24, num_heads=3, reg_tokens=4)},
+        targets=["clip:feat", "clip:rel@1", "dino:feat", "mae:rel@2"])
+    layouts = {t.role: (t.layout.cls, t.layout.registers) for t in manifest.teachers}
+    assert layouts == {"mae": (True, 0), "clip": (False, 0), "dino": (True, 4)}
+    n = manifest.layout.stored_patches
+    shapes = {t.name: (t.shape, t.cls) for t in manifest.targets}
+    assert shapes == {"feat.clip": ((n, 24), False), "feat.dino": ((1 + n, 24), True),
+                      "rel.clip.b1": ((3, n, n), False), "rel.mae.b2": ((4, 1 + n, 1 + n), True)}
+    losses = ["clip:feat=1", "clip:rel@1=0.5", "dino:feat=0.5", "mae:rel@2=0.5"]
+    cfg = config(tmp_path / "store", steps=3, losses=losses, lanes=1)
+    run_train(cfg, str(tmp_path / "off"), runtime(log_every=1))
+    run_train(cfg, str(tmp_path / "on"), runtime(log_every=1), source=online())
+    off, on = ([json.loads(line) for line in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
+               for r in ("off", "on"))
+    for a, b in zip(off, on):
+        for key in ("loss/feat.clip", "loss/rel.clip.b1", "loss/feat.dino", "loss/rel.mae.b2"):
+            assert b[key] == pytest.approx(a[key], rel=2e-3, abs=1e-6), (a["step"], key)
+
+
 def test_every_loss_kind_trains_offline_and_online_alike(stores, tmp_path):
     losses = ["clip:feat=1", "mae:rel@1,2=0.5", "mae:msa@1=0.3", "mae:feat@2=0.2"]
     cfg = config(stores / "kept", steps=4, losses=losses)

@@ -151,8 +151,8 @@ class StoreStream(torch.utils.data.IterableDataset):
         self.buffer = max(1, int(buffer_mb * 2 ** 20) // sample_bytes)            # samples per lane
         self.full = manifest.tokens == "full"
         self.n_keep = manifest.mask.kept_counts(self.layout.num_patches)[-1]
-        # (array name, stored shape, dtype, kind): every target as this store encodes it, and its int8 scale
-        self.stored = [(name, shape, dtype, KINDS[t.kind]) for t in self.reader.specs
+        # (array name, stored shape, dtype, kind, cls): every target as this store encodes it, and its companions
+        self.stored = [(name, shape, dtype, KINDS[t.kind], t.cls) for t in self.reader.specs
                        for name, (shape, dtype) in target_arrays(t).items()]
         self.load_ahead = format == "wds"         # read and check each lane's next tar shard on a thread
         self.epoch, self.start = 0, 0
@@ -163,15 +163,16 @@ class StoreStream(torch.utils.data.IterableDataset):
         B, n, P = len(samples), self.n_keep if self.mask != "none" else self.layout.num_patches, self.layout.patch_size
         pixels = np.empty((B, n, P, P, 3), np.uint8)
         keep = np.empty((B, n), np.int64)
-        arrays = {name: np.empty((B, *kind.token_shape(shape, 1 + n)), dtype) for name, shape, dtype, kind in self.stored}
+        arrays = {name: np.empty((B, *kind.token_shape(shape, int(cls) + n)), dtype)
+                  for name, shape, dtype, kind, cls in self.stored}
         for i, stored in enumerate(samples):
             if self.full:                          # choose the patches, then gather those rows (and columns)
                 sel = select_patches(self.mask, stored.stage, stored.key, self.seed, self.epoch, self.n_keep)
-                tokens = np.concatenate([[0], sel + 1])                         # [1+n]
+                with_cls = np.concatenate([[0], sel + 1])                       # [1+n]: CLS, then the patches
                 np.take(stored.pixels, sel, axis=0, out=pixels[i])
                 keep[i] = stored.keep[sel]
-                for name, _shape, _dtype, kind in self.stored:
-                    arrays[name][i] = kind.take(stored.stored[name], tokens)
+                for name, _shape, _dtype, kind, cls in self.stored:
+                    arrays[name][i] = kind.take(stored.stored[name], with_cls if cls else sel)
             else:                                  # a kept store holds exactly the student's tokens: plain copies
                 pixels[i] = stored.pixels
                 keep[i] = stored.keep

@@ -79,6 +79,11 @@ class LossTerm:
         projection of the student's width, standardised."""
         return KINDS[self.target.kind].pairs
 
+    def student_tokens(self, values: torch.Tensor) -> torch.Tensor:
+        """The student's tensor for this term [B, ...] over its tokens (CLS first) -> over the target's: pairs by
+        token layout, so a target of a teacher without CLS (SigLIP) meets the student's patch tokens only."""
+        return values if self.target.cls else KINDS[self.target.kind].drop_leading(values, 1)
+
     @property
     def student_tap(self) -> tuple[str, int] | None:
         """(kind, student block) the student must capture; None for its final tokens."""
@@ -122,7 +127,7 @@ class DistillLoss(nn.Module):
         targets: target name -> the teacher's values over the same tokens."""
         out = {}
         for term in self.terms:
-            student = tokens if term.student_tap is None else taps[term.student_tap]
+            student = term.student_tokens(tokens if term.student_tap is None else taps[term.student_tap])
             target = targets[term.name].float()
             if term.pairs:
                 g = self.groups[term.name]

@@ -40,7 +40,7 @@ def open_val_store(path: str, train_path: str, train: Manifest, targets: list[Ta
                                 f"{', '.join(t.name for t in manifest.targets)}); make it with the same --target")
         row = manifest.target(target.name)
         channels = KINDS[target.kind].channels
-        if channels(row.shape) != channels(target.shape):
+        if channels(row.shape) != channels(target.shape) or row.cls != target.cls:
             raise HdistillError(f"--val-shards {path}: {target.name} has shape {list(row.shape)}, the training "
                                 f"store's has {list(target.shape)}: the stores were made by different teachers")
         rows.append(row)
