@@ -79,7 +79,11 @@ class TrainConfig:
         metavar="T=S[,T=S...]", parse=parse_block_pairs)
     mask: str = option("progressive", type=click.Choice(["progressive", "none", "random"]),
                        help="Tokens the student sees; none and random need a store made with --tokens full.")
-    seed: int = option(0, "Seed of the data order, of the student's initialisation and of its stochastic depth.")
+    seed: int = option(0, "Seed of the data order (and, unless --init-seed, of the student's initialisation and "
+                          "stochastic depth).")
+    init_seed: int | None = option(None, "Seed of the student's initialisation and stochastic depth (default: "
+                                         "--seed). The data order stays --seed's, so a sweep member's options, run "
+                                         "alone, reproduce it.")
     lanes: int | None = option(
         None, type=AT_LEAST_1,
         help="Parts of the store every global batch mixes (default: gcd(16, --batch-size)). A rank reads whole "

@@ -27,6 +27,7 @@ from hdistill.common.processes import Failure
 from hdistill.common.storage import Retry, error_text, transient
 from hdistill.common.targets import KINDS, TargetSpec
 from hdistill.shards.encoding import target_arrays
+from hdistill.shards.format import sample_arrays
 from hdistill.shards.manifest import Manifest, read_manifest
 from hdistill.shards.reader import Sample, StoreReader
 
@@ -146,9 +147,11 @@ class StoreStream(torch.utils.data.IterableDataset):
         self.layout = manifest.layout
         self.lanes, self.batch_size, self.rank, self.world_size = lanes, batch_size, rank, world_size
         self.reader = StoreReader(store, manifest, format, [t.name for t in targets])
+        # samples per lane: MB of the store's whole samples, so the order does not depend on which targets a run
+        # reads (runs with other losses, and the members of a sweep, see the same order)
         sample_bytes = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
-                           for shape, dtype in self.reader.arrays.values())
-        self.buffer = max(1, int(buffer_mb * 2 ** 20) // sample_bytes)            # samples per lane
+                           for shape, dtype in sample_arrays(manifest.layout, manifest.targets).values())
+        self.buffer = max(1, int(buffer_mb * 2 ** 20) // sample_bytes)
         self.full = manifest.tokens == "full"
         self.n_keep = manifest.mask.kept_counts(self.layout.num_patches)[-1]
         # (array name, stored shape, dtype, kind, cls): every target as this store encodes it, and its companions

@@ -18,7 +18,8 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, replace
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -130,7 +131,8 @@ class Trainer:
         """Student, loss terms and optimiser, from one seed (the same on every rank), then each rank's stochastic-depth
         stream; DDP (and torch.compile) around the student and loss."""
         cfg, device, layout = self.cfg, self.rt.device, self.manifest.layout
-        _seed_everything(cfg.seed)
+        self.init_seed = cfg.seed if cfg.init_seed is None else cfg.init_seed
+        _seed_everything(self.init_seed)
         self.student = build_student(cfg.student, layout.image_size, cfg.student_args, cfg.drop_path,
                                      cfg.student_mean, cfg.student_std).to(device)
         self.precision = cfg.precision or ("bf16" if device.startswith("cuda") else "fp32")
@@ -153,7 +155,7 @@ class Trainer:
         self.health = StepHealth([t.name for t in self.terms], device, self.dist)
         # from here on the global RNG draws only the student's stochastic depth, and each rank draws its own (MAE and
         # nanoGPT offset the seed by the rank)
-        torch.manual_seed(stochastic_depth_seed(cfg.seed, self.dist.rank))
+        torch.manual_seed(stochastic_depth_seed(self.init_seed, self.dist.rank))
         # Plain DDP (no find_unused_parameters, so no extra graph walk a step): the parameters that no loss term
         # reaches are frozen above, and DDP leaves frozen parameters out of its buckets.
         self.ddp = self.model if self.dist.world_size == 1 else torch.nn.parallel.DistributedDataParallel(
@@ -213,10 +215,20 @@ class Trainer:
 
     def save(self):
         """checkpoint.pt and student.safetensors, atomically; with --keep-checkpoints N, the last N by step too."""
+        self.write_checkpoint(self.out / CHECKPOINT)
+        self.publish()
+
+    def write_checkpoint(self, path: Path):
+        """The complete state at `path`, atomically (rank 0; every rank gives its RNG state)."""
         rng = gather_objects(self.rank_rng_state(), self.dist)
         if self.dist.main:
-            with atomic_open(self.out / CHECKPOINT) as f:
+            with atomic_open(path) as f:
                 torch.save(self.state(rng), f)
+        barrier(self.dist)
+
+    def publish(self):
+        """What goes with a checkpoint: student.safetensors and, with --keep-checkpoints, the history."""
+        if self.dist.main:
             export_student(self.student, self.out / EXPORT)
             if self.rt.keep_checkpoints:
                 keep_history(self.out, self.step, self.rt.keep_checkpoints)
@@ -301,7 +313,7 @@ class Trainer:
         if len(state["rng"]) == self.dist.world_size:
             self.set_rank_rng_state(state["rng"][self.dist.rank])
         else:
-            torch.manual_seed(stochastic_depth_seed(self.cfg.seed, self.dist.rank, restart=self.step))
+            torch.manual_seed(stochastic_depth_seed(self.init_seed, self.dist.rank, restart=self.step))
             if self.dist.main and self.cfg.drop_path > 0:
                 print(f"train: {path} holds the stochastic-depth RNG of {len(state['rng'])} rank(s), this run has "
                       f"{self.dist.world_size}: each rank's stochastic-depth stream restarts at step {self.step} (from "
@@ -412,52 +424,64 @@ class Trainer:
             print(f"train: step {self.step}/{self.steps} {text}", file=sys.stderr, flush=True)
 
     def _steps(self):
-        metrics = _MetricsLog(self.out / METRICS, keep_until=self.step if self.resumed else 0) \
-            if self.dist.main else None
-        bar = tqdm(total=self.steps, initial=self.step, unit="step", disable=not self.show_progress)
-        data, last_time, last_step = self.batches(), time.perf_counter(), self.step
-        first_step, postfix = self.step + 1, {}
-        try:
+        with self.progress() as progress:
+            data = self.batches()
             while self.step < self.steps:
-                lr = self.lr(self.step)
-                terms = self.train_step(next(data))
-                bar.update(1)
-                logged = self.step % self.rt.log_every == 0 or self.step == self.steps
-                if logged or self.step == first_step:           # one reduction serves both
-                    self.health.check(self.step)
-                    losses = mean_over_ranks(terms, self.dist)
-                if self.step == first_step:
-                    self._describe_terms(losses)
-                if logged:
-                    now = time.perf_counter()
-                    rate = (self.step - last_step) * self.cfg.batch_size / max(now - last_time, 1e-9)
-                    if metrics:
-                        metrics.write({"step": self.step, "epoch": self.epoch, "lr": lr, "samples_per_s": rate,
-                                       **losses})
-                    postfix["loss"] = f"{losses['loss']:.4f}"
-                    bar.set_postfix(postfix, refresh=False)
-                    self._log_line(f"epoch {self.epoch} loss {losses['loss']:.4f} lr {lr:.3g} {rate:.1f} samples/s "
-                                   f"eta {duration((self.steps - self.step) * self.cfg.batch_size / max(rate, 1e-9))}")
-                    last_time, last_step = now, self.step
-                if self.val and (self.step % self.cfg.val_every == 0 or self.step == self.steps):
-                    record = self.validate()
-                    if metrics:
-                        metrics.write(record)
-                    postfix["val_loss"] = f"{record['val/loss']:.4f}"
-                    bar.set_postfix(postfix, refresh=False)
-                    self._log_line(f"val/loss {record['val/loss']:.4f}")
+                self.record(self.train_step(next(data)), progress)
                 stop = self.stop_requested() and self.step < self.steps
-                if stop or self.step % self.rt.checkpoint_every == 0 or self.step == self.steps:
+                if stop or self.checkpoint_due():
                     self.health.check(self.step)                 # nothing non-finite is ever checkpointed
                     self.save()
                 if stop:
                     raise Stopped(f"train: {self.stop.name or 'a stop request'} at step {self.step} of "
                                   f"{self.steps}: checkpoint written to {self.out / CHECKPOINT}; run the same "
                                   "command to resume", self.stop.signum or 15)
+
+    def checkpoint_due(self) -> bool:
+        return self.step % self.rt.checkpoint_every == 0 or self.step == self.steps
+
+    @contextmanager
+    def progress(self):
+        """The run's metrics.jsonl and TensorBoard log (rank 0) and its progress bar, for `record`."""
+        metrics = _MetricsLog(self.out / METRICS, keep_until=self.step if self.resumed else 0) \
+            if self.dist.main else None
+        bar = tqdm(total=self.steps, initial=self.step, unit="step", disable=not self.show_progress)
+        try:
+            yield _Progress(metrics, bar, time.perf_counter(), self.step, self.step + 1)
         finally:
             bar.close()
             if metrics:
                 metrics.close()
+
+    def record(self, terms: dict[str, torch.Tensor], progress: "_Progress"):
+        """After a step: its losses at logged steps (checking they were finite), and the held-out loss when due."""
+        logged = self.step % self.rt.log_every == 0 or self.step == self.steps
+        first = self.step == progress.first_step
+        if logged or first:                                  # one reduction serves both
+            self.health.check(self.step)
+            losses = mean_over_ranks(terms, self.dist)
+        if first:
+            self._describe_terms(losses)
+        progress.bar.update(1)
+        if logged:
+            now = time.perf_counter()
+            rate = (self.step - progress.last_step) * self.cfg.batch_size / max(now - progress.last_time, 1e-9)
+            lr = self.lr(self.step - 1)
+            if progress.metrics:
+                progress.metrics.write({"step": self.step, "epoch": self.epoch, "lr": lr, "samples_per_s": rate,
+                                        **losses})
+            progress.postfix["loss"] = f"{losses['loss']:.4f}"
+            progress.bar.set_postfix(progress.postfix, refresh=False)
+            self._log_line(f"epoch {self.epoch} loss {losses['loss']:.4f} lr {lr:.3g} {rate:.1f} samples/s "
+                           f"eta {duration((self.steps - self.step) * self.cfg.batch_size / max(rate, 1e-9))}")
+            progress.last_time, progress.last_step = now, self.step
+        if self.val and (self.step % self.cfg.val_every == 0 or self.step == self.steps):
+            record = self.validate()
+            if progress.metrics:
+                progress.metrics.write(record)
+            progress.postfix["val_loss"] = f"{record['val/loss']:.4f}"
+            progress.bar.set_postfix(progress.postfix, refresh=False)
+            self._log_line(f"val/loss {record['val/loss']:.4f}")
 
     def _describe_terms(self, losses: dict[str, float]):
         """The first step's terms and their weighted shares: a term that dwarfs the others is visible at once."""
@@ -466,6 +490,18 @@ class Trainer:
         parts = [f"{t.name} {losses[t.key]:.4g} x {t.weight:g} = {losses[t.key] * t.weight:.4g}" for t in self.terms]
         print(f"train: step {self.step} terms: {'; '.join(parts)}; loss {losses['loss']:.4g} "
               f"(peak lr {base_lr(self.cfg):.3g})", file=sys.stderr)
+
+
+@dataclass
+class _Progress:
+    """A run's logging between steps: where records go, and the last logged step and time (for samples/s)."""
+
+    metrics: "_MetricsLog | None"
+    bar: tqdm
+    last_time: float
+    last_step: int
+    first_step: int                 # the first step this process takes
+    postfix: dict = field(default_factory=dict)
 
 
 class StepHealth:
