@@ -39,6 +39,32 @@ def _load_config(ctx: click.Context, _param, path):
         raise click.BadParameter(f"{path}: {err}") from None
     if not isinstance(data, dict):
         raise click.BadParameter(f"{path}: expected a mapping of option: value")
+    _yaml_defaults(ctx, data, path)
+    return path
+
+
+def _load_sweep(ctx: click.Context, _param, path):
+    """--sweep FILE.yaml: its shared keys as --config's; its `members` kept for the command."""
+    if path is None:
+        return None
+    import yaml
+    from hdistill.train.sweep import check_members
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise click.BadParameter(f"{path}: {err}") from None
+    if not isinstance(data, dict) or "members" not in data:
+        raise click.BadParameter(f"{path}: expected a mapping of shared options and a list `members`")
+    try:
+        ctx.meta["sweep_members"] = check_members(data.pop("members"), path)
+    except HdistillError as err:
+        raise click.BadParameter(str(err)) from None
+    _yaml_defaults(ctx, data, path)
+    return path
+
+
+def _yaml_defaults(ctx: click.Context, data: dict, path: str):
+    """A YAML mapping of options as the command's defaults (flags given on the command line override them)."""
     own = {p.name for p in ctx.command.params if not p.multiple} - {"config"}   # the command's own (--out)
     own -= {f.name for cls in OPTION_CLASSES[ctx.command.name] for f in option_fields(cls)}
     plain = {key: data.pop(key) for key in list(data) if str(key).replace("-", "_") in own}
@@ -48,7 +74,6 @@ def _load_config(ctx: click.Context, _param, path):
         raise click.BadParameter(f"{path}: {err}") from None
     defaults.update({key.replace("-", "_"): value for key, value in plain.items()})
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
-    return path
 
 
 def configured(*classes):
@@ -118,11 +143,16 @@ def precompute(out, **params):
 @cli.command()
 @click.option("--out", required=True, type=LocalFolder("the run folder"),
               help="Run folder: checkpoint, metrics, student.safetensors. A folder with a checkpoint resumes.")
+@click.option("--sweep", type=click.Path(exists=True, dir_okay=False), is_eager=True, callback=_load_sweep,
+              help="Train the students of a sweep file from one pass over the store: its shared options (keys as "
+                   "--config's) and a list `members`, each a name and the options it overrides (README: sweeps).")
 @configured(TrainConfig, TrainRuntime, OnlineConfig)
-def train(out, **params):
+def train(out, sweep, **params):
     """Train a ViT student from a store's targets: no teacher is loaded, no image decoded."""
     from hdistill.train.run import Trainer
 
+    if sweep:
+        return train_sweep(out, click.get_current_context().meta["sweep_members"], params)
     cfg, rt, online = (from_params(cls, params) for cls in (TrainConfig, TrainRuntime, OnlineConfig))
     start = time.time()
     source = {}
@@ -139,6 +169,38 @@ def train(out, **params):
     if trainer.dist.main and not finished_before:
         click.echo(f"train: finished in {time.time() - start:.1f}s; metrics in {out}/metrics.jsonl; "
                    f"student backbone in {path}")
+
+
+def train_sweep(out: str, members: list[tuple[str, dict]], params: dict):
+    from hdistill.train.report import write_report
+    from hdistill.train.sweep import Sweep
+
+    if params["online"] or params["fresh_views"] or params["data"]:
+        raise HdistillError("--sweep trains from the store's targets: it does not take --online, --fresh-views or "
+                            "--data")
+    start = time.time()
+    configs, member_params = [], {}
+    for name, overrides in members:
+        member_params[name] = {**params, **params_from_yaml([TrainConfig], overrides, f"sweep member {name!r}")}
+        configs.append((name, from_params(TrainConfig, member_params[name])))
+    sweep = Sweep(configs, out, from_params(TrainRuntime, params), dict(members))
+    sweep.open()
+    for name, trainer in sweep.members.items():
+        values = cli_values([TrainConfig, TrainRuntime, OnlineConfig], member_params[name])
+        trainer.write_options(options_yaml({"out": str(Path(out) / name), **values}))
+    stopping(sweep.run)
+    if sweep.dist.main:
+        files = write_report(out)
+        click.echo(f"train: sweep of {len(members)} members finished in {time.time() - start:.1f}s; "
+                   f"{', '.join(str(f) for f in files)}")
+
+
+@cli.command("sweep-report")
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+def sweep_report(run):
+    """The table (CSV and Markdown) and the held-out curves (PNG) of a sweep's members."""
+    from hdistill.train.report import write_report
+    click.echo("sweep-report: wrote " + ", ".join(str(f) for f in write_report(run)))
 
 
 @cli.command()

@@ -128,9 +128,26 @@ def params_from_yaml(classes, values: dict, where: str) -> dict:
         f = by_key.get(str(key).lstrip("-").replace("-", "_"))
         if f is None:
             raise HdistillError(f"{where}: no option {key!r}")
-        multiple = f.metadata["option"].multiple
-        out[f.name] = (list(value) if isinstance(value, (list, tuple)) else [value]) if multiple else value
+        opt = f.metadata["option"]
+        if opt.multiple:
+            out[f.name] = [_convert(f, v, where) for v in (value if isinstance(value, (list, tuple)) else [value])]
+        else:
+            out[f.name] = _convert(f, value, where)
     return out
+
+
+def _convert(f: dataclasses.Field, value, where: str):
+    """A YAML value through its option's click type, as the command line's text would go."""
+    if value is None:
+        return None
+    opt, default = f.metadata["option"], cli_default(f)
+    kind = click.types.convert_type(opt.type, None if default is MISSING or opt.multiple else default)
+    if opt.is_flag or "/" in (opt.flag or ""):
+        kind = click.BOOL
+    try:
+        return kind.convert(value, None, None)
+    except click.BadParameter as err:
+        raise HdistillError(f"{where}: {opt.name(f.name)} {value!r}: {err.message}") from None
 
 
 # ---------------------------------------------------------------- click types

@@ -81,7 +81,7 @@ class TrainConfig:
                        help="Tokens the student sees; none and random need a store made with --tokens full.")
     seed: int = option(0, "Seed of the data order (and, unless --init-seed, of the student's initialisation and "
                           "stochastic depth).")
-    init_seed: int | None = option(None, "Seed of the student's initialisation and stochastic depth (default: "
+    init_seed: int | None = option(None, type=int, help="Seed of the student's initialisation and stochastic depth (default: "
                                          "--seed). The data order stays --seed's, so a sweep member's options, run "
                                          "alone, reproduce it.")
     lanes: int | None = option(

@@ -158,6 +158,7 @@ class StoreStream(torch.utils.data.IterableDataset):
         self.stored = [(name, shape, dtype, KINDS[t.kind], t.cls) for t in self.reader.specs
                        for name, (shape, dtype) in target_arrays(t).items()]
         self.load_ahead = format == "wds"         # read and check each lane's next tar shard on a thread
+        self.selections: tuple[str, ...] = ()     # masks whose patch choice each batch also carries (a sweep's)
         self.epoch, self.start = 0, 0
 
     def collate(self, samples: list[Sample]) -> dict:
@@ -182,9 +183,14 @@ class StoreStream(torch.utils.data.IterableDataset):
                 for name, a in arrays.items():
                     a[i] = stored.stored[name]
         names = {t.name for t in self.targets}
-        return {"count": B, "pixels": torch.from_numpy(pixels), "keep": torch.from_numpy(keep),
-                "targets": {name: torch.from_numpy(a) for name, a in arrays.items() if name in names},
-                "companions": {name: torch.from_numpy(a) for name, a in arrays.items() if name not in names}}
+        batch = {"count": B, "pixels": torch.from_numpy(pixels), "keep": torch.from_numpy(keep),
+                 "targets": {name: torch.from_numpy(a) for name, a in arrays.items() if name in names},
+                 "companions": {name: torch.from_numpy(a) for name, a in arrays.items() if name not in names}}
+        if self.selections:                    # mask "none": the batch holds every patch, in patch order
+            batch["selections"] = {mask: torch.from_numpy(np.stack([
+                select_patches(mask, s.stage, s.key, self.seed, self.epoch, self.n_keep) for s in samples]))
+                for mask in self.selections}   # [B, n] each
+        return batch
 
     def set_epoch(self, epoch: int, start: int = 0):
         self.epoch, self.start = epoch, start

@@ -125,6 +125,7 @@ class Trainer:
         self._build_data(source)
         self._build_validation()
         self.step, self.epoch, self.epoch_batches = 0, 0, 0
+        self.name = "train"                  # how its messages begin (a sweep names its members)
         self.lock, self.opened, self.resumed, self.stop = None, False, False, StopRequest()
 
     def _build_model(self):
@@ -256,7 +257,7 @@ class Trainer:
             self.close()
             raise
         if self.resumed and not self.finished and self.dist.main:
-            print(f"train: resuming {self.out / CHECKPOINT} at step {self.step} of {self.steps} (epoch {self.epoch}, "
+            print(f"{self.name}: resuming {self.out / CHECKPOINT} at step {self.step} of {self.steps} (epoch {self.epoch}, "
                   f"batch {self.epoch_batches} of the epoch)", file=sys.stderr)
 
     def write_options(self, options: bytes):
@@ -300,7 +301,7 @@ class Trainer:
                                 "which is behind it")
         self.warmup = state["warmup"]
         if self.steps != state["steps"] and self.dist.main:
-            print(f"train: the run is extended from {state['steps']} to {self.steps} steps: warm-up stays "
+            print(f"{self.name}: the run is extended from {state['steps']} to {self.steps} steps: warm-up stays "
                   f"{self.warmup} steps, the cosine decay now ends at step {self.steps} (lr at step {state['step']}: "
                   f"{lr_factor(state['step'], state['steps'], self.warmup) * base_lr(self.cfg):.3g} -> "
                   f"{self.lr(state['step']):.3g})", file=sys.stderr)
@@ -315,7 +316,7 @@ class Trainer:
         else:
             torch.manual_seed(stochastic_depth_seed(self.init_seed, self.dist.rank, restart=self.step))
             if self.dist.main and self.cfg.drop_path > 0:
-                print(f"train: {path} holds the stochastic-depth RNG of {len(state['rng'])} rank(s), this run has "
+                print(f"{self.name}: {path} holds the stochastic-depth RNG of {len(state['rng'])} rank(s), this run has "
                       f"{self.dist.world_size}: each rank's stochastic-depth stream restarts at step {self.step} (from "
                       "the seed, the rank and the step); the data order and every other state resume exactly",
                       file=sys.stderr)
@@ -382,16 +383,10 @@ class Trainer:
         try:
             if self.finished:
                 if self.dist.main:
-                    print(f"train: {self.out} is finished (step {self.step} of {self.steps}); the student is "
+                    print(f"{self.name}: {self.out} is finished (step {self.step} of {self.steps}); the student is "
                           f"{self.out / EXPORT}. Give a larger --steps or --epochs to extend it.", file=sys.stderr)
                 return self.out / EXPORT
-            if self.dist.main:
-                print("train: loss = " + " + ".join(t.describe() for t in self.terms), file=sys.stderr)
-                self._say_if_views_repeat()
-                if self.frozen:
-                    print(f"train: no loss term reaches {len(self.frozen)} student parameter tensors "
-                          f"({self.student.modules_of(self.frozen)}); they keep their initial values and are left out of the "
-                          "optimiser and of DDP", file=sys.stderr)
+            self.introduce()
             with self.stop.listening():
                 self._steps()
         finally:
@@ -399,12 +394,23 @@ class Trainer:
         barrier(self.dist)
         return self.out / EXPORT
 
+    def introduce(self):
+        """Once, at the start (rank 0): the objective, views read again, parameters no term reaches."""
+        if not self.dist.main:
+            return
+        print(f"{self.name}: loss = " + " + ".join(t.describe() for t in self.terms), file=sys.stderr)
+        self._say_if_views_repeat()
+        if self.frozen:
+            print(f"{self.name}: no loss term reaches {len(self.frozen)} student parameter tensors "
+                  f"({self.student.modules_of(self.frozen)}); they keep their initial values and are left out of the "
+                  "optimiser and of DDP", file=sys.stderr)
+
     def _say_if_views_repeat(self):
         """Once, at the start: a run longer than the store has views reads each fixed view again."""
         views, epochs = self.manifest.layout.views, self.epochs()
         if self.source.record().get("fresh_views") or epochs <= views:
             return
-        print(f"train: {epochs} epochs from a store of {views} view(s) per image: epoch e reads view e mod "
+        print(f"{self.name}: {epochs} epochs from a store of {views} view(s) per image: epoch e reads view e mod "
               f"{views}, so each view is read about {epochs / views:.0f} times. Fixed views cost held-out loss "
               "against fresh ones (BENCHMARKS.md, Fidelity: 1 view +15.7%, 4 views +3.0% on a small run); more "
               "views (precompute --views) or --online --fresh-views narrow it", file=sys.stderr)
@@ -421,7 +427,7 @@ class Trainer:
 
     def _log_line(self, text: str):
         if self.dist.main and self.rt.log_lines:
-            print(f"train: step {self.step}/{self.steps} {text}", file=sys.stderr, flush=True)
+            print(f"{self.name}: step {self.step}/{self.steps} {text}", file=sys.stderr, flush=True)
 
     def _steps(self):
         with self.progress() as progress:
@@ -488,7 +494,7 @@ class Trainer:
         if not self.dist.main:
             return
         parts = [f"{t.name} {losses[t.key]:.4g} x {t.weight:g} = {losses[t.key] * t.weight:.4g}" for t in self.terms]
-        print(f"train: step {self.step} terms: {'; '.join(parts)}; loss {losses['loss']:.4g} "
+        print(f"{self.name}: step {self.step} terms: {'; '.join(parts)}; loss {losses['loss']:.4g} "
               f"(peak lr {base_lr(self.cfg):.3g})", file=sys.stderr)
 
 
