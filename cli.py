@@ -196,7 +196,7 @@ def train_sweep(out: str, members: list[tuple[str, dict]], params: dict):
 
 
 @cli.command("sweep-report")
-@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@click.argument("run", type=click.Path(file_okay=False))
 def sweep_report(run):
     """The table (CSV and Markdown) and the held-out curves (PNG) of a sweep's members."""
     from hdistill.train.report import write_report

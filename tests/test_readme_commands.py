@@ -6,6 +6,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+import yaml
 
 from hdistill.cli import cli
 from hdistill.common.targets import parse_targets
@@ -24,6 +25,12 @@ def readme_commands() -> list[list[str]]:
             if "hdistill" in words:
                 commands.append(words[words.index("hdistill") + 1:])
     return commands
+
+
+def readme_sweeps() -> dict[str, str]:
+    """The README's sweep files: its yaml blocks whose first line is `# NAME.yaml: ...`."""
+    blocks = re.findall(r"```yaml\n(.*?)```", README.read_text(), re.S)
+    return {m.group(1): block for block in blocks if (m := re.match(r"# (\S+\.yaml)", block))}
 
 
 def test_the_readme_shows_commands():
@@ -48,9 +55,26 @@ def with_stores(args: list[str], folder: Path) -> list[str]:
 @pytest.mark.parametrize("args", readme_commands(), ids=lambda a: " ".join(a)[:80])
 def test_a_readme_command_parses(args, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)          # relative --out folders land here if a type creates anything
+    for file, text in readme_sweeps().items():      # with the stores it names made to exist
+        data = yaml.safe_load(text)
+        data.update({k: with_stores([f"--{k.replace('_', '-')}", data[k]], tmp_path)[1]
+                     for k in ("shards", "val_shards") if k in data})
+        (tmp_path / file).write_text(yaml.safe_dump(data))
     name, rest = args[0], with_stores(args[1:], tmp_path)
     assert name in cli.commands, f"hdistill {name}: no such command"
     params = cli.commands[name].make_context(name, rest).params
     parse_losses(params.get("losses") or ())              # the values the command parses itself
     parse_targets(params.get("targets") or ())
     parse_encodings(params.get("encodings") or ())
+
+
+def test_the_readme_sweeps_parse(tmp_path):
+    from hdistill.common.options import params_from_yaml
+    from hdistill.train.config import TrainConfig
+    from hdistill.train.sweep import check_members
+    sweeps = readme_sweeps()
+    assert set(sweeps) == {"t6.yaml", "t8.yaml"}
+    for file, text in sweeps.items():
+        data = yaml.safe_load(text)
+        for name, overrides in check_members(data.pop("members"), file):
+            parse_losses(params_from_yaml([TrainConfig], overrides, name).get("losses") or ())

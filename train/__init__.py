@@ -9,4 +9,6 @@
   validate  the held-out loss
   dist      torchrun / DDP plumbing
   run       the training loop: steps, schedule, checkpoints, metrics, export
+  sweep     K students from one pass over the store (hdistill train --sweep), checkpointed together
+  report    a sweep's table and held-out curves
 """
