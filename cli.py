@@ -32,27 +32,27 @@ def _load_config(ctx: click.Context, _param, path):
     on the command line override them. Repeatable options take lists."""
     if path is None:
         return None
-    import yaml
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise click.BadParameter(f"{path}: {err}") from None
+    data = _read_yaml(path)
     if not isinstance(data, dict):
         raise click.BadParameter(f"{path}: expected a mapping of option: value")
     _yaml_defaults(ctx, data, path)
     return path
 
 
+def _read_yaml(path: str):
+    import yaml
+    try:
+        return yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise click.BadParameter(f"{path}: {err}") from None
+
+
 def _load_sweep(ctx: click.Context, _param, path):
     """--sweep FILE.yaml: its shared keys as --config's; its `members` kept for the command."""
     if path is None:
         return None
-    import yaml
     from hdistill.train.sweep import check_members
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise click.BadParameter(f"{path}: {err}") from None
+    data = _read_yaml(path)
     if not isinstance(data, dict) or "members" not in data:
         raise click.BadParameter(f"{path}: expected a mapping of shared options and a list `members`")
     try:

@@ -150,6 +150,22 @@ def _convert(f: dataclasses.Field, value, where: str):
         raise HdistillError(f"{where}: {opt.name(f.name)} {value!r}: {err.message}") from None
 
 
+# ---------------------------------------------------------------- options every command that runs has
+
+def read_retries_option():
+    """--read-retries N: a Retry of N attempts."""
+    from .storage import Retry
+    return option(default_factory=Retry, flag="--read-retries", cli=5, type=click.IntRange(min=0),
+                  parse=lambda attempts, _: Retry(attempts=int(attempts)),
+                  help="Reads from object storage that fail transiently (a dropped connection, a timeout) are retried "
+                       "this many times, waiting 1, 2, 4, ... s (at most 30 s); then the run stops naming the object.")
+
+
+def quiet_option():
+    return option(False, "No progress bar (on a terminal) and no progress lines (otherwise, e.g. under SLURM).",
+                  is_flag=True)
+
+
 # ---------------------------------------------------------------- click types
 
 class StorePlace(click.ParamType):

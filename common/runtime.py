@@ -46,11 +46,15 @@ def process_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return rank, world_size
 
 
-def progress_bar(quiet: bool) -> bool:
-    """A progress bar when stderr is a terminal."""
-    return not quiet and sys.stderr.isatty()
+class ProgressOutput:
+    """How a runtime with a `quiet` field reports progress: a bar on a terminal, plain lines in a scheduler's log."""
 
+    quiet: bool
 
-def progress_lines(quiet: bool) -> bool:
-    """Plain progress lines when stderr is not a terminal (a scheduler's log file)."""
-    return not quiet and not sys.stderr.isatty()
+    @property
+    def progress(self) -> bool:
+        return not self.quiet and sys.stderr.isatty()
+
+    @property
+    def log_lines(self) -> bool:
+        return not self.quiet and not sys.stderr.isatty()

@@ -8,8 +8,9 @@ from dataclasses import dataclass, replace
 import click
 
 from hdistill.common.errors import HdistillError
-from hdistill.common.options import option, parse_list, parse_ints, parse_or_none, parse_pairs, parse_role_kwargs
-from hdistill.common.runtime import loader_workers, process_rank, progress_bar, progress_lines, resolve_device
+from hdistill.common.options import (option, parse_ints, parse_list, parse_or_none, parse_pairs, parse_role_kwargs,
+                                     quiet_option, read_retries_option)
+from hdistill.common.runtime import ProgressOutput, loader_workers, process_rank, resolve_device
 from hdistill.common.storage import Retry, is_url
 
 FRACTION = click.FloatRange(0, 1, max_open=True)
@@ -29,10 +30,6 @@ def parse_weights(values, option_name: str) -> dict[str, str]:
     return {"*": "hub"} if list(values) == ["hub"] else parse_pairs(values, option_name)
 
 
-def parse_retry(attempts, option_name: str) -> Retry:
-    return Retry(attempts=int(attempts))
-
-
 DATA_HELP = ("Images: an ImageFolder tree, webdataset tars ('train-{000000..001281}.tar'), a text file of image paths, "
              "or synthetic:N for N generated images; local, or on s3://, gs:// or http(s):// (tars and list files; "
              "object storage needs pip install \"hdistill[cloud]\").")
@@ -43,9 +40,6 @@ MODEL_ARG_HELP = "Keyword argument for a teacher's model constructor, e.g. mae.d
 WEIGHTS_HELP = ("Teacher weights: 'hub' downloads the model's pretrained tag, a path loads a local file through "
                 "timm's / open_clip's pretrained path. '--weights hub' sets every role. Repeatable.")
 RANDOM_INIT_HELP = "Random teacher weights (seeded), recorded as such in the output. For tests and demos."
-READ_RETRIES_HELP = ("Reads from object storage that fail transiently (a dropped connection, a timeout) are retried "
-                     "this many times, waiting 1, 2, 4, ... s (at most 30 s); then the run stops naming the object.")
-QUIET_HELP = "No progress bar (on a terminal) and no progress lines (otherwise, e.g. under SLURM)."
 DEVICE_HELP = "auto, cpu, cuda or cuda:N (under torchrun, cuda is cuda:LOCAL_RANK)."
 
 
@@ -156,7 +150,7 @@ class PrecomputeConfig:
 
 
 @dataclass
-class Runtime:
+class Runtime(ProgressOutput):
     """How this process runs; does not change the store's content (left out of STORE/config.yaml)."""
 
     device: str = option("auto", DEVICE_HELP)
@@ -164,18 +158,9 @@ class Runtime:
                                  help="Image decoding processes (default: 4, never more than the CPUs available).")
     rank: int | None = option(None, "This process's rank for array jobs (default: $RANK or 0).", type=int)
     world_size: int | None = option(None, "Number of ranks (default: $WORLD_SIZE or 1).", type=int)
-    retry: Retry = option(default_factory=Retry, flag="--read-retries", cli=5, type=click.IntRange(min=0),
-                          parse=parse_retry, help=READ_RETRIES_HELP)   # reads of images on object storage
-    quiet: bool = option(False, QUIET_HELP, is_flag=True)
+    retry: Retry = read_retries_option()          # reads of images on object storage
+    quiet: bool = quiet_option()
     log_every_s: float = 30.0                     # seconds between progress lines (when stderr is not a terminal)
-
-    @property
-    def progress(self) -> bool:
-        return progress_bar(self.quiet)
-
-    @property
-    def log_lines(self) -> bool:
-        return progress_lines(self.quiet)
 
     def resolved(self) -> "Runtime":
         """The device, workers and rank this process uses (see common.runtime)."""

@@ -7,9 +7,9 @@ from dataclasses import dataclass, replace
 
 import click
 
-from hdistill.common.options import (StorePlace, option, parse_block_pairs, parse_ints, parse_kwargs, parse_or_none,
+from hdistill.common.options import (StorePlace, option, quiet_option, read_retries_option, parse_block_pairs, parse_ints, parse_kwargs, parse_or_none,
                                      parse_rgb)
-from hdistill.common.runtime import progress_bar, progress_lines, resolve_device
+from hdistill.common.runtime import ProgressOutput, resolve_device
 from hdistill.common.storage import Retry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)   # what MAE / dBOT pre-training and fine-tuning normalise with
@@ -99,7 +99,7 @@ class TrainConfig:
 
 
 @dataclass
-class TrainRuntime:
+class TrainRuntime(ProgressOutput):
     """How this process runs a training; does not change its result (a run resumes with other values)."""
 
     device: str = option("auto", "auto, cpu, cuda or cuda:N (under torchrun, cuda is cuda:LOCAL_RANK).")
@@ -115,21 +115,8 @@ class TrainRuntime:
     keep_checkpoints: int = option(0, "Also keep the last N checkpoints as RUN/checkpoints/step-<step>.pt (0: only "
                                       "the latest).", type=click.IntRange(min=0))
     compile: bool = option(False, "torch.compile the student and loss.", is_flag=True)
-    retry: Retry = option(default_factory=Retry, flag="--read-retries", cli=5, type=click.IntRange(min=0),
-                          parse=lambda attempts, _: Retry(attempts=int(attempts)),
-                          help="Reads from object storage that fail transiently (a dropped connection, a timeout) "
-                               "are retried this many times, waiting 1, 2, 4, ... s (at most 30 s); then the run "
-                               "stops naming the object.")
-    quiet: bool = option(False, "No progress bar (on a terminal) and no progress lines (otherwise, e.g. under "
-                                "SLURM).", is_flag=True)
-
-    @property
-    def progress(self) -> bool:
-        return progress_bar(self.quiet)
-
-    @property
-    def log_lines(self) -> bool:
-        return progress_lines(self.quiet)
+    retry: Retry = read_retries_option()          # reads of the store on object storage
+    quiet: bool = quiet_option()
 
     def resolved(self) -> "TrainRuntime":
         return replace(self, device=resolve_device(self.device))
