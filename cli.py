@@ -173,17 +173,15 @@ def train(out, sweep, **params):
 
 def train_sweep(out: str, members: list[tuple[str, dict]], params: dict):
     from hdistill.train.report import write_report
-    from hdistill.train.sweep import Sweep
+    from hdistill.train.sweep import Sweep, member_options
 
     if params["online"] or params["fresh_views"] or params["data"]:
         raise HdistillError("--sweep trains from the store's targets: it does not take --online, --fresh-views or "
                             "--data")
     start = time.time()
-    configs, member_params = [], {}
-    for name, overrides in members:
-        member_params[name] = {**params, **params_from_yaml([TrainConfig], overrides, f"sweep member {name!r}")}
-        configs.append((name, from_params(TrainConfig, member_params[name])))
-    sweep = Sweep(configs, out, from_params(TrainRuntime, params), dict(members))
+    member_params = member_options(params, members)
+    sweep = Sweep([(name, from_params(TrainConfig, p)) for name, p in member_params.items()], out,
+                  from_params(TrainRuntime, params), dict(members))
     sweep.open()
     for name, trainer in sweep.members.items():
         values = cli_values([TrainConfig, TrainRuntime, OnlineConfig], member_params[name])

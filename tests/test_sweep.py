@@ -1,4 +1,5 @@
 """`hdistill train --sweep`: K students from one pass, each exactly its solo run; resume, faults, DDP, the report."""
+import csv
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from hdistill.cli import cli
+from hdistill.common.errors import HdistillError
 
 STUDENT_ARGS = ["depth=3", "embed_dim=24", "num_heads=6"]
 SHARED = {"steps": 6, "batch_size": 4, "lr": 1e-3, "workers": 0, "device": "cpu", "lane_buffer_mb": 0.02,
@@ -55,7 +57,7 @@ def test_each_member_is_its_solo_run_bit_for_bit_and_the_report_shows_them(store
     losses = {m["name"]: metrics(run / m["name"])[-2]["loss"] for m in MEMBERS}
     assert len(set(losses.values())) == len(MEMBERS), "the members train different students"
     # the report: one row per member, its overrides, final training loss, final and best held-out loss per term
-    rows = list(__import__("csv").DictReader(open(run / "sweep-report.csv")))
+    rows = list(csv.DictReader(open(run / "sweep-report.csv")))
     assert [r["member"] for r in rows] == [m["name"] for m in MEMBERS]
     assert rows[1]["overrides"] == 'alpha=0.5; lr=0.002; warmup_steps=2' and rows[0]["overrides"] == "(shared)"
     for row, member in zip(rows, MEMBERS):
@@ -91,6 +93,18 @@ def test_members_that_need_other_samples_are_refused_by_name(stores, tmp_path):
     assert not (tmp_path / "run").exists() and not (tmp_path / "r").exists()
 
 
+def test_a_sweep_that_does_not_fit_is_refused_at_start_up_with_the_estimate(stores, tmp_path, monkeypatch):
+    from hdistill.train.sweep import Sweep
+    from helpers import config, runtime
+    monkeypatch.setattr(os, "sysconf", lambda name: 1 if name == "SC_AVPHYS_PAGES" else 4096)   # 4 kB free
+    with pytest.raises(HdistillError,
+                       match=r"the sweep's 2 members need about 0\.0 GiB more for their gradients and optimiser "
+                             r"states, and cpu has 0\.0 GiB free"):
+        Sweep([("a", config(stores / "kept")), ("b", config(stores / "kept", alpha=0.5))], str(tmp_path / "run"),
+              runtime())
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_member_going_non_finite_is_stopped_and_the_others_finish(stores, tmp_path):
     run = tmp_path / "sweep"
     members = [{"name": "fine"}, {"name": "blows-up", "lr": 1e12, "warmup_steps": 1, "clip_grad": 1e12}]
@@ -101,7 +115,7 @@ def test_a_member_going_non_finite_is_stopped_and_the_others_finish(stores, tmp_
     assert status["blows-up"]["state"] == "stopped" and "NaN or Inf" in status["blows-up"]["reason"]
     assert "member blows-up stopped at step" in result.output
     assert metrics(run / "fine")[-1]["step"] == 6
-    rows = list(__import__("csv").DictReader(open(run / "sweep-report.csv")))
+    rows = list(csv.DictReader(open(run / "sweep-report.csv")))
     assert rows[1]["state"].startswith("stopped at step")
 
 

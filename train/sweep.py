@@ -34,7 +34,7 @@ import torch
 from hdistill.common.atomic import atomic_open, remove_stale_temporaries
 from hdistill.common.errors import HdistillError
 from hdistill.common.lock import hold_lock
-from hdistill.common.options import option_name, yaml_key
+from hdistill.common.options import option_name, params_from_yaml, yaml_key
 from hdistill.common.processes import StopRequest, Stopped
 from hdistill.common.targets import KINDS
 from hdistill.common.tokens import gather_along, gather_rows, token_index
@@ -90,6 +90,12 @@ def check_members(members, where: str) -> list[tuple[str, dict]]:
                 raise HdistillError(f"{where}: member {name!r}: {key!r} {what}")
         out.append((name, overrides))
     return out
+
+
+def member_options(shared: dict, members: list[tuple[str, dict]]) -> dict[str, dict]:
+    """{member: its command's parameters}: the shared ones with the member's overrides (check_members)."""
+    return {name: {**shared, **params_from_yaml([TrainConfig], overrides, f"sweep member {name!r}")}
+            for name, overrides in members}
 
 
 class SharedTargets:
