@@ -75,6 +75,14 @@ class Manifest:
     def has_target(self, name: str) -> bool:
         return any(t.name == name for t in self.targets)
 
+    def targets_named(self, names: list[str], where) -> list[TargetSpec]:
+        """The rows of `names`; a name the store does not hold is refused, naming `where` and what it holds."""
+        missing = [n for n in names if not self.has_target(n)]
+        if missing:
+            raise HdistillError(f"{where}: no target {', '.join(missing)} in the store "
+                                f"(it holds {', '.join(t.name for t in self.targets)})")
+        return [self.target(n) for n in names]
+
     def arrays(self) -> dict[str, tuple[tuple[int, ...], str]]:
         return sample_arrays(self.layout, self.targets)
 

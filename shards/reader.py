@@ -64,13 +64,8 @@ class StoreReader:
             raise HdistillError(f"unknown store format {fmt!r}; choose one of {', '.join(FORMATS)}")
         if fmt not in manifest.formats:
             raise HdistillError(f"--format {fmt}: the store {store} holds only {','.join(manifest.formats)}")
-        names = [t.name for t in manifest.targets] if targets is None else targets
-        missing = [n for n in names if not manifest.has_target(n)]
-        if missing:
-            raise HdistillError(f"{store}: no target {', '.join(missing)} in the store "
-                                f"(it holds {', '.join(t.name for t in manifest.targets)})")
+        self.specs = manifest.targets if targets is None else manifest.targets_named(targets, store)
         self.store, self.manifest, self.fmt = as_location(store), manifest, fmt
-        self.specs = [manifest.target(n) for n in names]
         shapes = manifest.arrays()
         self.arrays = {n: shapes[n] for n in ("stage", "keep", "pixels")}
         for spec in self.specs:

@@ -145,14 +145,10 @@ class Store:
                world_size: int = 1, workers: int = 0, device: str = "cpu", mask: str = "progressive",
                lanes: int | None = None, buffer_mb: float = 64.0, retry: Retry = Retry()) -> StoreLoader:
         """A loader of global batches of `batch_size` (`targets`: target names, None for all of the store's)."""
-        names = self.targets if targets is None else list(targets)
-        unknown = [n for n in names if not self.manifest.has_target(n)]
-        if unknown:
-            raise HdistillError(f"{self.path}: no target {', '.join(unknown)} in the store (it holds "
-                                f"{', '.join(self.targets)})")
+        specs = self.manifest.targets if targets is None else self.manifest.targets_named(list(targets), self.path)
         lanes = lanes or default_lanes(batch_size)
         check_lanes(lanes, batch_size, world_size)
-        stream = StoreStream(self.path, self.manifest, [self.manifest.target(n) for n in names],
+        stream = StoreStream(self.path, self.manifest, specs,
                              check_mask(self.manifest, mask), seed, lanes, batch_size, buffer_mb, rank, world_size,
                              self.format, retry)
         return StoreLoader(stream, workers, device)

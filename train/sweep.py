@@ -215,6 +215,8 @@ class Sweep:
         for name, trainer in self.members.items():
             with self._own_rng(name):              # a resume sets it from the member's checkpoint
                 trainer.open()
+            if self.status[name]["state"] == "finished" and not trainer.finished:      # --steps extended
+                self.status[name] = {"state": "running"}
             if self.status[name]["state"] == "running" and trainer.step != self.step:
                 raise HdistillError(f"{self.out / name / CHECKPOINT} is at step {trainer.step}, {self.out / RECORD} "
                                     f"at {self.step}: the sweep's checkpoints were not written by one sweep")
