@@ -26,7 +26,6 @@ import re
 import resource
 import sys
 from contextlib import ExitStack, contextmanager
-from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -34,12 +33,12 @@ import torch
 from hdistill.common.atomic import atomic_open, remove_stale_temporaries
 from hdistill.common.errors import HdistillError
 from hdistill.common.lock import hold_lock
-from hdistill.common.options import option_name, params_from_yaml, yaml_key
+from hdistill.common.options import option_fields, option_name, params_from_yaml, yaml_key
 from hdistill.common.processes import StopRequest, Stopped
 from hdistill.common.targets import KINDS
 from hdistill.common.tokens import gather_along, gather_rows, token_index
 
-from .config import TrainConfig, TrainRuntime
+from .config import OnlineConfig, TrainConfig, TrainRuntime
 from .dist import barrier
 from .loader import StoreLoader
 from .run import CHECKPOINT, Trainer
@@ -55,21 +54,19 @@ PENDING = "checkpoint.pt.pending-"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
-def member_keys() -> dict[str, str]:
-    """{YAML key or field name: field name} of the options a member may override."""
-    out = {}
-    for f in fields(TrainConfig):
-        if f.name in MEMBER_OPTIONS:
-            out[yaml_key(f)], out[f.name] = f.name, f.name
-    return out
+def option_flags(classes=(TrainConfig, TrainRuntime, OnlineConfig)) -> dict[str, str]:
+    """{YAML key or field name: --flag} of the options of `classes`."""
+    return {key: f.metadata["option"].name(f.name) for cls in classes for f in option_fields(cls)
+            for key in (yaml_key(f), f.name)}
 
 
 def check_members(members, where: str) -> list[tuple[str, dict]]:
     """The sweep file's `members` -> [(name, {YAML key: value})], refusing what a member may not set, naming it."""
     if not isinstance(members, list) or not members:
         raise HdistillError(f"{where}: `members` must be a non-empty list of mappings with a name")
-    allowed, out, seen = member_keys(), [], set()
-    every = {yaml_key(f): f.name for cls in (TrainConfig, TrainRuntime) for f in fields(cls) if "option" in f.metadata}
+    every = option_flags()
+    allowed = {key for key, flag in every.items() if flag in {option_name(TrainConfig, n) for n in MEMBER_OPTIONS}}
+    out, seen = [], set()
     for i, member in enumerate(members):
         if not isinstance(member, dict) or not isinstance(member.get("name"), str) or not NAME.fullmatch(member["name"]):
             raise HdistillError(f"{where}: member {i + 1} needs a `name` of letters, digits, '.', '_' or '-' (its "
@@ -81,13 +78,12 @@ def check_members(members, where: str) -> list[tuple[str, dict]]:
         overrides = {k: v for k, v in member.items() if k != "name"}
         for key in overrides:
             norm = str(key).lstrip("-").replace("-", "_")
+            if norm not in every:
+                raise HdistillError(f"{where}: member {name!r}: {key!r} is not an option of hdistill train")
             if norm not in allowed:
-                known = every.get(norm)
-                what = (f"{option_name(TrainConfig if known in {f.name for f in fields(TrainConfig)} else TrainRuntime, known)}"
-                        " is shared by every member of a sweep (its members step on the same batches, as many of "
-                        "them, at the same time); set it in the sweep's shared options or run another sweep") \
-                    if known else "is not an option of hdistill train"
-                raise HdistillError(f"{where}: member {name!r}: {key!r} {what}")
+                raise HdistillError(f"{where}: member {name!r}: {every[norm]} is shared by every member of a sweep "
+                                    "(its members step on the same batches, as many of them, at the same time); set "
+                                    "it in the sweep's shared options or run another sweep")
         out.append((name, overrides))
     return out
 
