@@ -84,6 +84,35 @@ def test_every_command_explains_its_options():
         assert option in text
 
 
+def test_flags_yaml_keys_and_config_yaml_are_one_list(stores, tmp_path):
+    """Each command's flags are its config classes' option fields, and RUN/config.yaml has one key per field, in
+    field order (STORE/config.yaml: test_a_yaml_config_...): the same list, whatever a later field adds."""
+    import dataclasses
+
+    import yaml
+
+    from hdistill.common.options import option_fields, yaml_key
+    from hdistill.precompute.config import PrecomputeConfig, Runtime
+    from hdistill.train.config import OnlineConfig, TrainConfig, TrainRuntime
+    for command, classes, own in [("precompute", (PrecomputeConfig, Runtime), {"--out", "--config"}),
+                                  ("train", (TrainConfig, TrainRuntime, OnlineConfig), {"--out", "--config", "--sweep"})]:
+        flags = {opt for p in cli.commands[command].params for opt in p.opts + p.secondary_opts if opt.startswith("--")}
+        fields = [f for cls in classes for f in option_fields(cls)]
+        declared = {flag for f in fields for flag in (f.metadata["option"].flag or f.metadata["option"].name(f.name))
+                    .split("/")}
+        assert flags == declared | own, command
+        assert not [f.name for cls in classes for f in dataclasses.fields(cls) if "option" not in f.metadata
+                    and f.name != "log_every_s"], f"{command}: a config field without its option"
+    run = tmp_path / "run"
+    assert CliRunner().invoke(cli, ["train", "--shards", str(stores / "kept"), "--out", str(run), "--steps", "1",
+                                    "--batch-size", "4", "--workers", "0", "--device", "cpu", "--quiet",
+                                    "--lane-buffer-mb", "0.02", "--student-arg", "depth=3", "--student-arg", "embed_dim=24",
+                                    "--student-arg", "num_heads=6"]).exit_code == 0
+    run_keys = list(yaml.safe_load((run / "config.yaml").read_text()))
+    assert run_keys == ["out", *(yaml_key(f) for cls in (TrainConfig, TrainRuntime, OnlineConfig)
+                                 for f in option_fields(cls))]
+
+
 def test_the_mask_options_reach_the_manifest_and_inspect(photos, tmp_path):
     import json
     out = tmp_path / "direct"
@@ -133,6 +162,9 @@ def test_a_yaml_config_sets_options_flags_override_and_the_resolved_one_reloads(
     assert manifest["layout"]["shard_size"] == 2, "the flag overrides the file"
     assert [t["name"] for t in manifest["targets"]] == ["feat.clip", "rel.mae.b2"] and manifest["layout"]["image_size"] == 64
     resolved = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())
+    from hdistill.common.options import option_fields, yaml_key
+    from hdistill.precompute.config import PrecomputeConfig
+    assert list(resolved) == [yaml_key(f) for f in option_fields(PrecomputeConfig)], "the store's fields, in order"
     assert resolved["shard_size"] == 2 and resolved["target"] == ["clip:feat", "mae:rel@-2"] and "workers" not in resolved
     again = runner.invoke(cli, ["precompute", "--config", str(tmp_path / "a" / "config.yaml"), "--out", str(tmp_path / "b"),
                                 "--workers", "0", "--device", "cpu"])
