@@ -101,7 +101,7 @@ def make_store(args, device, out, encodings, formats, images: slice):
 def held_out_loss(trainer: Trainer, store: str, manifest) -> float:
     """Mean loss of the trained student and projection over every sample of the held-out store."""
     samples = AllSamples(StoreStream(store, manifest, [t.target for t in trainer.terms], "progressive", seed=0), 16)
-    return evaluate(trainer.model, ["loss"], samples, 0, trainer.rt.device, trainer.autocast(), trainer.dist)["val/loss"]
+    return evaluate({"": trainer.evaluated()}, samples, 0, trainer.rt.device, trainer.dist)[""]["val/loss"]
 
 
 def training(args, device, tmp):

@@ -146,6 +146,7 @@ class StoreStream(torch.utils.data.IterableDataset):
         self.retry = retry
         self.layout = manifest.layout
         self.lanes, self.batch_size, self.rank, self.world_size = lanes, batch_size, rank, world_size
+        self.buffer_mb = buffer_mb
         self.reader = StoreReader(store, manifest, format, [t.name for t in targets])
         # samples per lane: MB of the store's whole samples, so the order does not depend on which targets a run
         # reads (runs with other losses, and the members of a sweep, see the same order)

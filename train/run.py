@@ -42,7 +42,7 @@ from .config import DEFAULT_LR, TrainConfig, TrainRuntime
 from .loss import DistillLoss, LossConfig, parse_losses, plan_losses
 from .source import SourceFactory, SourcePlan, StoredTargets
 from .student import Student, build_student, export_student
-from .validate import evaluate, open_val_store
+from .validate import Evaluated, evaluate, open_val_store
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CHECKPOINT = "checkpoint.pt"
@@ -339,11 +339,14 @@ class Trainer:
         return torch.autocast(torch.device(self.rt.device).type, dtype=PRECISIONS[self.precision],
                               enabled=self.precision != "fp32")
 
+    def evaluated(self, prepare=lambda batch: batch) -> Evaluated:
+        """The student and loss as the held-out batches are evaluated (no gradient, no stochastic depth)."""
+        return Evaluated(self.model, ["loss", *(t.key for t in self.terms)], prepare, self.autocast())
+
     def validate(self) -> dict[str, float]:
-        """The loss on the held-out store (no gradient, no stochastic depth): {"step", "val/loss", ...}."""
-        keys = ["loss", *(t.key for t in self.terms)]
-        return {"step": self.step, **evaluate(self.model, keys, self.val, self.rt.workers,
-                                              self.rt.device, self.autocast(), self.dist)}
+        """The loss on the held-out store: {"step", "val/loss", ...}."""
+        return {"step": self.step, **evaluate({"": self.evaluated()}, self.val, self.rt.workers, self.rt.device,
+                                              self.dist)[""]}
 
     def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
         """One step, enqueued without waiting on the device: finite-ness is recorded (StepHealth) and checked at the
@@ -481,13 +484,18 @@ class Trainer:
             self._log_line(f"epoch {self.epoch} loss {losses['loss']:.4f} lr {lr:.3g} {rate:.1f} samples/s "
                            f"eta {duration((self.steps - self.step) * self.cfg.batch_size / max(rate, 1e-9))}")
             progress.last_time, progress.last_step = now, self.step
-        if self.val and (self.step % self.cfg.val_every == 0 or self.step == self.steps):
-            record = self.validate()
-            if progress.metrics:
-                progress.metrics.write(record)
-            progress.postfix["val_loss"] = f"{record['val/loss']:.4f}"
-            progress.bar.set_postfix(progress.postfix, refresh=False)
-            self._log_line(f"val/loss {record['val/loss']:.4f}")
+        if self.val and self.validation_due():
+            self.log_validation(self.validate(), progress)
+
+    def validation_due(self) -> bool:
+        return self.step % self.cfg.val_every == 0 or self.step == self.steps
+
+    def log_validation(self, record: dict, progress: "_Progress"):
+        if progress.metrics:
+            progress.metrics.write(record)
+        progress.postfix["val_loss"] = f"{record['val/loss']:.4f}"
+        progress.bar.set_postfix(progress.postfix, refresh=False)
+        self._log_line(f"val/loss {record['val/loss']:.4f}")
 
     def _describe_terms(self, losses: dict[str, float]):
         """The first step's terms and their weighted shares: a term that dwarfs the others is visible at once."""

@@ -3,7 +3,8 @@ run).
 
 A sweep file holds the shared options (keys as in --config) and a list `members`, each a `name` and the options
 it overrides (MEMBER_OPTIONS: the objective, the student, the optimiser, the mask, the initialisation seed).
-Every batch is read, checked and moved to the device once, then stepped by every member in turn; each member
+Every batch is read, checked and moved to the device once, then stepped by every member in turn (and every
+held-out batch evaluated by every member in turn); each member
 is a Trainer of its own (model, optimiser, schedule, RNG, metrics, export) in RUN/<member>/, and with the same
 options and seed it computes exactly what `hdistill train` run alone with that member's options computes (its
 RUN/<member>/config.yaml is that run's --config).
@@ -39,10 +40,12 @@ from hdistill.common.targets import KINDS
 from hdistill.common.tokens import gather_along, gather_rows, token_index
 
 from .config import OnlineConfig, TrainConfig, TrainRuntime
+from .data import AllSamples, StoreStream
 from .dist import barrier
 from .loader import StoreLoader
 from .run import CHECKPOINT, Trainer
 from .source import SourcePlan
+from .validate import evaluate
 
 # TrainConfig fields a member may set; every other option decides which samples a step sees, or when
 MEMBER_OPTIONS = ("losses", "alpha", "beta", "standardize_targets", "feature_teacher", "relation_teacher",
@@ -94,9 +97,22 @@ def member_options(shared: dict, members: list[tuple[str, dict]]) -> dict[str, d
             for name, overrides in members}
 
 
-class SharedTargets:
-    """The members' target sources over one stream: the union of their targets, one mask or, when their masks
+def shared_stream(streams: list[StoreStream]) -> StoreStream:
+    """One stream for the members' streams of one store: the union of their targets, one mask or, when their masks
     differ, every patch of a full store with each member's patch choice alongside (StoreStream.selections)."""
+    first = streams[0]
+    targets = {t.name: t for s in streams for t in s.targets}
+    masks = sorted({s.mask for s in streams})
+    mask = masks[0] if len(masks) == 1 else "none"
+    stream = StoreStream(first.store, first.manifest, list(targets.values()), mask, first.seed, first.lanes,
+                         first.batch_size, first.buffer_mb, first.rank, first.world_size, first.reader.fmt,
+                         first.retry)
+    stream.selections = tuple(m for m in masks if m != mask)
+    return stream
+
+
+class SharedTargets:
+    """The members' target sources over one stream (shared_stream)."""
 
     def __init__(self):
         self.plans: list[SourcePlan] = []
@@ -107,12 +123,7 @@ class SharedTargets:
         return MemberTargets(self, plan)
 
     def build(self):
-        first = self.plans[0]
-        targets = {t.name: t for plan in self.plans for t in plan.targets}
-        masks = sorted({plan.mask for plan in self.plans})
-        mask = masks[0] if len(masks) == 1 else "none"
-        self.stream = SourcePlan(**{**first.__dict__, "targets": list(targets.values()), "mask": mask}).stream()
-        self.stream.selections = tuple(m for m in masks if m != mask)
+        self.stream = shared_stream([plan.stream() for plan in self.plans])
 
 
 class MemberTargets:
@@ -158,6 +169,11 @@ class Sweep:
             trainer.stop = self.stop
         self.shared.build()
         self.lead = next(iter(self.members.values()))
+        # one pass over the held-out store evaluates every member (each member's own would read it K times)
+        self.val = None if self.lead.val is None else AllSamples(
+            shared_stream([t.val.stream for t in self.members.values()]), self.lead.val.batch_size)
+        for trainer in self.members.values():
+            trainer.val = None
         self.dist, self.rt, self.steps = self.lead.dist, self.lead.rt, self.lead.steps
         self.lock, self.opened = None, False
         self.status = {name: {"state": "running"} for name in self.members}
@@ -293,6 +309,8 @@ class Sweep:
                     except HdistillError as err:
                         self._stop_member(name, err)
                 self.step += 1
+                if self.val and self.running() and self.lead.validation_due():
+                    self.validate(progress)
                 stop = self.lead.stop_requested() and self.step < self.steps
                 if stop or self.step % self.rt.checkpoint_every == 0 or self.step == self.steps:
                     self.save()
@@ -302,6 +320,14 @@ class Sweep:
                                   "resume", self.stop.signum or 15)
         if self.dist.main:
             print(f"sweep: peak memory {self.peak_memory()}", file=sys.stderr)
+
+    def validate(self, progress: dict):
+        """Every running member on each held-out batch in turn, from one pass over the held-out store."""
+        running = self.running()
+        results = evaluate({n: self.members[n].evaluated(self.members[n].source.prepare) for n in running},
+                           self.val, self.rt.workers, self.rt.device, self.dist)
+        for name in running:
+            self.members[name].log_validation({"step": self.step, **results[name]}, progress[name])
 
     def _stop_member(self, name: str, err: HdistillError):
         self.status[name] = {"state": "stopped", "step": self.members[name].step, "reason": str(err)}

@@ -8,6 +8,7 @@ samples, and the sample counts, are added over ranks, so the result is the mean 
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -47,27 +48,44 @@ def open_val_store(path: str, train_path: str, train: Manifest, targets: list[Ta
     return manifest, rows
 
 
+class Evaluated(NamedTuple):
+    """A model to evaluate on the held-out batches: its loss terms `keys` ("loss", ...), what it takes of a batch
+    (`prepare`: a sweep member its mask's patches and its targets) and its autocast."""
+
+    model: torch.nn.Module
+    keys: list[str]
+    prepare: Callable[[dict], dict]
+    autocast: AbstractContextManager
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, keys: list[str], stream: AllSamples, workers: int,
-             device: str, autocast: AbstractContextManager, dist: DistInfo) -> dict[str, float]:
-    """{"val/<key>": mean over every sample of the held-out store} for the loss terms `keys` ("loss", ...)."""
+def evaluate(models: dict[str, Evaluated], stream: AllSamples, workers: int, device: str,
+             dist: DistInfo) -> dict[str, dict[str, float]]:
+    """{name: {"val/<key>": mean over every sample of the held-out store}} for each model, from one pass over it."""
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
                                          generator=torch.Generator().manual_seed(0))
-    sums = dict.fromkeys(keys, 0.0)
+    sums = {name: dict.fromkeys(m.keys, 0.0) for name, m in models.items()}
     count = 0
-    was_training = model.training
-    model.eval()
+    was_training = {name: m.model.training for name, m in models.items()}
+    for m in models.values():
+        m.model.eval()
     try:
         for batch in start_workers(loader):
             batch = decoded(to_device(batch, device), stream.stream.reader.specs)
-            with autocast:
-                terms = model(batch["pixels"], batch["keep"], batch["targets"])
-            for key in keys:                          # each term is a mean over its batch's samples
-                sums[key] += terms[key].item() * batch["count"]
+            for name, m in models.items():
+                mine = m.prepare(batch)
+                with m.autocast:
+                    terms = m.model(mine["pixels"], mine["keep"], mine["targets"])
+                for key in m.keys:                    # each term is a mean over its batch's samples
+                    sums[name][key] += terms[key].item() * batch["count"]
             count += batch["count"]
     finally:
-        model.train(was_training)
-    totals = sum_over_ranks({**sums, "count": float(count)}, dist, device)
-    if not totals["count"]:
-        raise HdistillError("--val-shards: the held-out store has no samples")
-    return {f"val/{key}": value / totals["count"] for key, value in totals.items() if key != "count"}
+        for name, m in models.items():
+            m.model.train(was_training[name])
+    results = {}
+    for name, member_sums in sums.items():
+        totals = sum_over_ranks({**member_sums, "count": float(count)}, dist, device)
+        if not totals["count"]:
+            raise HdistillError("--val-shards: the held-out store has no samples")
+        results[name] = {f"val/{key}": value / totals["count"] for key, value in totals.items() if key != "count"}
+    return results
