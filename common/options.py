@@ -99,11 +99,10 @@ def command_options(*classes):
     return decorate
 
 
-def from_params(cls, params: dict, **values):
+def from_params(cls, params: dict):
     """An instance of `cls` from a command's parameters (command-line form), through each field's parser."""
+    values = {}
     for f in option_fields(cls):
-        if f.name in values:
-            continue
         opt, value = f.metadata["option"], params[f.name]
         value = list(value) if opt.multiple else value
         values[f.name] = opt.parse(value, opt.name(f.name)) if opt.parse else value
@@ -116,13 +115,14 @@ def cli_values(classes, params: dict) -> dict:
             for cls in classes for f in option_fields(cls)}
 
 
+def fields_by_key(classes) -> dict[str, dataclasses.Field]:
+    """{YAML key or field name: field} of the option fields of `classes` (`loss` and `losses` both name one)."""
+    return {key: f for cls in classes for f in option_fields(cls) for key in (yaml_key(f), f.name)}
+
+
 def params_from_yaml(classes, values: dict, where: str) -> dict:
     """{field name: value} from a mapping of YAML keys (an unknown key is refused, naming `where`)."""
-    by_key = {}
-    for cls in classes:
-        for f in option_fields(cls):
-            by_key[yaml_key(f)] = f
-            by_key[f.name] = f
+    by_key = fields_by_key(classes)
     out = {}
     for key, value in values.items():
         f = by_key.get(str(key).lstrip("-").replace("-", "_"))

@@ -119,6 +119,26 @@ def test_a_member_going_non_finite_is_stopped_and_the_others_finish(stores, tmp_
     assert rows[1]["state"].startswith("stopped at step")
 
 
+def test_the_members_left_when_the_first_one_stops_still_run_as_alone(stores, tmp_path):
+    """The first member stops at once: the others' checkpoints, held-out evaluations, stop checks and, after an
+    extension of the run, their loader position follow the sweep's step, not the stopped member's."""
+    run = tmp_path / "sweep"
+    members = [{"name": "blows-up", "lr": 1e12, "warmup_steps": 1, "clip_grad": 1e12}, {"name": "fine"}]
+    file = sweep_file(tmp_path / "s.yaml", stores / "kept", members, checkpoint_every=2, val_shards=str(stores / "kept"),
+                      val_every=2)
+    invoke("train", "--sweep", file, "--out", run)
+    invoke("train", "--sweep", file, "--out", run, "--steps", "9")
+    status = {m["name"]: m["status"]["state"] for m in json.loads((run / "sweep.json").read_text())["members"]}
+    assert status == {"blows-up": "stopped", "fine": "finished"}
+    solo = tmp_path / "solo"
+    invoke("train", "--config", run / "fine" / "config.yaml", "--out", solo, "--steps", "6")
+    invoke("train", "--config", run / "fine" / "config.yaml", "--out", solo)
+    assert metrics(run / "fine") == metrics(solo)
+    assert [r["step"] for r in metrics(solo) if "val/loss" in r] == [2, 4, 6, 8, 9]
+    swept, alone = load_file(run / "fine" / "student.safetensors"), load_file(solo / "student.safetensors")
+    assert all(torch.equal(swept[k], alone[k]) for k in alone)
+
+
 class Killed(BaseException):
     """A kill at a chosen point (BaseException: nothing on the way catches it)."""
 

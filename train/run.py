@@ -287,10 +287,10 @@ class Trainer:
                 raise HdistillError(f"{option_name(TrainConfig, k)} {new[k]} is not the store {self.out} was "
                                     f"trained on (its manifest differs from the one recorded in {path}); give the run's own store, "
                                     "or a new --out for a new run")
-        diff = [k for k in new if old.get(k) != new[k] and k not in LENGTH_OPTIONS + STORE_OPTIONS]
         if state["source"] != self.source.record():
             raise HdistillError(f"{self.out} was trained from {state['source']}, this run's targets come from "
                                 f"{self.source.record()}; use a new --out or the run's own --online options")
+        diff = [k for k in new if old.get(k) != new[k] and k not in LENGTH_OPTIONS + STORE_OPTIONS]
         if diff:
             raise HdistillError(f"{self.out} holds a run with other options "
                                 f"({', '.join(option_name(TrainConfig, d) for d in diff)}); use a new --out or the "
@@ -370,12 +370,12 @@ class Trainer:
         self.step += 1
         return terms
 
-    def stop_requested(self) -> bool:
-        """SIGTERM reached a rank; under torchrun the ranks agree at logged steps (a reduction they make anyway), so
-        every rank stops after the same step."""
+    def stop_requested(self, step: int) -> bool:
+        """SIGTERM reached a rank; under torchrun the ranks agree after logged steps (a reduction they make anyway),
+        so every rank stops after the same step."""
         if self.dist.world_size == 1:
             return bool(self.stop)
-        if self.step % self.rt.log_every:
+        if step % self.rt.log_every:
             return False
         flag = torch.tensor([1.0 if self.stop else 0.0], device=self.rt.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
@@ -437,8 +437,8 @@ class Trainer:
             data = self.batches()
             while self.step < self.steps:
                 self.record(self.train_step(next(data)), progress)
-                stop = self.stop_requested() and self.step < self.steps
-                if stop or self.checkpoint_due():
+                stop = self.stop_requested(self.step) and self.step < self.steps
+                if stop or self.checkpoint_due(self.step):
                     self.health.check(self.step)                 # nothing non-finite is ever checkpointed
                     self.save()
                 if stop:
@@ -446,8 +446,9 @@ class Trainer:
                                   f"{self.steps}: checkpoint written to {self.out / CHECKPOINT}; run the same "
                                   "command to resume", self.stop.signum or 15)
 
-    def checkpoint_due(self) -> bool:
-        return self.step % self.rt.checkpoint_every == 0 or self.step == self.steps
+    def checkpoint_due(self, step: int) -> bool:
+        """Whether a checkpoint follows step `step` (this run's, or its sweep's)."""
+        return step % self.rt.checkpoint_every == 0 or step == self.steps
 
     @contextmanager
     def progress(self):
@@ -484,11 +485,12 @@ class Trainer:
             self._log_line(f"epoch {self.epoch} loss {losses['loss']:.4f} lr {lr:.3g} {rate:.1f} samples/s "
                            f"eta {duration((self.steps - self.step) * self.cfg.batch_size / max(rate, 1e-9))}")
             progress.last_time, progress.last_step = now, self.step
-        if self.val and self.validation_due():
+        if self.val and self.validation_due(self.step):
             self.log_validation(self.validate(), progress)
 
-    def validation_due(self) -> bool:
-        return self.step % self.cfg.val_every == 0 or self.step == self.steps
+    def validation_due(self, step: int) -> bool:
+        """Whether the held-out store is evaluated after step `step`."""
+        return step % self.cfg.val_every == 0 or step == self.steps
 
     def log_validation(self, record: dict, progress: "_Progress"):
         if progress.metrics:

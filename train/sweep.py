@@ -34,7 +34,7 @@ import torch
 from hdistill.common.atomic import atomic_open, remove_stale_temporaries
 from hdistill.common.errors import HdistillError
 from hdistill.common.lock import hold_lock
-from hdistill.common.options import option_fields, option_name, params_from_yaml, yaml_key
+from hdistill.common.options import fields_by_key, params_from_yaml
 from hdistill.common.processes import StopRequest, Stopped
 from hdistill.common.targets import KINDS
 from hdistill.common.tokens import gather_along, gather_rows, token_index
@@ -44,7 +44,7 @@ from .data import AllSamples, StoreStream
 from .dist import barrier
 from .loader import StoreLoader
 from .run import CHECKPOINT, Trainer
-from .source import SourcePlan
+from .source import SourcePlan, StoredTargets
 from .validate import evaluate
 
 # TrainConfig fields a member may set; every other option decides which samples a step sees, or when
@@ -57,18 +57,11 @@ PENDING = "checkpoint.pt.pending-"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
-def option_flags(classes=(TrainConfig, TrainRuntime, OnlineConfig)) -> dict[str, str]:
-    """{YAML key or field name: --flag} of the options of `classes`."""
-    return {key: f.metadata["option"].name(f.name) for cls in classes for f in option_fields(cls)
-            for key in (yaml_key(f), f.name)}
-
-
 def check_members(members, where: str) -> list[tuple[str, dict]]:
     """The sweep file's `members` -> [(name, {YAML key: value})], refusing what a member may not set, naming it."""
     if not isinstance(members, list) or not members:
         raise HdistillError(f"{where}: `members` must be a non-empty list of mappings with a name")
-    every = option_flags()
-    allowed = {key for key, flag in every.items() if flag in {option_name(TrainConfig, n) for n in MEMBER_OPTIONS}}
+    every = fields_by_key((TrainConfig, TrainRuntime, OnlineConfig))
     out, seen = [], set()
     for i, member in enumerate(members):
         if not isinstance(member, dict) or not isinstance(member.get("name"), str) or not NAME.fullmatch(member["name"]):
@@ -83,8 +76,9 @@ def check_members(members, where: str) -> list[tuple[str, dict]]:
             norm = str(key).lstrip("-").replace("-", "_")
             if norm not in every:
                 raise HdistillError(f"{where}: member {name!r}: {key!r} is not an option of hdistill train")
-            if norm not in allowed:
-                raise HdistillError(f"{where}: member {name!r}: {every[norm]} is shared by every member of a sweep "
+            if every[norm].name not in MEMBER_OPTIONS:
+                flag = every[norm].metadata["option"].name(every[norm].name)
+                raise HdistillError(f"{where}: member {name!r}: {flag} is shared by every member of a sweep "
                                     "(its members step on the same batches, as many of them, at the same time); set "
                                     "it in the sweep's shared options or run another sweep")
         out.append((name, overrides))
@@ -146,9 +140,7 @@ class MemberTargets:
                 "targets": {t.name: KINDS[t.kind].gather(batch["targets"][t.name], token_index(sel, t.cls))
                             for t in self.plan.targets}}
 
-    @staticmethod
-    def record() -> dict:
-        return {"source": "store"}
+    record = staticmethod(StoredTargets.record)      # the store's targets, as a solo run reads them
 
 
 class Sweep:
@@ -293,8 +285,8 @@ class Sweep:
         return self.out
 
     def _steps(self):
-        loader = StoreLoader(self.shared.stream, self.rt.workers, self.rt.device, self.lead.epoch,
-                             self.lead.epoch_batches)
+        at = self.members[self.running()[0]]       # every running member is at the sweep's step and position
+        loader = StoreLoader(self.shared.stream, self.rt.workers, self.rt.device, at.epoch, at.epoch_batches)
         with ExitStack() as stack:
             progress = {n: stack.enter_context(self.members[n].progress()) for n in self.running()}
             batches = _endless(loader)
@@ -309,10 +301,10 @@ class Sweep:
                     except HdistillError as err:
                         self._stop_member(name, err)
                 self.step += 1
-                if self.val and self.running() and self.lead.validation_due():
+                if self.val and self.running() and self.lead.validation_due(self.step):
                     self.validate(progress)
-                stop = self.lead.stop_requested() and self.step < self.steps
-                if stop or self.step % self.rt.checkpoint_every == 0 or self.step == self.steps:
+                stop = self.lead.stop_requested(self.step) and self.step < self.steps
+                if stop or self.lead.checkpoint_due(self.step):
                     self.save()
                 if stop:
                     raise Stopped(f"sweep: {self.stop.name or 'a stop request'} at step {self.step} of {self.steps}: "
