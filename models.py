@@ -8,7 +8,8 @@ import click
 
 from hdistill.common.errors import HdistillError
 from hdistill.common.options import option, parse_kwargs, parse_pairs, parse_role_kwargs, split
-from hdistill.precompute.config import MODEL_ARG_HELP, MODEL_HELP, RANDOM_INIT_HELP, WEIGHTS_HELP, parse_weights
+from hdistill.precompute.config import (MODEL_ARG_HELP, MODEL_HELP, RANDOM_INIT_HELP, WEIGHTS_HELP, every_role,
+                                        parse_weights)
 
 
 @dataclass
@@ -36,8 +37,7 @@ class ModelsConfig:
     seed: int = option(0, "Seed of random teacher weights and of the views.")
 
     def __post_init__(self):
-        if self.weights.get("*"):
-            self.weights = {role: self.weights["*"] for role in self.teachers}
+        self.weights = every_role(self.weights, self.teachers)
 
     def build(self) -> dict:
         """{label: Teacher}: each trained student under its path, then each teacher under its role."""

@@ -26,8 +26,13 @@ def absolute_data(data: str, option_name: str = "--data") -> str:
 
 
 def parse_weights(values, option_name: str) -> dict[str, str]:
-    """["mae=hub", "clip=PATH"] -> {"mae": "hub", ...}; a lone "hub" is {"*": "hub"}: every role."""
+    """["mae=hub", "clip=PATH"] -> {"mae": "hub", ...}; a lone "hub" is {"*": "hub"}: every role (every_role)."""
     return {"*": "hub"} if list(values) == ["hub"] else parse_pairs(values, option_name)
+
+
+def every_role(weights: dict[str, str], teachers: list[str]) -> dict[str, str]:
+    """--weights with "*" (a lone --weights hub) given to every teacher role."""
+    return {role: weights["*"] for role in teachers} if weights.get("*") else weights
 
 
 DATA_HELP = ("Images: an ImageFolder tree, webdataset tars ('train-{000000..001281}.tar'), a text file of image paths, "
@@ -113,8 +118,7 @@ class PrecomputeConfig:
              "fp16 storage error. Q K^T is formed in float32, the mask ranks in float64.")
 
     def __post_init__(self):
-        if self.weights.get("*"):
-            self.weights = {role: self.weights["*"] for role in self.teachers}
+        self.weights = every_role(self.weights, self.teachers)
 
     def validate(self):
         from hdistill.shards.encoding import check_formats, parse_encodings

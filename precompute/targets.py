@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 
@@ -88,8 +89,7 @@ def plan_targets(teachers: dict[str, Teacher], requests: Sequence[TargetRequest]
             resolve_blocks([req.block], info.depth, f"--target {req.role}:{req.kind}@{req.block}")[0]
         shape = KINDS[req.kind].shape(info.heads, info.width, info.layout.stored_prefix + patches)
         spec = TargetSpec(req.kind, req.role, block, shape, cls=info.layout.cls)
-        specs[spec.name] = TargetSpec(req.kind, req.role, block, shape, encoding_for(spec, encodings),
-                                      info.layout.cls)
+        specs[spec.name] = replace(spec, encoding=encoding_for(spec, encodings))
     unused = set(encodings) - {"*"} - {k for s in specs.values() for k in (s.name, s.kind)}
     if unused:
         raise HdistillError(f"--encoding {', '.join(sorted(unused))}: no such target in this store "
