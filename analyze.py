@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from hdistill.precompute.data import list_images
 from hdistill.precompute.image import decode_image
 from hdistill.precompute.teachers import Teacher, TimmTeacher
 from hdistill.precompute.view import make_view
+from hdistill.precompute.weights import LoadProblem
 
 
 def patch_attention(relations: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -95,34 +95,16 @@ def student_as_teacher(path: str, name: str | None = None, image_size: int | Non
         model = timm.create_model(name, pretrained=True, num_classes=0, img_size=image_size,
                                   pretrained_cfg_overlay=dict(file=path, num_classes=0, **norm), **kwargs)
     except (RuntimeError, KeyError, ValueError, TypeError) as err:
-        raise HdistillError(f"--student-weights {path} does not fit timm model {name} {kwargs}: {state_dict_problem(err)}"
-                            ) from None
+        problem = LoadProblem.of(err)
+        detail = problem.describe() if problem else str(err).splitlines()[0][:400]
+        raise HdistillError(f"--student-weights {path} does not fit timm model {name} {kwargs}: {detail}; check "
+                            "--student and --student-arg") from None
     cfg = model.pretrained_cfg
     teacher_info = TeacherInfo(role="student", model=f"timm:{name}", weights={"source": "file", "path": path},
                                patch_size=model.patch_embed.patch_size[0], image_size=image_size,
                                width=model.embed_dim, depth=len(model.blocks), heads=model.blocks[0].attn.num_heads,
                                mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
     return TimmTeacher(teacher_info, model)
-
-
-def state_dict_problem(err: Exception) -> str:
-    """torch's load_state_dict error (one very long line of key lists) as counts and the first keys of each kind."""
-    text = str(err)
-    parts = []
-    for kind in ("Missing key(s)", "Unexpected key(s)"):
-        found = re.search(re.escape(kind) + r' in state_dict: ((?:"[^"]*"(?:, )?)+)', text)
-        if found:
-            keys = re.findall(r'"([^"]*)"', found.group(1))
-            parts.append(f"{len(keys)} {kind.lower().replace('(s)', 's')} ({', '.join(keys[:3])}"
-                         f"{', ...' if len(keys) > 3 else ''})")
-    shapes = re.findall(r"size mismatch for ([^:]+): copying a param with shape (torch\.Size\(\[[^\]]*\]\)) "
-                        r"from checkpoint, the shape in current model is (torch\.Size\(\[[^\]]*\]\))", text)
-    if shapes:
-        key, file_shape, model_shape = shapes[0]
-        parts.append(f"{len(shapes)} shape mismatches ({key}: {file_shape} in the file, {model_shape} in the model)")
-    if not parts:
-        return text.splitlines()[0][:400]
-    return "; ".join(parts) + "; check --student and --student-arg"
 
 
 @torch.inference_mode()

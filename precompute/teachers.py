@@ -10,11 +10,8 @@ pointed at another timm ViT or open_clip model:
            "eva02_base_patch16_clip_224.merged2b": separate q/v biases, RoPE on q and k)
     open_clip: "open_clip:ViT-B-16-quickgelu@openai"   ("@tag" = open_clip pretrained tag)
 
-Weights come from exactly one source per teacher, chosen by the user:
-    WeightSource("hub")        the model's hub tag (the only path that downloads)
-    WeightSource("file", path) a local file, loaded through timm's / open_clip's own
-                               pretrained path (key conversion, pos-embed resampling)
-    WeightSource("random", seed=...)  random weights, recorded as such in every output
+Weights come from one source per teacher (precompute.weights.WeightSource: the hub, a file, or seeded random
+weights) and load strictly: every tensor the targets use comes from them, or the build stops.
 
 Every teacher owns its preprocessing (mean/std) and its token layout (CLS or none, registers: TokenLayout),
 and exposes `tokens` (last block after the final norm), its taps (a table keyed by target kind of hooks that hand an inner tensor to the target table
@@ -25,8 +22,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -34,10 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from hdistill.common.errors import HdistillError
-from hdistill.common.files import file_sha256
 from hdistill.common.specs import TeacherInfo, TokenGrid, TokenLayout
 from hdistill.common.targets import KINDS
 from hdistill.common.tokens import TIMM_TAPS, qk_relations, split_qk, tap_block_output, tap_msa
+
+from .weights import WeightSource, check_file, load_open_clip, load_timm, weights_record
 
 
 @dataclass(frozen=True)
@@ -60,17 +56,6 @@ def get_role(name: str) -> Role:
     if name not in ROLES:
         raise HdistillError(f"unknown teacher role {name!r}; known roles: {', '.join(ROLES)}")
     return ROLES[name]
-
-
-@dataclass(frozen=True)
-class WeightSource:
-    kind: str                  # "hub" | "file" | "random"
-    path: str | None = None
-    seed: int = 0
-
-    @classmethod
-    def parse(cls, value: str) -> "WeightSource":
-        return cls("hub") if value == "hub" else cls("file", path=value)
 
 
 class Teacher(nn.Module):
@@ -245,15 +230,6 @@ class OpenClipTeacher(Teacher):
         return self._on_qkv(block, attend)
 
 
-@contextmanager
-def _seeded(weights: WeightSource):
-    """Random weights are a function of the teacher's seed alone: the model is built under torch's RNG seeded with
-    it, and the caller's RNG does not move."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(weights.seed)
-        yield
-
-
 def _on_block(tap, blocks: nn.ModuleList, block: int, fn):
     return tap(blocks[block], fn)
 
@@ -263,40 +239,8 @@ def _suggest(name: str, known: list[str]) -> str:
     return f" Did you mean: {', '.join(close)}?" if close else ""
 
 
-def _load_error(role: str, model_name: str, weights: WeightSource, err: Exception) -> HdistillError:
-    what = f"weight file {weights.path}" if weights.kind == "file" else f"hub weights of {model_name}"
-    detail = str(err).strip().splitlines()
-    detail = " ".join(line.strip() for line in detail[:6])
-    if len(detail) > 600:
-        detail = detail[:600] + " ..."
-    return HdistillError(f"teacher {role!r}: {what} do not fit model {model_name}: {detail}")
-
-
-def _weights_record(weights: WeightSource, hub_tag: str | None) -> dict:
-    if weights.kind == "file":
-        return {"source": "file", "path": weights.path, "sha256": file_sha256(weights.path)}
-    if weights.kind == "hub":
-        return {"source": "hub", "tag": hub_tag}
-    return {"source": "random-init", "seed": weights.seed}
-
-
-def _check_file(role: str, weights: WeightSource):
-    if weights.kind != "file":
-        return
-    if not os.path.isfile(weights.path):
-        raise HdistillError(f"teacher {role!r}: weight file {weights.path} does not exist")
-    if weights.path.endswith(".safetensors"):
-        from safetensors import SafetensorError, safe_open
-        try:
-            with safe_open(weights.path, framework="pt"):
-                pass
-        except (SafetensorError, OSError) as err:
-            raise HdistillError(f"teacher {role!r}: weight file {weights.path} is not a readable safetensors file "
-                                f"({err}); download it again or give another --weights") from None
-
-
-def _timm_wrapper(role: str, name: str, kwargs: dict) -> type[Teacher]:
-    """Build the architecture on the meta device (no memory, no weights) -> the Teacher class of its family."""
+def _timm_probe(role: str, name: str, kwargs: dict):
+    """The architecture on the meta device (no memory, no weights): its class, config and embeddings."""
     import timm
     from timm.models.eva import Eva
     from timm.models.vision_transformer import VisionTransformer
@@ -305,38 +249,25 @@ def _timm_wrapper(role: str, name: str, kwargs: dict) -> type[Teacher]:
             probe = timm.create_model(name, pretrained=False, **kwargs)
     except TypeError as err:
         raise HdistillError(f"teacher {role!r}: bad model argument for {name!r}: {err}") from None
-    if isinstance(probe, Eva):
-        return EvaTeacher
-    if not isinstance(probe, VisionTransformer):
+    if not isinstance(probe, (Eva, VisionTransformer)):
         raise HdistillError(f"teacher {role!r}: {name!r} is a {type(probe).__name__}; hdistill needs a timm "
                             "VisionTransformer or Eva (a ViT).")
-    return TimmTeacher
+    return probe
 
 
 def _build_timm(role: str, name: str, weights: WeightSource, image_size: int, kwargs: dict) -> Teacher:
     import timm
+    from timm.models.eva import Eva
 
     arch = name.split(".")[0]
     if not timm.is_model(arch):
         raise HdistillError(f"teacher {role!r}: unknown timm model {name!r}." + _suggest(arch, timm.list_models()))
     if weights.kind == "hub" and "." not in name and not timm.list_pretrained(arch):
         raise HdistillError(f"teacher {role!r}: timm model {name!r} has no pretrained tag to fetch from the hub")
-    _check_file(role, weights)
-    wrapper = _timm_wrapper(role, name, kwargs)
-    create_kwargs = dict(num_classes=0, img_size=image_size, **kwargs)
-    if weights.kind == "file":
-        create_kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=weights.path))
-    else:
-        create_kwargs.update(pretrained=weights.kind == "hub")
-    try:
-        with _seeded(weights):
-            model = timm.create_model(name, **create_kwargs)
-    except (RuntimeError, KeyError, ValueError) as err:
-        if weights.kind == "random":
-            raise HdistillError(f"teacher {role!r}: cannot build timm model {name!r} with {kwargs}: {err}") from None
-        raise _load_error(role, name, weights, err) from None
-    except TypeError as err:
-        raise HdistillError(f"teacher {role!r}: bad model argument for {name!r}: {err}") from None
+    check_file(role, weights)
+    probe = _timm_probe(role, name, kwargs)
+    wrapper = EvaTeacher if isinstance(probe, Eva) else TimmTeacher
+    model = load_timm(role, name, weights, probe, image_size, kwargs)
     if wrapper is TimmTeacher and not all(hasattr(b.attn, "qkv") and hasattr(b.attn, "norm") for b in model.blocks):
         raise HdistillError(f"teacher {role!r}: {name!r} has no timm Attention with a fused qkv projection to take "
                             "Q K^T and the attention output from")
@@ -345,7 +276,7 @@ def _build_timm(role: str, name: str, weights: WeightSource, image_size: int, kw
     cfg = model.pretrained_cfg
     hub_tag = f"{arch}.{cfg.get('tag')}" if cfg.get("tag") else arch
     info = TeacherInfo(
-        role=role, model=f"timm:{name}", weights=_weights_record(weights, hub_tag),
+        role=role, model=f"timm:{name}", weights=weights_record(weights, hub_tag),
         patch_size=model.patch_embed.patch_size[0], image_size=image_size, width=model.embed_dim,
         depth=len(model.blocks), heads=model.blocks[0].attn.num_heads,
         mean=tuple(float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406))),
@@ -365,13 +296,9 @@ def _build_open_clip(role: str, name: str, weights: WeightSource, image_size: in
         tags = open_clip.list_pretrained_tags_by_model(arch)
         raise HdistillError(f"teacher {role!r}: name the open_clip pretrained tag to fetch, e.g. "
                             f"'open_clip:{arch}@{tags[0] if tags else 'TAG'}' (known tags: {', '.join(tags) or 'none'})")
-    _check_file(role, weights)
-    pretrained = {"hub": tag, "file": weights.path, "random": None}[weights.kind]
+    check_file(role, weights)
     try:
-        with _seeded(weights):
-            clip = open_clip.create_model(arch, pretrained=pretrained, force_image_size=image_size, **kwargs)
-    except (RuntimeError, KeyError, ValueError) as err:
-        raise _load_error(role, f"open_clip:{arch}", weights, err) from None
+        clip = load_open_clip(role, arch, tag, weights, image_size, kwargs)
     except TypeError as err:
         raise HdistillError(f"teacher {role!r}: bad model argument for open_clip:{arch}: {err}") from None
     visual = clip.visual
@@ -382,7 +309,7 @@ def _build_open_clip(role: str, name: str, weights: WeightSource, image_size: in
         raise HdistillError(f"teacher {role!r}: open_clip:{arch} attention has no fused in-projection")
     cfg = open_clip.get_model_preprocess_cfg(clip)
     info = TeacherInfo(
-        role=role, model=f"open_clip:{name}", weights=_weights_record(weights, f"{arch}@{tag}" if tag else None),
+        role=role, model=f"open_clip:{name}", weights=weights_record(weights, f"{arch}@{tag}" if tag else None),
         patch_size=visual.patch_size[0], image_size=image_size, width=visual.conv1.out_channels,
         depth=len(visual.transformer.resblocks), heads=block0.num_heads,
         mean=tuple(float(v) for v in cfg["mean"]), std=tuple(float(v) for v in cfg["std"]),

@@ -228,8 +228,16 @@ def test_export_loads_in_timm_with_strict_keys(stores, tmp_path):
                               pretrained_cfg_overlay=dict(file=str(path), num_classes=0), **STUDENT["student_args"])
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, trained[f"model.{name}"], rtol=0, atol=0)
-    timm.create_model("vit_base_patch16_224", pretrained=True, img_size=64, num_classes=10,
-                      pretrained_cfg_overlay=dict(file=str(path), num_classes=0), **STUDENT["student_args"])
+
+
+def readme_fine_tune(path) -> dict:
+    """The README's fine-tune snippet, run on `path`: its variables."""
+    import re
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippet = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "load_state_dict" in b)
+    scope = {}
+    exec(snippet.replace('"runs/vitb-mae-clip/student.safetensors"', repr(str(path))), scope)
+    return scope
 
 
 def test_input_normalisation_is_explicit_and_travels_with_the_export(stores, tmp_path):
@@ -248,14 +256,22 @@ def test_input_normalisation_is_explicit_and_travels_with_the_export(stores, tmp
     assert json.loads(meta["mean"]) == list(mean) and json.loads(meta["std"]) == list(std)
     assert (meta["timm_model"], json.loads(meta["model_args"]), meta["img_size"]) == \
         ("vit_base_patch16_224", STUDENT["student_args"], "64")
-    # a timm fine-tune takes them through pretrained_cfg_overlay, as the README shows: the view size too, which
-    # timm's own config of the architecture would give as 224
-    overlay = dict(file=str(path), num_classes=0, mean=tuple(json.loads(meta["mean"])),
-                   std=tuple(json.loads(meta["std"])), input_size=tuple(json.loads(meta["input_size"])))
-    model = timm.create_model("vit_base_patch16_224", pretrained=True, img_size=64, num_classes=10,
-                              pretrained_cfg_overlay=overlay, **STUDENT["student_args"])
+    # the README's fine-tune: the recorded model with a new head, the backbone loaded strictly, and the view size and
+    # normalisation as trained (timm's own config of the architecture would say 224)
+    model = readme_fine_tune(path)["model"]
+    trained = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["student"]
+    for name, value in model.state_dict().items():
+        if not name.startswith("head."):
+            torch.testing.assert_close(value, trained[f"model.{name}"], rtol=0, atol=0)
+    assert model.head.out_features == 1000
     config_ = timm.data.resolve_data_config({}, model=model)
-    assert (config_["mean"], config_["input_size"]) == (mean, (3, 64, 64))
+    assert (config_["mean"], config_["std"], config_["input_size"]) == (mean, std, (3, 64, 64))
+    # its check stops a file that does not hold the whole backbone
+    from safetensors.torch import load_file, save_file
+    partial = {k: v for k, v in load_file(str(path)).items() if not k.startswith("blocks.2.")}
+    save_file(partial, str(tmp_path / "partial.safetensors"), metadata=meta)
+    with pytest.raises(AssertionError, match="blocks.2.attn.qkv.weight"):
+        readme_fine_tune(tmp_path / "partial.safetensors")
 
 
 def test_stochastic_depth_and_fp16_with_a_gradient_scaler(stores, tmp_path):
