@@ -125,6 +125,13 @@ class MaskSpec:
             counts.append(counts[-1] - self._floor_drop(counts[-1]))
         return [num_patches, counts[-1]] if self.strategy == "direct" else counts
 
+    def describe(self) -> str:
+        if not self.role:
+            return "none (every patch kept)"
+        stages = f" (matching {self.stages} progressive stages)" if self.strategy == "direct" else ""
+        return (f"{self.strategy} {self.role} K={self.ratio} blocks {list(self.blocks)}{stages} mean={self.mean} "
+                f"forward={self.forward}")
+
     def to_dict(self) -> dict:
         return {"rule": "cosine-to-mean", "strategy": self.strategy, "role": self.role, "ratio": self.ratio,
                 "blocks": list(self.blocks), "stages": self.stages, "mean": self.mean, "forward": self.forward,

@@ -23,7 +23,7 @@ def _weights(w: dict) -> str:
 def describe_store(store: str) -> list[str]:
     """Teachers, target table, mask, views, samples, bytes per view, skipped inputs."""
     m = read_manifest(store)
-    layout, mask = m.layout, m.mask
+    layout = m.layout
     lines = [f"store      {store}  (format v{m.format_version}, {'complete' if m.complete else 'INCOMPLETE'}, "
              f"{','.join(m.formats)})",
              f"data       {m.config['data']}  images={layout.num_images} views={layout.views} "
@@ -33,10 +33,7 @@ def describe_store(store: str) -> list[str]:
                      f"width {t.width} depth {t.depth} heads {t.heads}  [{_weights(t.weights)}]")
     for t in m.targets:
         lines.append(f"target     {t.name:18s} {t.tap:14s} {ENCODINGS[t.encoding].dtype}{list(t.shape)} {t.encoding}")
-    stages = f" (matching {mask.stages} progressive stages)" if mask.strategy == "direct" else ""
-    lines.append("mask       " + (f"{mask.strategy} {mask.role} K={mask.ratio} blocks {list(mask.blocks)}{stages} "
-                                  f"mean={mask.mean} forward={mask.forward}" if mask.role else
-                                  "none (every patch kept)"))
+    lines.append(f"mask       {m.mask.describe()}")
     lines.append(f"tokens     {m.tokens}: {layout.stored_patches} of {layout.num_patches} patches per view (+CLS)")
     if m.complete:
         nbytes = store_bytes(store)

@@ -753,6 +753,29 @@ def test_validation_store_must_hold_the_run_targets(stores, tmp_path):
         precompute(tmp_path / "held-out", tmp_path / "val2", crop="center", views=2)
 
 
+def test_a_held_out_store_must_come_from_the_training_stores_teachers(stores, tmp_path, capsys):
+    write_photos(tmp_path / "held-out", 3, seed=97)
+    make = lambda name, **kw: precompute(tmp_path / "held-out", tmp_path / name, **{"crop": "center", **kw})  # noqa: E731
+    make("other-weights", seed=1)             # random teachers of another seed: the same models, other weights
+    make("bf16", precision="bf16")
+    for name, field in [("other-weights", "weights"), ("bf16", "precision")]:
+        with pytest.raises(HdistillError, match=rf"--val-shards .*{name}: teacher '(mae|clip)' differs from the "
+                                                rf"training store's in its {field} "):
+            Trainer(config(stores / "kept", val_shards=str(tmp_path / name)), str(tmp_path / "run"), runtime())
+    # used, with a warning: the training store itself, random crops, another mask
+    make("random-crops", crop="random")
+    make("other-mask", mask_ratio=0.5)
+    expected = {str(stores / "kept"): "is the training store: val/loss measures the fit to the training views",
+                str(tmp_path / "random-crops"): "was made with --crop random: its views are random crops",
+                str(tmp_path / "other-mask"): "its mask (progressive mae K=0.5 blocks [0, 1, 2] mean=normalized "
+                                              "forward=full) is not the training store's (progressive mae K=0.3 "}
+    for val, warning in expected.items():
+        trainer = Trainer(config(stores / "kept", val_shards=val), str(tmp_path / "run"), runtime())
+        assert len(trainer.warnings) == 1 and warning in trainer.warnings[0], trainer.warnings
+    trainer.run()
+    assert f"train: warning: --val-shards {tmp_path / 'other-mask'}: its mask" in capsys.readouterr().err
+
+
 def test_checkpoint_history_weights_only_and_a_longer_run(stores, tmp_path):
     base = dict(steps=4, lr=1e-3, warmup_steps=None)
     run_train(config(stores / "kept", **base), str(tmp_path / "run"),

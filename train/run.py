@@ -121,6 +121,7 @@ class Trainer:
         self.format = rt.format or default_format(self.manifest)
         self.steps = total_steps(cfg, self.manifest)
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, self.steps // 20)
+        self.warnings: list[str] = []        # what the run's data and options say, shown once it starts (introduce)
         self._build_model()
         self._build_data(source)
         self._build_validation()
@@ -181,8 +182,9 @@ class Trainer:
         self.val, self.stores = None, {"shards": self.manifest.digest(), "val_shards": None}
         if not cfg.val_shards:
             return
-        val_manifest, val_targets = open_val_store(cfg.val_shards, cfg.shards, self.manifest,
-                                                   [t.target for t in self.terms], self.mask)
+        val_manifest, val_targets, warnings = open_val_store(cfg.val_shards, cfg.shards, self.manifest,
+                                                             [t.target for t in self.terms], self.mask)
+        self.warnings += warnings
         self.val = AllSamples(StoreStream(cfg.val_shards, val_manifest, val_targets, self.mask, cfg.seed,
                                           rank=self.dist.rank, world_size=self.dist.world_size,
                                           format=default_format(val_manifest), retry=self.rt.retry), self.local_batch)
@@ -397,12 +399,16 @@ class Trainer:
         barrier(self.dist)
         return self.out / EXPORT
 
-    def introduce(self):
-        """Once, at the start (rank 0): the objective, views read again, parameters no term reaches."""
+    def introduce(self, shared: bool = True):
+        """Once, at the start (rank 0): the objective, parameters no term reaches and, with `shared` (a sweep says them
+        once for its members), what the data and options warn about and the views the run reads again."""
         if not self.dist.main:
             return
         print(f"{self.name}: loss = " + " + ".join(t.describe() for t in self.terms), file=sys.stderr)
-        self._say_if_views_repeat()
+        if shared:
+            for warning in self.warnings:
+                print(f"{self.name}: warning: {warning}", file=sys.stderr)
+            self._say_if_views_repeat()
         if self.frozen:
             print(f"{self.name}: no loss term reaches {len(self.frozen)} student parameter tensors "
                   f"({self.student.modules_of(self.frozen)}); they keep their initial values and are left out of the "

@@ -274,9 +274,9 @@ class Sweep:
                 if self.dist.main:
                     print(f"sweep: {self.out} is finished (step {self.step} of {self.steps})", file=sys.stderr)
                 return self.out
-            for name in self.running():
+            for i, name in enumerate(self.running()):
                 with self._own_rng(name):
-                    self.members[name].introduce()
+                    self.members[name].introduce(shared=i == 0)
             with self.stop.listening():
                 self._steps()
         finally:

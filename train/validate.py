@@ -1,9 +1,11 @@
 """Validation: the loss on a held-out store, the measurement that shows whether the student generalises.
 
 The held-out store (`--val-shards`, typically `precompute --crop center` over images the student never
-sees) must hold every target the run's loss uses, from teachers of the same widths and heads; it
-may hold more. Every rank evaluates its share of the store's shards; the sums of each term over
-samples, and the sample counts, are added over ranks, so the result is the mean over every sample.
+sees) must hold every target the run's loss uses, from the training store's teachers: the same model, weights,
+precision and image size (a store of other teachers is refused, naming what differs); it may hold more targets.
+The training store itself, a store of random crops and one of another mask are used with a warning. Every rank
+evaluates its share of the store's shards; the sums of each term over samples, and the sample counts, are added
+over ranks, so the result is the mean over every sample.
 """
 from __future__ import annotations
 
@@ -24,8 +26,9 @@ from .dist import DistInfo, sum_over_ranks
 
 
 def open_val_store(path: str, train_path: str, train: Manifest, targets: list[TargetSpec],
-                   mask: str) -> tuple[Manifest, list[TargetSpec]]:
-    """The held-out store's manifest and its rows for the run's targets; refusals name --val-shards."""
+                   mask: str) -> tuple[Manifest, list[TargetSpec], list[str]]:
+    """The held-out store's manifest, its rows for the run's targets and what to warn about; refusals name
+    --val-shards."""
     try:
         manifest = open_store(path)
         check_mask(manifest, mask)
@@ -45,7 +48,44 @@ def open_val_store(path: str, train_path: str, train: Manifest, targets: list[Ta
             raise HdistillError(f"--val-shards {path}: {target.name} has shape {list(row.shape)}, the training "
                                 f"store's has {list(target.shape)}: the stores were made by different teachers")
         rows.append(row)
-    return manifest, rows
+    for role in sorted({t.role for t in targets}):
+        check_same_teacher(path, role, train, manifest)
+    return manifest, rows, held_out_warnings(path, train, manifest)
+
+
+def teacher_identity(manifest: Manifest, role: str) -> dict:
+    """What makes a teacher's targets: its model (and shape), its weights (a file by its digest, not its path), the
+    precision of its forward and its image size."""
+    info = manifest.teacher(role)
+    weights = {k: v for k, v in info.weights.items() if k != "path"}
+    return {"model": f"{info.model} (width {info.width}, depth {info.depth}, heads {info.heads})",
+            "weights": ", ".join(f"{k} {v}" for k, v in weights.items()),
+            "precision": manifest.config.get("precision"), "image size": info.image_size}
+
+
+def check_same_teacher(path: str, role: str, train: Manifest, val: Manifest):
+    ours, theirs = teacher_identity(train, role), teacher_identity(val, role)
+    for field, value in theirs.items():
+        if value != ours[field]:
+            raise HdistillError(f"--val-shards {path}: teacher {role!r} differs from the training store's in its "
+                                f"{field} ({value}, the training store's: {ours[field]}), so its targets are other "
+                                "targets; make the held-out store with the training store's teachers (its "
+                                "config.yaml: --teachers, --model, --weights, --precision, --image-size)")
+
+
+def held_out_warnings(path: str, train: Manifest, val: Manifest) -> list[str]:
+    """What makes a held-out loss measure something else than generalisation to new images."""
+    if val.digest() == train.digest():
+        return [f"--val-shards {path} is the training store: val/loss measures the fit to the training views, not "
+                "generalisation; make a held-out store of other images (precompute --crop center)"]
+    warnings = []
+    if val.config.get("crop") != "center":
+        warnings.append(f"--val-shards {path} was made with --crop {val.config.get('crop')}: its views are random "
+                        "crops, not the centre crops a held-out loss is usually measured on (precompute --crop center)")
+    if val.mask != train.mask:
+        warnings.append(f"--val-shards {path}: its mask ({val.mask.describe()}) is not the training store's "
+                        f"({train.mask.describe()}): the student is evaluated on other tokens than it trains on")
+    return warnings
 
 
 class Evaluated(NamedTuple):
