@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import posixpath
 import shutil
 import socket
 import tempfile
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import google_crc32c
+import numpy as np
 
 from .atomic import atomic_open, write_error
 from .errors import HdistillError
@@ -274,19 +276,27 @@ class Location:
         """A binary file object for reading from start to end (remote: ranged reads of STREAM_BLOCK bytes)."""
         return open_file(self.url_of(name))
 
-    def load(self, name: str, checksum: bool = True) -> tuple[bytes | mmap.mmap, str | None]:
-        """A whole file as a read-only buffer, and the CRC32C of what was read (8 hex digits; None without
-        `checksum`). A local file is a memory map (its pages stay in the page cache, nothing is kept twice); its
-        checksum reads the same open file in CRC_BLOCK preads, so neither the reads nor the checksum hold the GIL
-        (a loader can load the next shard on a thread while it gathers this one). An object is the bytes of
-        STREAM_BLOCK ranged GETs, checksummed block by block. FileNotFoundError passes through."""
+    def load(self, name: str, checksum: bool = True) -> tuple[memoryview | bytes, str | None]:
+        """A whole file as a read-only buffer of this process's own memory, and the CRC32C of its bytes (8 hex
+        digits; None without `checksum`). What is checked is what is read from the buffer: a file changed, truncated
+        or removed after its load cannot reach the caller (a memory map of it would see the change, or die of
+        SIGBUS on a truncated page). A local file is read in CRC_BLOCK preads straight into the buffer, each
+        checksummed as it lands, so neither the reads nor the checksum hold the GIL (a loader loads the next shard on
+        a thread while it gathers this one); an object is the bytes of STREAM_BLOCK ranged GETs, checksummed block
+        by block. FileNotFoundError passes through; a file that shrinks while it is read is named."""
         crc = 0
         if not self.remote:
             with open(self.url_of(name), "rb", buffering=0) as f:
                 size = os.fstat(f.fileno()).st_size
-                for start in range(0, size if checksum else 0, CRC_BLOCK):
-                    crc = google_crc32c.extend(crc, os.pread(f.fileno(), min(CRC_BLOCK, size - start), start))
-                buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+                memory = mmap.mmap(-1, size) if size else bytearray()    # anonymous: pages appear as they are read
+                view = np.frombuffer(memory, np.uint8)
+                for start in range(0, size, CRC_BLOCK):
+                    block = view[start:start + CRC_BLOCK]
+                    if os.preadv(f.fileno(), [block], start) != len(block):
+                        raise HdistillError(f"{self.url_of(name)}: the file ended before its {size} bytes were read: "
+                                            "it was truncated or replaced while being read")
+                    crc = google_crc32c.extend(crc, block) if checksum else 0
+            buf = memoryview(memory).toreadonly()
         else:
             blocks = []
             with self.open(name) as f:
@@ -332,6 +342,28 @@ class Location:
         if not self.fs.exists(top):
             return []
         return [p[len(top) + 1:] for p in self.fs.find(top) if p.startswith(top + "/")]
+
+    def sizes_of(self, names: list[str]) -> dict[str, int]:
+        """Name -> bytes of each of `names` that exists: a stat per file, or on object storage one listing of the
+        folder they share (no file is read)."""
+        if not self.remote:
+            out = {}
+            for name in names:
+                try:
+                    out[name] = os.stat(self.url_of(name)).st_size
+                except FileNotFoundError:
+                    pass
+            return out
+        folder = posixpath.commonpath([posixpath.dirname(n) for n in names]) if names else ""
+        root = self._path().rstrip("/")
+        try:
+            listed = self.fs.find(self._path(folder).rstrip("/"), detail=True)
+        except FileNotFoundError:
+            return {}
+        except Exception as err:  # noqa: BLE001 - credentials, endpoint: worded by storage_error
+            raise storage_error(self.url_of(folder), err) from None
+        found = {path[len(root) + 1:]: info["size"] for path, info in listed.items() if path.startswith(root + "/")}
+        return {name: found[name] for name in names if name in found}
 
     def read_many(self, names: list[str]) -> dict[str, bytes]:
         """name -> bytes for every existing file among `names` (remote: fetched together, see read_files)."""

@@ -1,4 +1,4 @@
-"""Store format v3: names, the sample's arrays, the shard layout and store order. docs/FORMAT.md is the reference."""
+"""Store format v5: names, the sample's arrays, the shard layout and store order. docs/FORMAT.md is the reference."""
 from __future__ import annotations
 
 import io
@@ -14,7 +14,7 @@ from hdistill.common.targets import TargetSpec
 
 from .encoding import target_arrays
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 MANIFEST = "manifest.json"
 WDS_DIR = "wds"
 ZARR_DIR = "targets.zarr"

@@ -2,9 +2,11 @@
 
 Both forms give the same samples in the same order (store order within the shard), with every
 array checked against the manifest's shapes and dtypes; targets decode from their encoding on request.
-A tar shard is loaded whole (a memory map of a local file, one stream of ranged GETs for an object),
-checked against the crc32c its commit recorded, indexed by one pass over its headers, and its arrays
-are numpy views into it: nothing is parsed or copied per sample. Errors name the shard's file or zarr
+A tar shard is loaded whole into this process's memory (preads of a local file, one stream of ranged GETs for an
+object), checked against its size and the crc32c its commit recorded, indexed by one pass over its headers, and
+its arrays are numpy views into it: nothing is parsed or copied per sample, and what is read is what was checked.
+A zarr chunk carries its own crc32c (the codec chain ends with zarr's crc32c codec), checked by zarr as it is
+decoded. Errors name the shard's file or zarr
 region and the sample. Values are not scanned here: the trainer checks them on its device, per batch.
 """
 from __future__ import annotations
@@ -24,9 +26,9 @@ from hdistill.common.targets import TargetSpec
 
 from . import tarindex
 from .encoding import decode, target_arrays
-from .format import FORMATS, ZARR_DIR, npy_bytes, npy_load
+from .format import FORMATS, npy_bytes, npy_load
 from .manifest import Manifest, ShardRecord
-from .zarr_store import read_region, read_slots
+from .zarr_store import read_region, read_slots, shard_file, shard_label
 
 ZARR_BLOCK = 64   # slots read at a time from a zarr region: bounds a reader's memory on full stores
 
@@ -72,10 +74,30 @@ class StoreReader:
             self.arrays.update(target_arrays(spec))
         self.headers = {name: _npy_header(shape, dtype) for name, (shape, dtype) in self.arrays.items()}
 
+    def check_present(self, shards: list[ShardRecord]):
+        """Refuse, before anything is read, a store in which a file of `shards` is missing or (a tar) not of its
+        recorded size: a stat per file, one listing on object storage. An http(s) server lists nothing reliably:
+        there each shard is checked as it is loaded only."""
+        if self.store.read_only:
+            return
+        if self.fmt == "wds":
+            expected = {shard.file: shard.bytes for shard in shards}
+        else:
+            expected = {shard_file(self.manifest, name, shard.view, shard.index): None
+                        for shard in shards for name in ("valid", "image_id", *self.arrays)}
+        found = self.store.sizes_of(list(expected))
+        bad = [f"{name} is missing" if name not in found else
+               f"{name} holds {found[name]} bytes, its commit recorded {size}"
+               for name, size in expected.items() if name not in found or size not in (None, found[name])]
+        if bad:
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            raise HdistillError(f"{self.store}: {bad[0]}{more}: the store was damaged after it was made; restore its "
+                                "files from a copy or make the store again (hdistill verify lists every problem)")
+
     def where(self, shard: ShardRecord) -> str:
         if self.fmt == "wds":
             return self.store.url_of(shard.file)
-        return f"{self.store.url_of(ZARR_DIR)} shard {shard.name}"
+        return shard_label(self.store, shard.name)
 
     def read(self, shard: ShardRecord, offsets: set[int] | None = None, loaded=None) -> Iterator[Sample]:
         """The shard's samples in store order; only those at `offsets` (0-based within the shard) if given.
@@ -90,6 +112,10 @@ class StoreReader:
         if self.fmt == "zarr":
             return None
         buf, crc = self.store.load(shard.file, checksum=shard.crc32c is not None)
+        if shard.bytes is not None and len(buf) != shard.bytes:
+            raise HdistillError(f"{self.where(shard)}: {len(buf)} bytes, its commit recorded {shard.bytes}: the shard "
+                                "was truncated, changed or replaced after the store was made; restore it from a copy "
+                                "or make the store again (hdistill verify lists every damaged shard)")
         if crc != shard.crc32c:
             raise HdistillError(f"{self.where(shard)}: crc32c {crc} differs from the {shard.crc32c} its commit "
                                 "recorded: the shard was damaged, changed or replaced after the manifest was read; "
@@ -138,7 +164,7 @@ class StoreReader:
         base = layout.slot(shard.view, shard.index * layout.shard_size)
         for start in range(0, len(slots), ZARR_BLOCK):
             block = slots[start:start + ZARR_BLOCK]
-            columns = read_slots(self.store, list(self.arrays), base + block)
+            columns = read_slots(self.store, list(self.arrays), base + block, where)
             for j, i in enumerate(block):
                 key = sample_key(str(records["image_id"][i]), shard.view)
                 yield self._sample(where, key, {name: col[j] for name, col in columns.items()}, None)

@@ -1,7 +1,7 @@
 """A tar shard in memory: one pass over its headers, for readers that take views, not copies.
 
-`members` walks the 512-byte headers of a ustar/pax archive (what Python's tarfile and webdataset write)
-and returns each regular member's name, data offset and size; `samples` groups them by webdataset's
+`members` walks the 512-byte headers of a ustar/pax archive (what Python's tarfile and webdataset write) in any
+buffer (bytes, a memoryview) and returns each regular member's name, data offset and size; `samples` groups them by webdataset's
 rule (key = the name up to the first dot of its last path component).
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ def members(buf) -> list[tuple[str, int, int]]:
     """[(name, data offset, size)] of the regular members, in archive order."""
     out, pos, end, pending = [], 0, len(buf), {}
     while pos + BLOCK <= end:
-        header = buf[pos:pos + BLOCK]
+        header = bytes(buf[pos:pos + BLOCK])
         if header.count(0) == BLOCK:                     # end of archive: a zero block
             return out
         size = _number(header[124:136], pos)
@@ -48,7 +48,7 @@ def members(buf) -> list[tuple[str, int, int]]:
         if data + size > end:
             raise TarError(f"the member at byte {pos} runs past the end of the file ({end} bytes)")
         if kind in (b"x", b"g"):                        # pax: per-member (x) or global (g) records
-            records = _pax_records(buf[data:data + size], pos)
+            records = _pax_records(bytes(buf[data:data + size]), pos)
             if kind == b"x":
                 pending = records
         elif kind in (b"0", b"\0"):

@@ -13,7 +13,9 @@
 
 Chunks hold one sample (random access); zarr shards hold one store shard (`shard_size`
 slots), so each store shard is written by exactly one process in one region write (on object
-storage: one object per array and store shard). The hierarchy's metadata is built in a local
+storage: one object per array and store shard). Every chunk ends with its crc32c (zarr's crc32c codec,
+last in the codec chain), which zarr checks as it decodes the chunk, and every chunk is written, fill
+values too, so that a missing file is a missing file, never a region of zeros. The hierarchy's metadata is built in a local
 temporary folder and published whole: renamed in, or uploaded with the group's zarr.json last.
 """
 from __future__ import annotations
@@ -31,10 +33,11 @@ import numpy as np
 import zarr
 import zarr.codecs as zc
 
+from hdistill.common.errors import HdistillError
 from hdistill.common.storage import Location, staging_prefix
 
 from .encoding import encoding_of
-from .format import ZARR_DIR, StoredSample
+from .format import ZARR_DIR, StoredSample, shard_name
 from .manifest import Manifest
 
 # Measured on real ViT-S/14 targets of ImageNet views: zstd level 1 stores fp16 features at 0.92 and
@@ -42,6 +45,14 @@ from .manifest import Manifest
 # 0.1-0.2 ms per view and array; higher levels gain under 1%.
 FLOAT_CODEC = zc.BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")
 INT_CODEC = zc.BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle")
+CHECKSUM = zc.Crc32cCodec()
+
+
+def chunk_codecs(dtype: str) -> tuple:
+    """An array's bytes-to-bytes codecs: its compressor (none for strings), then each chunk's crc32c."""
+    return (CHECKSUM,) if dtype == "str" else (FLOAT_CODEC if dtype.startswith("float") else INT_CODEC, CHECKSUM)
+
+
 VIEW_RECORDS = {"valid": ((), "bool"), "image_id": ((), "str"), "view": ((), "int32"), "box": ((4,), "int32"),
                 "flip": ((), "bool")}
 
@@ -88,7 +99,7 @@ def create(store: Location, manifest: Manifest):
                 name, shape=(layout.num_slots, *shape), dtype=dtype,
                 chunks=(1, *shape), shards=(layout.shard_size, *shape),
                 filters=filters.get(name, ()),
-                compressors=None if dtype == "str" else FLOAT_CODEC if dtype.startswith("float") else INT_CODEC,
+                compressors=chunk_codecs(dtype),
                 fill_value="" if dtype == "str" else 0)
     _publish(store, tmp)
 
@@ -128,6 +139,14 @@ def _group(store: Location, mode: str):
     return group
 
 
+def shard_file(manifest: Manifest, name: str, view: int, index: int) -> str:
+    """The file (object) of array `name` that holds store shard (view, index): its zarr shard's key."""
+    layout = manifest.layout
+    per_sample = array_shapes(manifest)[name][0]
+    return f"{ZARR_DIR}/{name}/c/{layout.slot(view, index * layout.shard_size) // layout.shard_size}" + \
+        "/0" * len(per_sample)
+
+
 def region(manifest: Manifest, view: int, index: int) -> slice:
     start = manifest.layout.slot(view, index * manifest.layout.shard_size)
     return slice(start, start + manifest.layout.shard_size)
@@ -164,24 +183,41 @@ def write_shard(store: Location, manifest: Manifest, view: int, index: int,
         for name, data in sample.arrays.items():
             arrays[name][i] = data
     where = region(manifest, view, index)
-    group = _group(store, "r+")
-    with _quiet():
+    with _quiet(), zarr.config.set({"array.write_empty_chunks": True}):
+        group = _group(store, "r+")
         for name, values in arrays.items():
             group[name][where] = values.astype(str) if values.dtype == object else values
     return region_digest(read_region(store, manifest, view, index, list(arrays)))
+
+
+def shard_label(store: Location, shard: str) -> str:
+    """How messages name a store shard's region of targets.zarr."""
+    return f"{store.url_of(ZARR_DIR)} shard {shard}"
 
 
 def read_region(store: Location, manifest: Manifest, view: int, index: int,
                 names: list[str]) -> dict[str, np.ndarray]:
     """zarr array -> the store shard's values [shard_size, ...]."""
     group, where = _group(store, "r"), region(manifest, view, index)
-    with _quiet():
-        return {name: group[name][where] for name in names}
+    label = shard_label(store, shard_name(view, index))
+    return {name: _checked_read(group, name, where, label) for name in names}
 
 
-def read_slots(store: Location, names: list[str], slots: np.ndarray) -> dict[str, np.ndarray]:
+def read_slots(store: Location, names: list[str], slots: np.ndarray, label: str) -> dict[str, np.ndarray]:
     """zarr array -> values at the given ascending slots [len(slots), ...], read as one range."""
     lo, hi = int(slots[0]), int(slots[-1]) + 1
     group = _group(store, "r")
-    with _quiet():
-        return {name: group[name][lo:hi][slots - lo] for name in names}
+    return {name: _checked_read(group, name, slice(lo, hi), label)[slots - lo] for name in names}
+
+
+def _checked_read(group, name: str, where: slice, label: str) -> np.ndarray:
+    """An array's values; a chunk whose crc32c (zarr's codec) does not match is named with its shard and array."""
+    try:
+        with _quiet():
+            return group[name][where]
+    except ValueError as err:
+        if "checksum" not in str(err):
+            raise
+        raise HdistillError(f"{label}: array {name}: a chunk's crc32c differs from the one written with it: the zarr "
+                            "shard was damaged or changed after it was written; restore it from a copy or make the "
+                            "store again (hdistill verify lists every damaged shard)") from None

@@ -151,6 +151,7 @@ class Store:
         stream = StoreStream(self.path, self.manifest, specs,
                              check_mask(self.manifest, mask), seed, lanes, batch_size, buffer_mb, rank, world_size,
                              self.format, retry)
+        stream.check_present(range(self.manifest.layout.views))
         return StoreLoader(stream, workers, device)
 
 

@@ -175,6 +175,8 @@ class Trainer:
         self.source = source(SourcePlan(
             cfg.shards, self.manifest, [t.target for t in self.terms], self.mask, cfg.seed, self.lanes, cfg.batch_size,
             cfg.lane_buffer_mb, self.dist.rank, self.dist.world_size, self.rt.device, self.format, self.rt.retry))
+        if self.source.stream is not None:          # (a sweep member's stream is its sweep's, checked there)
+            self.source.stream.check_present(self.views_read())
 
     def _build_validation(self):
         """The held-out store's samples, all of them, split over the ranks (--val-shards)."""
@@ -185,9 +187,10 @@ class Trainer:
         val_manifest, val_targets, warnings = open_val_store(cfg.val_shards, cfg.shards, self.manifest,
                                                              [t.target for t in self.terms], self.mask)
         self.warnings += warnings
-        self.val = AllSamples(StoreStream(cfg.val_shards, val_manifest, val_targets, self.mask, cfg.seed,
-                                          rank=self.dist.rank, world_size=self.dist.world_size,
-                                          format=default_format(val_manifest), retry=self.rt.retry), self.local_batch)
+        stream = StoreStream(cfg.val_shards, val_manifest, val_targets, self.mask, cfg.seed, rank=self.dist.rank,
+                             world_size=self.dist.world_size, format=default_format(val_manifest), retry=self.rt.retry)
+        stream.check_present([0])
+        self.val = AllSamples(stream, self.local_batch)
         self.stores["val_shards"] = val_manifest.digest()
 
     def lr(self, step: int) -> float:
@@ -423,6 +426,10 @@ class Trainer:
               f"{views}, so each view is read about {epochs / views:.0f} times. Fixed views cost held-out loss "
               "against fresh ones (BENCHMARKS.md, Fidelity: 1 view +15.7%, 4 views +3.0% on a small run); more "
               "views (precompute --views) or --online --fresh-views narrow it", file=sys.stderr)
+
+    def views_read(self) -> range:
+        """The store's views the run's epochs read (epoch e reads view e mod V)."""
+        return range(min(self.manifest.layout.views, self.epochs()))
 
     def epochs(self) -> int:
         """The epochs the run's steps reach into (the last may be partial)."""

@@ -161,6 +161,7 @@ class Sweep:
             trainer.stop = self.stop
         self.shared.build()
         self.lead = next(iter(self.members.values()))
+        self.shared.stream.check_present(self.lead.views_read())
         # one pass over the held-out store evaluates every member (each member's own would read it K times)
         self.val = None if self.lead.val is None else AllSamples(
             shared_stream([t.val.stream for t in self.members.values()]), self.lead.val.batch_size)
