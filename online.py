@@ -66,7 +66,7 @@ class LiveViews(StoreStream):
         for offset in sorted(offsets) if offsets is not None else range(len(refs)):
             ref = refs[offset]
             try:
-                img = decode_image(ref.read(), ref.source)
+                img = decode_image(ref.read(), ref.source, self.manifest.config["max_image_pixels"])
             except (HdistillError, OSError) as err:
                 raise HdistillError(f"--online: {err} (it was readable when the store was made)") from None
             pixels, _ = make_view(img, ref.image_id, view, self.view_seed, self.layout.image_size,

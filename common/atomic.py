@@ -20,7 +20,8 @@ def _fsync_dir(folder: Path):
 def write_error(path: Path, err: OSError) -> HdistillError:
     hint = {errno.ENOSPC: " (the disk is full)", errno.EACCES: " (no permission)",
             errno.EROFS: " (read-only file system)", errno.EDQUOT: " (disk quota exceeded)",
-            errno.ENOTDIR: " (a folder on the way is a file)"}.get(err.errno, "")
+            errno.ENOTDIR: " (a folder on the way is a file)",
+            errno.EFBIG: " (over the file size limit of this process: ulimit -f)"}.get(err.errno, "")
     return HdistillError(f"cannot write {path}: {err.strerror}{hint}. Files already committed are intact; "
                          "free the space or fix the path or permissions and run the same command again to resume.")
 

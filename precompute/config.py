@@ -111,6 +111,10 @@ class PrecomputeConfig:
     batch_size: int = option(64, "Views per teacher forward, per rank.", type=AT_LEAST_1)
     shard_size: int = option(1024, "Images per shard.", type=AT_LEAST_1)
     limit: int | None = option(None, "Use only the first N images.", type=AT_LEAST_1)
+    max_image_pixels: int | None = option(
+        None, type=AT_LEAST_1,
+        help="Skip (as unreadable, listed in the manifest) images of more pixels than this. Default: PIL's "
+             "decompression-bomb limit, 89,478,485 (e.g. 12,000 x 7,500); raise it for larger photos.")
     precision: str = option(
         "fp32", type=click.Choice(["fp32", "bf16"]),
         help="Teachers' forward precision. bf16 autocast is the fast choice on GPUs, but its targets differ from "

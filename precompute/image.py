@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import io
+import threading
 import warnings
+from contextlib import contextmanager
 
 import numpy as np
 from PIL import Image
@@ -10,20 +12,20 @@ from PIL import Image
 from hdistill.common.errors import HdistillError
 
 
-def decode_image(data: bytes, name: str) -> Image.Image:
+def decode_image(data: bytes, name: str, max_pixels: int | None = None) -> Image.Image:
     """Bytes of any PIL-readable image -> fully loaded RGB PIL image.
 
     Grayscale, CMYK, palette and alpha images are converted with PIL's convert("RGB"),
     as timm and torchvision do (alpha is dropped); 16-bit greyscale is scaled to 8 bits first
-    (its high byte), where convert("RGB") would clip it to white. Raises HdistillError naming `name`
-    for anything unreadable: empty, truncated or corrupt files, non-images, and images beyond PIL's
-    decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`, about 89 megapixels unless the caller raises it;
-    hdistill does not change it).
+    (its high byte), where convert("RGB") would clip it to white. EXIF orientation tags are ignored, as
+    torchvision's and timm's loaders ignore them. Raises HdistillError naming `name` for anything unreadable:
+    empty, truncated or corrupt files, non-images, and images of more than `max_pixels` pixels (None: PIL's
+    decompression-bomb limit, `PIL.Image.MAX_IMAGE_PIXELS`, about 89 megapixels).
     """
     if not data:
         raise HdistillError(f"{name}: empty file")
     try:
-        with warnings.catch_warnings():
+        with pixel_limit(max_pixels), warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
                 img.load()
@@ -35,10 +37,31 @@ def decode_image(data: bytes, name: str) -> Image.Image:
                 img = img.convert("RGB") if img.mode != "RGB" else img.copy()
     except Image.UnidentifiedImageError:
         raise HdistillError(f"{name}: not a readable image (PIL recognises no image format in it)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as err:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise HdistillError(f"{name}: {err} (PIL's guard against decompression bombs; give precompute "
+                            "--max-image-pixels N to read larger images)") from None
+    except (OSError, SyntaxError, ValueError) as err:
         raise HdistillError(f"{name}: not a readable image ({type(err).__name__}: {err})") from None
     return img
+
+
+_LIMIT = threading.Lock()
+
+
+@contextmanager
+def pixel_limit(pixels: int | None):
+    """PIL's decompression-bomb limit (a module global PIL reads as it opens an image) set to `pixels` for one
+    decode, and restored after; None leaves PIL's own."""
+    if pixels is None:
+        yield
+        return
+    with _LIMIT:
+        before = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = pixels
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = before
 
 
 # 16-bit single-channel modes (PNG and TIFF greyscale); PIL's convert("RGB") would clip them at 255

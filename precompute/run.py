@@ -74,10 +74,9 @@ class ViewDataset(torch.utils.data.Dataset):
     or the reason it failed. A batch's images are read together (`__getitems__`, which the DataLoader
     calls with each batch): on object storage each read is a request, bound by its latency."""
 
-    def __init__(self, images: list[ImageRef], order, items: list[tuple[int, int, int]], seed: int, size: int,
-                 crop: str, retry: Retry):
-        self.images, self.order, self.items, self.seed, self.size, self.crop = images, order, items, seed, size, crop
-        self.retry = retry
+    def __init__(self, images: list[ImageRef], order, items: list[tuple[int, int, int]], cfg: PrecomputeConfig,
+                 retry: Retry):
+        self.images, self.order, self.items, self.cfg, self.retry = images, order, items, cfg, retry
 
     def __len__(self):
         return len(self.items)
@@ -115,8 +114,8 @@ class ViewDataset(torch.utils.data.Dataset):
             return {**out, "skipped": {"source": ref.source, "image_id": ref.image_id,
                                        "reason": f"{ref.source}: cannot read ({err.strerror or err})"}}
         try:
-            img = decode_image(read, ref.source)
-            pixels, params = make_view(img, ref.image_id, view, self.seed, self.size, crop=self.crop)
+            img = decode_image(read, ref.source, self.cfg.max_image_pixels)
+            pixels, params = make_view(img, ref.image_id, view, self.cfg.seed, self.cfg.image_size, crop=self.cfg.crop)
         except HdistillError as err:
             return {**out, "skipped": {"source": ref.source, "image_id": ref.image_id, "reason": str(err)}}
         record = ViewRecord(ref.source, img.size, params)
@@ -169,11 +168,14 @@ def stored_samples(values: ViewTargets, targets: list[TargetSpec], pixels: torch
 class ShardCommitter:
     """Collects each shard's samples and has the writer commit the shard once all its positions are
     accounted for. Runs on a background thread; the first error stops it and is re-raised in the
-    main thread."""
+    main thread. Shards of only skipped inputs wait until a view of the run was rendered: when none can be (a lost
+    mount, a list of missing paths), they are never committed, so the run that follows the fix reads them again."""
 
     def __init__(self, writer: StoreWriter):
         self.writer, self.layout = writer, writer.manifest.layout
         self.pending: dict[tuple[int, int], dict] = {}
+        self.held: list[tuple[tuple[int, int], dict]] = []     # whole shards waiting for a rendered view
+        self.rendered = False                                  # a view of this run went into a shard
         self.queue: queue.Queue = queue.Queue(maxsize=8)
         self.error: BaseException | None = None
         self.committed = 0
@@ -197,16 +199,20 @@ class ShardCommitter:
         try:
             while (batch := self.queue.get()) is not None:
                 samples, skipped = batch
+                self.rendered = self.rendered or bool(samples)
                 for view, shard, position, sample in samples:
                     self._shard(view, shard)["samples"].append((position, sample))
                 for s in skipped:
                     self._shard(s["view"], s["shard"])["skipped"].append(
                         {"position": s["position"], "view": s["view"], **s["skipped"]})
-                for key in [k for k, s in self.pending.items()
-                            if len(s["samples"]) + len(s["skipped"]) == len(self.layout.positions(k[1]))]:
-                    shard = self.pending.pop(key)
-                    self.writer.commit(*key, shard["samples"], shard["skipped"])
-                    self.committed += 1
+                whole = [k for k, s in self.pending.items()
+                         if len(s["samples"]) + len(s["skipped"]) == len(self.layout.positions(k[1]))]
+                self.held += [(key, self.pending.pop(key)) for key in whole]
+                if self.rendered:
+                    for key, shard in self.held:
+                        self.writer.commit(*key, shard["samples"], shard["skipped"])
+                        self.committed += 1
+                    self.held = []
         except BaseException as err:  # noqa: BLE001 - handed to the main thread
             self.error = err
             while self.queue.get() is not None:
@@ -217,6 +223,8 @@ class ShardCommitter:
 
 
 # ---------------------------------------------------------------- the run
+
+SKIPPED_SHARE = 0.01     # above this share of skipped views, the run ends with a warning and the first reasons
 
 def run_precompute(cfg: PrecomputeConfig, out: str, rt: Runtime,
                    teachers: dict[str, Teacher] | None = None) -> Manifest | None:
@@ -236,8 +244,12 @@ def run_precompute(cfg: PrecomputeConfig, out: str, rt: Runtime,
     try:
         layout = writer.manifest.layout
         done = writer.committed()
-        mine = [(v, k) for p, (v, k) in enumerate(layout.shards())
-                if p % rt.world_size == rt.rank and shard_name(v, k) not in done]
+        ours = [(v, k) for p, (v, k) in enumerate(layout.shards()) if p % rt.world_size == rt.rank]
+        mine = [(v, k) for v, k in ours if shard_name(v, k) not in done]
+        if len(mine) < len(ours):
+            rank = f" rank {rt.rank}/{rt.world_size}" if rt.world_size > 1 else ""
+            print(f"precompute{rank}: resuming {out}: {len(ours) - len(mine)} of its {len(ours)} shards were "
+                  f"committed before, {len(mine)} to go", file=sys.stderr)
         items = [(v, k, p) for v, k in mine for p in layout.positions(k)]
         if items:
             _process(cfg, rt, writer, teachers, images, items)
@@ -248,7 +260,7 @@ def run_precompute(cfg: PrecomputeConfig, out: str, rt: Runtime,
 
 def _process(cfg, rt, writer, teachers, images, items):
     manifest = writer.manifest
-    dataset = ViewDataset(images, manifest.layout.order, items, cfg.seed, cfg.image_size, cfg.crop, rt.retry)
+    dataset = ViewDataset(images, manifest.layout.order, items, cfg, rt.retry)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=shard_batches(items, cfg.batch_size), num_workers=rt.workers,
         collate_fn=collate_views, pin_memory=rt.device.startswith("cuda"), worker_init_fn=loader_worker_init,
@@ -258,7 +270,7 @@ def _process(cfg, rt, writer, teachers, images, items):
     bar = tqdm(total=len(items), unit="img", disable=not rt.progress, smoothing=0.05, desc=name)
     progress = ProgressLines(name, len(items), len({(v, k) for v, k, _ in items}), rt.log_every_s) \
         if rt.log_lines else None
-    skipped, done, stop = 0, 0, StopRequest()
+    skipped, done, reasons, stop = 0, 0, [], StopRequest()
     try:
         with stop.listening():
             for batch in start_workers(loader):
@@ -274,6 +286,7 @@ def _process(cfg, rt, writer, teachers, images, items):
                     samples = [(it["view"], it["shard"], it["position"], s) for it, s in zip(batch["ok"], stored)]
                 committer.put(samples, batch["skipped"])
                 skipped += len(batch["skipped"])
+                reasons += [s["skipped"]["reason"] for s in batch["skipped"][:3 - len(reasons)]]
                 done += len(batch["ok"]) + len(batch["skipped"])
                 bar.update(len(batch["ok"]) + len(batch["skipped"]))
                 bar.set_postfix(skipped=skipped, refresh=False)
@@ -287,6 +300,14 @@ def _process(cfg, rt, writer, teachers, images, items):
                       "run (the shard in progress is dropped); run the same command to resume", stop.signum)
     if progress:
         progress.update(done, committer.committed, skipped, last=True)
+    first = "; ".join(reasons)
+    if done and not committer.rendered:
+        raise HdistillError(f"{name}: none of the images of its {done} views could be read (first: {first}); nothing "
+                            "was committed. Check --data (a lost mount, a list of paths that no longer exist), then run "
+                            "the same command again")
+    if skipped > SKIPPED_SHARE * done:
+        print(f"{name}: warning: {skipped} of {done} views ({100 * skipped / done:.1f}%) were skipped, their images "
+              f"unreadable (first: {first}); the manifest lists them all (hdistill inspect STORE)", file=sys.stderr)
 
 
 class ProgressLines:

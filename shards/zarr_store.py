@@ -33,6 +33,7 @@ import numpy as np
 import zarr
 import zarr.codecs as zc
 
+from hdistill.common.atomic import write_error
 from hdistill.common.errors import HdistillError
 from hdistill.common.storage import Location, staging_prefix
 
@@ -186,7 +187,11 @@ def write_shard(store: Location, manifest: Manifest, view: int, index: int,
     with _quiet(), zarr.config.set({"array.write_empty_chunks": True}):
         group = _group(store, "r+")
         for name, values in arrays.items():
-            group[name][where] = values.astype(str) if values.dtype == object else values
+            try:
+                group[name][where] = values.astype(str) if values.dtype == object else values
+            except OSError as err:          # a full disk, a quota: one line, naming the file (the commit never came)
+                path = err.filename or store.url_of(shard_file(manifest, name, view, index))
+                raise write_error(Path(path), err) from None
     return region_digest(read_region(store, manifest, view, index, list(arrays)))
 
 
