@@ -42,7 +42,8 @@ class Sample:
     From a tar shard the arrays are read-only views into the loaded shard.
     """
 
-    key: str
+    key: str                            # <image id>-v<view>
+    view: int
     stage: np.ndarray
     keep: np.ndarray
     pixels: np.ndarray
@@ -136,7 +137,7 @@ class StoreReader:
             arrays = {name: self._view(buf, url, key, name, entries) for name in self.arrays}
             where = entries.get("json")
             view_json = bytes(buf[where[0]:where[0] + where[1]]) if where else None
-            yield self._sample(url, key, arrays, view_json, checked=True)
+            yield self._sample(url, key, shard.view, arrays, view_json, checked=True)
 
     def _view(self, buf, url: str, key: str, name: str, entries: dict[str, tuple[int, int]]) -> np.ndarray:
         """The array `name` of a sample as a view into the shard, after its npy header is checked."""
@@ -167,7 +168,7 @@ class StoreReader:
             columns = read_slots(self.store, list(self.arrays), base + block, where)
             for j, i in enumerate(block):
                 key = sample_key(str(records["image_id"][i]), shard.view)
-                yield self._sample(where, key, {name: col[j] for name, col in columns.items()}, None)
+                yield self._sample(where, key, shard.view, {name: col[j] for name, col in columns.items()}, None)
 
     def _check(self, where: str, key: str, name: str, a: np.ndarray):
         shape, dtype = self.arrays[name]
@@ -175,13 +176,13 @@ class StoreReader:
             raise HdistillError(f"{where}: sample {key}: {name} is {a.dtype}{list(a.shape)}, the manifest "
                                 f"says {dtype}{list(shape)}")
 
-    def _sample(self, where: str, key: str, arrays: dict[str, np.ndarray], view_json: bytes | None,
+    def _sample(self, where: str, key: str, view: int, arrays: dict[str, np.ndarray], view_json: bytes | None,
                 checked: bool = False) -> Sample:
         if not checked:
             for name, a in arrays.items():
                 self._check(where, key, name, a)
         stored = {name: a for name, a in arrays.items() if name not in ("stage", "keep", "pixels")}
-        return Sample(key, arrays["stage"], arrays["keep"], arrays["pixels"], self.specs, stored, view_json)
+        return Sample(key, view, arrays["stage"], arrays["keep"], arrays["pixels"], self.specs, stored, view_json)
 
 
 def _npy_header(shape, dtype) -> bytes:

@@ -128,3 +128,52 @@ def test_a_stream_reads_each_target_as_its_own_store_encodes_it(store):
         want = plain[key]
         by_hand = want["rel.mae.b1.npy"].astype(np.float32) * want["scale.rel.mae.b1.npy"][..., None].astype(np.float32)
         np.testing.assert_array_equal(batch["targets"]["rel.mae.b1"][i].numpy(), by_hand)
+
+
+def test_the_public_loader_refuses_bad_arguments_naming_each(store):
+    opened = hdistill.open_store(str(store))
+    bad = [(dict(batch_size=0), r"batch_size 0: give an integer of at least 1"),
+           (dict(batch_size=4, rank=1, world_size=1), r"rank 1: not a rank of world_size 1 \(0 to 0\)"),
+           (dict(batch_size=4, world_size=0), r"world_size 0: give an integer of at least 1"),
+           (dict(batch_size=4, targets="feat.clip"), r"targets 'feat.clip': give a list of target names, e.g. "
+                                                     r"\['feat.clip'\]"),
+           (dict(batch_size=4, mask="all"), r"mask 'all': choose one of progressive, none, random"),
+           (dict(batch_size=4, device="gpu0"), r"device 'gpu0': not a torch device")]
+    if not torch.cuda.is_available():
+        bad.append((dict(batch_size=4, device="cuda"), r"device 'cuda': CUDA is not available on this machine"))
+    for arguments, message in bad:
+        with pytest.raises(HdistillError, match=message):
+            opened.loader(**arguments)
+    loader = opened.loader(batch_size=4, buffer_mb=0.02)          # 12 samples a view: 3 batches an epoch
+    for state, message in [("garbage", r"expected \{'epoch': int, 'batch': int\} as state_dict\(\) gives it, got "
+                                       r"'garbage'"),
+                           ({"epoch": 0}, r"expected \{'epoch': int, 'batch': int\}"),
+                           ({"epoch": 0, "batch": 999}, r"\{'epoch': 0, 'batch': 999\} is not a position of this "
+                                                        r"loader: epochs count from 0, and epoch 0 has 3 batches"),
+                           ({"epoch": -5, "batch": 0}, r"\{'epoch': -5, 'batch': 0\} is not a position")]:
+        with pytest.raises(HdistillError, match=message):
+            loader.load_state_dict(state)
+
+
+def test_a_loop_that_stops_after_an_epochs_last_batch_gets_the_next_epoch(store):
+    """A step limit that falls on an epoch's last batch: the next `for batch in loader` is the next epoch, not an
+    empty pass; each batch names its samples (keys, views), so a sample can be traced to its image."""
+    opened = hdistill.open_store(str(store))
+    plain = wds_samples(store)
+    whole = opened.loader(batch_size=4, buffer_mb=0.02)
+    expected = [[b["keys"] for b in whole] for _ in range(2)]
+    assert [len(epoch) for epoch in expected] == [3, 3]
+    loader = opened.loader(batch_size=4, buffer_mb=0.02)
+    got = []
+    for batch in loader:
+        got.append(batch["keys"])
+        if len(got) == 3:
+            break
+    assert loader.state_dict() == {"epoch": 1, "batch": 0}
+    second = []
+    for batch in loader:
+        second.append(batch["keys"])
+        assert (batch["views"] == 1).tolist() == [True] * 4
+        for key, pixels in zip(batch["keys"], batch["pixels"]):      # each key is its sample's, as the tars say
+            np.testing.assert_array_equal(pixels.numpy(), plain[key]["pixels.npy"])
+    assert [got, second] == expected and all(k.endswith("-v1") for keys in second for k in keys)

@@ -164,7 +164,8 @@ class StoreStream(torch.utils.data.IterableDataset):
 
     def collate(self, samples: list[Sample]) -> dict:
         """Stored samples -> a batch of what the student sees: pixels [B, n, P, P, 3], keep [B, n] and each target
-        over those tokens, each gathered with one copy from the loaded shards into a new batch array."""
+        over those tokens, each gathered with one copy from the loaded shards into a new batch array; the samples'
+        keys (<image id>-v<view>) and views [B], to trace a sample to its image."""
         B, n, P = len(samples), self.n_keep if self.mask != "none" else self.layout.num_patches, self.layout.patch_size
         pixels = np.empty((B, n, P, P, 3), np.uint8)
         keep = np.empty((B, n), np.int64)
@@ -184,7 +185,8 @@ class StoreStream(torch.utils.data.IterableDataset):
                 for name, a in arrays.items():
                     a[i] = stored.stored[name]
         names = {t.name for t in self.targets}
-        batch = {"count": B, "pixels": torch.from_numpy(pixels), "keep": torch.from_numpy(keep),
+        batch = {"count": B, "keys": [s.key for s in samples], "views": torch.tensor([s.view for s in samples]),
+                 "pixels": torch.from_numpy(pixels), "keep": torch.from_numpy(keep),
                  "targets": {name: torch.from_numpy(a) for name, a in arrays.items() if name in names},
                  "companions": {name: torch.from_numpy(a) for name, a in arrays.items() if name not in names}}
         if self.selections:                    # mask "none": the batch holds every patch, in patch order
@@ -200,8 +202,10 @@ class StoreStream(torch.utils.data.IterableDataset):
     def set_epoch(self, epoch: int, start: int = 0):
         self.epoch, self.start = epoch, start
 
-    def plan(self) -> EpochPlan:
-        return EpochPlan(self.manifest, self.seed, self.epoch, self.lanes, self.batch_size, self.buffer)
+    def plan(self, epoch: int | None = None) -> EpochPlan:
+        """The order of epoch `epoch` (None: the stream's current one)."""
+        return EpochPlan(self.manifest, self.seed, self.epoch if epoch is None else epoch, self.lanes, self.batch_size,
+                         self.buffer)
 
     def my_lanes(self) -> list[int]:
         return [lane for lane in range(self.lanes) if lane % self.world_size == self.rank]

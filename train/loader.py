@@ -24,13 +24,15 @@ from hdistill.common.targets import TargetSpec
 from hdistill.shards.encoding import decode_batch
 from hdistill.shards.manifest import Manifest
 
-from .data import (StoreStream, check_lanes, check_mask, concat, default_lanes, default_format, epoch_samples,
-                   open_store as _manifest)
+from .data import (MASKS, StoreStream, check_lanes, check_mask, concat, default_lanes, default_format,
+                   epoch_samples, open_store as _manifest)
 
 
 class StoreLoader:
     """Local batches of a StoreStream, epoch after epoch, from a position (epoch, batch of the epoch). Each batch
-    joins this rank's pieces of one global batch in lane order; DataLoader workers share the rank's lanes."""
+    joins this rank's pieces of one global batch in lane order; DataLoader workers share the rank's lanes. The
+    position counts what the caller was given: after an epoch's last batch it is the next epoch's start, whether
+    the caller took the epoch to its end or stopped right after its last batch."""
 
     def __init__(self, stream: StoreStream, workers: int = 0, device: str = "cpu", epoch: int = 0, batch: int = 0):
         self.stream, self.workers, self.device = stream, workers, device
@@ -38,18 +40,37 @@ class StoreLoader:
 
     def __len__(self) -> int:
         """Global batches of the current epoch."""
-        self.stream.set_epoch(self.epoch)
-        return self.stream.plan().steps
+        return self._steps(self.epoch)
+
+    def _steps(self, epoch: int) -> int:
+        return self.stream.plan(epoch).steps
 
     def state_dict(self) -> dict:
+        self._settle()
         return {"epoch": self.epoch, "batch": self.batch}
 
     def load_state_dict(self, state: dict):
-        self.epoch, self.batch = state["epoch"], state["batch"]
+        """A position as state_dict() gives it; one the store does not have is refused."""
+        if not isinstance(state, dict) or set(state) != {"epoch", "batch"} or \
+                not all(isinstance(state[k], int) and not isinstance(state[k], bool) for k in state):
+            raise HdistillError(f"load_state_dict: expected {{'epoch': int, 'batch': int}} as state_dict() gives it, "
+                                f"got {state!r:.200}")
+        epoch, batch = state["epoch"], state["batch"]
+        if epoch < 0 or batch < 0 or batch > self._steps(max(epoch, 0)):
+            raise HdistillError(f"load_state_dict: {{'epoch': {epoch}, 'batch': {batch}}} is not a position of this "
+                                f"loader: epochs count from 0, and epoch {max(epoch, 0)} has "
+                                f"{self._steps(max(epoch, 0))} batches")
+        self.epoch, self.batch = epoch, batch
+
+    def _settle(self):
+        """A position at an epoch's end is the next epoch's start."""
+        if self.batch and self.batch >= self._steps(self.epoch):
+            self.epoch, self.batch = self.epoch + 1, 0
 
     def __iter__(self) -> Iterator[dict]:
         """The rest of the current epoch; the position then moves to the start of the next one. On CUDA the next
         batch is copied to the device on a side stream while the current one is used (as timm's PrefetchLoader)."""
+        self._settle()
         stream = self.stream
         stream.set_epoch(self.epoch, self.batch)
         if stream.plan().steps == 0:
@@ -145,6 +166,17 @@ class Store:
                world_size: int = 1, workers: int = 0, device: str = "cpu", mask: str = "progressive",
                lanes: int | None = None, buffer_mb: float = 64.0, retry: Retry = Retry()) -> StoreLoader:
         """A loader of global batches of `batch_size` (`targets`: target names, None for all of the store's)."""
+        _check_arguments(batch_size=batch_size, rank=rank, world_size=world_size, workers=workers, seed=seed)
+        if targets is not None and (isinstance(targets, str) or not all(isinstance(t, str) for t in targets)):
+            raise HdistillError(f"targets {targets!r}: give a list of target names, e.g. {self.targets[:1]} (the "
+                                f"store holds {', '.join(self.targets)}), or None for all of them")
+        if not 0 <= rank < world_size:
+            raise HdistillError(f"rank {rank}: not a rank of world_size {world_size} (0 to {world_size - 1})")
+        if mask not in MASKS:
+            raise HdistillError(f"mask {mask!r}: choose one of {', '.join(MASKS)}")
+        if not (isinstance(buffer_mb, (int, float)) and buffer_mb > 0):
+            raise HdistillError(f"buffer_mb {buffer_mb!r}: give a positive size in MB")
+        _check_device(device)
         specs = self.manifest.targets if targets is None else self.manifest.targets_named(list(targets), self.path)
         lanes = lanes or default_lanes(batch_size)
         check_lanes(lanes, batch_size, world_size)
@@ -153,6 +185,23 @@ class Store:
                              self.format, retry)
         stream.check_present(range(self.manifest.layout.views))
         return StoreLoader(stream, workers, device)
+
+
+def _check_arguments(**values):
+    """Integer arguments: batch_size and world_size at least 1, the others at least 0."""
+    for name, value in values.items():
+        least = 1 if name in ("batch_size", "world_size") else 0
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise HdistillError(f"{name} {value!r}: give an integer of at least {least}")
+
+
+def _check_device(device: str):
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError) as err:
+        raise HdistillError(f"device {device!r}: not a torch device ({err})") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise HdistillError(f"device {device!r}: CUDA is not available on this machine; give device='cpu'")
 
 
 def open_store(path: str, format: str | None = None) -> Store:
