@@ -10,9 +10,12 @@ no orphan prints a traceback into the job's log.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import signal
+import sys
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -61,6 +64,26 @@ def loader_worker_init(_worker_id: int = 0):
         return
     if os.getppid() != parent:           # the parent died before prctl took effect
         os._exit(1)
+
+
+@functools.cache
+def exit_with_launcher(what: str, every_s: float = 0.5):
+    """Under torchrun: exit this process promptly when its launcher dies. torchrun starts each rank in a session of
+    its own, so a SIGKILL of the launcher (or of its process group) does not reach the ranks: without this, a rank
+    would wait in a collective for its peers until the collective's timeout, holding the run's lock, and the same
+    command could not resume. A daemon thread watches the parent process (it becomes another when the launcher
+    dies); the kernel releases the rank's locks and kills its loader workers as it exits. Once per process."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    launcher = os.getppid()
+
+    def watch():
+        while os.getppid() == launcher:
+            time.sleep(every_s)
+        print(f"{what}: its launcher (torchrun, pid {launcher}) died; exiting so that the run can resume: run the same "
+              "command again", file=sys.stderr, flush=True)
+        os._exit(1)
+    threading.Thread(target=watch, name="hdistill-launcher-watch", daemon=True).start()
 
 
 def duration(seconds: float) -> str:

@@ -24,7 +24,8 @@ import torch
 from tqdm import tqdm
 
 from hdistill.common.errors import HdistillError
-from hdistill.common.processes import Failure, StopRequest, Stopped, duration, loader_worker_init, start_workers
+from hdistill.common.processes import (Failure, StopRequest, Stopped, duration, exit_with_launcher, loader_worker_init,
+                                       start_workers)
 from hdistill.common.specs import ViewRecord, ViewTargets
 from hdistill.common.storage import Location, Retry, error_text, read_files, transient
 from hdistill.common.targets import KINDS, TargetSpec, parse_targets
@@ -234,6 +235,7 @@ def run_precompute(cfg: PrecomputeConfig, out: str, rt: Runtime,
     """
     cfg.validate()
     rt = rt.resolved()
+    exit_with_launcher(f"precompute rank {rt.rank}/{rt.world_size}")
     store = Location(out)
     store.check_writable("--out")
     images = list_images(cfg.data, cfg.limit, TarIndex(store, rt.rank, rt.world_size))

@@ -543,7 +543,8 @@ def ranks_alive(run) -> list[int]:
     return alive
 
 
-def test_each_rank_draws_its_own_stochastic_depth_and_a_two_rank_kill_resumes_exactly(stores, tmp_path):
+def test_each_rank_draws_its_own_stochastic_depth_and_a_killed_launchers_ranks_exit_and_resume_exactly(stores,
+                                                                                                      tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     command = lambda out: torchrun + train_command(stores / "kept", out, 12, "--drop-path", "0.3")[1:]  # noqa: E731
@@ -563,13 +564,15 @@ def test_each_rank_draws_its_own_stochastic_depth_and_a_two_rank_kill_resumes_ex
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "checkpoint.pt").exists():
         time.sleep(0.005)
-    for pid in [proc.pid, *descendants(proc.pid)]:     # torchrun starts each rank in a session of its own
-        os.kill(pid, signal.SIGKILL)
+    ranks = descendants(proc.pid)
+    os.killpg(proc.pid, signal.SIGKILL)     # the launcher and its group; torchrun starts each rank in its own session
     proc.wait()
-    while any(Path(f"/proc/{pid}").exists() for pid in ranks_alive(out)):
+    deadline = time.time() + 20             # each rank sees its launcher gone (within 0.5 s) and exits
+    while time.time() < deadline and any(Path(f"/proc/{pid}").exists() for pid in ranks + ranks_alive(out)):
         time.sleep(0.01)
+    assert not ranks_alive(out), "a rank outlived its launcher and holds the run"
     killed_at = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
-    assert 2 <= killed_at < 12, "the kill should land mid-run"
+    assert 2 <= killed_at < 12, "the ranks should stop mid-run when their launcher dies, not run on without it"
     shutil.copytree(out, tmp_path / "one")
     result = subprocess.run(command(out), env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]

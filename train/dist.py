@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from hdistill.common.processes import exit_with_launcher
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -28,6 +30,7 @@ def init_distributed(device: str) -> tuple[DistInfo, str]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    exit_with_launcher(f"train rank {dist.get_rank()}")
     return DistInfo(dist.get_rank(), dist.get_world_size()), device
 
 
