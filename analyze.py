@@ -145,7 +145,20 @@ def write_tables(stats: list[LayerStats], out: Path):
     (out / "attention.json").write_text(json.dumps([s.__dict__ for s in stats], indent=1))
 
 
-def plot_distance_and_nmi(stats: list[LayerStats], out: Path) -> list[Path]:
+def random_weights_note(models: dict[str, Teacher]) -> str | None:
+    """What the figures must say when a model's weights are random (the demo's teachers, --random-init): its
+    attention carries no learned content."""
+    random = [label for label, m in models.items() if m.info.weights.get("source") == "random-init"]
+    return f"{', '.join(random)}: RANDOM weights, no learned attention" if random else None
+
+
+def _caption(fig, note: str | None):
+    if note:
+        fig.text(0.5, 0.005, note, ha="center", va="bottom", color="tab:red", fontsize=8)
+        fig.tight_layout(rect=(0, 0.05, 1, 1))
+
+
+def plot_distance_and_nmi(stats: list[LayerStats], out: Path, note: str | None = None) -> list[Path]:
     """Fig. 1 / 5 style: head distances per layer (scatter), one panel per model; NMI per layer."""
     import matplotlib
     matplotlib.use("Agg")
@@ -164,6 +177,7 @@ def plot_distance_and_nmi(stats: list[LayerStats], out: Path) -> list[Path]:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("average attention distance (px)")
     fig.tight_layout()
+    _caption(fig, note)
     distance_png = out / "attention_distance.png"
     fig.savefig(distance_png, dpi=120)
     plt.close(fig)
@@ -182,6 +196,7 @@ def plot_distance_and_nmi(stats: list[LayerStats], out: Path) -> list[Path]:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    _caption(fig, note)
     nmi_png = out / "nmi.png"
     fig.savefig(nmi_png, dpi=120)
     plt.close(fig)
@@ -189,7 +204,7 @@ def plot_distance_and_nmi(stats: list[LayerStats], out: Path) -> list[Path]:
 
 
 def plot_attention_maps(attention: dict[str, list[torch.Tensor]], pixels: torch.Tensor, query: int,
-                        layers: dict[str, list[int]], out: Path) -> Path:
+                        layers: dict[str, list[int]], out: Path, note: str | None = None) -> Path:
     """Attention of one query patch (marked) of the first image, at each model's chosen layers (head mean)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -206,7 +221,7 @@ def plot_attention_maps(attention: dict[str, list[torch.Tensor]], pixels: torch.
         cell = image.shape[0] / grid
         axes[r][0].imshow(image)
         axes[r][0].add_patch(plt.Rectangle((qc * cell, qr * cell), cell, cell, fill=False, color="red", lw=2))
-        axes[r][0].set_title(f"{name}: query {query}", fontsize=9)
+        axes[r][0].set_title(f"{short_label(name)}\nquery patch {query}", fontsize=8)
         for c, layer in enumerate(layers[name], start=1):
             amap = attention[name][layer][0].mean(0)[query].reshape(grid, grid).numpy()
             axes[r][c].imshow(amap, cmap="viridis")
@@ -217,6 +232,7 @@ def plot_attention_maps(attention: dict[str, list[torch.Tensor]], pixels: torch.
         for ax in axes[r][len(layers[name]) + 1:]:      # a model with fewer layers shown than the widest row
             ax.axis("off")
     fig.tight_layout()
+    _caption(fig, note)
     path = out / "attention_maps.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -239,6 +255,11 @@ def map_layers(models: dict[str, Teacher], layers: list[int] | None) -> dict[str
     return chosen
 
 
+def short_label(name: str) -> str:
+    """A model's label as a figure's panel fits it: a student's path by its last two parts, one a line."""
+    return "/\n".join(Path(name).parts[-2:])
+
+
 def run_analysis(models: dict[str, Teacher], data: str, count: int, out: str, query: int | None = None,
                  layers: list[int] | None = None, seed: int = 0) -> list[Path]:
     """Analyse each model on the same views; write the table and figures; return the written files."""
@@ -252,10 +273,11 @@ def run_analysis(models: dict[str, Teacher], data: str, count: int, out: str, qu
         s, attention[label] = analyze_model(label, model, pixels)
         stats += s
     write_tables(stats, out_dir)
-    files = [out_dir / "attention.csv", out_dir / "attention.json", *plot_distance_and_nmi(stats, out_dir)]
+    note = random_weights_note(models)
+    files = [out_dir / "attention.csv", out_dir / "attention.json", *plot_distance_and_nmi(stats, out_dir, note)]
     grid = next(iter(models.values())).info.grid
     query = grid.num_patches // 2 + grid.side // 2 if query is None else query
     if not 0 <= query < grid.num_patches:
         raise HdistillError(f"--query {query}: patch index out of range (0..{grid.num_patches - 1})")
-    files.append(plot_attention_maps(attention, pixels, query, map_layers(models, layers), out_dir))
+    files.append(plot_attention_maps(attention, pixels, query, map_layers(models, layers), out_dir, note))
     return files

@@ -10,7 +10,7 @@ import click
 
 from hdistill import __version__
 from hdistill.common.errors import HdistillError
-from hdistill.common.options import (LocalFolder, StorePlace, cli_values, command_options, from_params, option_fields,
+from hdistill.common.options import (LocalFolder, StorePlace, absolute_place, cli_values, command_options, from_params, option_fields,
                                      options_yaml, params_from_yaml, parse_ints, parse_pairs, parse_role_kwargs)
 from hdistill.models import ModelsConfig
 from hdistill.precompute.config import PrecomputeConfig, Runtime
@@ -42,7 +42,9 @@ def _load_config(ctx: click.Context, _param, path):
 def _read_yaml(path: str):
     import yaml
     try:
-        return yaml.safe_load(Path(path).read_text()) or {}
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise click.BadParameter(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
     except (OSError, yaml.YAMLError) as err:
         raise click.BadParameter(f"{path}: {err}") from None
 
@@ -164,11 +166,17 @@ def train(out, sweep, **params):
     trainer = Trainer(cfg, out, rt, **source)
     trainer.open()      # refusals (another run's options, another store, a running run) come before any file
     finished_before = trainer.finished
-    trainer.write_options(options_yaml({"out": out, **cli_values([TrainConfig, TrainRuntime, OnlineConfig], params)}))
+    trainer.write_options(options_yaml({"out": os.path.abspath(out), **run_options(params)}))
     path = stopping(trainer.run)
     if trainer.dist.main and not finished_before:
         click.echo(f"train: finished in {time.time() - start:.1f}s; metrics in {out}/metrics.jsonl; "
                    f"student backbone in {path}")
+
+
+def run_options(params: dict) -> dict:
+    """RUN/config.yaml's options: the command's, local places made absolute (--config then loads it from anywhere)."""
+    places = {key: absolute_place(params[key]) for key in ("shards", "val_shards", "data")}
+    return cli_values([TrainConfig, TrainRuntime, OnlineConfig], {**params, **places})
 
 
 def train_sweep(out: str, members: list[tuple[str, dict]], params: dict):
@@ -181,11 +189,11 @@ def train_sweep(out: str, members: list[tuple[str, dict]], params: dict):
     start = time.time()
     member_params = member_options(params, members)
     sweep = Sweep([(name, from_params(TrainConfig, p)) for name, p in member_params.items()], out,
-                  from_params(TrainRuntime, params), dict(members))
+                  from_params(TrainRuntime, params), dict(members), file=click.get_current_context().params["sweep"])
     sweep.open()
     for name, trainer in sweep.members.items():
-        values = cli_values([TrainConfig, TrainRuntime, OnlineConfig], member_params[name])
-        trainer.write_options(options_yaml({"out": str(Path(out) / name), **values}))
+        trainer.write_options(options_yaml({"out": os.path.abspath(Path(out) / name),
+                                            **run_options(member_params[name])}))
     stopping(sweep.run)
     if sweep.dist.main:
         files = write_report(out)
@@ -259,7 +267,8 @@ def evaluate(data, pool, k, **params):
 
     for label, model in from_params(ModelsConfig, params).build().items():
         r = run_eval(model, data, pool, k)
-        click.echo(f"eval {label}: {r['classes']} classes, {r['train']} train / {r['val']} val images, {pool} "
+        click.echo(f"eval {label}: {r['classes']} classes, {r['train']} train / {r['val']} val images at "
+                   f"{model.info.image_size} px, {pool} "
                    f"features: kNN top-1 {100 * r['knn_top1']:.1f}%, linear probe top-1 {100 * r['linear_top1']:.1f}%")
 
 

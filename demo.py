@@ -22,7 +22,7 @@ TINY_TEACHER = ("vit_small_patch16_224", {"depth": 6, "embed_dim": 96, "num_head
 TINY_STUDENT = ("vit_small_patch16_224", {"depth": 6, "embed_dim": 96, "num_heads": 3})
 
 
-def plot_losses(metrics: Path, out: Path) -> Path:
+def plot_losses(metrics: Path, out: Path, random_teachers: bool = False) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -37,7 +37,8 @@ def plot_losses(metrics: Path, out: Path) -> Path:
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
-    ax.set_title("hdistill demo: student training")
+    ax.set_title("hdistill demo: student training" + ("\n(targets of RANDOM-weight teachers)" if random_teachers
+                                                         else ""), fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -78,7 +79,7 @@ def run_demo(out: str, models: dict[str, str] | None = None, model_args: dict | 
                        steps=steps, batch_size=batch, lr=1e-3, lanes=math.gcd(4, batch))
     student_file = run_train(tcfg, str(out_dir / "run"), TrainRuntime(device="cpu", workers=0, log_every=5,
                                                                       checkpoint_every=steps, quiet=True))
-    loss_png = plot_losses(out_dir / "run" / "metrics.jsonl", out_dir / "loss.png")
+    loss_png = plot_losses(out_dir / "run" / "metrics.jsonl", out_dir / "loss.png", random_init)
 
     echo(f"demo: 3/3 analyze attention of teachers and student -> {out_dir / 'analysis'}")
     analysed = build_teachers(pcfg, "cpu")

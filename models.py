@@ -8,8 +8,8 @@ import click
 
 from hdistill.common.errors import HdistillError
 from hdistill.common.options import option, parse_kwargs, parse_pairs, parse_role_kwargs, split
-from hdistill.precompute.config import (MODEL_ARG_HELP, MODEL_HELP, RANDOM_INIT_HELP, WEIGHTS_HELP, every_role,
-                                        parse_weights)
+from hdistill.precompute.config import (MODEL_ARG_HELP, MODEL_HELP, RANDOM_INIT_HELP, WEIGHTS_HELP, check_roles,
+                                        every_role, parse_weights)
 
 
 @dataclass
@@ -44,6 +44,7 @@ class ModelsConfig:
         from hdistill.analyze import student_as_teacher
         from hdistill.precompute.teachers import WeightSource, build_teacher
 
+        check_roles(self.teachers)
         chosen = {}
         for path in self.student_weights:   # each as its file's metadata says, unless --student/--student-arg say
             chosen[path] = student_as_teacher(path, self.student, self.image_size, self.student_args)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import os
 from dataclasses import MISSING, dataclass, field
 from typing import Any, Callable
 
@@ -202,6 +203,16 @@ class LocalFolder(click.Path):
 
 
 # ---------------------------------------------------------------- parsers: (command-line value, option) -> value
+
+def absolute_place(value, _option: str = ""):
+    """A place as a recorded config keeps it: a local path made absolute (inspect, --online, and --config of a
+    written config.yaml then find it from any working directory); URLs, tar patterns' URLs, synthetic:N and None as
+    given."""
+    from .storage import is_url
+    if value is None or is_url(value) or str(value).startswith("synthetic:"):
+        return value
+    return os.path.abspath(value)
+
 
 def split(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]

@@ -2,32 +2,32 @@
 command's options (common.options), so the flags, the --config keys and STORE/config.yaml are one list."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 
 import click
 
 from hdistill.common.errors import HdistillError
-from hdistill.common.options import (option, parse_ints, parse_list, parse_or_none, parse_pairs, parse_role_kwargs,
+from hdistill.common.options import (absolute_place, option, parse_ints, parse_list, parse_or_none, parse_pairs, parse_role_kwargs,
                                      quiet_option, read_retries_option)
 from hdistill.common.runtime import ProgressOutput, loader_workers, process_rank, resolve_device
-from hdistill.common.storage import Retry, is_url
+from hdistill.common.storage import Retry
 
 FRACTION = click.FloatRange(0, 1, max_open=True)
 AT_LEAST_1 = click.IntRange(min=1)
 
 
-def absolute_data(data: str, option_name: str = "--data") -> str:
-    """--data as the store records it: a local path made absolute (inspect, --online and --fresh-views then find the
-    images from any working directory); URLs, tar patterns' URLs and synthetic:N as given."""
-    if is_url(data) or data.startswith("synthetic:"):
-        return data
-    return os.path.abspath(data)
-
-
 def parse_weights(values, option_name: str) -> dict[str, str]:
     """["mae=hub", "clip=PATH"] -> {"mae": "hub", ...}; a lone "hub" is {"*": "hub"}: every role (every_role)."""
     return {"*": "hub"} if list(values) == ["hub"] else parse_pairs(values, option_name)
+
+
+def check_roles(teachers: list[str]):
+    """Each teacher role once: a role names the targets (feat.<role>) of one teacher."""
+    twice = sorted({role for role in teachers if teachers.count(role) > 1})
+    if twice:
+        raise HdistillError(f"--teachers {','.join(teachers)} names {', '.join(twice)} more than once; a role is one "
+                            "teacher (for two models of one kind give them two roles, e.g. --teachers mae,clip,dino "
+                            "--model dino=NAME)")
 
 
 def every_role(weights: dict[str, str], teachers: list[str]) -> dict[str, str]:
@@ -52,7 +52,7 @@ DEVICE_HELP = "auto, cpu, cuda or cuda:N (under torchrun, cuda is cuda:LOCAL_RAN
 class PrecomputeConfig:
     """Everything that decides a store's content; a store only resumes with an equal config."""
 
-    data: str = option(help=DATA_HELP, parse=absolute_data)
+    data: str = option(help=DATA_HELP, parse=absolute_place)
     teachers: list[str] = option(default_factory=lambda: ["mae", "clip"], cli="mae,clip", parse=parse_list,
                                  help=TEACHERS_HELP)
     models: dict[str, str] = option(default_factory=dict, flag="--model", multiple=True, metavar="ROLE=NAME",
@@ -127,6 +127,7 @@ class PrecomputeConfig:
     def validate(self):
         from hdistill.shards.encoding import check_formats, parse_encodings
         from hdistill.shards.format import FORMATS
+        check_roles(self.teachers)
         if self.precision not in ("fp32", "bf16"):
             raise HdistillError(f"--precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if self.tokens not in ("kept", "full"):

@@ -13,6 +13,7 @@ the rank, the world size or resumes. The store itself is read and written throug
 """
 from __future__ import annotations
 
+import functools
 import json
 import queue
 import sys
@@ -24,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from hdistill.common.errors import HdistillError
+from hdistill.common.options import option_name
 from hdistill.common.processes import (Failure, StopRequest, Stopped, duration, exit_with_launcher, loader_worker_init,
                                        start_workers)
 from hdistill.common.specs import ViewRecord, ViewTargets
@@ -66,6 +68,19 @@ def plan_store(cfg: PrecomputeConfig, teachers: dict[str, Teacher], num_images: 
                          stored_patches=stored, order_seed=cfg.seed)
     return Manifest(config=json.loads(json.dumps(asdict(cfg))), teachers=[t.info for t in teachers.values()],
                     targets=targets, mask=mask, layout=layout, formats=list(cfg.formats))
+
+
+FEW_KEPT = 0.1      # a mask that keeps less than this share of the patches is said to keep few
+
+
+def warn_if_few_kept(manifest: Manifest):
+    """A mask that leaves the student a handful of patches (--mask-ratio 0.99: 1 of 256) is allowed, and said."""
+    counts = manifest.mask.kept_counts(manifest.layout.num_patches)
+    if counts[-1] < FEW_KEPT * counts[0]:
+        print(f"precompute: warning: the mask keeps {counts[-1]} of {counts[0]} patches "
+              f"({' -> '.join(map(str, counts))}, --mask-ratio {manifest.mask.ratio} at {len(counts) - 1} stage(s)): "
+              f"the student sees {100 * counts[-1] / counts[0]:.1f}% of each view (the paper's K = 0.3 keeps 35%)",
+              file=sys.stderr)
 
 
 # ---------------------------------------------------------------- loading (DataLoader workers)
@@ -240,7 +255,10 @@ def run_precompute(cfg: PrecomputeConfig, out: str, rt: Runtime,
     store.check_writable("--out")
     images = list_images(cfg.data, cfg.limit, TarIndex(store, rt.rank, rt.world_size))
     teachers = teachers or build_teachers(cfg, rt.device)
-    writer = StoreWriter(store, plan_store(cfg, teachers, len(images)))
+    writer = StoreWriter(store, plan_store(cfg, teachers, len(images)),
+                         flag=functools.partial(option_name, PrecomputeConfig))
+    if rt.rank == 0:
+        warn_if_few_kept(writer.manifest)
     writer.open()
     writer.lock_rank(rt.rank, rt.world_size)
     try:

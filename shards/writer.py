@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 from hdistill.common.atomic import remove_stale_temporaries
 from hdistill.common.errors import HdistillError
@@ -23,8 +24,10 @@ from .manifest import Manifest, ShardRecord, read_manifest, write_manifest
 
 
 class StoreWriter:
-    def __init__(self, store: str | Path | Location, manifest: Manifest):
+    def __init__(self, store: str | Path | Location, manifest: Manifest,
+                 flag: Callable[[str], str] = lambda key: "--" + key.replace("_", "-")):
         self.store, self.manifest = as_location(store), manifest
+        self.flag = flag                   # a config key's command-line option, for messages
         self._lock = None
 
     # ---------------------------------------------------------------- opening
@@ -53,7 +56,7 @@ class StoreWriter:
         old, new = existing.config, self.manifest.config
         diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
         if diff:
-            return "options that differ: " + ", ".join("--" + d.replace("_", "-") for d in diff)
+            return "options that differ: " + ", ".join(self.flag(d) for d in diff)
         return "the teachers or their weights differ"
 
     def lock_rank(self, rank: int, world_size: int):

@@ -51,10 +51,15 @@ def test_patch_attention_drops_cls_and_renormalises():
     torch.testing.assert_close(attn.sum(-1), torch.ones(1, 2, 4, dtype=torch.float64))
 
 
-def test_reduced_demo_leaves_its_files(tmp_path):
+def test_reduced_demo_leaves_its_files(tmp_path, monkeypatch):
+    import hdistill.analyze as analyze
+    captions, caption = [], analyze._caption
+    monkeypatch.setattr(analyze, "_caption", lambda fig, note: captions.append(note) or caption(fig, note))
     result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "demo"), "--num-images", "16", "--steps", "10"])
     assert result.exit_code == 0, result.output
     assert "RANDOM weights" in result.output
+    # every figure of the analysis says that the teachers' attention is that of random weights
+    assert captions == ["mae, clip: RANDOM weights, no learned attention"] * 3
     demo = tmp_path / "demo"
     for path in ("store/manifest.json", "store/targets.zarr/zarr.json", "run/metrics.jsonl", "run/student.safetensors",
                  "loss.png", "analysis/attention.csv", "analysis/attention.json", "analysis/attention_distance.png",
@@ -139,6 +144,7 @@ def test_eval_builds_students_from_their_files_alone_and_names_them_by_path(tmp_
     assert result.exit_code == 0, result.output
     lines = [line for line in result.output.splitlines() if line.startswith("eval ")]
     assert [line.split(":")[0] for line in lines] == [f"eval {p}" for p in paths]
+    assert all(" val images at 64 px, cls features" in line for line in lines)
     # the argument train accepts is accepted here too
     result = CliRunner().invoke(cli, ["eval", "--data", str(data), "--student-weights", paths[0], "--student-arg", "img_size=64"])
     assert result.exit_code == 0, result.output

@@ -126,7 +126,7 @@ def test_resume_says_where_it_starts_and_a_finished_run_says_so(stores, tmp_path
     resumed = train_cli(stores / "kept", run, "--steps", "4", "--log-every", "1",
                         "--val-shards", str(stores / "kept"), "--val-every", "2")
     assert resumed.exit_code == 0, resumed.output
-    assert f"train: resuming {run / 'checkpoint.pt'} at step 2 of 4 (epoch 0, batch 2 of the epoch)" in resumed.output
+    assert f"train: resuming {run / 'checkpoint.pt'} at step 2 of 4 (epoch 1 of 2, after its batch 2)" in resumed.output
     assert "view(s) per image" not in first.output + resumed.output   # 4 steps of 4: 2 epochs, as many as views
     longer = train_cli(stores / "kept", tmp_path / "longer", "--steps", "8")
     assert "train: 3 epochs from a store of 2 view(s) per image: epoch e reads view e mod 2" in longer.output
@@ -256,3 +256,69 @@ def test_equal_students_export_equal_bytes_across_processes(tmp_path):
     from hdistill.train.student import build_student
     expected = build_student("vit_base_patch16_224", 32, dict(depth=1, embed_dim=16, num_heads=2)).model.state_dict()
     assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
+
+
+def test_run_config_records_local_stores_absolute_and_loads_from_anywhere(stores, tmp_path, monkeypatch):
+    monkeypatch.chdir(stores)
+    assert train_cli("kept", tmp_path / "run", "--steps", "2", "--val-shards", "full").exit_code == 0
+    import yaml
+    recorded = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert (recorded["shards"], recorded["val_shards"], recorded["out"]) == \
+        (str(stores / "kept"), str(stores / "full"), str(tmp_path / "run"))
+    monkeypatch.chdir(tmp_path)                                   # elsewhere: the same run, finished
+    result = CliRunner().invoke(cli, ["train", "--config", str(tmp_path / "run" / "config.yaml")])
+    assert result.exit_code == 0 and "is finished (step 2 of 2)" in result.output, result.output
+
+
+def test_a_failed_start_leaves_nothing(stores, tmp_path):
+    """A store too small for one batch is refused before the folder is made; a shard found damaged when the first
+    batch is read leaves no config.yaml, metrics.jsonl, tensorboard/ or lock behind."""
+    output = refused(train_cli(stores / "kept", tmp_path / "big", "--steps", "2", "--batch-size", "16"))
+    assert "--batch-size 16: the store's epoch holds 12 samples, too few for one global batch of 16" in output
+    assert not (tmp_path / "big").exists()
+    store = tmp_path / "store"
+    shutil.copytree(stores / "kept", store)
+    for tar in (store / "wds").glob("view0-*.tar"):              # same size, other bytes: only its crc32c tells
+        data = bytearray(tar.read_bytes())
+        data[len(data) // 2] ^= 1
+        tar.write_bytes(bytes(data))
+    output = refused(train_cli(store, tmp_path / "run", "--steps", "2"))
+    assert "differs from the" in output and "its commit recorded" in output
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "kept-folder").mkdir()
+    (tmp_path / "kept-folder" / "notes.txt").write_text("mine")
+    refused(train_cli(store, tmp_path / "kept-folder", "--steps", "2"))
+    assert sorted(p.name for p in (tmp_path / "kept-folder").iterdir()) == ["notes.txt"]
+
+
+def test_what_a_new_user_runs_into_is_named_with_what_to_do(stores, tmp_path):
+    # a student of another patch size: the grid error says which patch size the store wants
+    output = refused(train_cli(stores / "kept", tmp_path / "run", "--steps", "2", "--student", "vit_small_patch14_dinov2",
+                               "--student-arg", "embed_dim=24", "--student-arg", "num_heads=6", "--student-arg",
+                               "depth=3"))
+    assert "Give the student the store's patch size: --student-arg patch_size=16" in output
+    output = refused(CliRunner().invoke(cli, ["train", "--shards", str(stores / "kept"), "--out", str(tmp_path / "r"),
+                                              "--steps", "1", "--student", "resnet50"]))
+    assert "--student resnet50: a ResNet, not a ViT" in output
+    output = refused(CliRunner().invoke(cli, ["precompute", "--data", "synthetic:4", "--out", str(tmp_path / "s"),
+                                              *CLI_TINY, "--teachers", "mae,mae"]))
+    assert "--teachers mae,mae names mae more than once" in output
+    # more loader processes than a rank has lanes; a term the others dwarf (said with the option that balances it)
+    result = train_cli(stores / "kept", tmp_path / "run", "--steps", "1", "--workers", "8", "--loss", "clip:feat=1",
+                       "--loss", "mae:rel@2=10000")
+    assert result.exit_code == 0, result.output
+    assert "train: warning: --workers 8: each rank reads 4 lane(s)" in result.output
+    assert "train: warning: at step 1 feat.clip is " in result.output and "balance the terms with the --loss weights" \
+        in result.output
+    assert "epoch 1/1" in result.output
+
+
+def test_precompute_says_what_differs_and_what_a_mask_keeps(tmp_path):
+    run = lambda *extra: CliRunner().invoke(cli, ["precompute", "--data", "synthetic:4", "--out",  # noqa: E731
+                                                  str(tmp_path / "s"), *CLI_TINY, "--workers", "0", *extra])
+    first = run("--mask-ratio", "0.99")
+    assert first.exit_code == 0, first.output
+    assert "precompute: warning: the mask keeps 1 of 16 patches (16 -> 1 -> 1 -> 1, --mask-ratio 0.99 at 3 " \
+           "stage(s))" in first.output
+    output = refused(run("--mask-ratio", "0.99", "--format", "wds,zarr", "--model", "clip=vit_small_patch16_224"))
+    assert "options that differ: --format, --model" in output

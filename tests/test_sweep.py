@@ -134,7 +134,7 @@ def test_the_members_left_when_the_first_one_stops_still_run_as_alone(stores, tm
     invoke("train", "--config", run / "fine" / "config.yaml", "--out", solo, "--steps", "6")
     invoke("train", "--config", run / "fine" / "config.yaml", "--out", solo)
     assert metrics(run / "fine") == metrics(solo)
-    assert [r["step"] for r in metrics(solo) if "val/loss" in r] == [2, 4, 6, 8, 9]
+    assert [r["step"] for r in metrics(solo) if "val/loss" in r] == [0, 2, 4, 6, 8, 9]
     swept, alone = load_file(run / "fine" / "student.safetensors"), load_file(solo / "student.safetensors")
     assert all(torch.equal(swept[k], alone[k]) for k in alone)
 
@@ -227,3 +227,28 @@ def test_a_two_rank_sweep_is_the_one_rank_sweep(stores, tmp_path):
         assert [r["step"] for r in two] == [1, 2, 3, 4]
         for a, b in zip(one, two):
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (member["name"], a["step"])
+
+
+def test_sweep_messages_name_the_file_the_member_and_what_changed(stores, tmp_path):
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("shards: x\nmembers: [{name: caf\xe9}]\n".encode("latin-1"))
+    result = CliRunner().invoke(cli, ["train", "--sweep", str(latin), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and f"{latin}: not UTF-8 text (byte " in result.output and \
+        "Traceback" not in result.output, result.output
+    for member, message in [({"name": "bad", "loss": ["clip:fet=1"]}, "--loss 'clip:fet=1': expected"),
+                            ({"name": "grid", "student_arg": ["patch_size=8", *STUDENT_ARGS]}, "patch grid mismatch")]:
+        file = sweep_file(tmp_path / "s.yaml", stores / "kept", [{"name": "a"}, member])
+        result = CliRunner().invoke(cli, ["train", "--sweep", str(file), "--out", str(tmp_path / "r")])
+        assert result.exit_code == 1 and f"{file}: member {member['name']!r}: " in result.output and message in \
+            result.output, result.output
+    assert not (tmp_path / "r").exists()
+    # a sweep of 3 epochs over 2 views says so once, counts epochs from 1, and a resume names what changed
+    members = [{"name": "a", "alpha": 0.5}, {"name": "b"}]
+    file = sweep_file(tmp_path / "s.yaml", stores / "kept", members, steps=9, quiet=False, log_every=9)
+    result = invoke("train", "--sweep", file, "--out", tmp_path / "run")
+    assert result.output.count("epoch e reads view e mod 2") == 1, result.output
+    assert "step 9/9 epoch 3/3 loss" in result.output
+    file = sweep_file(tmp_path / "s.yaml", stores / "kept", [{"name": "a", "alpha": 0.7}, {"name": "c"}], steps=12)
+    result = CliRunner().invoke(cli, ["train", "--sweep", str(file), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1
+    assert "member 'c' is new; member 'b' is left out; member 'a' sets alpha: 0.7, it had 0.5" in result.output

@@ -712,7 +712,7 @@ def test_validation_is_the_mean_loss_over_every_held_out_sample(stores, tmp_path
     run_train(cfg, str(tmp_path / "run"), runtime(log_every=1))
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in records if "val/loss" in r]
-    assert [r["step"] for r in val] == [3, 4]
+    assert [r["step"] for r in val] == [0, 3, 4]
 
     # by hand: the final student and projections on every held-out sample, read with plain webdataset
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)

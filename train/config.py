@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 
 import click
 
-from hdistill.common.options import (StorePlace, option, quiet_option, read_retries_option, parse_block_pairs, parse_ints, parse_kwargs, parse_or_none,
+from hdistill.common.options import (StorePlace, absolute_place, option, quiet_option, read_retries_option, parse_block_pairs, parse_ints, parse_kwargs, parse_or_none,
                                      parse_rgb)
 from hdistill.common.runtime import ProgressOutput, resolve_device
 from hdistill.common.storage import Retry
@@ -28,7 +28,7 @@ class TrainConfig:
     """Everything that decides a run's result; a run directory only resumes with an equal config."""
 
     shards: str = option(help="A complete store made by hdistill precompute: a folder, or an s3://, gs:// or "
-                              "http(s):// URL.", type=StorePlace(exists=True))
+                              "http(s):// URL.", type=StorePlace(exists=True), parse=absolute_place)
     student: str = option("vit_base_patch16_224", "timm ViT name of the student (random init).")
     student_args: dict = option(default_factory=dict, flag="--student-arg", multiple=True, metavar="KEY=VALUE",
                                 parse=parse_kwargs,
@@ -93,7 +93,7 @@ class TrainConfig:
     lane_buffer_mb: float = option(64.0, "Shuffle buffer per lane, in MB of decoded samples (a rank holds lanes/ranks "
                                          "of them).", type=POSITIVE)
     val_shards: str | None = option(
-        None, type=StorePlace(exists=True), help="A store of held-out images (precompute --crop center), evaluated every --val-every steps and at "
+        None, type=StorePlace(exists=True), parse=absolute_place, help="A store of held-out images (precompute --crop center), evaluated every --val-every steps and at "
                    "the end: val/loss and val/loss/<target> in metrics.jsonl and TensorBoard.")
     val_every: int = option(1000, "Steps between evaluations of --val-shards.", type=AT_LEAST_1)
 
@@ -132,4 +132,4 @@ class OnlineConfig:
                                       "image every epoch (the paper's regime), not the store's V views; measures "
                                       "what fixed views cost.", is_flag=True)
     data: str | None = option(None, "With --online: where the store's images are now, if not where precompute "
-                                    "read them.")
+                                    "read them.", parse=absolute_place)

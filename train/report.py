@@ -2,7 +2,7 @@
 
 sweep-report.csv / .md   one row per member: its overrides, its state, the final training loss, and per held-out
                          term (val/loss, val/loss/<target>) the final and the best value with its step
-sweep-report.png         val/loss against the step, one line per member
+sweep-report.png         one panel per held-out term (log scale) against the step, one line per member
 """
 from __future__ import annotations
 
@@ -63,20 +63,32 @@ def write_report(run) -> list[Path]:
 
 
 def plot_curves(curves: dict[str, list[dict]], path: Path) -> Path:
+    """One panel per held-out term (val/loss, then each val/loss/<target>), every member that has it as a line from
+    its step-0 evaluation on, on a log scale: members whose objectives differ by orders of magnitude (a feature
+    term of tenths, relations of tens) stay readable, and each term compares like with like."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, records in curves.items():
-        if records:
-            ax.plot([r["step"] for r in records], [r["val/loss"] for r in records], marker="o", markersize=3,
-                    label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("held-out loss (val/loss)")
-    ax.set_title("sweep members")
+    keys = sorted({k for records in curves.values() for r in records for k in r if k.startswith("val/")},
+                  key=lambda k: (k != "val/loss", k)) or ["val/loss"]
+    columns = min(3, len(keys))
+    rows = -(-len(keys) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        for i, (name, records) in enumerate(curves.items()):     # a member keeps its colour in every panel
+            points = [(r["step"], r[key]) for r in records if key in r]
+            if points:
+                ax.plot(*zip(*points), marker="o", markersize=3, label=name, color=f"C{i % 10}")
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title("held-out loss" if key == "val/loss" else key.removeprefix("val/loss/"), fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+    for ax in list(axes.flat)[len(keys):]:
+        ax.set_visible(False)
     if any(curves.values()):
-        ax.legend(fontsize=8)
+        axes.flat[0].legend(fontsize=8)
+    fig.suptitle("sweep members: held-out loss per term (log scale)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -11,6 +11,7 @@ RUN/
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -28,6 +29,7 @@ from tqdm import tqdm
 
 from hdistill.common.atomic import atomic_open, remove_stale_temporaries, write_error
 from hdistill.common.errors import HdistillError
+from hdistill.common.files import NewEntries
 from hdistill.common.lock import hold_lock
 from hdistill.common.options import option_name
 from hdistill.common.processes import StopRequest, Stopped, duration
@@ -44,6 +46,7 @@ from .source import SourceFactory, SourcePlan, StoredTargets
 from .student import Student, build_student, export_student
 from .validate import Evaluated, evaluate, open_val_store
 
+DWARFED = 10      # a first step's weighted term this many times another's is said to dwarf it
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CHECKPOINT = "checkpoint.pt"
 HISTORY = "checkpoints"
@@ -128,6 +131,7 @@ class Trainer:
         self.step, self.epoch, self.epoch_batches = 0, 0, 0
         self.name = "train"                  # how its messages begin (a sweep names its members)
         self.lock, self.opened, self.resumed, self.stop = None, False, False, StopRequest()
+        self.created: NewEntries | None = None    # what open() found in the run folder (rank 0)
 
     def _build_model(self):
         """Student, loss terms and optimiser, from one seed (the same on every rank), then each rank's stochastic-depth
@@ -141,8 +145,12 @@ class Trainer:
         if self.precision not in PRECISIONS:
             raise HdistillError(f"--precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         self.scaler = torch.amp.GradScaler(torch.device(device).type, enabled=self.precision == "fp16")
-        check_same_grid({f"the store {cfg.shards}": TokenGrid(layout.image_size, layout.patch_size),
-                         f"student {cfg.student}": self.student.grid})
+        try:
+            check_same_grid({f"the store {cfg.shards}": TokenGrid(layout.image_size, layout.patch_size),
+                             f"student {cfg.student}": self.student.grid})
+        except HdistillError as err:
+            raise HdistillError(f"{err} Give the student the store's patch size: --student-arg "
+                                f"patch_size={layout.patch_size}") from None
         self.terms = plan_losses(self.manifest, parse_losses(cfg.losses) if cfg.losses else None,
                                  self.student.depth, cfg.alpha, cfg.feature_teacher, cfg.relation_teacher,
                                  cfg.relation_blocks, cfg.student_blocks)
@@ -171,6 +179,17 @@ class Trainer:
         self.lanes = cfg.lanes or default_lanes(cfg.batch_size)
         check_lanes(self.lanes, cfg.batch_size, self.dist.world_size)
         self.local_batch = cfg.batch_size // self.dist.world_size
+        samples = epoch_samples(self.manifest, 0)
+        if steps_per_epoch(samples, self.lanes, cfg.batch_size) == 0:
+            raise HdistillError(f"--batch-size {cfg.batch_size}: the store's epoch holds {samples} samples, too few for "
+                                f"one global batch of {cfg.batch_size} over {self.lanes} lanes; give a smaller "
+                                "--batch-size (or --lanes)")
+        lanes_here = self.lanes // self.dist.world_size
+        if self.rt.workers > lanes_here:
+            self.warnings.append(f"--workers {self.rt.workers}: each rank reads {lanes_here} lane(s), and a lane is "
+                                 f"read by one loader process, so {self.rt.workers - lanes_here} of them would have "
+                                 f"nothing to read and {lanes_here} are started; give --lanes a multiple of "
+                                 f"{self.dist.world_size * self.rt.workers} (ranks x workers) to use them all")
         self.mask = check_mask(self.manifest, cfg.mask)
         self.source = source(SourcePlan(
             cfg.shards, self.manifest, [t.target for t in self.terms], self.mask, cfg.seed, self.lanes, cfg.batch_size,
@@ -247,6 +266,7 @@ class Trainer:
         if self.opened:
             return
         self.opened = True
+        self.created = NewEntries(self.out) if self.dist.main else None
         if self.dist.main:
             try:
                 self.out.mkdir(parents=True, exist_ok=True)
@@ -262,8 +282,8 @@ class Trainer:
             self.close()
             raise
         if self.resumed and not self.finished and self.dist.main:
-            print(f"{self.name}: resuming {self.out / CHECKPOINT} at step {self.step} of {self.steps} (epoch {self.epoch}, "
-                  f"batch {self.epoch_batches} of the epoch)", file=sys.stderr)
+            print(f"{self.name}: resuming {self.out / CHECKPOINT} at step {self.step} of {self.steps} (epoch "
+                  f"{self.epoch + 1} of {self.epochs}, after its batch {self.epoch_batches})", file=sys.stderr)
 
     def write_options(self, options: bytes):
         """RUN/config.yaml (common.options.options_yaml): the run's options, which `hdistill train --config` loads
@@ -388,6 +408,7 @@ class Trainer:
 
     def run(self) -> Path:
         self.open()
+        started = False
         try:
             if self.finished:
                 if self.dist.main:
@@ -397,10 +418,20 @@ class Trainer:
             self.introduce()
             with self.stop.listening():
                 self._steps()
+            started = True
         finally:
+            started = started or self.step > 0
             self.close()
+            if not started:
+                self.discard_failed_start()
         barrier(self.dist)
         return self.out / EXPORT
+
+    def discard_failed_start(self):
+        """A fresh run that failed before its first step (a shard found damaged, say) leaves its folder as it found
+        it: its config.yaml, metrics.jsonl, tensorboard/ and lock are removed."""
+        if self.created is not None:
+            self.created.remove()
 
     def introduce(self, shared: bool = True):
         """Once, at the start (rank 0): the objective, parameters no term reaches and, with `shared` (a sweep says them
@@ -419,7 +450,7 @@ class Trainer:
 
     def _say_if_views_repeat(self):
         """Once, at the start: a run longer than the store has views reads each fixed view again."""
-        views, epochs = self.manifest.layout.views, self.epochs()
+        views, epochs = self.manifest.layout.views, self.epochs
         if self.source.record().get("fresh_views") or epochs <= views:
             return
         print(f"{self.name}: {epochs} epochs from a store of {views} view(s) per image: epoch e reads view e mod "
@@ -429,8 +460,9 @@ class Trainer:
 
     def views_read(self) -> range:
         """The store's views the run's epochs read (epoch e reads view e mod V)."""
-        return range(min(self.manifest.layout.views, self.epochs()))
+        return range(min(self.manifest.layout.views, self.epochs))
 
+    @functools.cached_property
     def epochs(self) -> int:
         """The epochs the run's steps reach into (the last may be partial)."""
         epoch, steps = 0, 0
@@ -447,6 +479,8 @@ class Trainer:
 
     def _steps(self):
         with self.progress() as progress:
+            if self.val and self.step == 0:                   # where the curve starts: the student as initialised
+                self.log_validation(self.validate(), progress)
             data = self.batches()
             while self.step < self.steps:
                 self.record(self.train_step(next(data)), progress)
@@ -495,7 +529,8 @@ class Trainer:
                                         **losses})
             progress.postfix["loss"] = f"{losses['loss']:.4f}"
             progress.bar.set_postfix(progress.postfix, refresh=False)
-            self._log_line(f"epoch {self.epoch} loss {losses['loss']:.4f} lr {lr:.3g} {rate:.1f} samples/s "
+            self._log_line(f"epoch {self.epoch + 1}/{self.epochs} loss {losses['loss']:.4f} lr {lr:.3g} "
+                           f"{rate:.1f} samples/s "
                            f"eta {duration((self.steps - self.step) * self.cfg.batch_size / max(rate, 1e-9))}")
             progress.last_time, progress.last_step = now, self.step
         if self.val and self.validation_due(self.step):
@@ -519,6 +554,14 @@ class Trainer:
         parts = [f"{t.name} {losses[t.key]:.4g} x {t.weight:g} = {losses[t.key] * t.weight:.4g}" for t in self.terms]
         print(f"{self.name}: step {self.step} terms: {'; '.join(parts)}; loss {losses['loss']:.4g} "
               f"(peak lr {base_lr(self.cfg):.3g})", file=sys.stderr)
+        weighted = {t.name: losses[t.key] * t.weight for t in self.terms}
+        big, small = max(weighted, key=weighted.get), min(weighted, key=weighted.get)
+        if weighted[small] > 0 and weighted[big] >= DWARFED * weighted[small]:
+            balance = "the --loss weights" if self.cfg.losses else \
+                "--alpha (the weight of the relation terms against the features')"
+            print(f"{self.name}: warning: at step {self.step} {small} is {100 * weighted[small] / losses['loss']:.1f}% "
+                  f"of the loss ({big} is {weighted[big] / weighted[small]:.0f}x it), so the student learns little "
+                  f"from it; balance the terms with {balance}", file=sys.stderr)
 
 
 @dataclass

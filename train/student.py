@@ -138,6 +138,14 @@ def build_student(name: str, image_size: int, kwargs: dict | None = None, drop_p
     if not timm.is_model(arch):
         raise HdistillError(f"--student: unknown timm model {name!r}")
     kwargs = dict(kwargs or {})
+    try:
+        with torch.device("meta"):                  # the architecture alone: no memory, no weights
+            probe = timm.create_model(name, pretrained=False, **{k: v for k, v in kwargs.items() if k != "img_size"})
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise HdistillError(f"--student {name} with {kwargs or {}}: {err}") from None
+    if not isinstance(probe, VisionTransformer):
+        raise HdistillError(f"--student {name}: a {type(probe).__name__}, not a ViT; hdistill trains timm "
+                            "VisionTransformers (vit_*, deit_*, e.g. vit_base_patch16_224)")
     if kwargs.pop("img_size", image_size) != image_size:
         raise HdistillError(f"--student-arg img_size: the store's views are {image_size} px, and the student "
                             f"takes them as they are; drop the argument or give img_size={image_size}")

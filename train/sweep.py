@@ -33,6 +33,7 @@ import torch
 
 from hdistill.common.atomic import atomic_open, remove_stale_temporaries
 from hdistill.common.errors import HdistillError
+from hdistill.common.files import NewEntries
 from hdistill.common.lock import hold_lock
 from hdistill.common.options import fields_by_key, params_from_yaml
 from hdistill.common.processes import StopRequest, Stopped
@@ -147,13 +148,16 @@ class Sweep:
     """The members' Trainers over one loader, stepped in turn, checkpointed together."""
 
     def __init__(self, members: list[tuple[str, TrainConfig]], out: str, rt: TrainRuntime,
-                 overrides: dict[str, dict] | None = None):
+                 overrides: dict[str, dict] | None = None, file: str = "the sweep"):
         self.out, self.overrides = Path(out), overrides or {name: {} for name, _ in members}
         self.shared = SharedTargets()
         self.members: dict[str, Trainer] = {}
         self.rng: dict[str, dict] = {}             # each member's stochastic-depth RNG, as its build left it
         for name, cfg in members:
-            trainer = Trainer(cfg, str(self.out / name), rt, source=self.shared.member)
+            try:
+                trainer = Trainer(cfg, str(self.out / name), rt, source=self.shared.member)
+            except HdistillError as err:
+                raise HdistillError(f"{file}: member {name!r}: {err}") from None
             trainer.name = f"train {name}"
             self.members[name], self.rng[name] = trainer, trainer.rank_rng_state()
         self.stop = StopRequest()                  # one request stops every member after the same step
@@ -168,7 +172,7 @@ class Sweep:
         for trainer in self.members.values():
             trainer.val = None
         self.dist, self.rt, self.steps = self.lead.dist, self.lead.rt, self.lead.steps
-        self.lock, self.opened = None, False
+        self.lock, self.opened, self.created = None, False, None
         self.status = {name: {"state": "running"} for name in self.members}
         self.step = 0
         self._check_memory()
@@ -205,6 +209,7 @@ class Sweep:
         if self.opened:
             return
         self.opened = True
+        self.created = NewEntries(self.out) if self.dist.main else None
         if self.dist.main:
             self.out.mkdir(parents=True, exist_ok=True)
             self.lock = hold_lock(self.out / LOCK, f"the sweep {self.out}")
@@ -231,11 +236,11 @@ class Sweep:
         if not path.exists():
             return None
         record = json.loads(path.read_text())
-        mine = [{"name": n, "overrides": self.overrides[n]} for n in self.members]
-        theirs = [{"name": m["name"], "overrides": m["overrides"]} for m in record["members"]]
-        if json.loads(json.dumps(mine)) != theirs:
-            raise HdistillError(f"{self.out} holds a sweep of other members ({', '.join(m['name'] for m in theirs)}, "
-                                "or other overrides); use a new --out or the sweep's own file to resume")
+        changes = member_changes({m["name"]: m["overrides"] for m in record["members"]},
+                                 json.loads(json.dumps({n: self.overrides[n] for n in self.members})))
+        if changes:
+            raise HdistillError(f"{self.out} holds a sweep of other members ({'; '.join(changes)}); use a new --out, "
+                                "or the sweep's own file to resume")
         return record
 
     @staticmethod
@@ -282,6 +287,8 @@ class Sweep:
                 self._steps()
         finally:
             self.close()
+            if self.step == 0 and self.created is not None:       # a failed start leaves the folder as it was
+                self.created.remove()
         barrier(self.dist)
         return self.out
 
@@ -290,6 +297,8 @@ class Sweep:
         loader = StoreLoader(self.shared.stream, self.rt.workers, self.rt.device, at.epoch, at.epoch_batches)
         with ExitStack() as stack:
             progress = {n: stack.enter_context(self.members[n].progress()) for n in self.running()}
+            if self.val and self.step == 0:                    # where the curves start: the students as initialised
+                self.validate(progress)
             batches = _endless(loader)
             while self.step < self.steps and self.running():
                 batch = next(batches)
@@ -351,6 +360,17 @@ class Sweep:
         for name in self.members:
             if self.status[name]["state"] != "stopped":
                 self.members[name].publish()
+
+
+def member_changes(recorded: dict[str, dict], given: dict[str, dict]) -> list[str]:
+    """How the members and their overrides given differ from those a sweep recorded, one phrase per change."""
+    changes = [f"member {n!r} is new" for n in given if n not in recorded]
+    changes += [f"member {n!r} is left out" for n in recorded if n not in given]
+    for name in (n for n in given if n in recorded):
+        before, now = recorded[name], given[name]
+        changes += [f"member {name!r} sets {key}: {json.dumps(now.get(key))}, it had {json.dumps(before.get(key))}"
+                    for key in sorted(set(before) | set(now)) if before.get(key) != now.get(key)]
+    return changes
 
 
 def write_record(path: Path, record: dict):
