@@ -39,10 +39,12 @@ from hdistill.train.config import OnlineConfig, TrainConfig, TrainRuntime  # noq
 from hdistill.train.run import Trainer  # noqa: E402
 
 FULL = dict(images=1024, batch=256, steps=20, workers=[1, 2, 4, 8], resume_steps=200, image_size=224,
-            teachers={"mae": {}, "clip": {}}, students={"ViT-S/16": ("vit_small_patch16_224", {}),
+            compile=(False, True), teachers={"mae": {}, "clip": {}}, students={"ViT-S/16": ("vit_small_patch16_224", {}),
                                                         "ViT-B/16": ("vit_base_patch16_224", {})})
 TINY_VIT = {"depth": 3, "embed_dim": 32, "num_heads": 2}
-SMOKE = dict(images=16, batch=4, steps=2, workers=[0, 1], resume_steps=8, image_size=32,
+# (the smoke leaves torch.compile out: a cold compile costs the test suite 25 s, and tests/test_train.py compiles the
+# same Trainer path)
+SMOKE = dict(images=16, batch=4, steps=2, workers=[0, 1], resume_steps=8, image_size=32, compile=(False,),
              teachers={"mae": {**TINY_VIT, "depth": 4}, "clip": TINY_VIT},
              students={"tiny": ("vit_base_patch16_224", TINY_VIT)})
 
@@ -63,7 +65,7 @@ def precompute_config(size: dict, precision: str, data: str) -> PrecomputeConfig
 def student_rows(store: str, size: dict, device: str, out: str) -> list[tuple[str, str]]:
     rows = []
     for label, (name, args) in size["students"].items():
-        for compiled in (False, True):
+        for compiled in size["compile"]:
             cfg = TrainConfig(shards=store, student=name, student_args=args, steps=10_000, batch_size=size["batch"])
             trainer = Trainer(cfg, f"{out}/{label}-{compiled}", TrainRuntime(device=device, quiet=True,
                                                                               compile=compiled))

@@ -456,7 +456,7 @@ def test_train_cli(stores, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     # not a terminal (as under SLURM): a plain progress line every --log-every steps
-    assert "train: step 2/2 epoch 0 loss" in result.output and "samples/s eta 0:00:00" in result.output
+    assert "train: step 2/2 epoch 1/1 loss" in result.output and "samples/s eta 0:00:00" in result.output
     import yaml
     resolved = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
     assert (resolved["mask"], resolved["steps"], resolved["student_arg"]) == ("none", 2, ["depth=3", "embed_dim=24",
@@ -481,8 +481,9 @@ def test_two_ranks_take_the_global_batches_of_one(stores, tmp_path):
     per rank)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     no_drop = ("--drop-path", "0")
-    subprocess.run(train_command(stores / "kept", tmp_path / "one", 8, *no_drop), check=True, env=env,
-                   capture_output=True)
+    alone = lambda out, steps: run_train(config(stores / "kept", steps=steps, drop_path=0.0), str(out),  # noqa: E731
+                                         runtime(log_every=1, checkpoint_every=2))  # train_command's run, in-process
+    alone(tmp_path / "one", 8)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     result = subprocess.run(torchrun + train_command(stores / "kept", tmp_path / "two", 8, *no_drop)[1:], env=env,
                             capture_output=True, text=True)
@@ -495,8 +496,7 @@ def test_two_ranks_take_the_global_batches_of_one(stores, tmp_path):
             assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)
 
     # killed on one rank, resumed on two: the same steps as an uninterrupted single-process run
-    subprocess.run(train_command(stores / "kept", tmp_path / "one15", 15, *no_drop), check=True, env=env,
-                   capture_output=True)
+    alone(tmp_path / "one15", 15)
     out = tmp_path / "moved"
     proc = subprocess.Popen(train_command(stores / "kept", out, 15, *no_drop), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

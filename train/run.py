@@ -408,7 +408,6 @@ class Trainer:
 
     def run(self) -> Path:
         self.open()
-        started = False
         try:
             if self.finished:
                 if self.dist.main:
@@ -418,20 +417,14 @@ class Trainer:
             self.introduce()
             with self.stop.listening():
                 self._steps()
-            started = True
         finally:
-            started = started or self.step > 0
             self.close()
-            if not started:
-                self.discard_failed_start()
+            if self.step == 0 and self.created is not None:
+                # a fresh run that failed before its first step (a shard found damaged, say) leaves its folder as it
+                # found it: its config.yaml, metrics.jsonl, tensorboard/ and lock are removed
+                self.created.remove()
         barrier(self.dist)
         return self.out / EXPORT
-
-    def discard_failed_start(self):
-        """A fresh run that failed before its first step (a shard found damaged, say) leaves its folder as it found
-        it: its config.yaml, metrics.jsonl, tensorboard/ and lock are removed."""
-        if self.created is not None:
-            self.created.remove()
 
     def introduce(self, shared: bool = True):
         """Once, at the start (rank 0): the objective, parameters no term reaches and, with `shared` (a sweep says them
