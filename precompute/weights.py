@@ -238,12 +238,15 @@ def refusal(role: str, model: str, weights: WeightSource, err: Exception,
     """A failed load as one line: what did not fit (missing keys in `optional` left out), and what to do."""
     problem = LoadProblem.of(err)
     if problem is not None:
-        detail = problem.describe(optional)
-    else:
-        lines = str(err).strip().splitlines()
-        detail = " ".join(line.strip() for line in lines[:6])[:600]
-    return HdistillError(f"teacher {role!r}: model {model} does not fit {weights.describe(model)}: {detail}. Give "
-                         "the weights of this model, or the model of these weights (--model ROLE=NAME, --model-arg)")
+        return HdistillError(f"teacher {role!r}: model {model} does not fit {weights.describe(model)}: "
+                             f"{problem.describe(optional)}. Give the weights of this model, or the model of these "
+                             "weights (--model ROLE=NAME, --model-arg)")
+    lines = str(err).strip().splitlines()
+    detail = " ".join(line.strip() for line in lines[:6])[:600]
+    where = " (the hub needs network access: on a machine without it, download the weights elsewhere and give " \
+            "--weights ROLE=PATH)" if weights.kind == "hub" else ""
+    return HdistillError(f"teacher {role!r}: cannot load {weights.describe(model)} into model {model} "
+                         f"({type(err).__name__}: {detail}){where}")
 
 
 # ---------------------------------------------------------------- the two libraries
@@ -272,7 +275,7 @@ def load_timm(role: str, name: str, weights: WeightSource, probe, image_size: in
     try:       # with the head of the model's config, so timm does not adapt it away and loads strictly
         model = timm.create_model(name, pretrained=True, img_size=image_size, pretrained_cfg_overlay=overlay,
                                   **kwargs)
-    except RuntimeError as err:
+    except (RuntimeError, KeyError, ValueError, OSError) as err:
         heads = _head_keys(probe)
         classes = _their_head(LoadProblem.of(err), heads)
         if classes is None:
@@ -318,13 +321,13 @@ def load_open_clip(role: str, arch: str, tag: str, weights: WeightSource, image_
     patch = vision["patch_size"] if isinstance(vision["patch_size"], int) else vision["patch_size"][0]
     config_size = vision["image_size"] if isinstance(vision["image_size"], int) else vision["image_size"][0]
     pretrained, resampled = None, None
-    if weights.kind != "random":
-        pretrained = tag if weights.kind == "hub" else weights.path
-        path = open_clip.download_pretrained(open_clip.get_pretrained_cfg(arch, tag)) if weights.kind == "hub" \
-            else weights.path
-        resampled = check_grid(role, f"open_clip:{arch}", weights, Grid(patch, 1, config_size, image_size),
-                               file_shapes(path))
     try:
+        if weights.kind != "random":
+            pretrained = tag if weights.kind == "hub" else weights.path
+            path = open_clip.download_pretrained(open_clip.get_pretrained_cfg(arch, tag)) if weights.kind == "hub" \
+                else weights.path
+            resampled = check_grid(role, f"open_clip:{arch}", weights, Grid(patch, 1, config_size, image_size),
+                                   file_shapes(path))
         with seeded(weights):
             clip = open_clip.create_model(arch, pretrained=pretrained, force_image_size=image_size, **kwargs)
     except (RuntimeError, KeyError, ValueError, OSError) as err:

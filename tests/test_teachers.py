@@ -198,6 +198,15 @@ def test_patch_grid_mismatch():
         build_teacher("mae", WeightSource("random"), 100, p16, kw16)
 
 
+def test_hub_weights_that_cannot_be_fetched_are_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")                      # as on a cluster without internet
+    name, kwargs, size = TIMM_TINY["timm-p16"]
+    with pytest.raises(HdistillError, match=r"teacher 'mae': cannot load hub weights of vit_base_patch16_224.mae into "
+                                            r"model vit_base_patch16_224.mae \(\w+Error: .*\) \(the hub needs network "
+                                            r"access: .* give --weights ROLE=PATH\)"):
+        build_teacher("mae", WeightSource("hub"), size, "vit_base_patch16_224.mae", kwargs)
+
+
 def test_hub_needs_a_tag_for_open_clip(open_clip_tiny):
     with pytest.raises(HdistillError, match="name the open_clip pretrained tag"):
         build_teacher("clip", WeightSource("hub"), 64, "open_clip:hdtest-vit-p16")
