@@ -13,12 +13,13 @@ The backends are the `cloud` extra (`pip install "hdistill[cloud]"`; gs:// needs
 """
 from __future__ import annotations
 
-import mmap
 import os
 import posixpath
 import shutil
 import socket
+import sys
 import tempfile
+import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -212,6 +213,46 @@ class Retry:
                 failed = err
 
 
+class Buffers:
+    """Memory for loaded files, reused from one load to the next: a fresh array of hundreds of MB costs a page fault
+    (and the zeroing of a page) per 4 KiB on its first write, which made a loader's loads three times slower than
+    the reads themselves. `take(size)` gives a uint8 array over pooled memory that nothing else views any more (a
+    loaded shard's samples are numpy views of it, and hold it until they are gone), or over new memory, kept when the
+    pool has fewer than `keep`. Picklable: a process that unpickles it (a loader worker) starts an empty pool."""
+
+    GRAIN = 1 << 20                  # memory comes in whole MiB, so shards of nearby sizes share it
+
+    def __init__(self, keep: int = 4):
+        self.keep = keep
+        self.pool: list[bytearray] = []
+        self.lock = threading.Lock()
+
+    def __getstate__(self):
+        return {"keep": self.keep}
+
+    def __setstate__(self, state):
+        self.__init__(state["keep"])
+
+    def take(self, size: int) -> np.ndarray:
+        with self.lock:
+            free = [i for i in range(len(self.pool)) if self._unused(i)]
+            fits = [i for i in free if len(self.pool[i]) >= size]
+            if fits:
+                memory = self.pool[fits[0]]
+            else:
+                memory = bytearray(-(-max(size, 1) // self.GRAIN) * self.GRAIN)
+                if len(self.pool) < self.keep:
+                    self.pool.append(memory)
+                elif free:                      # a free one too small for this file: replaced by the larger one
+                    self.pool[free[0]] = memory
+        return np.frombuffer(memory, np.uint8, size)
+
+    def _unused(self, index: int) -> bool:
+        """Whether pooled memory `index` is referenced by the pool alone: no array views it any more (every numpy
+        view of it holds a reference to it, whatever views it was made from)."""
+        return sys.getrefcount(self.pool[index]) == 2     # the pool's list and getrefcount's own argument
+
+
 class Location:
     """A folder, local or on object storage. Picklable: a DataLoader worker opens its own connection."""
 
@@ -276,27 +317,28 @@ class Location:
         """A binary file object for reading from start to end (remote: ranged reads of STREAM_BLOCK bytes)."""
         return open_file(self.url_of(name))
 
-    def load(self, name: str, checksum: bool = True) -> tuple[memoryview | bytes, str | None]:
-        """A whole file as a read-only buffer of this process's own memory, and the CRC32C of its bytes (8 hex
-        digits; None without `checksum`). What is checked is what is read from the buffer: a file changed, truncated
-        or removed after its load cannot reach the caller (a memory map of it would see the change, or die of
-        SIGBUS on a truncated page). A local file is read in CRC_BLOCK preads straight into the buffer, each
-        checksummed as it lands, so neither the reads nor the checksum hold the GIL (a loader loads the next shard on
-        a thread while it gathers this one); an object is the bytes of STREAM_BLOCK ranged GETs, checksummed block
-        by block. FileNotFoundError passes through; a file that shrinks while it is read is named."""
+    def load(self, name: str, checksum: bool = True,
+             buffers: "Buffers | None" = None) -> tuple[np.ndarray | bytes, str | None]:
+        """A whole file in this process's own memory, read-only, and the CRC32C of its bytes (8 hex digits; None
+        without `checksum`). What is checked is what the caller reads: a file changed, truncated or removed after
+        its load cannot reach it (a memory map of the file would see the change, or die of SIGBUS on a truncated
+        page). A local file is read in CRC_BLOCK preads straight into a uint8 array (from `buffers`, reused, if
+        given), each block checksummed as it lands, so neither the reads nor the checksum hold the GIL (a loader
+        loads the next shard on a thread while it gathers this one); an object is the bytes of STREAM_BLOCK ranged
+        GETs, checksummed block by block. FileNotFoundError passes through; a file that shrinks while it is read is
+        named."""
         crc = 0
         if not self.remote:
             with open(self.url_of(name), "rb", buffering=0) as f:
                 size = os.fstat(f.fileno()).st_size
-                memory = mmap.mmap(-1, size) if size else bytearray()    # anonymous: pages appear as they are read
-                view = np.frombuffer(memory, np.uint8)
+                buf = buffers.take(size) if buffers is not None else np.empty(size, np.uint8)
                 for start in range(0, size, CRC_BLOCK):
-                    block = view[start:start + CRC_BLOCK]
+                    block = buf[start:start + CRC_BLOCK]
                     if os.preadv(f.fileno(), [block], start) != len(block):
                         raise HdistillError(f"{self.url_of(name)}: the file ended before its {size} bytes were read: "
                                             "it was truncated or replaced while being read")
                     crc = google_crc32c.extend(crc, block) if checksum else 0
-            buf = memoryview(memory).toreadonly()
+            buf.flags.writeable = False
         else:
             blocks = []
             with self.open(name) as f:

@@ -21,7 +21,7 @@ import numpy as np
 
 from hdistill.common.errors import HdistillError
 from hdistill.common.specs import ViewRecord, sample_key
-from hdistill.common.storage import Location, as_location
+from hdistill.common.storage import Buffers, Location, as_location
 from hdistill.common.targets import TargetSpec
 
 from . import tarindex
@@ -61,8 +61,11 @@ class Sample:
 
 
 class StoreReader:
+    """Reads a store's shards in one form; `keep_loaded`: how many loaded tar shards' memory it reuses (Buffers),
+    about the shards it has in flight at once."""
+
     def __init__(self, store: str | Path | Location, manifest: Manifest, fmt: str = "wds",
-                 targets: list[str] | None = None):
+                 targets: list[str] | None = None, keep_loaded: int = 4):
         if fmt not in FORMATS:
             raise HdistillError(f"unknown store format {fmt!r}; choose one of {', '.join(FORMATS)}")
         if fmt not in manifest.formats:
@@ -74,6 +77,7 @@ class StoreReader:
         for spec in self.specs:
             self.arrays.update(target_arrays(spec))
         self.headers = {name: _npy_header(shape, dtype) for name, (shape, dtype) in self.arrays.items()}
+        self.buffers = Buffers(keep_loaded)       # the memory of loaded tar shards, reused once their samples are gone
 
     def check_present(self, shards: list[ShardRecord]):
         """Refuse, before anything is read, a store in which a file of `shards` is missing or (a tar) not of its
@@ -112,7 +116,7 @@ class StoreReader:
         call on another thread: the reads and the checksum run without the GIL."""
         if self.fmt == "zarr":
             return None
-        buf, crc = self.store.load(shard.file, checksum=shard.crc32c is not None)
+        buf, crc = self.store.load(shard.file, checksum=shard.crc32c is not None, buffers=self.buffers)
         if shard.bytes is not None and len(buf) != shard.bytes:
             raise HdistillError(f"{self.where(shard)}: {len(buf)} bytes, its commit recorded {shard.bytes}: the shard "
                                 "was truncated, changed or replaced after the store was made; restore it from a copy "
@@ -147,7 +151,7 @@ class StoreReader:
         offset, size = entries[f"{name}.npy"]
         header = self.headers[name]
         count = int(np.prod(shape))
-        if size == len(header) + count * np.dtype(dtype).itemsize and buf[offset:offset + len(header)] == header:
+        if size == len(header) + count * np.dtype(dtype).itemsize and bytes(buf[offset:offset + len(header)]) == header:
             return np.frombuffer(buf, dtype, count, offset + len(header)).reshape(shape)
         try:                                    # another header: an array of another shape, or another numpy's npy
             a = npy_load(bytes(buf[offset:offset + size]))

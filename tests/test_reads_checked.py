@@ -84,3 +84,22 @@ def test_a_missing_or_changed_file_is_found_before_the_first_step(photos, tmp_pa
     with pytest.raises(HdistillError, match=r"targets\.zarr/keep/c/1/0 is missing"):
         Trainer(cfg(steps=1), str(tmp_path / "run"), runtime(format="zarr"))
     assert np.all([(store / "targets.zarr" / name / "c" / "0").exists() for name in ("view", "valid", "flip")])
+
+
+def test_loaded_memory_is_reused_only_once_nothing_views_it():
+    """The loader reuses the memory of loaded shards (a fresh array costs a page fault per 4 KiB): never while a
+    sample of the shard is still viewing it."""
+    from hdistill.common.storage import Buffers
+    buffers = Buffers(keep=2)
+    first = buffers.take(4096)
+    first[:] = 1
+    sample = np.frombuffer(first, np.float16, 8, 64).reshape(2, 4)      # what a shard's sample is: a view
+    before = sample.copy()
+    del first
+    second = buffers.take(4096)
+    second[:] = 2                                                      # the next shard's bytes
+    np.testing.assert_array_equal(sample, before)
+    assert not np.shares_memory(sample, second)
+    del sample, second
+    third = buffers.take(3000)                                         # nothing views the pool: its memory again
+    assert len(buffers.pool) == 2 and any(np.shares_memory(third, np.frombuffer(m, np.uint8)) for m in buffers.pool)

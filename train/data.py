@@ -147,7 +147,10 @@ class StoreStream(torch.utils.data.IterableDataset):
         self.layout = manifest.layout
         self.lanes, self.batch_size, self.rank, self.world_size = lanes, batch_size, rank, world_size
         self.buffer_mb = buffer_mb
-        self.reader = StoreReader(store, manifest, format, [t.name for t in targets])
+        # a lane holds the shard it gathers, the next one, and those its shuffle buffer still holds samples of: their
+        # memory is reused
+        self.reader = StoreReader(store, manifest, format, [t.name for t in targets],
+                                  keep_loaded=4 * len(self.my_lanes()) + 2)
         # samples per lane: MB of the store's whole samples, so the order does not depend on which targets a run
         # reads (runs with other losses, and the members of a sweep, see the same order)
         sample_bytes = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
