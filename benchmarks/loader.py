@@ -15,8 +15,9 @@ the store's tar shards times the samples delivered (for the zarr reader too: the
 
 Side by side in the same run: a plain copy of the same bytes per sample from the page-cached shard files
 into a reused [batch, bytes per view] buffer (the physical limit of a loader process that touches every
-byte once), and the crc32c of every shard (the integrity check each shard gets when it is loaded), as a
-share of the loader's time. The fp16 store is then uploaded to the endpoint and read from there. The local
+byte once), the crc32c of every shard (the integrity check each shard gets when it is loaded), as a
+share of the loader's time, and the shards memory-mapped as the v4 reader mapped them (no copy into the
+loader's own memory, and no protection against a shard changed or truncated while it is read). The fp16 store is then uploaded to the endpoint and read from there. The local
 endpoint is moto's Python server on the same machine: it measures the client's path (ranged GETs through
 s3fs), not S3's bandwidth.
 """
@@ -94,12 +95,43 @@ def loader_rate(store: str, workers: int, batch_size: int, lanes: int, epochs: i
     return samples / (time.perf_counter() - start)
 
 
-def check_cost(store: str, batch_size: int, lanes: int, epochs: int, mask: str, repeats: int) -> tuple[float, float]:
-    """Median samples/s with and without the crc32c check, over `repeats` runs of each taken in turn (a shared
+def check_cost(store: str, batch_size: int, lanes: int, epochs: int, mask: str,
+               repeats: int) -> tuple[float, float, float]:
+    """Median samples/s with the crc32c check, without it, and with the shards memory-mapped as the v4 reader
+    mapped them (checked, then read through the map: no copy, but a shard changed or truncated while mapped
+    reaches the batches, or kills the process with SIGBUS), over `repeats` runs of each taken in turn (a shared
     machine's speed drifts by more than the check costs)."""
-    pairs = [(loader_rate(store, 0, batch_size, lanes, epochs, mask, "wds", True),
-              loader_rate(store, 0, batch_size, lanes, epochs, mask, "wds", False)) for _ in range(repeats)]
-    return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+    runs = []
+    for _ in range(repeats):
+        checked = loader_rate(store, 0, batch_size, lanes, epochs, mask, "wds", True)
+        unchecked = loader_rate(store, 0, batch_size, lanes, epochs, mask, "wds", False)
+        with mapped_shards():
+            mapped = loader_rate(store, 0, batch_size, lanes, epochs, mask, "wds", True)
+        runs.append((checked, unchecked, mapped))
+    return tuple(statistics.median(r[i] for r in runs) for i in range(3))
+
+
+@contextmanager
+def mapped_shards():
+    """Location.load as the v4 reader did it: the checksum over preads, then a memory map of the file."""
+    import google_crc32c
+    import mmap
+
+    from hdistill.common.storage import CRC_BLOCK
+
+    def load(self, name, checksum=True, buffers=None):
+        crc = 0
+        with open(self.url_of(name), "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            for start in range(0, size if checksum else 0, CRC_BLOCK):
+                crc = google_crc32c.extend(crc, os.pread(f.fileno(), min(CRC_BLOCK, size - start), start))
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return memoryview(buf), f"{crc:08x}" if checksum else None
+    own, Location.load = Location.load, load
+    try:
+        yield
+    finally:
+        Location.load = own
 
 
 def shard_files(store: str) -> list[str]:
@@ -188,11 +220,15 @@ def main():
                 rates[(label, w)] = rate
                 print(f"{label:34s} {w:7d} {rate:10.0f} {rate * size / 1e9:7.3f} {copy:17.0f} {rate / copy:13.2f}")
             if reader == "wds":
-                checked, unchecked = check_cost(store, args.batch_size, args.lanes, args.epochs, mask, args.repeats)
+                checked, unchecked, mapped = check_cost(store, args.batch_size, args.lanes, args.epochs, mask,
+                                                        args.repeats)
                 print(f"{label + ', no crc32c check':34s} {0:7d} {unchecked:10.0f} {unchecked * size / 1e9:7.3f}   "
                       f"(medians of {args.repeats} alternating runs: {checked:.0f} checked, so the check costs "
                       f"{100 * (1 - checked / unchecked):.0f}% of the rate; loading with the checksum, by itself: "
                       f"{1e6 * crc:.0f} us per view, on the loader's thread)")
+                print(f"{label + ', memory-mapped (v4)':34s} {0:7d} {mapped:10.0f} {mapped * size / 1e9:7.3f}   "
+                      f"(checked, then read through a map: the copy into the loader's own memory costs "
+                      f"{100 * (1 - checked / mapped):.0f}% of the rate)")
 
         import s3fs
         remote = args.s3 or "s3://hdistill-bench/store"
