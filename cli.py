@@ -10,8 +10,9 @@ import click
 
 from hdistill import __version__
 from hdistill.common.errors import HdistillError
-from hdistill.common.options import (LocalFolder, StorePlace, absolute_place, cli_values, command_options, from_params, option_fields,
-                                     options_yaml, params_from_yaml, parse_ints, parse_pairs, parse_role_kwargs)
+from hdistill.common.options import (LocalFolder, StorePlace, absolute_place, cli_values, command_options, from_params,
+                                     option_fields, options_yaml, params_from_yaml, parse_ints, parse_pairs,
+                                     parse_role_kwargs)
 from hdistill.models import ModelsConfig
 from hdistill.precompute.config import PrecomputeConfig, Runtime
 from hdistill.train.config import OnlineConfig, TrainConfig, TrainRuntime
@@ -154,7 +155,7 @@ def train(out, sweep, **params):
     from hdistill.train.run import Trainer
 
     if sweep:
-        return train_sweep(out, click.get_current_context().meta["sweep_members"], params)
+        return train_sweep(out, sweep, click.get_current_context().meta["sweep_members"], params)
     cfg, rt, online = (from_params(cls, params) for cls in (TrainConfig, TrainRuntime, OnlineConfig))
     start = time.time()
     source = {}
@@ -179,7 +180,7 @@ def run_options(params: dict) -> dict:
     return cli_values([TrainConfig, TrainRuntime, OnlineConfig], {**params, **places})
 
 
-def train_sweep(out: str, members: list[tuple[str, dict]], params: dict):
+def train_sweep(out: str, file: str, members: list[tuple[str, dict]], params: dict):
     from hdistill.train.report import write_report
     from hdistill.train.sweep import Sweep, member_options
 
@@ -189,7 +190,7 @@ def train_sweep(out: str, members: list[tuple[str, dict]], params: dict):
     start = time.time()
     member_params = member_options(params, members)
     sweep = Sweep([(name, from_params(TrainConfig, p)) for name, p in member_params.items()], out,
-                  from_params(TrainRuntime, params), dict(members), file=click.get_current_context().params["sweep"])
+                  from_params(TrainRuntime, params), dict(members), file=file)
     sweep.open()
     for name, trainer in sweep.members.items():
         trainer.write_options(options_yaml({"out": os.path.abspath(Path(out) / name),

@@ -34,6 +34,9 @@ class NewEntries:
             return
         for name in set(os.listdir(self.folder)) - self.before:
             path = self.folder / name
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() else path.unlink()
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink()
         if not self.existed and not any(self.folder.iterdir()):
             self.folder.rmdir()

@@ -8,14 +8,19 @@ import sys
 from .errors import HdistillError
 
 
-def resolve_device(device: str) -> str:
+def resolve_device(device: str, option: str = "--device") -> str:
     """auto -> cuda if there is one, else cpu; a bare "cuda" is this process's GPU under torchrun
-    (cuda:LOCAL_RANK), so the ranks of one machine do not all land on cuda:0."""
+    (cuda:LOCAL_RANK), so the ranks of one machine do not all land on cuda:0. A device this machine cannot give is
+    refused naming `option`."""
     import torch
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device.startswith("cuda") and not torch.cuda.is_available():
-        raise HdistillError(f"--device {device}: CUDA is not available on this machine")
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError) as err:
+        raise HdistillError(f"{option} {device!r}: not a torch device ({err})") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise HdistillError(f"{option} {device!r}: CUDA is not available on this machine; use cpu")
     if device == "cuda":
         return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     return device

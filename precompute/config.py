@@ -7,8 +7,8 @@ from dataclasses import dataclass, replace
 import click
 
 from hdistill.common.errors import HdistillError
-from hdistill.common.options import (absolute_place, option, parse_ints, parse_list, parse_or_none, parse_pairs, parse_role_kwargs,
-                                     quiet_option, read_retries_option)
+from hdistill.common.options import (absolute_place, option, parse_ints, parse_list, parse_or_none, parse_pairs,
+                                     parse_role_kwargs, quiet_option, read_retries_option)
 from hdistill.common.runtime import ProgressOutput, loader_workers, process_rank, resolve_device
 from hdistill.common.storage import Retry
 

@@ -84,7 +84,7 @@ def check_file(role: str, weights: WeightSource):
                                 f"({err}); download it again or give another --weights") from None
 
 
-def file_shapes(path: str) -> dict[str, tuple[int, ...]]:
+def file_shapes(role: str, path: str) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape of a weights file, without reading its values (a torch checkpoint's nested
     `model` / `state_dict` mapping, as timm and open_clip unwrap it)."""
     if path.endswith(".safetensors"):
@@ -94,8 +94,9 @@ def file_shapes(path: str) -> dict[str, tuple[int, ...]]:
     try:
         state = torch.load(path, map_location="meta", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is named with its cause
-        raise HdistillError(f"weight file {path} is not a readable checkpoint ({type(err).__name__}: "
-                            f"{str(err).splitlines()[0] if str(err) else ''})") from None
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise HdistillError(f"teacher {role!r}: weight file {path} is not a readable checkpoint "
+                            f"({type(err).__name__}: {first})") from None
     for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -270,7 +271,7 @@ def load_timm(role: str, name: str, weights: WeightSource, probe, image_size: in
             return create(pretrained=False, num_classes=0)
     prefix = 0 if getattr(probe, "no_embed_class", False) else probe.num_prefix_tokens
     grid = Grid(probe.patch_embed.patch_size[0], prefix, probe.pretrained_cfg["input_size"][-1], image_size)
-    resampled = check_grid(role, name, weights, grid, file_shapes(weights.path) if weights.kind == "file" else None)
+    resampled = check_grid(role, name, weights, grid, file_shapes(role, weights.path) if weights.kind == "file" else None)
     overlay = dict(file=weights.path) if weights.kind == "file" else {}
     try:       # with the head of the model's config, so timm does not adapt it away and loads strictly
         model = timm.create_model(name, pretrained=True, img_size=image_size, pretrained_cfg_overlay=overlay,
@@ -327,7 +328,7 @@ def load_open_clip(role: str, arch: str, tag: str, weights: WeightSource, image_
             path = open_clip.download_pretrained(open_clip.get_pretrained_cfg(arch, tag)) if weights.kind == "hub" \
                 else weights.path
             resampled = check_grid(role, f"open_clip:{arch}", weights, Grid(patch, 1, config_size, image_size),
-                                   file_shapes(path))
+                                   file_shapes(role, path))
         with seeded(weights):
             clip = open_clip.create_model(arch, pretrained=pretrained, force_image_size=image_size, **kwargs)
     except (RuntimeError, KeyError, ValueError, OSError) as err:

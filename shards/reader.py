@@ -6,8 +6,7 @@ A tar shard is loaded whole into this process's memory (preads of a local file, 
 object), checked against its size and the crc32c its commit recorded, indexed by one pass over its headers, and
 its arrays are numpy views into it: nothing is parsed or copied per sample, and what is read is what was checked.
 A zarr chunk carries its own crc32c (the codec chain ends with zarr's crc32c codec), checked by zarr as it is
-decoded. Errors name the shard's file or zarr
-region and the sample. Values are not scanned here: the trainer checks them on its device, per batch.
+decoded. Errors name the shard's file or zarr region and the sample. Values are not scanned here: the trainer checks them on its device, per batch.
 """
 from __future__ import annotations
 
@@ -151,7 +150,8 @@ class StoreReader:
         offset, size = entries[f"{name}.npy"]
         header = self.headers[name]
         count = int(np.prod(shape))
-        if size == len(header) + count * np.dtype(dtype).itemsize and bytes(buf[offset:offset + len(header)]) == header:
+        fits = size == len(header) + count * np.dtype(dtype).itemsize
+        if fits and bytes(buf[offset:offset + len(header)]) == header:
             return np.frombuffer(buf, dtype, count, offset + len(header)).reshape(shape)
         try:                                    # another header: an array of another shape, or another numpy's npy
             a = npy_load(bytes(buf[offset:offset + size]))

@@ -1,8 +1,8 @@
 """A tar shard in memory: one pass over its headers, for readers that take views, not copies.
 
 `members` walks the 512-byte headers of a ustar/pax archive (what Python's tarfile and webdataset write) in any
-buffer (bytes, a memoryview) and returns each regular member's name, data offset and size; `samples` groups them by webdataset's
-rule (key = the name up to the first dot of its last path component).
+buffer (bytes, a uint8 array) and returns each regular member's name, data offset and size; `samples` groups them
+by webdataset's rule (key = the name up to the first dot of its last path component).
 """
 from __future__ import annotations
 

@@ -15,8 +15,9 @@ Chunks hold one sample (random access); zarr shards hold one store shard (`shard
 slots), so each store shard is written by exactly one process in one region write (on object
 storage: one object per array and store shard). Every chunk ends with its crc32c (zarr's crc32c codec,
 last in the codec chain), which zarr checks as it decodes the chunk, and every chunk is written, fill
-values too, so that a missing file is a missing file, never a region of zeros. The hierarchy's metadata is built in a local
-temporary folder and published whole: renamed in, or uploaded with the group's zarr.json last.
+values too, so that a missing file is a missing file, never a region of zeros. The hierarchy's metadata
+is built in a local temporary folder and published whole: renamed in, or uploaded with the group's
+zarr.json last.
 """
 from __future__ import annotations
 

@@ -200,7 +200,8 @@ class StoreStream(torch.utils.data.IterableDataset):
 
     def check_present(self, views):
         """Refuse a store whose files for `views` are not all there as committed (StoreReader.check_present)."""
-        self.reader.check_present([s for s in self.manifest.shards if s.view in set(views)])
+        views = set(views)
+        self.reader.check_present([s for s in self.manifest.shards if s.view in views])
 
     def set_epoch(self, epoch: int, start: int = 0):
         self.epoch, self.start = epoch, start

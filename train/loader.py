@@ -19,6 +19,7 @@ import torch
 
 from hdistill.common.errors import HdistillError
 from hdistill.common.processes import loader_worker_init, start_workers
+from hdistill.common.runtime import resolve_device
 from hdistill.common.storage import Retry
 from hdistill.common.targets import TargetSpec
 from hdistill.shards.encoding import decode_batch
@@ -176,7 +177,7 @@ class Store:
             raise HdistillError(f"mask {mask!r}: choose one of {', '.join(MASKS)}")
         if not (isinstance(buffer_mb, (int, float)) and buffer_mb > 0):
             raise HdistillError(f"buffer_mb {buffer_mb!r}: give a positive size in MB")
-        _check_device(device)
+        device = resolve_device(device, "device")
         specs = self.manifest.targets if targets is None else self.manifest.targets_named(list(targets), self.path)
         lanes = lanes or default_lanes(batch_size)
         check_lanes(lanes, batch_size, world_size)
@@ -193,15 +194,6 @@ def _check_arguments(**values):
         least = 1 if name in ("batch_size", "world_size") else 0
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise HdistillError(f"{name} {value!r}: give an integer of at least {least}")
-
-
-def _check_device(device: str):
-    try:
-        kind = torch.device(device).type
-    except (RuntimeError, TypeError) as err:
-        raise HdistillError(f"device {device!r}: not a torch device ({err})") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise HdistillError(f"device {device!r}: CUDA is not available on this machine; give device='cpu'")
 
 
 def open_store(path: str, format: str | None = None) -> Store:

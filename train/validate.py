@@ -60,7 +60,7 @@ def teacher_identity(manifest: Manifest, role: str) -> dict:
     weights = {k: v for k, v in info.weights.items() if k != "path"}
     return {"model": f"{info.model} (width {info.width}, depth {info.depth}, heads {info.heads})",
             "weights": ", ".join(f"{k} {v}" for k, v in weights.items()),
-            "precision": manifest.config.get("precision"), "image size": info.image_size}
+            "precision": manifest.config["precision"], "image size": info.image_size}
 
 
 def check_same_teacher(path: str, role: str, train: Manifest, val: Manifest):
@@ -79,8 +79,8 @@ def held_out_warnings(path: str, train: Manifest, val: Manifest) -> list[str]:
         return [f"--val-shards {path} is the training store: val/loss measures the fit to the training views, not "
                 "generalisation; make a held-out store of other images (precompute --crop center)"]
     warnings = []
-    if val.config.get("crop") != "center":
-        warnings.append(f"--val-shards {path} was made with --crop {val.config.get('crop')}: its views are random "
+    if val.config["crop"] != "center":
+        warnings.append(f"--val-shards {path} was made with --crop {val.config['crop']}: its views are random "
                         "crops, not the centre crops a held-out loss is usually measured on (precompute --crop center)")
     if val.mask != train.mask:
         warnings.append(f"--val-shards {path}: its mask ({val.mask.describe()}) is not the training store's "
