@@ -122,7 +122,7 @@ def precompute(out, **params):
     """
     from hdistill.precompute.run import run_precompute
     from hdistill.shards.format import store_bytes
-    from hdistill.shards.inspect import human_bytes
+    from hdistill.shards.size import human
     from hdistill.shards.writer import write_store_options
 
     cfg, rt = from_params(PrecomputeConfig, params), from_params(Runtime, params).resolved()
@@ -130,6 +130,8 @@ def precompute(out, **params):
         click.echo("note: teachers have RANDOM weights (--random-init); targets are for testing only", err=True)
     start = time.time()
     manifest = stopping(lambda: run_precompute(cfg, out, rt))
+    if rt.dry_run:
+        return
     # the store's options (not this process's), with --data as the manifest records it
     write_store_options(out, options_yaml(cli_values([PrecomputeConfig], {**params, "data": cfg.data})))
     seconds = time.time() - start
@@ -139,8 +141,8 @@ def precompute(out, **params):
         return
     nbytes = store_bytes(out)
     click.echo(f"precompute: {manifest.samples} views of {manifest.layout.num_images} images in "
-               f"{len(manifest.shards)} shards, {len(manifest.skipped)} inputs skipped, {human_bytes(nbytes)} "
-               f"({human_bytes(nbytes / max(manifest.samples, 1))}/view), {seconds:.1f}s; store complete: {out}")
+               f"{len(manifest.shards)} shards, {len(manifest.skipped)} inputs skipped, {human(nbytes)} "
+               f"({human(nbytes / max(manifest.samples, 1))}/view), {seconds:.1f}s; store complete: {out}")
 
 
 @cli.command()

@@ -23,7 +23,7 @@ from hdistill.precompute.image import decode_image
 from hdistill.precompute.config import PrecomputeConfig
 from hdistill.precompute.run import build_teachers, plan_store
 from hdistill.precompute.targets import compute_targets
-from hdistill.precompute.view import make_view
+from hdistill.precompute.view import make_view, teacher_view
 from hdistill.shards.manifest import Manifest
 from hdistill.train.config import OnlineConfig
 from hdistill.train.data import StoreStream, select_patches
@@ -71,6 +71,8 @@ class LiveViews(StoreStream):
                 raise HdistillError(f"--online: {err} (it was readable when the store was made)") from None
             pixels, _ = make_view(img, ref.image_id, view, self.view_seed, self.layout.image_size,
                                   crop=self.manifest.config["crop"])
+            pixels = teacher_view(pixels, self.layout.patch_size, self.manifest.pixels.encoding,
+                                  self.manifest.pixels.quality)
             yield {"key": sample_key(ref.image_id, view), "pixels": pixels}
 
 

@@ -29,7 +29,7 @@ from hdistill.common.targets import KINDS, TargetSpec, parse_targets
 from hdistill.precompute.config import PrecomputeConfig, Runtime
 from hdistill.precompute.run import run_precompute
 from hdistill.precompute.targets import compute_targets, plan_mask, plan_targets
-from hdistill.shards.encoding import ENCODINGS, decode, encode
+from hdistill.shards.encoding import ENCODINGS, Int4
 from hdistill.train.data import AllSamples, StoreStream
 from hdistill.train.config import TrainConfig, TrainRuntime
 from hdistill.train.run import Trainer
@@ -48,6 +48,23 @@ def bitround(values: np.ndarray) -> np.ndarray:
     import numcodecs
     bitround = numcodecs.BitRound(keepbits=ENCODINGS["bf16"].keepbits)
     return bitround.decode(bitround.encode(values.astype(np.float16))).view(np.float16).reshape(values.shape)
+
+
+def int4_blocks(width: int) -> dict[str, Int4]:
+    """int4 with other block sizes than the registered one's, to show what the block size buys (the scales' bytes
+    against the error): 16, 32, 64 values and a whole row."""
+    out = {}
+    for block in (16, 32, 64, width):
+        enc = Int4()
+        enc.block = block
+        out["int4/row" if block == width else f"int4/{block}"] = enc
+    return out
+
+
+def bytes_per_value(enc, spec: TargetSpec) -> float:
+    arrays = enc.arrays(spec)
+    total = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in arrays.values())
+    return total / int(np.prod(spec.shape))
 
 
 def encoding_errors(args, device):
@@ -69,21 +86,22 @@ def encoding_errors(args, device):
     tokens = token_index(values.mask.keep_idx)
     print(f"\nencoding errors: real ViT-S/14 ({WEIGHTS.name}), {len(files)} ImageNet views, kept tokens "
           f"(1+{n}), against the float32 targets")
-    print(f"{'target':12s} {'encoding':8s} {'max |err|':>10s} {'mean |err|':>11s} {'max/max|x|':>11s} "
-          f"{'mean/mean|x|':>13s}")
+    print(f"{'target':12s} {'encoding':9s} {'bytes/value':>11s} {'max |err|':>10s} {'mean |err|':>11s} "
+          f"{'max/max|x|':>11s} {'mean/mean|x|':>13s} {'rel. RMS':>9s}")
     for spec in specs:
         v = values.values[spec.name]
         x = KINDS[spec.kind].gather(v, tokens).float()
         ref = x.cpu().numpy()
-        for enc in ENCODINGS:
-            s = TargetSpec(spec.kind, spec.role, spec.block, spec.shape, enc)
-            arrays = {k: a.cpu().numpy() for k, a in encode(s, x, who=str).items()}
-            got = np.stack([decode(s, {k: a[i] for k, a in arrays.items()}) for i in range(len(files))])
-            if enc == "bf16":
+        s = TargetSpec(spec.kind, spec.role, spec.block, spec.shape, "fp16")
+        for name, enc in {**ENCODINGS, **int4_blocks(spec.shape[-1])}.items():
+            arrays = {k: a.cpu().numpy() for k, a in enc.encode(s, x, who=str).items()}
+            got = np.stack([enc.decode(s, {k: a[i] for k, a in arrays.items()}) for i in range(len(files))])
+            if name == "bf16":
                 got = bitround(got)
             err = np.abs(got.astype(np.float64) - ref)
-            print(f"{spec.name:12s} {enc:8s} {err.max():10.3g} {err.mean():11.3g} {err.max() / np.abs(ref).max():11.2e} "
-                  f"{err.mean() / np.abs(ref).mean():13.2e}")
+            rms = np.sqrt((err ** 2).mean() / (ref.astype(np.float64) ** 2).mean())
+            print(f"{spec.name:12s} {name:9s} {bytes_per_value(enc, s):11.3f} {err.max():10.3g} {err.mean():11.3g} "
+                  f"{err.max() / np.abs(ref).max():11.2e} {err.mean() / np.abs(ref).mean():13.2e} {rms:9.2e}")
 
 
 def make_store(args, device, out, encodings, formats, images: slice):

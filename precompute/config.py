@@ -80,6 +80,17 @@ class PrecomputeConfig:
         help="How targets are stored: fp16 (default), int8 (per-row scale, about half the bytes) or bf16 (zarr "
              "only: mantissa rounding before compression). E.g. --encoding rel=int8, --encoding rel.mae.b9=int8, "
              "or --encoding int8 for every target. Repeatable.")
+    pixels: str = option(
+        "raw", type=click.Choice(["raw", "jpeg"]),
+        help="How the student's input pixels are stored: raw (uint8 patches, 768 bytes a 16-px patch) or jpeg (one "
+             "4:4:4 JPEG of the stored patches, about 110 bytes a patch at quality 90; the teacher runs on its decoded "
+             "pixels, so the student reads exactly what the teacher saw; webdataset only).")
+    jpeg_quality: int = option(90, "JPEG quality of --pixels jpeg (PIL's 1-100).", type=click.IntRange(1, 100))
+    compress: str = option(
+        "none", type=click.Choice(["none", "zstd"]),
+        help="zstd: each target array of a webdataset sample is a zstd frame (<name>.npy.zst): 15-28% fewer bytes "
+             "for int4 targets, a few % for fp16, for a decode per array as the loader reads it. zarr chunks are "
+             "always compressed.")
     mask_ratio: float = option(0.3, type=FRACTION,
                                help="K: share of the kept patch tokens dropped at each mask stage; 0 keeps every "
                                     "token.")
@@ -139,6 +150,9 @@ class PrecomputeConfig:
             raise HdistillError(f"--crop center gives one view per image; --views {self.views} would store it "
                                 f"{self.views} times (use --views 1)")
         check_formats(parse_encodings(self.encodings), self.formats)
+        if self.pixels == "jpeg" and "zarr" in self.formats:
+            raise HdistillError("--pixels jpeg is written in --format wds only (a JPEG per sample is a tar member); "
+                                "use --pixels raw for zarr")
         for name, value in [("--views", self.views), ("--batch-size", self.batch_size),
                             ("--shard-size", self.shard_size), ("--image-size", self.image_size)]:
             if value < 1:
@@ -169,6 +183,9 @@ class Runtime(ProgressOutput):
     world_size: int | None = option(None, "Number of ranks (default: $WORLD_SIZE or 1).", type=int)
     retry: Retry = read_retries_option()          # reads of images on object storage
     quiet: bool = quiet_option()
+    dry_run: bool = option(False, is_flag=True,
+                           help="Print the store's size and the reads it needs per GPU, then stop before any teacher "
+                                "runs or anything is written.")
     log_every_s: float = 30.0                     # seconds between progress lines (when stderr is not a terminal)
 
     def resolved(self) -> "Runtime":

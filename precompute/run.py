@@ -21,6 +21,7 @@ import threading
 import time
 from dataclasses import asdict
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -35,6 +36,8 @@ from hdistill.common.tokens import gather_rows, patchify, token_index
 from hdistill.shards.encoding import encode, parse_encodings
 from hdistill.shards.format import StoredSample, StoreLayout, shard_name
 from hdistill.shards.manifest import Manifest
+from hdistill.shards.pixels import PixelSpec, decode_patches, decoder, encode_patches
+from hdistill.shards.size import planned_view_bytes, size_lines
 from hdistill.shards.writer import StoreWriter
 
 from .config import PrecomputeConfig, Runtime
@@ -42,7 +45,7 @@ from .data import ImageRef, TarIndex, list_images
 from .image import decode_image
 from .targets import compute_targets, plan_mask, plan_targets
 from .teachers import Teacher, WeightSource, build_teacher
-from .view import make_view
+from .view import make_view, teacher_view
 
 
 def build_teachers(cfg: PrecomputeConfig, device: str) -> dict[str, Teacher]:
@@ -66,8 +69,10 @@ def plan_store(cfg: PrecomputeConfig, teachers: dict[str, Teacher], num_images: 
     layout = StoreLayout(num_images=num_images, views=cfg.views, shard_size=cfg.shard_size,
                          image_size=cfg.image_size, patch_size=grid.patch_size, num_patches=grid.num_patches,
                          stored_patches=stored, order_seed=cfg.seed)
+    pixels = PixelSpec("jpeg", cfg.jpeg_quality, decoder()) if cfg.pixels == "jpeg" else PixelSpec()
     return Manifest(config=json.loads(json.dumps(asdict(cfg))), teachers=[t.info for t in teachers.values()],
-                    targets=targets, mask=mask, layout=layout, formats=list(cfg.formats))
+                    targets=targets, mask=mask, layout=layout, formats=list(cfg.formats), pixels=pixels,
+                    compress=cfg.compress)
 
 
 FEW_KEPT = 0.1      # a mask that keeps less than this share of the patches is said to keep few
@@ -83,6 +88,37 @@ def warn_if_few_kept(manifest: Manifest):
               file=sys.stderr)
 
 
+def print_size(manifest: Manifest, images: list[ImageRef], cfg: PrecomputeConfig, probes: int = 8):
+    """The store's size before any teacher runs: bytes per view by entry, from the shapes (the JPEG's from `probes`
+    views of the first images), for every image and view, and the reads a GPU needs."""
+    jpeg, notes = None, {}
+    if manifest.pixels.encoding == "jpeg":
+        jpeg = jpeg_bytes(images[:probes], cfg, manifest)
+        notes["pixels.jpg"] = f"  (estimated from {min(probes, len(images))} views)"
+    if manifest.compress == "zstd":
+        notes.update({m: "  (before zstd: 15-28% less for int4, 5-10% for fp16)"
+                      for m in manifest.members().values() if m.endswith(".zst")})
+    lines = size_lines(planned_view_bytes(manifest, jpeg), len(images), manifest.layout.views, notes)
+    print("precompute: store size: " + "\n".join(lines), file=sys.stderr)
+
+
+def jpeg_bytes(images: list[ImageRef], cfg: PrecomputeConfig, manifest: Manifest) -> float:
+    """Mean bytes of the JPEG of a view's stored patches, over views 0 of `images` (a seeded choice of patches
+    stands for the mask, which needs the teacher)."""
+    layout, sizes = manifest.layout, []
+    g, rng = layout.image_size // layout.patch_size, np.random.default_rng(cfg.seed)
+    for ref in images:
+        try:
+            view, _ = make_view(decode_image(ref.read(), ref.source, cfg.max_image_pixels), ref.image_id, 0, cfg.seed,
+                                cfg.image_size, crop=cfg.crop)
+        except (HdistillError, OSError):
+            continue
+        patches = patchify(torch.from_numpy(view)[None], layout.patch_size)[0].numpy()           # [N, P, P, 3]
+        keep = np.sort(rng.choice(layout.num_patches, layout.stored_patches, replace=False))
+        sizes.append(len(encode_patches(patches[keep], g, cfg.jpeg_quality)))
+    return float(np.mean(sizes)) if sizes else 0.0
+
+
 # ---------------------------------------------------------------- loading (DataLoader workers)
 
 class ViewDataset(torch.utils.data.Dataset):
@@ -91,8 +127,9 @@ class ViewDataset(torch.utils.data.Dataset):
     calls with each batch): on object storage each read is a request, bound by its latency."""
 
     def __init__(self, images: list[ImageRef], order, items: list[tuple[int, int, int]], cfg: PrecomputeConfig,
-                 retry: Retry):
+                 patch: int, retry: Retry):
         self.images, self.order, self.items, self.cfg, self.retry = images, order, items, cfg, retry
+        self.patch = patch
 
     def __len__(self):
         return len(self.items)
@@ -135,7 +172,9 @@ class ViewDataset(torch.utils.data.Dataset):
         except HdistillError as err:
             return {**out, "skipped": {"source": ref.source, "image_id": ref.image_id, "reason": str(err)}}
         record = ViewRecord(ref.source, img.size, params)
-        return {**out, "pixels": torch.from_numpy(pixels), "record": record}
+        if self.cfg.pixels == "jpeg":       # the teacher sees the JPEG's pixels; the mosaic is encoded from the view's
+            out["source"] = torch.from_numpy(pixels)
+        return {**out, "pixels": torch.from_numpy(teacher_view(pixels, self.patch, self.cfg.pixels, self.cfg.jpeg_quality)), "record": record}
 
 
 def collate_views(items: list) -> dict | Failure:
@@ -145,6 +184,7 @@ def collate_views(items: list) -> dict | Failure:
         return failure
     ok = [it for it in items if "pixels" in it]
     return {"pixels": torch.stack([it["pixels"] for it in ok]) if ok else None,
+            "source": torch.stack([it["source"] for it in ok]) if ok and "source" in ok[0] else None,
             "ok": [{k: it[k] for k in ("view", "shard", "position", "record")} for it in ok],
             "skipped": [{k: it[k] for k in ("view", "shard", "position", "skipped")} for it in items if "skipped" in it]}
 
@@ -163,8 +203,10 @@ def shard_batches(items: list[tuple[int, int, int]], batch_size: int) -> list[li
 # ---------------------------------------------------------------- targets -> stored samples
 
 def stored_samples(values: ViewTargets, targets: list[TargetSpec], pixels: torch.Tensor,
-                   records: list[ViewRecord], patch: int, full: bool) -> list[StoredSample]:
-    """Keep the stored tokens' rows/columns, encode each target, move to the CPU -> samples."""
+                   records: list[ViewRecord], patch: int, full: bool, source: torch.Tensor | None = None,
+                   quality: int | None = None) -> list[StoredSample]:
+    """Keep the stored tokens' rows/columns, encode each target, move to the CPU -> samples. `source`: with JPEG
+    pixels, the views as rendered (uint8 [B, S, S, 3]), whose stored patches become each sample's JPEG."""
     mask = values.mask
     keep_idx = torch.arange(mask.stage.shape[1], device=mask.stage.device).expand_as(mask.stage) \
         if full else mask.keep_idx                                                # [B, n]
@@ -176,7 +218,22 @@ def stored_samples(values: ViewTargets, targets: list[TargetSpec], pixels: torch
         tokens = token_index(keep_idx, spec.cls)                                 # [B, 1+n] ([B, n] without CLS)
         arrays.update(encode(spec, KINDS[spec.kind].gather(value, tokens), who))
     arrays = {name: a.cpu().numpy() for name, a in arrays.items()}
-    return [StoredSample(record, {name: a[i] for name, a in arrays.items()}) for i, record in enumerate(records)]
+    samples = [StoredSample(record, {name: a[i] for name, a in arrays.items()}) for i, record in enumerate(records)]
+    if source is not None:
+        stored = gather_rows(patchify(source, patch), keep_idx.cpu()).numpy()           # [B, n, P, P, 3]
+        for sample, patches in zip(samples, stored):
+            sample.jpeg = stored_jpeg(sample, patches, source.shape[1] // patch, quality)
+    return samples
+
+
+def stored_jpeg(sample: StoredSample, patches: np.ndarray, columns: int, quality: int) -> bytes:
+    """The JPEG of a sample's stored patches (as rendered), checked to decode to the pixels its teacher saw."""
+    data = encode_patches(patches, columns, quality)
+    seen = sample.arrays["pixels"]
+    if not np.array_equal(decode_patches(data, len(seen), seen.shape[1], columns), seen):
+        raise HdistillError(f"{sample.record.source}: the JPEG of its stored patches does not decode to the pixels the "
+                            "teacher saw: this JPEG codec does not treat blocks independently; use --pixels raw")
+    return data
 
 
 # ---------------------------------------------------------------- writing (writer thread)
@@ -259,6 +316,10 @@ def run_precompute(cfg: PrecomputeConfig, out: str, rt: Runtime,
                          flag=functools.partial(option_name, PrecomputeConfig))
     if rt.rank == 0:
         warn_if_few_kept(writer.manifest)
+        if rt.dry_run or not rt.quiet:
+            print_size(writer.manifest, images, cfg)
+    if rt.dry_run:
+        return None
     writer.open()
     writer.lock_rank(rt.rank, rt.world_size)
     try:
@@ -280,7 +341,7 @@ def run_precompute(cfg: PrecomputeConfig, out: str, rt: Runtime,
 
 def _process(cfg, rt, writer, teachers, images, items):
     manifest = writer.manifest
-    dataset = ViewDataset(images, manifest.layout.order, items, cfg, rt.retry)
+    dataset = ViewDataset(images, manifest.layout.order, items, cfg, manifest.layout.patch_size, rt.retry)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=shard_batches(items, cfg.batch_size), num_workers=rt.workers,
         collate_fn=collate_views, pin_memory=rt.device.startswith("cuda"), worker_init_fn=loader_worker_init,
@@ -302,7 +363,7 @@ def _process(cfg, rt, writer, teachers, images, items):
                     values = compute_targets(teachers, pixels, manifest.targets, manifest.mask, cfg.precision)
                     records = [it["record"] for it in batch["ok"]]
                     stored = stored_samples(values, manifest.targets, pixels, records, manifest.layout.patch_size,
-                                            cfg.tokens == "full")
+                                            cfg.tokens == "full", batch["source"], cfg.jpeg_quality)
                     samples = [(it["view"], it["shard"], it["position"], s) for it, s in zip(batch["ok"], stored)]
                 committer.put(samples, batch["skipped"])
                 skipped += len(batch["skipped"])

@@ -94,6 +94,15 @@ def render_view(img: Image.Image, params: ViewParams) -> np.ndarray:
     return np.array(out, dtype=np.uint8)
 
 
+def teacher_view(pixels: np.ndarray, patch: int, encoding: str, quality: int) -> np.ndarray:
+    """The pixels the teacher runs on: the view as rendered, or, with --pixels jpeg, its patches' JPEG decoded
+    (shards.pixels.round_trip), which is what the store gives the student."""
+    if encoding != "jpeg":
+        return pixels
+    from hdistill.shards.pixels import round_trip
+    return round_trip(pixels, patch, quality)
+
+
 def make_view(img: Image.Image, image_id: str, view: int, seed: int, size: int,
               **kwargs) -> tuple[np.ndarray, ViewParams]:
     """The pixels of one view with the parameters that produced them."""

@@ -6,6 +6,10 @@
           decoded x' = q * s                          error per value <= s / 2 = max|row| / 254
     bf16  float16 with the mantissa rounded to 7 bits (round half to even, numcodecs BitRound);
           applied by the zarr writer as a filter, so the stored and decoded arrays are float16
+    int4  the last axis cut into blocks of 32 values (the last block shorter), s = float16(max|block| / 7) per block,
+          q = round(x / s) in [-7, 7] stored as q + 8, two per byte (even index in the low nibble; the last axis
+          padded to even with q = 0): <name> (uint8, last axis ceil(D / 2)) and scale.<name> (float16, last axis
+          ceil(D / 32));                             error per value <= s / 2 = max|block| / 14
 
 An encoding declares its stored dtype, its companion arrays, the store formats it can be written in and any
 zarr filter. Encoding runs on the teachers' device, batched; decoding is numpy per sample (`decode`), or torch
@@ -74,6 +78,48 @@ class Int8(Encoding):
         return arrays[spec.name].float() * arrays[scale_name(spec)].float()[..., None]
 
 
+class Int4(Encoding):
+    name = "int4"
+    help = ("symmetric 4-bit, two values per byte, a float16 scale per block of 32 values of the last axis in "
+            "scale.<name>: a quarter of fp16's bytes")
+    dtype = "uint8"
+    block = 32
+    levels = 7                       # q in [-7, 7], stored as q + 8 in a nibble
+
+    def blocks(self, spec: TargetSpec) -> int:
+        return -(-spec.shape[-1] // self.block)
+
+    def arrays(self, spec):
+        *rows, width = spec.shape
+        return {spec.name: ((*rows, -(-width // 2)), self.dtype), scale_name(spec): ((*rows, self.blocks(spec)),
+                                                                                      "float16")}
+
+    def encode(self, spec, values, who):
+        width, nb = spec.shape[-1], self.blocks(spec)
+        padded = torch.nn.functional.pad(values.float(), (0, nb * self.block - width))
+        blocks = padded.unflatten(-1, (nb, self.block))                        # [B, ..., nb, block]
+        scale = (blocks.abs().amax(-1) / self.levels).half()                   # [B, ..., nb]
+        _check_finite(spec, scale, who)
+        safe = torch.where(scale > 0, scale.float(), torch.ones_like(scale, dtype=torch.float32))
+        q = torch.round(blocks / safe[..., None]).clamp_(-self.levels, self.levels).flatten(-2)[..., :width]
+        q = torch.nn.functional.pad(q, (0, width % 2)).to(torch.int16) + 8                    # [B, ..., 2 ceil(w/2)]
+        packed = (q[..., 0::2] | (q[..., 1::2] << 4)).to(torch.uint8)          # [B, ..., ceil(width / 2)]
+        return {spec.name: packed, scale_name(spec): scale}
+
+    def decode(self, spec, arrays):
+        """float32: each nibble minus 8, times its block's scale."""
+        packed = arrays[spec.name]
+        q = np.stack([packed & 15, packed >> 4], -1).reshape(*packed.shape[:-1], -1)[..., :spec.shape[-1]]
+        scale = np.repeat(arrays[scale_name(spec)].astype(np.float32), self.block, -1)[..., :spec.shape[-1]]
+        return (q.astype(np.float32) - 8) * scale
+
+    def decode_batch(self, spec, arrays):
+        packed = arrays[spec.name]
+        q = torch.stack([packed & 15, packed >> 4], -1).flatten(-2)[..., :spec.shape[-1]]
+        scale = arrays[scale_name(spec)].float().repeat_interleave(self.block, -1)[..., :spec.shape[-1]]
+        return (q.float() - 8) * scale
+
+
 class BitRoundedFloat16(Encoding):
     name = "bf16"
     help = ("float16 with the mantissa rounded to bfloat16's 7 bits (numcodecs BitRound), zarr only: it saves bytes "
@@ -86,7 +132,7 @@ class BitRoundedFloat16(Encoding):
         return [BitRound(keepbits=self.keepbits)]
 
 
-ENCODINGS: dict[str, Encoding] = {e.name: e for e in [Encoding(), Int8(), BitRoundedFloat16()]}
+ENCODINGS: dict[str, Encoding] = {e.name: e for e in [Encoding(), Int8(), Int4(), BitRoundedFloat16()]}
 
 
 def encoding_of(spec: TargetSpec) -> Encoding:

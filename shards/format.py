@@ -13,8 +13,9 @@ from hdistill.common.specs import ViewRecord
 from hdistill.common.targets import TargetSpec
 
 from .encoding import target_arrays
+from .pixels import PixelSpec
 
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 MANIFEST = "manifest.json"
 WDS_DIR = "wds"
 ZARR_DIR = "targets.zarr"
@@ -123,6 +124,24 @@ def sample_arrays(layout: StoreLayout, targets: list[TargetSpec]) -> dict[str, t
     return out
 
 
+PLAIN = ("stage", "keep", "pixels")       # a sample's arrays that are not targets (never compressed)
+ZSTD_LEVEL = 3
+
+
+def sample_members(layout: StoreLayout, targets: list[TargetSpec], pixels: PixelSpec,
+                   compress: str) -> dict[str, str]:
+    """Every array of a sample -> its webdataset entry: <name>.npy, pixels.jpg for JPEG pixels, <name>.npy.zst for
+    a zstd-compressed target array."""
+    suffix = ".zst" if compress == "zstd" else ""
+    return {name: pixels.member if name == "pixels" else f"{name}.npy" + ("" if name in PLAIN else suffix)
+            for name in sample_arrays(layout, targets)}
+
+
+def zstd():
+    import numcodecs
+    return numcodecs.Zstd(level=ZSTD_LEVEL)
+
+
 @dataclass
 class StoredSample:
     """One sample of the store: one augmented view of one image.
@@ -137,12 +156,18 @@ class StoredSample:
 
     record: ViewRecord
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    jpeg: bytes | None = None           # --pixels jpeg: the stored patches' mosaic, which decodes to arrays["pixels"]
 
     @property
     def key(self) -> str:
         return self.record.key
 
-    def entries(self) -> dict[str, bytes]:
-        """webdataset entries (json first, then one npy per array), in the order they are written."""
-        return {"json": json.dumps(self.record.to_json(), sort_keys=True).encode(),
-                **{f"{name}.npy": npy_bytes(a) for name, a in self.arrays.items()}}
+    def entries(self, members: dict[str, str]) -> dict[str, bytes]:
+        """webdataset entries (json first, then one per array as `members` names it), in the order they are
+        written."""
+        out = {"json": json.dumps(self.record.to_json(), sort_keys=True).encode()}
+        for name, a in self.arrays.items():
+            member = members[name]
+            out[member] = (self.jpeg if member.endswith(".jpg") else
+                           zstd().encode(npy_bytes(a)) if member.endswith(".zst") else npy_bytes(a))
+        return out

@@ -1,18 +1,13 @@
 """`hdistill inspect STORE`: a store's summary as lines of text, from its manifest (and its size, once complete)."""
 from __future__ import annotations
 
+from hdistill.common.storage import as_location
+
 from .encoding import ENCODINGS
 from .format import store_bytes
 from .manifest import read_manifest
-
-
-def human_bytes(n: float) -> str:
-    if n < 1024:
-        return f"{int(n)} B"
-    for unit in ("KB", "MB", "GB", "TB"):
-        n /= 1024
-        if n < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}"
+from .pixels import describe_decoder
+from .size import human, measured_view_bytes, size_lines
 
 
 def _weights(w: dict) -> str:
@@ -35,10 +30,27 @@ def describe_store(store: str) -> list[str]:
         lines.append(f"target     {t.name:18s} {t.tap:14s} {ENCODINGS[t.encoding].dtype}{list(t.shape)} {t.encoding}")
     lines.append(f"mask       {m.mask.describe()}")
     lines.append(f"tokens     {m.tokens}: {layout.stored_patches} of {layout.num_patches} patches per view (+CLS)")
+    pixels = m.pixels
+    lines.append(f"pixels     {pixels.encoding}" + (f" quality {pixels.quality}, decoded by "
+                                                      f"{describe_decoder(pixels.decoder)}" if pixels.quality else "")
+                 + (f"; targets compressed with {m.compress}" if m.compress != "none" else ""))
     if m.complete:
         nbytes = store_bytes(store)
-        lines.append(f"samples    {m.samples} in {len(m.shards)} shards, {human_bytes(nbytes)} in all files, "
-                     f"{human_bytes(nbytes / max(m.samples, 1))} per view")
+        lines.append(f"samples    {m.samples} in {len(m.shards)} shards, {human(nbytes)} in all files, "
+                     f"{human(nbytes / max(m.samples, 1))} per view")
+        lines += entry_lines(store, m)
         lines.append(f"skipped    {len(m.skipped)} inputs")
         lines += [f"           {s['source']} (view {s['view']}): {s['reason']}" for s in m.skipped[:20]]
     return lines
+
+
+def entry_lines(store: str, m) -> list[str]:
+    """Bytes per view by webdataset entry, measured on the largest tar shard, and what they come to for the store."""
+    shards = [s for s in m.shards if s.file and s.samples]
+    if not shards:
+        return []
+    shard = max(shards, key=lambda s: s.samples)
+    buf, _ = as_location(store).load(shard.file)
+    per_view = measured_view_bytes(buf)
+    return [f"entries    {line}" if i == 0 else f"           {line}"
+            for i, line in enumerate(size_lines(per_view, m.layout.num_images, m.layout.views))]

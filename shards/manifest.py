@@ -12,7 +12,8 @@ from hdistill.common.specs import MaskSpec, TeacherInfo
 from hdistill.common.targets import TargetSpec
 
 from .encoding import ENCODINGS
-from .format import FORMAT_VERSION, MANIFEST, StoreLayout, sample_arrays
+from .format import FORMAT_VERSION, MANIFEST, StoreLayout, sample_arrays, sample_members
+from .pixels import PixelSpec
 
 
 @dataclass
@@ -21,6 +22,8 @@ class ShardRecord:
 
     file/bytes/sha256/crc32c: the webdataset tar (wds stores; readers check crc32c, hdistill verify sha256);
     zarr_sha256: digest of the shard's zarr region.
+    pixels_crc32c: --pixels jpeg: the CRC32C of the shard's pixels as the teacher saw them (decoded), which a reader's
+    decoder must give.
     skipped: the unreadable inputs of the shard (commit records only; the manifest gathers them).
     """
 
@@ -33,6 +36,7 @@ class ShardRecord:
     sha256: str | None = None
     crc32c: str | None = None
     zarr_sha256: str | None = None
+    pixels_crc32c: str | None = None
     skipped: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -51,6 +55,8 @@ class Manifest:
     mask: MaskSpec
     layout: StoreLayout
     formats: list[str]
+    pixels: PixelSpec = PixelSpec()
+    compress: str = "none"                   # none | zstd: the webdataset target members
     complete: bool = False
     shards: list[ShardRecord] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
@@ -86,6 +92,10 @@ class Manifest:
     def arrays(self) -> dict[str, tuple[tuple[int, ...], str]]:
         return sample_arrays(self.layout, self.targets)
 
+    def members(self) -> dict[str, str]:
+        """Each array of a sample -> its webdataset entry."""
+        return sample_members(self.layout, self.targets, self.pixels, self.compress)
+
     def view_shards(self, view: int) -> list[ShardRecord]:
         return [s for s in self.shards if s.view == view]
 
@@ -108,6 +118,7 @@ class Manifest:
             "format_version": self.format_version, "config": self.config,
             "teachers": [t.to_dict() for t in self.teachers], "targets": [target_record(t) for t in self.targets],
             "mask": self.mask.to_dict(), "layout": self.layout.to_dict(), "formats": self.formats,
+            "pixels": self.pixels.to_dict(), "compress": self.compress,
             "token_layout": {"order": "the teacher's CLS first if it has one (a target's 'cls'), then the stored "
                                       "patches in keep order; register tokens never stored",
                              "patch_order": "raster (row-major) over the patch grid", "grid": [g, g],
@@ -120,7 +131,8 @@ class Manifest:
     def from_dict(cls, d: dict) -> "Manifest":
         return cls(config=d["config"], teachers=[TeacherInfo.from_dict(t) for t in d["teachers"]],
                    targets=[target_spec(t) for t in d["targets"]], mask=MaskSpec.from_dict(d["mask"]),
-                   layout=StoreLayout.from_dict(d["layout"]), formats=list(d["formats"]), complete=d["complete"],
+                   layout=StoreLayout.from_dict(d["layout"]), formats=list(d["formats"]),
+                   pixels=PixelSpec.from_dict(d["pixels"]), compress=d["compress"], complete=d["complete"],
                    shards=[ShardRecord.from_dict(s) for s in d["shards"]], skipped=d["skipped"],
                    format_version=d["format_version"])
 

@@ -25,7 +25,8 @@ from hdistill.common.targets import TargetSpec
 
 from . import tarindex
 from .encoding import decode, target_arrays
-from .format import FORMATS, npy_bytes, npy_load
+from .format import FORMATS, npy_bytes, npy_load, zstd
+from .pixels import decode_patches, decoded_pixels_crc32c, decoder, describe_decoder
 from .manifest import Manifest, ShardRecord
 from .zarr_store import read_region, read_slots, shard_file, shard_label
 
@@ -76,7 +77,9 @@ class StoreReader:
         for spec in self.specs:
             self.arrays.update(target_arrays(spec))
         self.headers = {name: _npy_header(shape, dtype) for name, (shape, dtype) in self.arrays.items()}
+        self.members = {name: member for name, member in manifest.members().items() if name in self.arrays}
         self.buffers = Buffers(keep_loaded)       # the memory of loaded tar shards, reused once their samples are gone
+        self.decoder_checked = manifest.pixels.encoding != "jpeg"   # JPEG pixels: checked on the first shard read
 
     def check_present(self, shards: list[ShardRecord]):
         """Refuse, before anything is read, a store in which a file of `shards` is missing or (a tar) not of its
@@ -133,6 +136,8 @@ class StoreReader:
             index = tarindex.samples(buf)
         except tarindex.TarError as err:
             raise HdistillError(f"{url}: not a readable tar shard ({err})") from None
+        if not self.decoder_checked:
+            self.check_decoder(shard, buf, index)
         for offset in sorted(offsets) if offsets is not None else range(len(index)):
             if offset >= len(index):
                 return
@@ -142,12 +147,36 @@ class StoreReader:
             view_json = bytes(buf[where[0]:where[0] + where[1]]) if where else None
             yield self._sample(url, key, shard.view, arrays, view_json, checked=True)
 
+    def check_decoder(self, shard: ShardRecord, buf, index):
+        """Refuse to read JPEG pixels that this process decodes otherwise than the teacher's decoder did: the whole
+        shard's decoded pixels against the CRC32C its commit recorded (once per reader; hdistill verify checks all)."""
+        url = self.where(shard)
+        crc = decoded_pixels_crc32c(self._view(buf, url, key, "pixels", entries) for key, entries in index)
+        if crc != shard.pixels_crc32c:
+            raise HdistillError(
+                f"{url}: its JPEG pixels decode here ({describe_decoder(decoder())}) to other pixels than the teacher "
+                f"saw ({describe_decoder(self.manifest.pixels.decoder)}; CRC32C {crc}, recorded "
+                f"{shard.pixels_crc32c}): read the store with the Pillow and libjpeg-turbo that made it")
+        self.decoder_checked = True
+
     def _view(self, buf, url: str, key: str, name: str, entries: dict[str, tuple[int, int]]) -> np.ndarray:
-        """The array `name` of a sample as a view into the shard, after its npy header is checked."""
+        """The array `name` of a sample: a view into the shard after its npy header is checked, or decoded from
+        its JPEG or zstd frame."""
         shape, dtype = self.arrays[name]
-        if f"{name}.npy" not in entries:
-            raise HdistillError(f"{url}: sample {key}: missing {name}.npy")
-        offset, size = entries[f"{name}.npy"]
+        member = self.members[name]
+        if member not in entries:
+            raise HdistillError(f"{url}: sample {key}: missing {member}")
+        offset, size = entries[member]
+        if member.endswith(".jpg"):
+            n, P = shape[:2]
+            return decode_patches(buf[offset:offset + size], n, P, self.manifest.layout.image_size // P,
+                                  f"{url}: sample {key}: {member}")
+        if member.endswith(".zst"):
+            try:
+                buf = zstd().decode(buf[offset:offset + size])
+            except (RuntimeError, ValueError) as err:
+                raise HdistillError(f"{url}: sample {key}: damaged {member} ({err})") from None
+            offset, size = 0, len(buf)
         header = self.headers[name]
         count = int(np.prod(shape))
         fits = size == len(header) + count * np.dtype(dtype).itemsize

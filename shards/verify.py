@@ -8,6 +8,7 @@ from hdistill.common.files import stream_sha256
 from hdistill.common.storage import Location, as_location
 
 from .manifest import Manifest, ShardRecord, read_manifest
+from .pixels import decoded_pixels_crc32c, decoder, describe_decoder
 from .reader import StoreReader
 from .zarr_store import array_shapes, read_region, region_digest
 
@@ -37,7 +38,15 @@ def check_shard(store: Location, manifest: Manifest, reader: StoreReader, shard:
         if problem and problem.endswith("missing"):
             return [problem]
         problems += [problem] if problem else []
-        count = sum(1 for _ in reader.read(shard))
+        pixels = []
+        count = 0
+        for sample in reader.read(shard):
+            count += 1
+            if shard.pixels_crc32c is not None:
+                pixels.append(sample.pixels)
+        if shard.pixels_crc32c is not None and decoded_pixels_crc32c(pixels) != shard.pixels_crc32c:
+            problems.append(f"{label}: its JPEG pixels decode here ({describe_decoder(decoder())}) to other pixels "
+                            f"than the teacher saw ({describe_decoder(manifest.pixels.decoder)})")
     except HdistillError as err:
         return problems + [str(err).replace(f"{store.url}/", "")]
     except Exception as err:  # noqa: BLE001 - any failure to read a shard is a problem of that shard

@@ -29,13 +29,15 @@ class _HashingWriter:
         return self.f.write(data)
 
 
-def write_shard(store: Location, name: str, samples: Iterable[StoredSample]) -> tuple[int, str, str]:
-    """Write the tar shard `name` of the store, whole or not at all -> (bytes, sha256, crc32c)."""
+def write_shard(store: Location, name: str, samples: Iterable[StoredSample],
+                members: dict[str, str]) -> tuple[int, str, str]:
+    """Write the tar shard `name` of the store, whole or not at all -> (bytes, sha256, crc32c); `members`: each
+    array's entry (format.sample_members)."""
     with store.write(name) as f:
         out = _HashingWriter(f)
         with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
             for sample in samples:
-                for ext, data in sample.entries().items():
+                for ext, data in sample.entries(members).items():
                     info = tarfile.TarInfo(f"{sample.key}.{ext}")
                     info.size, info.mtime, info.mode = len(data), 0, 0o444
                     tar.addfile(info, io.BytesIO(data))

@@ -21,6 +21,7 @@ from hdistill.common.storage import Location, as_location, remove_dead_staging
 from . import wds, zarr_store
 from .format import COMMITS_DIR, CONFIG, LOCKS_DIR, MANIFEST, STORE_ENTRIES, WDS_DIR, StoredSample, shard_name
 from .manifest import Manifest, ShardRecord, read_manifest, write_manifest
+from .pixels import decoded_pixels_crc32c, describe_decoder
 
 
 class StoreWriter:
@@ -57,6 +58,9 @@ class StoreWriter:
         diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
         if diff:
             return "options that differ: " + ", ".join(self.flag(d) for d in diff)
+        if existing.pixels != self.manifest.pixels:
+            return (f"its JPEG pixels were decoded by {describe_decoder(existing.pixels.decoder)}, this process decodes "
+                    f"with {describe_decoder(self.manifest.pixels.decoder)}: the teacher would see other pixels")
         return "the teachers or their weights differ"
 
     def lock_rank(self, rank: int, world_size: int):
@@ -102,8 +106,11 @@ class StoreWriter:
             for path in (tar_name, self.commit_name(name)):  # this rank owns the shard (lock_rank);
                 remove_stale_temporaries(self.store.url_of(path))  # a killed run may have left these
         if "wds" in self.manifest.formats:
-            record.bytes, record.sha256, record.crc32c = wds.write_shard(self.store, tar_name, (s for _, s in samples))
+            record.bytes, record.sha256, record.crc32c = wds.write_shard(self.store, tar_name, (s for _, s in samples),
+                                                                         self.manifest.members())
             record.file = tar_name
+        if self.manifest.pixels.encoding == "jpeg":
+            record.pixels_crc32c = decoded_pixels_crc32c(s.arrays["pixels"] for _, s in samples)
         if "zarr" in self.manifest.formats:
             record.zarr_sha256 = zarr_store.write_shard(self.store, self.manifest, view, index, samples)
         self.store.write_bytes(self.commit_name(name), json.dumps(record.to_dict(), sort_keys=True).encode())
