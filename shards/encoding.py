@@ -32,6 +32,8 @@ class Encoding:
     help = "float16 (the default; the targets are computed in float32)"
     dtype = "float16"
     formats: tuple[str, ...] | None = None      # the store formats it can be written in; None: all
+    by_token = True                             # the stored arrays can be cut by token (a --tokens full store's loader
+                                                # takes the rows and columns of the patches it chooses)
 
     def arrays(self, spec: TargetSpec) -> dict[str, tuple[tuple[int, ...], str]]:
         """Stored array name -> (per-sample shape, dtype): the target, then any companion array."""
@@ -83,6 +85,7 @@ class Int4(Encoding):
     help = ("symmetric 4-bit, two values per byte, a float16 scale per block of 32 values of the last axis in "
             "scale.<name>: a quarter of fp16's bytes")
     dtype = "uint8"
+    by_token = False                 # a pair target's columns are packed two per byte and scaled in blocks
     block = 32
     levels = 7                       # q in [-7, 7], stored as q + 8 in a nibble
 
@@ -172,6 +175,14 @@ def parse_encodings(values) -> dict[str, str]:
                                 f"{', '.join(ENCODINGS)}, e.g. rel=int8 or rel.mae.b9=int8")
         out[key] = enc
     return out
+
+
+def check_tokens(encodings: dict[str, str], tokens: str):
+    """Refuse, in a --tokens full store, an encoding whose arrays cannot be cut by token."""
+    packed = sorted({name for name in encodings.values() if not ENCODINGS[name].by_token})
+    if tokens == "full" and packed:
+        raise HdistillError(f"--encoding {packed[0]} packs the last axis of a target in blocks, which the loader of a "
+                            "--tokens full store must cut by token; use int8 for --tokens full stores")
 
 
 def check_formats(encodings: dict[str, str], formats: list[str]):

@@ -172,7 +172,7 @@ class StoreStream(torch.utils.data.IterableDataset):
         B, n, P = len(samples), self.n_keep if self.mask != "none" else self.layout.num_patches, self.layout.patch_size
         pixels = np.empty((B, n, P, P, 3), np.uint8)
         keep = np.empty((B, n), np.int64)
-        arrays = {name: np.empty((B, *kind.token_shape(shape, int(cls) + n)), dtype)
+        arrays = {name: np.empty((B, *(kind.token_shape(shape, int(cls) + n) if self.full else shape)), dtype)
                   for name, shape, dtype, kind, cls in self.stored}
         for i, stored in enumerate(samples):
             if self.full:                          # choose the patches, then gather those rows (and columns)
