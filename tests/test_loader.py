@@ -79,6 +79,27 @@ def test_a_hand_written_loop_on_the_public_loader_gives_the_trainers_losses(stor
     assert losses == pytest.approx(expected, rel=1e-5)
 
 
+def test_workers_give_the_batches_of_one_process(store):
+    """Two workers read lanes 0, 2 and 1, 3: their pieces are put back in lane order, keys and arrays alike."""
+    opened = hdistill.open_store(str(store))
+    alone, shared = (list(opened.loader(batch_size=4, seed=5, lanes=4, buffer_mb=0.02, workers=w)) for w in (0, 2))
+    assert len(alone) == len(shared) == 3
+    for a, b in zip(alone, shared):
+        assert a["keys"] == b["keys"] and a["count"] == b["count"] == 4
+        for name in ("pixels", "keep", "views"):
+            assert torch.equal(a[name], b[name])
+        for name, values in a["targets"].items():
+            assert torch.equal(values, b["targets"][name])
+    lanes_by_hand = []                      # lane l's sample of each batch, read alone: the order the batch must have
+    stream = opened.loader(batch_size=4, seed=5, lanes=4, buffer_mb=0.02).stream
+    stream.set_epoch(0)
+    plan = stream.plan()
+    per_lane = {lane: stream._lane(plan, lane) for lane in range(4)}
+    for _ in range(3):
+        lanes_by_hand.append([next(per_lane[lane]).key for lane in range(4)])
+    assert [b["keys"] for b in shared] == lanes_by_hand
+
+
 def test_the_loader_resumes_exactly_from_its_state(store):
     opened = hdistill.open_store(str(store))
     loader = opened.loader(batch_size=4, seed=3, lanes=2, buffer_mb=0.02)
@@ -101,11 +122,11 @@ def test_the_loader_resumes_exactly_from_its_state(store):
     # int8 targets leave the loader process as int8 with their float16 row scales; the batch holds their values
     fresh = opened.loader(batch_size=4, seed=3, lanes=2, buffer_mb=0.02)
     fresh.stream.set_epoch(0)
-    piece = next(iter(fresh.stream))["samples"]                  # lane 0's share of the first global batch
-    assert piece["targets"]["rel.mae.b1"].dtype == torch.int8 and piece["companions"]["scale.rel.mae.b1"].shape == (2, 4, 1 + 7)
+    piece = next(iter(fresh.stream))["samples"]                  # both lanes' shares of the first global batch
+    assert piece["targets"]["rel.mae.b1"].dtype == torch.int8 and piece["companions"]["scale.rel.mae.b1"].shape == (4, 4, 1 + 7)
     batch = next(iter(fresh))
     assert batch["targets"]["rel.mae.b1"].dtype == torch.float32 and "companions" not in batch
-    torch.testing.assert_close(batch["targets"]["rel.mae.b1"][:2], piece["targets"]["rel.mae.b1"].float()
+    torch.testing.assert_close(batch["targets"]["rel.mae.b1"], piece["targets"]["rel.mae.b1"].float()
                                * piece["companions"]["scale.rel.mae.b1"].float()[..., None], rtol=0, atol=0)
     with pytest.raises(HdistillError, match="no target feat.dino"):
         opened.loader(batch_size=4, targets=["feat.dino"])

@@ -863,13 +863,14 @@ def test_a_one_shard_store_gives_every_rank_its_half_of_each_global_batch(tmp_pa
         stream = make(rank, 2)
         stream.set_epoch(0)
         pieces = list(stream)
-        assert [p["lane"] for p in pieces] == [rank, rank] and [p["batch"] for p in pieces] == [0, 1]
+        assert [p["lanes"] for p in pieces] == [[rank], [rank]] and [p["batch"] for p in pieces] == [0, 1]
         assert all(p["samples"]["count"] == 2 for p in pieces)
         halves.append([p["samples"]["pixels"] for p in pieces])
     single = make(0, 1)
     single.set_epoch(0)
     pieces = list(single)
-    for b in range(2):   # rank r's piece of batch b is lane r's piece of the single process's batch b
+    assert [p["lanes"] for p in pieces] == [[0, 1], [0, 1]]
+    for b in range(2):   # rank r's piece of batch b is lane r's share of the single process's batch b
         for rank in (0, 1):
-            expected = next(p for p in pieces if p["batch"] == b and p["lane"] == rank)["samples"]["pixels"]
+            expected = pieces[b]["samples"]["pixels"][2 * rank:2 * rank + 2]
             assert torch.equal(halves[rank][b], expected)

@@ -58,18 +58,26 @@ def check_mask(manifest: Manifest, mask: str) -> str:
     return mask
 
 
-def concat(parts: list[dict]) -> dict:
-    """Join collated pieces: tensors along the batch, lists end to end, counts added, dicts key by key."""
-    first = parts[0]
+def join(pieces: list[tuple[list[int], dict]], lanes: list[int], per_lane: int) -> dict:
+    """A rank's batch from its workers' pieces, each (its lanes, ascending; their samples collated lane after lane):
+    tensors and lists in the order of `lanes`, counts added, dicts key by key. One piece of all the lanes is the
+    batch as it is; otherwise every array is copied once, lane by lane, into its place."""
+    if len(pieces) == 1 and pieces[0][0] == lanes:
+        return pieces[0][1]
+    where = {lane: (k, j) for k, (piece_lanes, _) in enumerate(pieces) for j, lane in enumerate(piece_lanes)}
+    order = [where[lane] for lane in lanes]                  # lane l's samples: piece k, rows j * per_lane onwards
+    return _placed([p for _, p in pieces], order, per_lane)
+
+
+def _placed(parts: list[dict], order: list[tuple[int, int]], per_lane: int) -> dict:
     out = {}
-    for key, value in first.items():
+    for key, value in parts[0].items():
         values = [p[key] for p in parts]
-        if isinstance(value, torch.Tensor):
-            out[key] = torch.cat(values)
-        elif isinstance(value, dict):
-            out[key] = concat(values)
-        elif isinstance(value, list):
-            out[key] = [v for vs in values for v in vs]
+        if isinstance(value, dict):
+            out[key] = _placed(values, order, per_lane)
+        elif isinstance(value, (torch.Tensor, list)):
+            rows = [values[k][j * per_lane:(j + 1) * per_lane] for k, j in order]
+            out[key] = torch.cat(rows) if isinstance(value, torch.Tensor) else [r for rs in rows for r in rs]
         else:
             out[key] = sum(values)
     return out
@@ -126,9 +134,11 @@ def steps_per_epoch(samples: int, lanes: int, batch_size: int) -> int:
 
 
 class StoreStream(torch.utils.data.IterableDataset):
-    """One epoch of this rank's share of the global batches, from `start` on, as pieces: each piece is
-    {"batch": b, "lane": l, "samples": collated batch/lanes samples}; Trainer.batches joins a batch's
-    pieces in lane order. Each loader worker reads a share of the rank's lanes, all at once.
+    """One epoch of this rank's share of the global batches, from `start` on, as pieces: each loader worker (or the
+    process itself) reads a share of the rank's lanes, all at once, and makes one piece per batch,
+    {"batch": b, "lanes": its lanes, "samples": their batch/lanes samples each, collated lane after lane};
+    StoreLoader joins a batch's pieces in lane order (`join`). One piece per worker and batch, not per lane: what
+    crosses from a worker to the main process is a few large arrays.
 
     `format` "wds" streams the tar shards, "zarr" reads each store shard's region of targets.zarr; both
     give the same samples in the same order. A resume starts at batch `start` without reading what the
@@ -222,15 +232,17 @@ class StoreStream(torch.utils.data.IterableDataset):
             with self._load_thread() as ahead:
                 streams = {lane: self._lane(plan, lane, ahead) for lane in lanes}
                 for b in range(self.start, plan.steps):
+                    samples = []
                     for lane, stream in streams.items():
-                        samples = list(itertools.islice(stream, plan.per_lane))
-                        if len(samples) < plan.per_lane:
+                        taken = list(itertools.islice(stream, plan.per_lane))
+                        if len(taken) < plan.per_lane:
                             raise HdistillError(
                                 f"{self.store}: lane {lane} ran out of samples at batch {b} of epoch {self.epoch}: "
                                 "its shards hold fewer samples than the manifest the run started with (was the "
                                 "store replaced while the run read it?); check it with hdistill verify, then run "
                                 "the same command to resume from the last checkpoint")
-                        yield {"batch": b, "lane": lane, "samples": self.collate(samples)}
+                        samples += taken
+                    yield {"batch": b, "lanes": lanes, "samples": self.collate(samples)}
         except HdistillError as err:
             yield Failure(str(err))
 

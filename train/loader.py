@@ -25,8 +25,8 @@ from hdistill.common.targets import TargetSpec
 from hdistill.shards.encoding import decode_batch
 from hdistill.shards.manifest import Manifest
 
-from .data import (MASKS, StoreStream, check_lanes, check_mask, concat, default_lanes, default_format,
-                   epoch_samples, open_store as _manifest)
+from .data import (MASKS, StoreStream, check_lanes, check_mask, default_lanes, default_format,
+                   epoch_samples, join, open_store as _manifest)
 
 
 class StoreLoader:
@@ -93,13 +93,12 @@ class StoreLoader:
         loader = torch.utils.data.DataLoader(
             stream, batch_size=None, num_workers=min(self.workers, len(lanes)), pin_memory=self.device.startswith("cuda"),
             worker_init_fn=loader_worker_init, generator=torch.Generator().manual_seed(stream.seed * 100_003 + self.epoch))
-        pending: dict[int, dict[int, dict]] = {}
-        index = start
+        pending: dict[int, list[tuple[list[int], dict]]] = {}
+        index, per_lane = start, stream.batch_size // stream.lanes
         for piece in start_workers(loader):
-            pending.setdefault(piece["batch"], {})[piece["lane"]] = piece["samples"]
-            while len(pending.get(index, ())) == len(lanes):
-                parts = pending.pop(index)
-                yield index, concat([parts[lane] for lane in lanes])
+            pending.setdefault(piece["batch"], []).append((piece["lanes"], piece["samples"]))
+            while sum(len(piece_lanes) for piece_lanes, _ in pending.get(index, ())) == len(lanes):
+                yield index, join(pending.pop(index), lanes, per_lane)
                 index += 1
 
 
