@@ -30,6 +30,7 @@ from hdistill.precompute.config import PrecomputeConfig, Runtime
 from hdistill.precompute.run import run_precompute
 from hdistill.precompute.targets import compute_targets, plan_mask, plan_targets
 from hdistill.shards.encoding import ENCODINGS, Int4
+from hdistill.shards.format import npy_bytes, zstd
 from hdistill.train.data import AllSamples, StoreStream
 from hdistill.train.config import TrainConfig, TrainRuntime
 from hdistill.train.run import Trainer
@@ -61,6 +62,12 @@ def int4_blocks(width: int) -> dict[str, Int4]:
     return out
 
 
+def zstd_bytes_per_value(arrays: dict[str, np.ndarray], spec: TargetSpec) -> float:
+    """Bytes per value of a sample's arrays as --compress zstd stores them (each array's npy in a zstd frame)."""
+    frames = [len(zstd().encode(npy_bytes(a[i]))) for a in arrays.values() for i in range(len(a))]
+    return sum(frames) / (len(next(iter(arrays.values()))) * int(np.prod(spec.shape)))
+
+
 def bytes_per_value(enc, spec: TargetSpec) -> float:
     arrays = enc.arrays(spec)
     total = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in arrays.values())
@@ -86,7 +93,7 @@ def encoding_errors(args, device):
     tokens = token_index(values.mask.keep_idx)
     print(f"\nencoding errors: real ViT-S/14 ({WEIGHTS.name}), {len(files)} ImageNet views, kept tokens "
           f"(1+{n}), against the float32 targets")
-    print(f"{'target':12s} {'encoding':9s} {'bytes/value':>11s} {'max |err|':>10s} {'mean |err|':>11s} "
+    print(f"{'target':12s} {'encoding':9s} {'bytes/value':>11s} {'zstd':>6s} {'max |err|':>10s} {'mean |err|':>11s} "
           f"{'max/max|x|':>11s} {'mean/mean|x|':>13s} {'rel. RMS':>9s}")
     for spec in specs:
         v = values.values[spec.name]
@@ -100,7 +107,8 @@ def encoding_errors(args, device):
                 got = bitround(got)
             err = np.abs(got.astype(np.float64) - ref)
             rms = np.sqrt((err ** 2).mean() / (ref.astype(np.float64) ** 2).mean())
-            print(f"{spec.name:12s} {name:9s} {bytes_per_value(enc, s):11.3f} {err.max():10.3g} {err.mean():11.3g} "
+            print(f"{spec.name:12s} {name:9s} {bytes_per_value(enc, s):11.3f} {zstd_bytes_per_value(arrays, s):6.3f} "
+                  f"{err.max():10.3g} {err.mean():11.3g} "
                   f"{err.max() / np.abs(ref).max():11.2e} {err.mean() / np.abs(ref).mean():13.2e} {rms:9.2e}")
 
 

@@ -7,8 +7,10 @@
 Stores with the default MAE + CLIP ViT-B/16 target shapes (feat.clip [69, 768], two relation blocks
 [12, 69, 69], the kept store's 68 patches + CLS) are made by precompute from teachers of ViT-B width and
 heads but 3 blocks with random weights: the loader's cost depends on the bytes per view, not on the
-teachers' depth or weights. Four forms: the fp16 kept store (the default), the same with --encoding int8,
-a --store full store read with --mask random, and the kept store's zarr form. Each is read for `--epochs`
+teachers' depth or weights. Five forms: the fp16 kept store (the default), the same with --encoding int8, the
+compact store (--encoding int4 --compress zstd --pixels jpeg: every sample's JPEG and zstd frames are decoded by the
+loader, on the CPU; int4 is unpacked where the batch lands, on the GPU, so not here), a --tokens full store read with
+--mask random, and the kept store's zarr form. Each is read for `--epochs`
 passes after an untimed one (so the files are in the page cache) through the trainer's loader
 (StoreStream in a DataLoader, --lanes lanes, the workers sharing them). GB/s counts the bytes per view of
 the store's tar shards times the samples delivered (for the zarr reader too: the same arrays).
@@ -191,6 +193,8 @@ def main():
         forms = {   # label -> (store, StoreStream mask)
             "fp16 kept": (f"{tmp}/kept", "progressive", dict(formats=["wds", "zarr"])),
             "int8 kept": (f"{tmp}/int8", "progressive", dict(formats=["wds"], encodings=["int8"])),
+            "compact kept": (f"{tmp}/compact", "progressive", dict(formats=["wds"], encodings=["int4"],
+                                                                 compress="zstd", pixels="jpeg")),
             "fp16 full, --mask random": (f"{tmp}/full", "random", dict(formats=["wds"], tokens="full")),
         }
         sizes = {}

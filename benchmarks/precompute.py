@@ -10,7 +10,9 @@ locks), for each --store mode, encoding and format.
     python benchmarks/precompute.py --preset small --device cpu
     python benchmarks/precompute.py --device cuda --precision bf16 --images 2048 --batch-size 256 --workers 12
 
-Teachers carry random weights (no download); speed and sizes do not depend on the weights.
+Teachers carry random weights (no download); speed and sizes do not depend on the weights, except the sizes of
+zstd-compressed targets (--compress zstd), which depend on their values: benchmarks/encodings.py measures zstd on
+the real ViT-S/14's targets.
 """
 from __future__ import annotations
 
@@ -39,9 +41,12 @@ def sync(device: str):
         torch.cuda.synchronize()
 
 
-# (label, --encoding values, formats)
-ENCODINGS = [("fp16", [], ["wds"]), ("fp16", [], ["zarr"]), ("int8 rel", ["rel=int8"], ["wds"]),
-             ("int8", ["int8"], ["wds"]), ("int8", ["int8"], ["zarr"]), ("bf16", ["bf16"], ["zarr"])]
+# (label, precompute options, formats)
+COMPACT = {"encodings": ["int4"], "compress": "zstd", "pixels": "jpeg"}
+ENCODINGS = [("fp16", {}, ["wds"]), ("fp16", {}, ["zarr"]), ("int8 rel", {"encodings": ["rel=int8"]}, ["wds"]),
+             ("int8", {"encodings": ["int8"]}, ["wds"]), ("int8", {"encodings": ["int8"]}, ["zarr"]),
+             ("bf16", {"encodings": ["bf16"]}, ["zarr"]), ("int4", {"encodings": ["int4"]}, ["wds"]),
+             ("int4 jpeg", {"encodings": ["int4"], "pixels": "jpeg"}, ["wds"]), ("compact", COMPACT, ["wds"])]
 
 
 @torch.inference_mode()
@@ -128,11 +133,12 @@ def bytes_per_view(cfg, teachers, rt, args):
     print(f"\nbytes per view, all files of the store ({args.size_images} images, {cfg.image_size}px, default targets):")
     print(f"{'store':6s} {'encoding':9s} {'format':6s} {'bytes/view':>12s}")
     for mode in ("kept", "full"):
-        for label, encodings, formats in ENCODINGS:
+        for label, options, formats in ENCODINGS:
+            if mode == "full" and "int4" in label:       # int4 cannot be cut by token: kept stores only
+                continue
             with tempfile.TemporaryDirectory() as tmp:
                 sized = PrecomputeConfig(**{**cfg.__dict__, "limit": args.size_images, "tokens": mode,
-                                            "shard_size": args.size_images, "encodings": encodings,
-                                            "formats": formats})
+                                            "shard_size": args.size_images, "formats": formats, **options})
                 m = run_precompute(sized, tmp, rt, teachers)
                 print(f"{mode:6s} {label:9s} {formats[0]:6s} {store_bytes(tmp) / m.samples / 1000:10.1f} kB")
 
