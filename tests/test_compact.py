@@ -6,6 +6,7 @@ teacher ran on (the teacher's targets are recomputed from them by the by-hand fo
 decoder that gives other pixels stops the loader and fails verify; --dry-run prints the size and writes nothing.
 """
 import io
+import json
 import subprocess
 import sys
 import tarfile
@@ -194,3 +195,18 @@ def test_dry_run_prints_the_size_and_writes_nothing(compact, tmp_path):
     inspected = subprocess.run([sys.executable, "-m", "hdistill", "inspect", str(compact / "small")],
                                capture_output=True, text=True, env=precompute_env(), timeout=120)
     assert "pixels     jpeg quality 80" in inspected.stdout and "rel.mae.b1.npy.zst" in inspected.stdout
+
+
+def test_online_renders_the_jpeg_pixels_the_store_holds(compact, tmp_path):
+    """--online renders each view again and gives the teacher its JPEG's pixels, as precompute did: the same losses
+    as the stored targets, up to their float16 rounding."""
+    from helpers import config, online, runtime
+    from hdistill.train.run import run_train
+    cfg = config(compact / "full", steps=6, mask="random")
+    run_train(cfg, str(tmp_path / "off"), runtime(log_every=1))
+    run_train(cfg, str(tmp_path / "on"), runtime(log_every=1), source=online())
+    off, on = ([json.loads(line) for line in (tmp_path / r / "metrics.jsonl").read_text().splitlines() if "loss" in line]
+               for r in ("off", "on"))
+    assert len(off) == len(on) == 6
+    for a, b in zip(off, on):
+        assert b["loss"] == pytest.approx(a["loss"], rel=2e-3), a["step"]
