@@ -134,8 +134,6 @@ def bytes_per_view(cfg, teachers, rt, args):
     print(f"{'store':6s} {'encoding':9s} {'format':6s} {'bytes/view':>12s}")
     for mode in ("kept", "full"):
         for label, options, formats in ENCODINGS:
-            if mode == "full" and "int4" in label:       # int4 cannot be cut by token: kept stores only
-                continue
             with tempfile.TemporaryDirectory() as tmp:
                 sized = PrecomputeConfig(**{**cfg.__dict__, "limit": args.size_images, "tokens": mode,
                                             "shard_size": args.size_images, "formats": formats, **options})

@@ -136,7 +136,7 @@ class PrecomputeConfig:
         self.weights = every_role(self.weights, self.teachers)
 
     def validate(self):
-        from hdistill.shards.encoding import check_formats, check_tokens, parse_encodings
+        from hdistill.shards.encoding import check_formats, parse_encodings
         from hdistill.shards.format import FORMATS
         check_roles(self.teachers)
         if self.precision not in ("fp32", "bf16"):
@@ -150,7 +150,6 @@ class PrecomputeConfig:
             raise HdistillError(f"--crop center gives one view per image; --views {self.views} would store it "
                                 f"{self.views} times (use --views 1)")
         check_formats(parse_encodings(self.encodings), self.formats)
-        check_tokens(parse_encodings(self.encodings), self.tokens)
         if self.pixels == "jpeg" and "zarr" in self.formats:
             raise HdistillError("--pixels jpeg is written in --format wds only (a JPEG per sample is a tar member); "
                                 "use --pixels raw for zarr")

@@ -33,7 +33,8 @@ class Encoding:
     dtype = "float16"
     formats: tuple[str, ...] | None = None      # the store formats it can be written in; None: all
     by_token = True                             # the stored arrays can be cut by token (a --tokens full store's loader
-                                                # takes the rows and columns of the patches it chooses)
+                                                # takes the rows and columns of the patches it chooses); if not, that
+                                                # loader decodes the target first
 
     def arrays(self, spec: TargetSpec) -> dict[str, tuple[tuple[int, ...], str]]:
         """Stored array name -> (per-sample shape, dtype): the target, then any companion array."""
@@ -175,14 +176,6 @@ def parse_encodings(values) -> dict[str, str]:
                                 f"{', '.join(ENCODINGS)}, e.g. rel=int8 or rel.mae.b9=int8")
         out[key] = enc
     return out
-
-
-def check_tokens(encodings: dict[str, str], tokens: str):
-    """Refuse, in a --tokens full store, an encoding whose arrays cannot be cut by token."""
-    packed = sorted({name for name in encodings.values() if not ENCODINGS[name].by_token})
-    if tokens == "full" and packed:
-        raise HdistillError(f"--encoding {packed[0]} packs the last axis of a target in blocks, which the loader of a "
-                            "--tokens full store must cut by token; use int8 for --tokens full stores")
 
 
 def check_formats(encodings: dict[str, str], formats: list[str]):

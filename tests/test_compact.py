@@ -82,6 +82,7 @@ def compact(tmp_path_factory):
     precompute(root / "photos", root / "small", targets=targets, views=2, pixels="jpeg", encodings=["int4"],
                compress="zstd", jpeg_quality=80)
     precompute(root / "photos", root / "full", targets=targets, pixels="jpeg", tokens="full")
+    precompute(root / "photos", root / "full4", targets=targets, tokens="full", encodings=["int4"])
     return root
 
 
@@ -152,6 +153,26 @@ def test_the_pixels_a_batch_carries_are_the_pixels_the_teacher_ran_on(compact):
     blurred = (views.float() + torch.randint(-3, 4, views.shape)).clamp(0, 255).to(torch.uint8)
     _, other, _, _ = reference_forward(teacher, blurred)
     assert not torch.allclose(batch["targets"]["rel.mae.b1"].float(), other[1], rtol=2e-3, atol=2e-3)
+
+
+def test_a_full_int4_store_is_decoded_then_cut_by_token(compact):
+    """A --tokens full store's int4 target cannot be cut packed: the loader decodes it, then takes the rows and
+    columns of the patches the mask chose; here against a decode by hand (int4_by_hand's inverse) and a cut by hand."""
+    store = Store(compact / "full4")
+    manifest = store.manifest
+    reader = StoreReader(compact / "full4", manifest)
+    stored = {s.key: s.stored for shard in manifest.shards for s in reader.read(shard)}
+    for batch in store.loader(4, mask="random", lanes=1):
+        assert batch["targets"]["rel.mae.b1"].dtype == torch.float16
+        for i, key in enumerate(batch["keys"]):
+            tokens = np.concatenate([[0], batch["keep"][i].numpy() + 1])                 # CLS, then the chosen patches
+            for name in ("feat.clip", "rel.mae.b1"):
+                packed, scale = stored[key][name], stored[key][f"scale.{name}"]
+                width = manifest.target(name).shape[-1]
+                q = np.stack([packed & 15, packed >> 4], -1).reshape(*packed.shape[:-1], -1)[..., :width]
+                values = (q.astype(np.float32) - 8) * np.repeat(scale.astype(np.float32), 32, -1)[..., :width]
+                expected = values[tokens] if name == "feat.clip" else values[:, tokens][:, :, tokens]
+                np.testing.assert_array_equal(batch["targets"][name][i].numpy(), expected.astype(np.float16))
 
 
 def test_a_decoder_that_gives_other_pixels_stops_the_loader_and_fails_verify(compact, monkeypatch):

@@ -16,6 +16,7 @@ import math
 import random
 import zlib
 from collections.abc import Iterator
+from dataclasses import replace
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -26,7 +27,7 @@ from hdistill.common.errors import HdistillError
 from hdistill.common.processes import Failure
 from hdistill.common.storage import Retry, error_text, transient
 from hdistill.common.targets import KINDS, TargetSpec
-from hdistill.shards.encoding import target_arrays
+from hdistill.shards.encoding import encoding_of, target_arrays
 from hdistill.shards.format import sample_arrays
 from hdistill.shards.manifest import Manifest, read_manifest
 from hdistill.shards.reader import Sample, StoreReader
@@ -168,8 +169,12 @@ class StoreStream(torch.utils.data.IterableDataset):
         self.buffer = max(1, int(buffer_mb * 2 ** 20) // sample_bytes)
         self.full = manifest.tokens == "full"
         self.n_keep = manifest.mask.kept_counts(self.layout.num_patches)[-1]
-        # (array name, stored shape, dtype, kind, cls): every target as this store encodes it, and its companions
-        self.stored = [(name, shape, dtype, KINDS[t.kind], t.cls) for t in self.reader.specs
+        # a full store's targets whose arrays cannot be cut by token (int4: packed, block-scaled) are decoded here and
+        # then cut, and cross to the device as float16; batch_specs says how a batch carries each target
+        self.decoded_here = {t.name for t in self.reader.specs if self.full and not encoding_of(t).by_token}
+        self.batch_specs = [replace(t, encoding="fp16") if t.name in self.decoded_here else t for t in self.reader.specs]
+        # (array name, shape, dtype, kind, cls): every target as the batch carries it, and its companions
+        self.stored = [(name, shape, dtype, KINDS[t.kind], t.cls) for t in self.batch_specs
                        for name, (shape, dtype) in target_arrays(t).items()]
         self.load_ahead = format == "wds"         # read and check each lane's next tar shard on a thread
         self.selections: tuple[str, ...] = ()     # masks whose patch choice each batch also carries (a sweep's)
@@ -191,7 +196,8 @@ class StoreStream(torch.utils.data.IterableDataset):
                 np.take(stored.pixels, sel, axis=0, out=pixels[i])
                 keep[i] = stored.keep[sel]
                 for name, _shape, _dtype, kind, cls in self.stored:
-                    arrays[name][i] = kind.take(stored.stored[name], with_cls if cls else sel)
+                    values = stored.targets[name] if name in self.decoded_here else stored.stored[name]
+                    arrays[name][i] = kind.take(values, with_cls if cls else sel)
             else:                                  # a kept store holds exactly the student's tokens: plain copies
                 pixels[i] = stored.pixels
                 keep[i] = stored.keep

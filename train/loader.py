@@ -78,8 +78,8 @@ class StoreLoader:
             raise HdistillError(f"epoch {self.epoch} holds {epoch_samples(stream.manifest, self.epoch)} samples: too "
                                 f"few for one global batch of {stream.batch_size}")
         batches = self._joined(self.batch)
-        for index, batch in _prefetched(batches, self.device, stream.reader.specs) if self.device.startswith("cuda") else \
-                ((i, decoded(to_device(b, self.device), stream.reader.specs)) for i, b in batches):
+        for index, batch in _prefetched(batches, self.device, stream.batch_specs) if self.device.startswith("cuda") else \
+                ((i, decoded(to_device(b, self.device), stream.batch_specs)) for i, b in batches):
             self.batch = index + 1                  # the position counts what the caller was given
             yield batch
         self.epoch, self.batch = self.epoch + 1, 0

@@ -111,7 +111,7 @@ def evaluate(models: dict[str, Evaluated], stream: AllSamples, workers: int, dev
         m.model.eval()
     try:
         for batch in start_workers(loader):
-            batch = decoded(to_device(batch, device), stream.stream.reader.specs)
+            batch = decoded(to_device(batch, device), stream.stream.batch_specs)
             for name, m in models.items():
                 mine = m.prepare(batch)
                 with m.autocast:
