@@ -1,6 +1,6 @@
 """`hdistill demo`: the whole flow on a built-in default, with no network and no files of the user's.
 
-Generated images -> precompute (small MAE + CLIP-role teachers, both store formats) -> train a small
+Generated images -> precompute (small MAE + CLIP-role teachers, the default compact store) -> train a small
 student for a few hundred steps -> loss curve -> attention analysis of teachers and student.
 Teachers carry random weights unless the user gives real ones (--weights ROLE=PATH, --model ROLE=NAME).
 """
@@ -65,8 +65,7 @@ def run_demo(out: str, models: dict[str, str] | None = None, model_args: dict | 
         raise HdistillError(f"--weights: give weights for every teacher role or none (missing: {', '.join(missing)})")
 
     pcfg = PrecomputeConfig(data=f"synthetic:{images}", teachers=roles, models=models, model_args=model_args,
-                            weights=weights, random_init=random_init, views=2, batch_size=32, shard_size=32,
-                            formats=["wds", "zarr"])
+                            weights=weights, random_init=random_init, views=2, batch_size=32, shard_size=32)
     echo(f"demo: 1/3 precompute {images} generated images x 2 views -> {out_dir / 'store'}")
     run_precompute(pcfg, str(out_dir / "store"), Runtime(device="cpu", workers=0, quiet=True))
 

@@ -30,7 +30,8 @@ from hdistill.train.data import StoreStream, select_patches
 from hdistill.train.source import SourceFactory, SourcePlan
 
 
-def collate_views(samples: list[dict]) -> dict:
+def collate_views(samples: list[dict], array=None) -> dict:
+    """Rendered views -> a batch ({"count", "keys", "pixels" [B, S, S, 3]}); `array` (StoreStream.collate's) unused."""
     return {"count": len(samples), "keys": [s["key"] for s in samples],
             "pixels": torch.from_numpy(np.stack([s["pixels"] for s in samples]))}
 

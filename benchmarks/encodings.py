@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from hdistill.common.targets import KINDS, TargetSpec, parse_targets
-from hdistill.precompute.config import PrecomputeConfig, Runtime
+from hdistill.precompute.config import EXACT, PrecomputeConfig, Runtime
 from hdistill.precompute.run import run_precompute
 from hdistill.precompute.targets import compute_targets, plan_mask, plan_targets
 from hdistill.shards.encoding import ENCODINGS, Int4
@@ -115,7 +115,7 @@ def encoding_errors(args, device):
 def make_store(args, device, out, encodings, formats, images: slice):
     cfg = PrecomputeConfig(data=str(IMAGES), teachers=["mae", "dino"], models={"mae": TEACHER, "dino": TEACHER},
                            weights={"mae": str(WEIGHTS), "dino": str(WEIGHTS)}, targets=TARGETS,
-                           encodings=encodings, formats=formats, views=1, batch_size=16, shard_size=20,
+                           **{**EXACT, "encodings": encodings}, formats=formats, views=1, batch_size=16, shard_size=20,
                            limit=images.stop, precision=args.precision, seed=0)
     if images.start:
         list_file = Path(out).with_suffix(".txt")

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from hdistill.online import live_targets
-from hdistill.precompute.config import PrecomputeConfig, Runtime
+from hdistill.precompute.config import EXACT, PrecomputeConfig, Runtime
 from hdistill.precompute.run import run_precompute
 from hdistill.shards.format import store_bytes
 from hdistill.train.config import OnlineConfig, TrainConfig, TrainRuntime
@@ -63,7 +63,7 @@ EQUAL_DISK = ["fresh", "fp16 x4", "compact x4", "fp16 x2", "int8 x3", "compact x
 def make_store(args, device, out: Path, data: str, **options) -> float:
     cfg = PrecomputeConfig(data=data, teachers=["mae"], models={"mae": TEACHER}, weights={"mae": str(WEIGHTS)},
                            targets=TARGETS, image_size=args.image_size, batch_size=16, shard_size=20,
-                           precision=args.precision, **options)
+                           precision=args.precision, **{**EXACT, **options})
     start = time.perf_counter()
     run_precompute(cfg, str(out), Runtime(device=device, workers=0, quiet=True))
     return time.perf_counter() - start

@@ -12,7 +12,9 @@ compact store (--encoding int4 --compress zstd --pixels jpeg: every sample's JPE
 loader, on the CPU; int4 is unpacked where the batch lands, on the GPU, so not here), a --tokens full store read with
 --mask random, and the kept store's zarr form. Each is read for `--epochs`
 passes after an untimed one (so the files are in the page cache) through the trainer's loader
-(StoreStream in a DataLoader, --lanes lanes, the workers sharing them). GB/s counts the bytes per view of
+(StoreLoader: StoreStream in a DataLoader, --lanes lanes, the workers sharing them, their pieces joined into
+batches, a shuffle buffer of 1 MB per lane: at ImageNet scale the default 64 MB is a small share of a lane, as
+1 MB is here), each pass timed from its first batch. GB/s counts the bytes per view of
 the store's tar shards times the samples delivered (for the zarr reader too: the same arrays).
 
 Side by side in the same run: a plain copy of the same bytes per sample from the page-cached shard files
@@ -41,11 +43,11 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from hdistill.common.processes import start_workers
 from hdistill.common.storage import Location
-from hdistill.precompute.config import PrecomputeConfig, Runtime
+from hdistill.precompute.config import EXACT, PrecomputeConfig, Runtime
 from hdistill.precompute.run import run_precompute
 from hdistill.train.data import StoreStream, open_store
+from hdistill.train.loader import StoreLoader
 
 VIT_B_SHALLOW = {"mae": {"depth": 3}, "clip": {"depth": 3}}   # ViT-B/16 width and heads; 3 blocks
 
@@ -77,24 +79,27 @@ def local_endpoint():
 
 def loader_rate(store: str, workers: int, batch_size: int, lanes: int, epochs: int, mask: str, reader: str,
                 checksum: bool = True) -> float:
-    """Samples/s of the training loader over `epochs` passes of the store, after a first pass that starts the
-    workers (kept: persistent) and opens the connections. checksum=False: as if the commits had recorded no
-    crc32c, to measure what the check costs."""
+    """Samples/s of the training loader (StoreLoader's joined batches, before they move to a device and int8/int4
+    targets are decoded there) over `epochs` passes of the store, each timed from its first batch (so the workers'
+    start and the first shard's load are left out), after a first pass that opens the connections.
+    checksum=False: as if the commits had recorded no crc32c, to measure what the check costs."""
     manifest = open_store(store)
     if not checksum:
         for shard in manifest.shards:
             shard.crc32c = None
     stream = StoreStream(store, manifest, manifest.targets, mask, seed=0, lanes=lanes,
-                         batch_size=batch_size, buffer_mb=16, format=reader)
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
-                                         prefetch_factor=4 if workers else None, persistent_workers=workers > 0)
-    samples = 0
+                         batch_size=batch_size, buffer_mb=1, format=reader)
+    loader = StoreLoader(stream, workers, "cpu")
+    samples, seconds = 0, 0.0
     for epoch in range(epochs + 1):
-        if epoch == 1:
-            samples, start = 0, time.perf_counter()
-        for piece in start_workers(loader):
-            samples += piece["samples"]["count"]
-    return samples / (time.perf_counter() - start)
+        stream.set_epoch(epoch)
+        for i, (_index, batch) in enumerate(loader._joined(0)):
+            if i == 0:
+                start = time.perf_counter()
+            elif epoch:
+                samples += batch["count"]
+        seconds += time.perf_counter() - start if epoch else 0.0
+    return samples / seconds
 
 
 def check_cost(store: str, batch_size: int, lanes: int, epochs: int, mask: str,
@@ -164,7 +169,7 @@ def make_store(out: str, images: int, shard_size: int, **options) -> float:
     """Bytes per view of the webdataset form of a store made at `out` (its tar shards, what the loader reads)."""
     manifest = run_precompute(
         PrecomputeConfig(data=f"synthetic:{images}", teachers=["mae", "clip"], model_args=VIT_B_SHALLOW,
-                         random_init=True, batch_size=32, shard_size=shard_size, **options),
+                         random_init=True, batch_size=32, shard_size=shard_size, **{**EXACT, **options}),
         out, Runtime(workers=min(2, os.cpu_count() or 1), quiet=True))
     return sum(os.path.getsize(f) for f in shard_files(out)) / manifest.samples
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from hdistill.precompute.config import PrecomputeConfig, Runtime
+from hdistill.precompute.config import EXACT, PrecomputeConfig, Runtime
 from hdistill.precompute.run import build_teachers, run_precompute
 from hdistill.shards.format import store_bytes
 
@@ -136,7 +136,8 @@ def bytes_per_view(cfg, teachers, rt, args):
         for label, options, formats in ENCODINGS:
             with tempfile.TemporaryDirectory() as tmp:
                 sized = PrecomputeConfig(**{**cfg.__dict__, "limit": args.size_images, "tokens": mode,
-                                            "shard_size": args.size_images, "formats": formats, **options})
+                                            "shard_size": args.size_images, "formats": formats, **EXACT,
+                                            **options})
                 m = run_precompute(sized, tmp, rt, teachers)
                 print(f"{mode:6s} {label:9s} {formats[0]:6s} {store_bytes(tmp) / m.samples / 1000:10.1f} kB")
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from hdistill.precompute.config import PrecomputeConfig, Runtime
+from hdistill.precompute.config import EXACT, PrecomputeConfig, Runtime
 from hdistill.precompute.run import run_precompute
 from hdistill.train.config import TrainConfig, TrainRuntime
 from hdistill.train.loader import StoreLoader
@@ -84,7 +84,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         store = f"{tmp}/store"
         run_precompute(PrecomputeConfig(data=f"synthetic:{args.images}", teachers=["mae", "clip"], random_init=True,
-                                        image_size=args.image_size, batch_size=32, shard_size=32, **TEACHERS),
+                                        image_size=args.image_size, batch_size=32, shard_size=32, **TEACHERS,
+                                        **EXACT),
                        store, Runtime(device=args.device, workers=0, quiet=True))
         configs = [(name, TrainConfig(shards=store, student=args.student, student_args=student_args,
                                       steps=args.steps, batch_size=args.batch_size, lr=1e-3, **overrides))

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from hdistill.online import live_targets
-from hdistill.precompute.config import PrecomputeConfig, Runtime
+from hdistill.precompute.config import EXACT, PrecomputeConfig, Runtime
 from hdistill.precompute.run import run_precompute
 from hdistill.train.config import OnlineConfig, TrainConfig, TrainRuntime
 from hdistill.train.run import Trainer
@@ -72,7 +72,7 @@ def main():
         store = f"{tmp}/store"
         run_precompute(PrecomputeConfig(data=args.data, limit=args.images, teachers=["mae", "clip"], models=teachers,
                                         random_init=True, batch_size=args.batch_size, shard_size=25,
-                                        precision=args.precision, formats=["wds"]),
+                                        precision=args.precision, formats=["wds"], **EXACT),
                        store, Runtime(device=device, workers=workers, quiet=True))
         cfg = TrainConfig(shards=store, student=student, steps=10_000, batch_size=args.batch_size)
         rt = TrainRuntime(device=device, quiet=True, workers=workers)

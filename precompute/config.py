@@ -48,6 +48,10 @@ RANDOM_INIT_HELP = "Random teacher weights (seeded), recorded as such in the out
 DEVICE_HELP = "auto, cpu, cuda or cuda:N (under torchrun, cuda is cuda:LOCAL_RANK)."
 
 
+# the options of a store of float16 targets and the pixels as rendered (the default before format v6)
+EXACT = {"encodings": ["fp16"], "pixels": "raw", "compress": "none"}
+
+
 @dataclass
 class PrecomputeConfig:
     """Everything that decides a store's content; a store only resumes with an equal config."""
@@ -76,21 +80,23 @@ class PrecomputeConfig:
              "negative from the end. Default: ROLE:feat of every non-MIM teacher and mae:rel@-3,-2 (the paper's "
              "layers L-1 and L-2), e.g. --target clip:feat --target mae:rel@9,10.")
     encodings: list[str] = option(
-        default_factory=list, flag="--encoding", multiple=True, metavar="[KIND|TARGET=]ENC",
-        help="How targets are stored: fp16 (default), int8 (per-row scale, about half the bytes) or bf16 (zarr "
-             "only: mantissa rounding before compression). E.g. --encoding rel=int8, --encoding rel.mae.b9=int8, "
-             "or --encoding int8 for every target. Repeatable.")
+        default_factory=lambda: ["int4"], flag="--encoding", multiple=True, metavar="[KIND|TARGET=]ENC",
+        help="How targets are stored: int4 (the default: 4 bits a value and a scale per 32, a quarter of fp16's bytes), "
+             "int8 (per-row scale, half), fp16 (as computed, rounded to float16) or bf16 (zarr only: mantissa "
+             "rounding before compression). E.g. --encoding fp16 for every target, --encoding int4 --encoding "
+             "rel=int8, --encoding rel.mae.b9=fp16 (the most specific wins). Repeatable; giving any replaces the "
+             "default.")
     pixels: str = option(
-        "raw", type=click.Choice(["raw", "jpeg"]),
-        help="How the student's input pixels are stored: raw (uint8 patches, 768 bytes a 16-px patch) or jpeg (one "
-             "4:4:4 JPEG of the stored patches, about 110 bytes a patch at quality 90; the teacher runs on its decoded "
-             "pixels, so the student reads exactly what the teacher saw; webdataset only).")
+        "jpeg", type=click.Choice(["raw", "jpeg"]),
+        help="How the student's input pixels are stored: jpeg (the default: one 4:4:4 JPEG of the stored patches, "
+             "about 140 bytes a 16-px patch at quality 90; the teacher runs on its decoded pixels, so the student reads "
+             "exactly what the teacher saw; webdataset only) or raw (uint8 patches as rendered, 768 bytes a patch).")
     jpeg_quality: int = option(90, "JPEG quality of --pixels jpeg (PIL's 1-100).", type=click.IntRange(1, 100))
     compress: str = option(
-        "none", type=click.Choice(["none", "zstd"]),
-        help="zstd: each target array of a webdataset sample is a zstd frame (<name>.npy.zst): 15-28% fewer bytes "
-             "for int4 targets, a few % for fp16, for a decode per array as the loader reads it. zarr chunks are "
-             "always compressed.")
+        "zstd", type=click.Choice(["none", "zstd"]),
+        help="zstd (the default): each target array of a webdataset sample is a zstd frame (<name>.npy.zst): "
+             "14-27% fewer bytes for int4 targets, 8-10% for fp16, for a decode per array as the loader reads it; "
+             "none: plain npy. zarr chunks are always compressed.")
     mask_ratio: float = option(0.3, type=FRACTION,
                                help="K: share of the kept patch tokens dropped at each mask stage; 0 keeps every "
                                     "token.")
@@ -151,8 +157,8 @@ class PrecomputeConfig:
                                 f"{self.views} times (use --views 1)")
         check_formats(parse_encodings(self.encodings), self.formats)
         if self.pixels == "jpeg" and "zarr" in self.formats:
-            raise HdistillError("--pixels jpeg is written in --format wds only (a JPEG per sample is a tar member); "
-                                "use --pixels raw for zarr")
+            raise HdistillError("--pixels jpeg (the default) is written in --format wds only (a JPEG per sample is a "
+                                "tar member); give --pixels raw for a zarr store")
         for name, value in [("--views", self.views), ("--batch-size", self.batch_size),
                             ("--shard-size", self.shard_size), ("--image-size", self.image_size)]:
             if value < 1:

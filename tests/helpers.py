@@ -8,7 +8,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from hdistill.precompute.config import PrecomputeConfig, Runtime
+from hdistill.precompute.config import EXACT, PrecomputeConfig, Runtime
 from hdistill.precompute.run import run_precompute
 from hdistill.train.config import OnlineConfig, TrainConfig, TrainRuntime
 
@@ -17,11 +17,13 @@ TINY = dict(
     models={"mae": "vit_base_patch16_224", "clip": "vit_base_patch16_clip_quickgelu_224"},
     model_args={"mae": dict(depth=4, embed_dim=32, num_heads=4), "clip": dict(depth=3, embed_dim=24, num_heads=3)},
     random_init=True, image_size=64, batch_size=4, shard_size=4,
+    **EXACT,                # float16 targets and the pixels as rendered: what the tests compare with references
 )
 CLI_TINY = ["--random-init", "--image-size", "64", "--batch-size", "4", "--shard-size", "4",
             "--model", "mae=vit_base_patch16_224", "--model-arg", "mae.depth=4", "--model-arg", "mae.embed_dim=32",
             "--model-arg", "mae.num_heads=4", "--model", "clip=vit_base_patch16_clip_quickgelu_224",
-            "--model-arg", "clip.depth=3", "--model-arg", "clip.embed_dim=24", "--model-arg", "clip.num_heads=3"]
+            "--model-arg", "clip.depth=3", "--model-arg", "clip.embed_dim=24", "--model-arg", "clip.num_heads=3",
+            "--encoding", "fp16", "--pixels", "raw", "--compress", "none"]
 
 
 def write_photos(folder: Path, count: int, seed: int = 0):

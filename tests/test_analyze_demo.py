@@ -61,7 +61,7 @@ def test_reduced_demo_leaves_its_files(tmp_path, monkeypatch):
     # every figure of the analysis says that the teachers' attention is that of random weights
     assert captions == ["mae, clip: RANDOM weights, no learned attention"] * 3
     demo = tmp_path / "demo"
-    for path in ("store/manifest.json", "store/targets.zarr/zarr.json", "run/metrics.jsonl", "run/student.safetensors",
+    for path in ("store/manifest.json", "run/metrics.jsonl", "run/student.safetensors",
                  "loss.png", "analysis/attention.csv", "analysis/attention.json", "analysis/attention_distance.png",
                  "analysis/nmi.png", "analysis/attention_maps.png"):
         assert (demo / path).exists(), path

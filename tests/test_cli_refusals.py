@@ -220,7 +220,8 @@ def test_an_unreadable_image_and_the_config_give_the_same_bytes_on_every_run(tmp
     (tmp_path / "options.yaml").write_text(
         "views: 1\nformat: wds\nimage-size: 64\nbatch-size: 4\nshard-size: 4\nrandom-init: true\n"
         "model-arg: [mae.depth=4, mae.embed_dim=32, mae.num_heads=4, clip.depth=3, clip.embed_dim=24, clip.num_heads=3]\n"
-        f"data: {tmp_path / 'images'}\nmodel: [mae=vit_base_patch16_224, clip=vit_base_patch16_clip_quickgelu_224]\n")
+        f"data: {tmp_path / 'images'}\nmodel: [mae=vit_base_patch16_224, clip=vit_base_patch16_clip_quickgelu_224]\n"
+        "encoding: [fp16]\npixels: raw\ncompress: none\n")
     second = CliRunner().invoke(cli, ["precompute", "--config", str(tmp_path / "options.yaml"), "--out",
                                       str(tmp_path / "b"), "--quiet"])
     assert second.exit_code == 0, second.output

@@ -181,8 +181,8 @@ def test_target_table_defaults_blocks_and_errors():
                          ("mae:rel@x", "blocks must be integers")]:
         with pytest.raises(HdistillError, match=message):
             parse_targets([bad])
-    with pytest.raises(HdistillError, match="--encoding .rel=int4.: expected"):
-        parse_encodings(["rel=int4"])
+    with pytest.raises(HdistillError, match="--encoding .rel=int3.: expected"):
+        parse_encodings(["rel=int3"])
 
 
 def test_patch_grid_mismatch():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import replace
@@ -59,26 +60,32 @@ def check_mask(manifest: Manifest, mask: str) -> str:
     return mask
 
 
-def join(pieces: list[tuple[list[int], dict]], lanes: list[int], per_lane: int) -> dict:
+def join(pieces: list[tuple[list[int], dict]], lanes: list[int], per_lane: int, pin: bool = False,
+         copy: bool = False) -> dict:
     """A rank's batch from its workers' pieces, each (its lanes, ascending; their samples collated lane after lane):
     tensors and lists in the order of `lanes`, counts added, dicts key by key. One piece of all the lanes is the
-    batch as it is; otherwise every array is copied once, lane by lane, into its place."""
-    if len(pieces) == 1 and pieces[0][0] == lanes:
+    batch as it is unless `copy`; otherwise every array is copied once, lane by lane, into a new one (in pinned
+    memory if `pin`, for the copy to a GPU)."""
+    if len(pieces) == 1 and pieces[0][0] == lanes and not copy:
         return pieces[0][1]
     where = {lane: (k, j) for k, (piece_lanes, _) in enumerate(pieces) for j, lane in enumerate(piece_lanes)}
     order = [where[lane] for lane in lanes]                  # lane l's samples: piece k, rows j * per_lane onwards
-    return _placed([p for _, p in pieces], order, per_lane)
+    return _placed([p for _, p in pieces], order, per_lane, pin)
 
 
-def _placed(parts: list[dict], order: list[tuple[int, int]], per_lane: int) -> dict:
+def _placed(parts: list[dict], order: list[tuple[int, int]], per_lane: int, pin: bool) -> dict:
     out = {}
     for key, value in parts[0].items():
         values = [p[key] for p in parts]
         if isinstance(value, dict):
-            out[key] = _placed(values, order, per_lane)
+            out[key] = _placed(values, order, per_lane, pin)
         elif isinstance(value, (torch.Tensor, list)):
             rows = [values[k][j * per_lane:(j + 1) * per_lane] for k, j in order]
-            out[key] = torch.cat(rows) if isinstance(value, torch.Tensor) else [r for rs in rows for r in rs]
+            if isinstance(value, torch.Tensor):
+                joined = torch.empty((sum(len(r) for r in rows), *value.shape[1:]), dtype=value.dtype, pin_memory=pin)
+                out[key] = torch.cat(rows, out=joined)
+            else:
+                out[key] = [r for rs in rows for r in rs]
         else:
             out[key] = sum(values)
     return out
@@ -134,6 +141,57 @@ def steps_per_epoch(samples: int, lanes: int, batch_size: int) -> int:
     return (samples // lanes) // (batch_size // lanes)
 
 
+def batch_tensor(name: str, shape: tuple[int, ...], dtype) -> torch.Tensor:
+    """A new, uninitialised batch array of a process without loader workers (`name` is for BatchRing's reuse)."""
+    return torch.empty(shape, dtype=torch_dtype(dtype))
+
+
+def torch_dtype(dtype) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, dtype)).dtype
+
+
+class BatchRing:
+    """The batch arrays of loader workers, in shared memory made once and reused, so that a piece crosses to the main
+    process without a copy or a fresh page (a fresh shared array per piece pays a page fault per 4 KiB twice).
+
+    Worker w writes its j-th piece of an epoch into slot j % `slots` of its own, once the main process has released
+    its piece j - slots: the main copies each batch's pieces into the batch it hands out (StoreLoader: `join`), then
+    releases them (`released[w]` counts worker w's released pieces). DataLoader asks a worker for at most
+    prefetch_factor pieces ahead of what the main process has received, so with slots = prefetch_factor + 2 a worker
+    never waits; `wait` is the guard that makes the reuse safe whatever asks.
+    """
+
+    WAIT_S = 600.0
+
+    def __init__(self, workers: int, slots: int):
+        self.released = torch.zeros(workers, dtype=torch.int64).share_memory_()
+        self.slots = slots
+        self.arrays: dict[tuple[int, str], torch.Tensor] = {}       # (slot, name) -> this worker's shared array
+        self.made = 0                                               # pieces this worker has made this epoch
+
+    def next_slot(self, worker: int):
+        """The array maker of this worker's next piece, once its slot is free."""
+        deadline = time.monotonic() + self.WAIT_S
+        while int(self.released[worker]) < self.made - self.slots + 1:
+            if time.monotonic() > deadline:
+                raise HdistillError(f"loader worker {worker}: the main process released no batch memory for "
+                                    f"{self.WAIT_S:.0f} s")
+            time.sleep(1e-4)
+        slot, self.made = self.made % self.slots, self.made + 1
+        return lambda name, shape, dtype: self._array(slot, name, shape, dtype)
+
+    def _array(self, slot: int, name: str, shape, dtype) -> torch.Tensor:
+        dtype = torch_dtype(dtype)
+        array = self.arrays.get((slot, name))
+        if array is None or array.shape != tuple(shape) or array.dtype != dtype:
+            storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(math.prod(shape), device="cpu")
+            array = self.arrays[(slot, name)] = torch.empty(0, dtype=dtype).new(storage).resize_(shape)
+        return array
+
+    def release(self, worker: int):
+        self.released[worker] += 1
+
+
 class StoreStream(torch.utils.data.IterableDataset):
     """One epoch of this rank's share of the global batches, from `start` on, as pieces: each loader worker (or the
     process itself) reads a share of the rank's lanes, all at once, and makes one piece per batch,
@@ -178,17 +236,19 @@ class StoreStream(torch.utils.data.IterableDataset):
                        for name, (shape, dtype) in target_arrays(t).items()]
         self.load_ahead = format == "wds"         # read and check each lane's next tar shard on a thread
         self.selections: tuple[str, ...] = ()     # masks whose patch choice each batch also carries (a sweep's)
+        self.ring: BatchRing | None = None        # loader workers' reused batch memory (StoreLoader sets it)
         self.epoch, self.start = 0, 0
 
-    def collate(self, samples: list[Sample]) -> dict:
+    def collate(self, samples: list[Sample], array=batch_tensor) -> dict:
         """Stored samples -> a batch of what the student sees: pixels [B, n, P, P, 3], keep [B, n] and each target
-        over those tokens, each gathered with one copy from the loaded shards into a new batch array; the samples'
-        keys (<image id>-v<view>) and views [B], to trace a sample to its image."""
+        over those tokens, each gathered with one copy from the loaded shards into a batch array that `array(name,
+        shape, dtype)` gives; the samples' keys (<image id>-v<view>) and views [B], to trace a sample to its image."""
         B, n, P = len(samples), self.n_keep if self.mask != "none" else self.layout.num_patches, self.layout.patch_size
-        pixels = np.empty((B, n, P, P, 3), np.uint8)
-        keep = np.empty((B, n), np.int64)
-        arrays = {name: np.empty((B, *(kind.token_shape(shape, int(cls) + n) if self.full else shape)), dtype)
-                  for name, shape, dtype, kind, cls in self.stored}
+        tensors = {"pixels": array("pixels", (B, n, P, P, 3), np.uint8), "keep": array("keep", (B, n), np.int64)}
+        tensors.update({name: array(name, (B, *(kind.token_shape(shape, int(cls) + n) if self.full else shape)), dtype)
+                        for name, shape, dtype, kind, cls in self.stored})
+        pixels, keep = tensors["pixels"].numpy(), tensors["keep"].numpy()
+        arrays = {name: tensors[name].numpy() for name, *_ in self.stored}
         for i, stored in enumerate(samples):
             if self.full:                          # choose the patches, then gather those rows (and columns)
                 sel = select_patches(self.mask, stored.stage, stored.key, self.seed, self.epoch, self.n_keep)
@@ -205,9 +265,9 @@ class StoreStream(torch.utils.data.IterableDataset):
                     a[i] = stored.stored[name]
         names = {t.name for t in self.targets}
         batch = {"count": B, "keys": [s.key for s in samples], "views": torch.tensor([s.view for s in samples]),
-                 "pixels": torch.from_numpy(pixels), "keep": torch.from_numpy(keep),
-                 "targets": {name: torch.from_numpy(a) for name, a in arrays.items() if name in names},
-                 "companions": {name: torch.from_numpy(a) for name, a in arrays.items() if name not in names}}
+                 "pixels": tensors["pixels"], "keep": tensors["keep"],
+                 "targets": {name: tensors[name] for name in arrays if name in names},
+                 "companions": {name: tensors[name] for name in arrays if name not in names}}
         if self.selections:                    # mask "none": the batch holds every patch, in patch order
             batch["selections"] = {mask: torch.from_numpy(np.stack([
                 select_patches(mask, s.stage, s.key, self.seed, self.epoch, self.n_keep) for s in samples]))
@@ -248,7 +308,9 @@ class StoreStream(torch.utils.data.IterableDataset):
                                 "store replaced while the run read it?); check it with hdistill verify, then run "
                                 "the same command to resume from the last checkpoint")
                         samples += taken
-                    yield {"batch": b, "lanes": lanes, "samples": self.collate(samples)}
+                    array = self.ring.next_slot(info.id) if info and self.ring else batch_tensor
+                    yield {"batch": b, "lanes": lanes, "worker": info.id if info else 0,
+                           "samples": self.collate(samples, array)}
         except HdistillError as err:
             yield Failure(str(err))
 

@@ -13,6 +13,7 @@ l with l % world_size == r). The order is a function of (seed, epoch, lanes, bat
 """
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterator
 
 import torch
@@ -25,8 +26,11 @@ from hdistill.common.targets import TargetSpec
 from hdistill.shards.encoding import decode_batch
 from hdistill.shards.manifest import Manifest
 
-from .data import (MASKS, StoreStream, check_lanes, check_mask, default_lanes, default_format,
+from .data import (MASKS, BatchRing, StoreStream, check_lanes, check_mask, default_lanes, default_format,
                    epoch_samples, join, open_store as _manifest)
+
+
+PREFETCH = 2      # pieces a DataLoader worker makes ahead (DataLoader's prefetch_factor)
 
 
 class StoreLoader:
@@ -90,15 +94,27 @@ class StoreLoader:
         lanes = stream.my_lanes()
         # its own generator: making the iterator draws a seed, which must not shift the global RNG that a student's
         # stochastic depth uses (a resume makes the iterator at another point of the RNG stream)
+        workers, cuda = min(self.workers, len(lanes)), self.device.startswith("cuda")
+        # workers write into reused shared memory (BatchRing), which the joined batch copies out of, pinned on CUDA
+        stream.ring = BatchRing(workers, PREFETCH + 2) if workers else None
         loader = torch.utils.data.DataLoader(
-            stream, batch_size=None, num_workers=min(self.workers, len(lanes)), pin_memory=self.device.startswith("cuda"),
-            worker_init_fn=loader_worker_init, generator=torch.Generator().manual_seed(stream.seed * 100_003 + self.epoch))
-        pending: dict[int, list[tuple[list[int], dict]]] = {}
+            stream, batch_size=None, num_workers=workers, pin_memory=cuda and not workers,
+            prefetch_factor=PREFETCH if workers else None, worker_init_fn=loader_worker_init,
+            generator=torch.Generator().manual_seed(stream.seed * 100_003 + self.epoch))
+        pending: dict[int, list[dict]] = {}
+        kept = collections.deque(maxlen=workers * (PREFETCH + 2))   # released pieces: their shared memory stays mapped
         index, per_lane = start, stream.batch_size // stream.lanes
         for piece in start_workers(loader):
-            pending.setdefault(piece["batch"], []).append((piece["lanes"], piece["samples"]))
-            while sum(len(piece_lanes) for piece_lanes, _ in pending.get(index, ())) == len(lanes):
-                yield index, join(pending.pop(index), lanes, per_lane)
+            pending.setdefault(piece["batch"], []).append(piece)
+            while sum(len(p["lanes"]) for p in pending.get(index, ())) == len(lanes):
+                pieces = pending.pop(index)
+                batch = join([(p["lanes"], p["samples"]) for p in pieces], lanes, per_lane, pin=cuda and workers > 0,
+                             copy=workers > 0)
+                if workers:
+                    for p in pieces:
+                        stream.ring.release(p["worker"])
+                    kept.extend(pieces)
+                yield index, batch
                 index += 1
 
 
