@@ -14,7 +14,7 @@ loader, on the CPU; int4 is unpacked where the batch lands, on the GPU, so not h
 passes after an untimed one (so the files are in the page cache) through the trainer's loader
 (StoreLoader: StoreStream in a DataLoader, --lanes lanes, the workers sharing them, their pieces joined into
 batches, a shuffle buffer of 1 MB per lane: at ImageNet scale the default 64 MB is a small share of a lane, as
-1 MB is here), each pass timed from its first batch. GB/s counts the bytes per view of
+1 MB is here), each pass timed after its first quarter (loader_rate says why). GB/s counts the bytes per view of
 the store's tar shards times the samples delivered (for the zarr reader too: the same arrays).
 
 Side by side in the same run: a plain copy of the same bytes per sample from the page-cached shard files
@@ -80,9 +80,10 @@ def local_endpoint():
 def loader_rate(store: str, workers: int, batch_size: int, lanes: int, epochs: int, mask: str, reader: str,
                 checksum: bool = True) -> float:
     """Samples/s of the training loader (StoreLoader's joined batches, before they move to a device and int8/int4
-    targets are decoded there) over `epochs` passes of the store, each timed from its first batch (so the workers'
-    start and the first shard's load are left out), after a first pass that opens the connections.
-    checksum=False: as if the commits had recorded no crc32c, to measure what the check costs."""
+    targets are decoded there) over `epochs` passes of the store, after a first pass that opens the connections.
+    Each pass is timed after its first quarter: an epoch's new loader workers start cold (the fork, their first
+    shards' and batches' memory), which at ImageNet scale is paid once in some 20,000 batches and here would be
+    most of a pass. checksum=False: as if the commits had recorded no crc32c, to measure what the check costs."""
     manifest = open_store(store)
     if not checksum:
         for shard in manifest.shards:
@@ -93,10 +94,11 @@ def loader_rate(store: str, workers: int, batch_size: int, lanes: int, epochs: i
     samples, seconds = 0, 0.0
     for epoch in range(epochs + 1):
         stream.set_epoch(epoch)
+        warm = stream.plan().steps // 4
         for i, (_index, batch) in enumerate(loader._joined(0)):
-            if i == 0:
+            if i == warm:
                 start = time.perf_counter()
-            elif epoch:
+            elif i > warm and epoch:
                 samples += batch["count"]
         seconds += time.perf_counter() - start if epoch else 0.0
     return samples / seconds
