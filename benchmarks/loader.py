@@ -7,7 +7,7 @@
 Stores with the default MAE + CLIP ViT-B/16 target shapes (feat.clip [69, 768], two relation blocks
 [12, 69, 69], the kept store's 68 patches + CLS) are made by precompute from teachers of ViT-B width and
 heads but 3 blocks with random weights: the loader's cost depends on the bytes per view, not on the
-teachers' depth or weights. Five forms: the fp16 kept store (the default), the same with --encoding int8, the
+teachers' depth or weights. Five forms: the exact fp16 kept store, the same with --encoding int8, the
 compact store (--encoding int4 --compress zstd --pixels jpeg: every sample's JPEG and zstd frames are decoded by the
 loader, on the CPU; int4 is unpacked where the batch lands, on the GPU, so not here), a --tokens full store read with
 --mask random, and the kept store's zarr form. Each is read for `--epochs`

@@ -23,8 +23,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
+from hdistill.common.tokens import patchify
 from hdistill.precompute.image import decode_image
 from hdistill.precompute.view import make_view, render_view
 from hdistill.shards.pixels import decode_patches, encode_patches, round_trip
@@ -33,8 +35,8 @@ SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "assets" / "imagenet-s
 
 
 def patches_of(view: np.ndarray, patch: int) -> np.ndarray:
-    g = view.shape[0] // patch
-    return view.reshape(g, patch, g, patch, 3).transpose(0, 2, 1, 3, 4).reshape(g * g, patch, patch, 3)
+    """uint8 [S, S, 3] -> [N, P, P, 3] in raster order."""
+    return patchify(torch.from_numpy(view)[None], patch)[0].numpy()
 
 
 def rate(fn, items, repeats: int) -> float:

@@ -34,7 +34,7 @@ from hdistill.common.storage import Location, Retry, error_text, read_files, tra
 from hdistill.common.targets import KINDS, TargetSpec, parse_targets
 from hdistill.common.tokens import gather_rows, patchify, token_index
 from hdistill.shards.encoding import encode, parse_encodings
-from hdistill.shards.format import StoredSample, StoreLayout, shard_name
+from hdistill.shards.format import ZSTD_SAVING, StoredSample, StoreLayout, shard_name
 from hdistill.shards.manifest import Manifest
 from hdistill.shards.pixels import PixelSpec, decode_patches, decoder, encode_patches
 from hdistill.shards.size import planned_view_bytes, size_lines
@@ -96,7 +96,7 @@ def print_size(manifest: Manifest, images: list[ImageRef], cfg: PrecomputeConfig
         jpeg = jpeg_bytes(images[:probes], cfg, manifest)
         notes["pixels.jpg"] = f"  (estimated from {min(probes, len(images))} views)"
     if manifest.compress == "zstd":
-        notes.update({m: "  (before zstd: 15-28% less for int4, 5-10% for fp16)"
+        notes.update({m: f"  (before zstd, which saves {ZSTD_SAVING})"
                       for m in manifest.members().values() if m.endswith(".zst")})
     lines = size_lines(planned_view_bytes(manifest, jpeg), len(images), manifest.layout.views, notes)
     print("precompute: store size: " + "\n".join(lines), file=sys.stderr)
@@ -174,7 +174,8 @@ class ViewDataset(torch.utils.data.Dataset):
         record = ViewRecord(ref.source, img.size, params)
         if self.cfg.pixels == "jpeg":       # the teacher sees the JPEG's pixels; the mosaic is encoded from the view's
             out["source"] = torch.from_numpy(pixels)
-        return {**out, "pixels": torch.from_numpy(teacher_view(pixels, self.patch, self.cfg.pixels, self.cfg.jpeg_quality)), "record": record}
+        seen = teacher_view(pixels, self.patch, self.cfg.pixels, self.cfg.jpeg_quality)
+        return {**out, "pixels": torch.from_numpy(seen), "record": record}
 
 
 def collate_views(items: list) -> dict | Failure:

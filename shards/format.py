@@ -1,6 +1,7 @@
 """Store format v5: names, the sample's arrays, the shard layout and store order. docs/FORMAT.md is the reference."""
 from __future__ import annotations
 
+import functools
 import io
 import json
 import re
@@ -126,6 +127,7 @@ def sample_arrays(layout: StoreLayout, targets: list[TargetSpec]) -> dict[str, t
 
 PLAIN = ("stage", "keep", "pixels")       # a sample's arrays that are not targets (never compressed)
 ZSTD_LEVEL = 3
+ZSTD_SAVING = "11-27% of int4 targets, 8-11% of fp16 ones"     # measured on the real ViT-S/14 (docs/FORMAT.md)
 
 
 def sample_members(layout: StoreLayout, targets: list[TargetSpec], pixels: PixelSpec,
@@ -137,7 +139,9 @@ def sample_members(layout: StoreLayout, targets: list[TargetSpec], pixels: Pixel
             for name in sample_arrays(layout, targets)}
 
 
+@functools.cache
 def zstd():
+    """The zstd codec of --compress zstd (stateless: one serves every frame)."""
     import numcodecs
     return numcodecs.Zstd(level=ZSTD_LEVEL)
 

@@ -5,7 +5,7 @@ from hdistill.common.storage import as_location
 
 from .encoding import ENCODINGS
 from .format import store_bytes
-from .manifest import read_manifest
+from .manifest import Manifest, read_manifest
 from .pixels import describe_decoder
 from .size import human, measured_view_bytes, size_lines
 
@@ -44,7 +44,7 @@ def describe_store(store: str) -> list[str]:
     return lines
 
 
-def entry_lines(store: str, m) -> list[str]:
+def entry_lines(store: str, m: Manifest) -> list[str]:
     """Bytes per view by webdataset entry, measured on the largest tar shard, and what they come to for the store."""
     shards = [s for s in m.shards if s.file and s.samples]
     if not shards:

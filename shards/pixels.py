@@ -19,9 +19,11 @@ from dataclasses import asdict, dataclass
 
 import google_crc32c
 import numpy as np
+import torch
 from PIL import Image, features
 
 from hdistill.common.errors import HdistillError
+from hdistill.common.tokens import patchify
 
 PIXELS = ("raw", "jpeg")
 MEMBERS = {"raw": "pixels.npy", "jpeg": "pixels.jpg"}     # the webdataset entry of a sample's pixels
@@ -117,8 +119,7 @@ def round_trip(view: np.ndarray, patch: int, quality: int) -> np.ndarray:
     g = S // patch
     if S % patch:
         raise HdistillError(f"--pixels jpeg: the view's {S} px are not a whole number of {patch}-px patches")
-    patches = view[:g * patch, :g * patch].reshape(g, patch, g, patch, 3).transpose(0, 2, 1, 3, 4).reshape(
-        g * g, patch, patch, 3)                                                    # [N, P, P, 3], raster order
+    patches = patchify(torch.from_numpy(view)[None], patch)[0].numpy()           # [N, P, P, 3], raster order
     decoded = decode_patches(encode_patches(patches, g, quality), g * g, patch, g)
     return decoded.reshape(g, g, patch, patch, 3).transpose(0, 2, 1, 3, 4).reshape(g * patch, g * patch, 3)
 

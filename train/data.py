@@ -17,9 +17,9 @@ import random
 import time
 import zlib
 from collections.abc import Iterator
-from dataclasses import replace
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -158,7 +158,7 @@ class BatchRing:
     its piece j - slots: the main copies each batch's pieces into the batch it hands out (StoreLoader: `join`), then
     releases them (`released[w]` counts worker w's released pieces). DataLoader asks a worker for at most
     prefetch_factor pieces ahead of what the main process has received, so with slots = prefetch_factor + 2 a worker
-    never waits; `wait` is the guard that makes the reuse safe whatever asks.
+    never waits; next_slot's wait is the guard that makes the reuse safe whatever asks.
     """
 
     WAIT_S = 600.0
