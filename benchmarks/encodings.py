@@ -30,7 +30,7 @@ from hdistill.precompute.config import EXACT, PrecomputeConfig, Runtime
 from hdistill.precompute.run import run_precompute
 from hdistill.precompute.targets import compute_targets, plan_mask, plan_targets
 from hdistill.shards.encoding import ENCODINGS, Int4
-from hdistill.shards.format import npy_bytes, zstd
+from hdistill.shards.format import npy_bytes, zstd_compress
 from hdistill.train.data import AllSamples, StoreStream
 from hdistill.train.config import TrainConfig, TrainRuntime
 from hdistill.train.run import Trainer
@@ -64,7 +64,7 @@ def int4_blocks(width: int) -> dict[str, Int4]:
 
 def zstd_bytes_per_value(arrays: dict[str, np.ndarray], spec: TargetSpec) -> float:
     """Bytes per value of a sample's arrays as --compress zstd stores them (each array's npy in a zstd frame)."""
-    frames = [len(zstd().encode(npy_bytes(a[i]))) for a in arrays.values() for i in range(len(a))]
+    frames = [len(zstd_compress(npy_bytes(a[i]))) for a in arrays.values() for i in range(len(a))]
     return sum(frames) / (len(next(iter(arrays.values()))) * int(np.prod(spec.shape)))
 
 

@@ -25,8 +25,8 @@ from hdistill.common.targets import TargetSpec
 
 from . import tarindex
 from .encoding import decode, target_arrays
-from .format import FORMATS, npy_bytes, npy_load, zstd
-from .pixels import decode_patches, decoded_pixels_crc32c, decoder, describe_decoder
+from .format import FORMATS, npy_bytes, npy_load, zstd_decompress
+from .pixels import DECODERS, REFERENCE, decode_patches, decoded_pixels_crc32c, describe_decoder
 from .manifest import Manifest, ShardRecord
 from .zarr_store import read_region, read_slots, shard_file, shard_label
 
@@ -76,10 +76,14 @@ class StoreReader:
         self.arrays = {n: shapes[n] for n in ("stage", "keep", "pixels")}
         for spec in self.specs:
             self.arrays.update(target_arrays(spec))
-        self.headers = {name: _npy_header(shape, dtype) for name, (shape, dtype) in self.arrays.items()}
+        # name -> (npy header, shape, dtype, values): what a sample's array is expected to be, worked out once
+        self.expected = {name: (_npy_header(shape, dtype), tuple(shape), np.dtype(dtype), int(np.prod(shape)))
+                         for name, (shape, dtype) in self.arrays.items()}
         self.members = {name: member for name, member in manifest.members().items() if name in self.arrays}
         self.buffers = Buffers(keep_loaded)       # the memory of loaded tar shards, reused once their samples are gone
-        self.decoder_checked = manifest.pixels.encoding != "jpeg"   # JPEG pixels: checked on the first shard read
+        self.jpeg_decoder: str | None = None     # JPEG pixels: the DECODERS entry check_decoder chose on the first shard
+        if manifest.pixels.encoding == "jpeg":
+            import torchcodec.decoders  # noqa: F401  (here, so that loader workers forked from this process have it)
 
     def check_present(self, shards: list[ShardRecord]):
         """Refuse, before anything is read, a store in which a file of `shards` is missing or (a tar) not of its
@@ -136,7 +140,7 @@ class StoreReader:
             index = tarindex.samples(buf)
         except tarindex.TarError as err:
             raise HdistillError(f"{url}: not a readable tar shard ({err})") from None
-        if not self.decoder_checked:
+        if self.jpeg_decoder is None and self.manifest.pixels.encoding == "jpeg":
             self.check_decoder(shard, buf, index)
         for offset in sorted(offsets) if offsets is not None else range(len(index)):
             if offset >= len(index):
@@ -148,39 +152,43 @@ class StoreReader:
             yield self._sample(url, key, shard.view, arrays, view_json, checked=True)
 
     def check_decoder(self, shard: ShardRecord, buf, index):
-        """Refuse to read JPEG pixels that this process decodes otherwise than the teacher's decoder did: the whole
-        shard's decoded pixels against the CRC32C its commit recorded (once per reader; hdistill verify checks all)."""
-        url = self.where(shard)
-        crc = decoded_pixels_crc32c(self._view(buf, url, key, "pixels", entries) for key, entries in index)
-        if crc != shard.pixels_crc32c:
-            raise HdistillError(
-                f"{url}: its JPEG pixels decode here ({describe_decoder(decoder())}) to other pixels than the teacher "
-                f"saw ({describe_decoder(self.manifest.pixels.decoder)}; CRC32C {crc}, recorded "
-                f"{shard.pixels_crc32c}): read the store with the Pillow and libjpeg-turbo that made it")
-        self.decoder_checked = True
+        """Choose the JPEG decoder: the first of pixels.DECODERS whose pixels of this shard are those the teacher
+        saw (the CRC32C its commit recorded), checked once per reader on the first shard it reads; refuse to read
+        if none is (hdistill verify checks every shard)."""
+        url, found = self.where(shard), []
+        for name, (decode_jpeg, describe) in DECODERS.items():
+            try:
+                crc = decoded_pixels_crc32c(self._patches(buf, url, key, entries, decode_jpeg) for key, entries in index)
+            except HdistillError:
+                if name == REFERENCE:
+                    raise
+                continue                                    # damaged data: the reference decoder will say where
+            if crc == shard.pixels_crc32c:
+                self.jpeg_decoder = name
+                return
+            found.append(f"{describe_decoder(describe())}: CRC32C {crc}")
+        raise HdistillError(
+            f"{url}: its JPEG pixels decode here ({'; '.join(found)}) to other pixels than the teacher saw "
+            f"({describe_decoder(self.manifest.pixels.decoder)}; CRC32C {shard.pixels_crc32c}): read the store with "
+            "the Pillow and libjpeg-turbo that made it")
 
     def _view(self, buf, url: str, key: str, name: str, entries: dict[str, tuple[int, int]]) -> np.ndarray:
         """The array `name` of a sample: a view into the shard after its npy header is checked, or decoded from
         its JPEG or zstd frame."""
-        shape, dtype = self.arrays[name]
         member = self.members[name]
         if member not in entries:
             raise HdistillError(f"{url}: sample {key}: missing {member}")
         offset, size = entries[member]
         if member.endswith(".jpg"):
-            n, P = shape[:2]
-            return decode_patches(buf[offset:offset + size], n, P, self.manifest.layout.image_size // P,
-                                  f"{url}: sample {key}: {member}")
+            return self._patches(buf, url, key, entries, DECODERS[self.jpeg_decoder][0])
         if member.endswith(".zst"):
             try:
-                buf = zstd().decode(buf[offset:offset + size])
-            except (RuntimeError, ValueError) as err:
+                buf = zstd_decompress(buf[offset:offset + size])
+            except ValueError as err:
                 raise HdistillError(f"{url}: sample {key}: damaged {member} ({err})") from None
             offset, size = 0, len(buf)
-        header = self.headers[name]
-        count = int(np.prod(shape))
-        fits = size == len(header) + count * np.dtype(dtype).itemsize
-        if fits and bytes(buf[offset:offset + len(header)]) == header:
+        header, shape, dtype, count = self.expected[name]
+        if size == len(header) + count * dtype.itemsize and bytes(buf[offset:offset + len(header)]) == header:
             return np.frombuffer(buf, dtype, count, offset + len(header)).reshape(shape)
         try:                                    # another header: an array of another shape, or another numpy's npy
             a = npy_load(bytes(buf[offset:offset + size]))
@@ -188,6 +196,16 @@ class StoreReader:
             raise HdistillError(f"{url}: sample {key}: damaged {name}.npy ({err})") from None
         self._check(url, key, name, a)
         return a
+
+    def _patches(self, buf, url: str, key: str, entries: dict[str, tuple[int, int]], decode) -> np.ndarray:
+        """A sample's pixels from its JPEG mosaic, uint8 [n, P, P, 3], decoded by `decode`."""
+        (n, P, *_), _dtype = self.arrays["pixels"]
+        member = self.members["pixels"]
+        if member not in entries:
+            raise HdistillError(f"{url}: sample {key}: missing {member}")
+        offset, size = entries[member]
+        return decode_patches(buf[offset:offset + size], n, P, self.manifest.layout.image_size // P,
+                              f"{url}: sample {key}: {member}", decode)
 
     def _read_zarr(self, shard: ShardRecord, offsets: set[int] | None) -> Iterator[Sample]:
         where, layout = self.where(shard), self.manifest.layout

@@ -37,10 +37,10 @@ def _pax_records(data: bytes, where: int) -> dict[str, str]:
 
 def members(buf) -> list[tuple[str, int, int]]:
     """[(name, data offset, size)] of the regular members, in archive order."""
-    out, pos, end, pending = [], 0, len(buf), {}
+    out, pos, end, pending, view = [], 0, len(buf), {}, memoryview(buf).cast("B")
     while pos + BLOCK <= end:
-        header = bytes(buf[pos:pos + BLOCK])
-        if header.count(0) == BLOCK:                     # end of archive: a zero block
+        header = view[pos:pos + BLOCK].tobytes()
+        if header[0] == 0 and header.count(0) == BLOCK:  # end of archive: a zero block (a member's name is not empty)
             return out
         size = _number(header[124:136], pos)
         kind = header[156:157]
@@ -53,7 +53,7 @@ def members(buf) -> list[tuple[str, int, int]]:
                 pending = records
         elif kind in (b"0", b"\0"):
             name = header[:100].rstrip(b"\0").decode()
-            prefix = header[345:500].rstrip(b"\0").decode() if header[257:262] == b"ustar" else ""
+            prefix = header[345:500].rstrip(b"\0").decode() if header[345] and header[257:262] == b"ustar" else ""
             name = pending.get("path", f"{prefix}/{name}" if prefix else name)
             out.append((name, data, int(pending.get("size", size))))
             pending = {}

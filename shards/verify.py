@@ -8,7 +8,7 @@ from hdistill.common.files import stream_sha256
 from hdistill.common.storage import Location, as_location
 
 from .manifest import Manifest, ShardRecord, read_manifest
-from .pixels import decoded_pixels_crc32c, decoder, describe_decoder
+from .pixels import DECODERS, decoded_pixels_crc32c, describe_decoder
 from .reader import StoreReader
 from .zarr_store import array_shapes, read_region, region_digest
 
@@ -45,7 +45,8 @@ def check_shard(store: Location, manifest: Manifest, reader: StoreReader, shard:
             if shard.pixels_crc32c is not None:
                 pixels.append(sample.pixels)
         if shard.pixels_crc32c is not None and decoded_pixels_crc32c(pixels) != shard.pixels_crc32c:
-            problems.append(f"{label}: its JPEG pixels decode here ({describe_decoder(decoder())}) to other pixels "
+            problems.append(f"{label}: its JPEG pixels decode here ({describe_decoder(DECODERS[reader.jpeg_decoder][1]())}) "
+                            "to other pixels "
                             f"than the teacher saw ({describe_decoder(manifest.pixels.decoder)})")
     except HdistillError as err:
         return problems + [str(err).replace(f"{store.url}/", "")]

@@ -3,7 +3,7 @@
 int4 is checked against a block quantiser and a nibble packing written here; a compact store is read back by hand
 with webdataset, numcodecs, numpy and PIL as docs/FORMAT.md says; the pixels of a loader batch are the pixels the
 teacher ran on (the teacher's targets are recomputed from them by the by-hand forward of tests/reference.py); a
-decoder that gives other pixels stops the loader and fails verify; --dry-run prints the size and writes nothing.
+decoder that gives other pixels stops the loader and fails verify, unless Pillow (the reference) gives the teacher's; --dry-run prints the size and writes nothing.
 """
 import io
 import json
@@ -175,23 +175,42 @@ def test_a_full_int4_store_is_decoded_then_cut_by_token(compact):
                 np.testing.assert_array_equal(batch["targets"][name][i].numpy(), expected.astype(np.float16))
 
 
-def test_a_decoder_that_gives_other_pixels_stops_the_loader_and_fails_verify(compact, monkeypatch):
-    import hdistill.shards.pixels as pixels
-    decode_jpeg = pixels.decode_jpeg
-
-    def off_by_one(data, where="a JPEG"):
-        image = decode_jpeg(data, where).copy()
+def off_by_one(decode):
+    """A JPEG decoder that gives other pixels than `decode`: its first pixel's lowest bit flipped."""
+    def other(data, where="a JPEG"):
+        image = decode(data, where).copy()
         image[0, 0, 0] ^= 1
         return image
+    return other
 
-    monkeypatch.setattr(pixels, "decode_jpeg", off_by_one)
-    with pytest.raises(HdistillError, match=r"view0-000000.tar: its JPEG pixels decode here \(Pillow .*\) to other "
-                                            r"pixels than the teacher saw"):
+
+def test_a_decoder_that_gives_other_pixels_stops_the_loader_and_fails_verify(compact, monkeypatch):
+    import hdistill.shards.pixels as pixels
+    for name, (decode, describe) in list(pixels.DECODERS.items()):
+        monkeypatch.setitem(pixels.DECODERS, name, (off_by_one(decode), describe))
+    with pytest.raises(HdistillError, match=r"view0-000000.tar: its JPEG pixels decode here \(TorchCodec .*: CRC32C "
+                                            r"[0-9a-f]{8}; Pillow .*\) to other pixels than the teacher saw"):
         next(iter(Store(compact / "small").loader(4, lanes=1)))
     _, problems = verify_store(compact / "small")
     assert len(problems) == len(read_manifest(compact / "small").shards)
     assert all("to other pixels than the teacher saw" in p for p in problems)
-    monkeypatch.setattr(pixels, "decode_jpeg", decode_jpeg)
+    monkeypatch.undo()
+    assert verify_store(compact / "small")[1] == []
+
+
+def test_the_loader_decodes_with_pillow_where_the_faster_decoder_gives_other_pixels(compact, monkeypatch):
+    import hdistill.shards.pixels as pixels
+    decode, describe = pixels.DECODERS["torchcodec"]
+    monkeypatch.setitem(pixels.DECODERS, "torchcodec", (off_by_one(decode), describe))
+    manifest = read_manifest(compact / "small")
+    reader = StoreReader(compact / "small", manifest)
+    read = {s.key: s.pixels for shard in manifest.shards for s in reader.read(shard)}
+    assert reader.jpeg_decoder == "pillow"
+    by_hand = plain_samples(compact / "small")
+    assert all(np.array_equal(pixels, by_hand[key]["pixels"]) for key, pixels in read.items())
+    batch = next(iter(Store(compact / "small").loader(4, lanes=1)))
+    for key, patches in zip(batch["keys"], batch["pixels"]):
+        np.testing.assert_array_equal(patches.numpy(), by_hand[key]["pixels"])
     assert verify_store(compact / "small")[1] == []
 
 
