@@ -79,6 +79,31 @@ def test_a_hand_written_loop_on_the_public_loader_gives_the_trainers_losses(stor
     assert losses == pytest.approx(expected, rel=1e-5)
 
 
+def test_workers_shared_memory_serves_epoch_after_epoch_but_never_two_iterators(store):
+    """The workers' batch memory (BatchRing) is made once and reused by the next epoch's workers; an epoch left
+    midway whose iterator is still alive keeps its own, so the batches stay those of one process."""
+    opened = hdistill.open_store(str(store))
+    options = dict(batch_size=4, seed=5, lanes=4, buffer_mb=0.02)
+    alone = opened.loader(**options)
+    expected = [b for _ in range(3) for b in alone]                         # epochs 0, 1 and 2, without workers
+    loader = opened.loader(**options, workers=2)
+    left = iter(loader)
+    got = [next(left)]                                                      # epoch 0, left after its first batch
+    kept, rings = loader.stream.ring, []
+    for _ in range(3):                                                      # the rest of epoch 0, then 1 and 2
+        got += list(loader)
+        rings.append(loader.stream.ring)
+    assert left.gi_frame is not None                                        # still alive, its workers too
+    assert all(ring is rings[0] for ring in rings) and rings[0] is not kept
+    assert len(got) == len(expected) == 9
+    for a, b in zip(expected, got):
+        assert a["keys"] == b["keys"]
+        for name in ("pixels", "keep"):
+            assert torch.equal(a[name], b[name])
+        for name, values in a["targets"].items():
+            assert torch.equal(values, b["targets"][name])
+
+
 def test_workers_give_the_batches_of_one_process(store):
     """Two workers read lanes 0, 2 and 1, 3: their pieces are put back in lane order, keys and arrays alike."""
     opened = hdistill.open_store(str(store))

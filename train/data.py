@@ -19,7 +19,7 @@ import zlib
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -81,9 +81,10 @@ def _placed(parts: list[dict], order: list[tuple[int, int]], per_lane: int, pin:
             out[key] = _placed(values, order, per_lane, pin)
         elif isinstance(value, (torch.Tensor, list)):
             rows = [values[k][j * per_lane:(j + 1) * per_lane] for k, j in order]
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, torch.Tensor):       # copied by numpy, on this thread: torch.cat's threads would
                 joined = torch.empty((sum(len(r) for r in rows), *value.shape[1:]), dtype=value.dtype, pin_memory=pin)
-                out[key] = torch.cat(rows, out=joined)
+                np.concatenate([r.numpy() for r in rows], out=joined.numpy())   # spin on the workers' cores
+                out[key] = joined
             else:
                 out[key] = [r for rs in rows for r in rs]
         else:
@@ -151,26 +152,35 @@ def torch_dtype(dtype) -> torch.dtype:
 
 
 class BatchRing:
-    """The batch arrays of loader workers, in shared memory made once and reused, so that a piece crosses to the main
-    process without a copy or a fresh page (a fresh shared array per piece pays a page fault per 4 KiB twice).
+    """The batch arrays of loader workers, in shared memory that the main process makes before its workers start
+    (they inherit it) and reuses from epoch to epoch: a piece crosses to the main process as its slot number alone,
+    with no file descriptor to pass and no fresh page to fault in.
 
-    Worker w writes its j-th piece of an epoch into slot j % `slots` of its own, once the main process has released
-    its piece j - slots: the main copies each batch's pieces into the batch it hands out (StoreLoader: `join`), then
-    releases them (`released[w]` counts worker w's released pieces). DataLoader asks a worker for at most
-    prefetch_factor pieces ahead of what the main process has received, so with slots = prefetch_factor + 2 a worker
-    never waits; next_slot's wait is the guard that makes the reuse safe whatever asks.
+    `pieces`: worker -> its piece's arrays, name -> (shape, dtype) (StoreStream.piece_arrays). Worker w writes its
+    j-th piece of an epoch into slot j % `slots` of its own, once the main process has released its piece j - slots:
+    the main copies each batch's pieces into the batch it hands out (StoreLoader: `join`), then releases them
+    (`released[w]` counts worker w's released pieces). DataLoader asks a worker for at most prefetch_factor pieces
+    ahead of what the main process has received, so with slots = prefetch_factor + 2 a worker never waits;
+    next_slot's wait is the guard that makes the reuse safe whatever asks.
     """
 
     WAIT_S = 600.0
 
-    def __init__(self, workers: int, slots: int):
-        self.released = torch.zeros(workers, dtype=torch.int64).share_memory_()
-        self.slots = slots
-        self.arrays: dict[tuple[int, str], torch.Tensor] = {}       # (slot, name) -> this worker's shared array
-        self.made = 0                                               # pieces this worker has made this epoch
+    def __init__(self, pieces: dict[int, dict[str, tuple]], slots: int):
+        self.pieces, self.slots = pieces, slots
+        self.released = torch.zeros(len(pieces), dtype=torch.int64).share_memory_()
+        self.arrays = {(w, slot, name): torch.empty(shape, dtype=torch_dtype(dtype)).share_memory_()
+                       for w, arrays in pieces.items() for slot in range(slots)
+                       for name, (shape, dtype) in arrays.items()}
+        self.made = 0                       # pieces made this epoch: the worker's own count (forked at 0)
 
-    def next_slot(self, worker: int):
-        """The array maker of this worker's next piece, once its slot is free."""
+    def reset(self):
+        """A new epoch, its workers not yet started: no piece made or released."""
+        self.released.zero_()
+        self.made = 0
+
+    def next_slot(self, worker: int) -> int:
+        """This worker's slot for its next piece, once the main process has released what the slot held."""
         deadline = time.monotonic() + self.WAIT_S
         while int(self.released[worker]) < self.made - self.slots + 1:
             if time.monotonic() > deadline:
@@ -178,18 +188,37 @@ class BatchRing:
                                     f"{self.WAIT_S:.0f} s")
             time.sleep(1e-4)
         slot, self.made = self.made % self.slots, self.made + 1
-        return lambda name, shape, dtype: self._array(slot, name, shape, dtype)
+        return slot
 
-    def _array(self, slot: int, name: str, shape, dtype) -> torch.Tensor:
-        dtype = torch_dtype(dtype)
-        array = self.arrays.get((slot, name))
-        if array is None or array.shape != tuple(shape) or array.dtype != dtype:
-            storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(math.prod(shape), device="cpu")
-            array = self.arrays[(slot, name)] = torch.empty(0, dtype=dtype).new(storage).resize_(shape)
+    def maker(self, worker: int, slot: int):
+        """collate's `array` for a piece in this slot: the slot's array of each name."""
+        def array(name, shape, dtype):
+            out = self.arrays[(worker, slot, name)]
+            assert out.shape == tuple(shape) and out.dtype == torch_dtype(dtype), (name, out.shape, shape)
+            return out
         return array
+
+    def stripped(self, piece: dict, worker: int, slot: int) -> dict:
+        """The piece with each of the slot's arrays replaced by its name (what crosses to the main process)."""
+        own = {id(self.arrays[(worker, slot, name)]): name for name in self.pieces[worker]}
+        return _mapped(piece, lambda t: _InSlot(own[id(t)]) if id(t) in own else t)
+
+    def filled(self, piece: dict, worker: int, slot: int) -> dict:
+        """A stripped piece with the main process's views of the slot's arrays back in place."""
+        return _mapped(piece, lambda v: self.arrays[(worker, slot, v.name)] if isinstance(v, _InSlot) else v)
 
     def release(self, worker: int):
         self.released[worker] += 1
+
+
+@dataclass(frozen=True)
+class _InSlot:
+    name: str
+
+
+def _mapped(tree, fn):
+    """A nested dict with `fn` applied to every value that is not a dict."""
+    return {k: _mapped(v, fn) if isinstance(v, dict) else fn(v) for k, v in tree.items()}
 
 
 class StoreStream(torch.utils.data.IterableDataset):
@@ -239,14 +268,19 @@ class StoreStream(torch.utils.data.IterableDataset):
         self.ring: BatchRing | None = None        # loader workers' reused batch memory (StoreLoader sets it)
         self.epoch, self.start = 0, 0
 
+    def piece_arrays(self, B: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """The arrays `collate` makes for B samples, name -> (shape, dtype): pixels, keep, then each stored array."""
+        n, P = self.n_keep if self.mask != "none" else self.layout.num_patches, self.layout.patch_size
+        out = {"pixels": ((B, n, P, P, 3), np.uint8), "keep": ((B, n), np.int64)}
+        out.update({name: ((B, *(kind.token_shape(shape, int(cls) + n) if self.full else shape)), dtype)
+                    for name, shape, dtype, kind, cls in self.stored})
+        return out
+
     def collate(self, samples: list[Sample], array=batch_tensor) -> dict:
         """Stored samples -> a batch of what the student sees: pixels [B, n, P, P, 3], keep [B, n] and each target
         over those tokens, each gathered with one copy from the loaded shards into a batch array that `array(name,
         shape, dtype)` gives; the samples' keys (<image id>-v<view>) and views [B], to trace a sample to its image."""
-        B, n, P = len(samples), self.n_keep if self.mask != "none" else self.layout.num_patches, self.layout.patch_size
-        tensors = {"pixels": array("pixels", (B, n, P, P, 3), np.uint8), "keep": array("keep", (B, n), np.int64)}
-        tensors.update({name: array(name, (B, *(kind.token_shape(shape, int(cls) + n) if self.full else shape)), dtype)
-                        for name, shape, dtype, kind, cls in self.stored})
+        tensors = {name: array(name, shape, dtype) for name, (shape, dtype) in self.piece_arrays(len(samples)).items()}
         pixels, keep = tensors["pixels"].numpy(), tensors["keep"].numpy()
         arrays = {name: tensors[name].numpy() for name, *_ in self.stored}
         for i, stored in enumerate(samples):
@@ -264,7 +298,7 @@ class StoreStream(torch.utils.data.IterableDataset):
                 for name, a in arrays.items():
                     a[i] = stored.stored[name]
         names = {t.name for t in self.targets}
-        batch = {"count": B, "keys": [s.key for s in samples], "views": torch.tensor([s.view for s in samples]),
+        batch = {"count": len(samples), "keys": [s.key for s in samples], "views": torch.tensor([s.view for s in samples]),
                  "pixels": tensors["pixels"], "keep": tensors["keep"],
                  "targets": {name: tensors[name] for name in arrays if name in names},
                  "companions": {name: tensors[name] for name in arrays if name not in names}}
@@ -308,9 +342,12 @@ class StoreStream(torch.utils.data.IterableDataset):
                                 "store replaced while the run read it?); check it with hdistill verify, then run "
                                 "the same command to resume from the last checkpoint")
                         samples += taken
-                    array = self.ring.next_slot(info.id) if info and self.ring else batch_tensor
-                    yield {"batch": b, "lanes": lanes, "worker": info.id if info else 0,
-                           "samples": self.collate(samples, array)}
+                    if info and self.ring:          # a worker: the piece stays in the ring, its slot crosses
+                        slot = self.ring.next_slot(info.id)
+                        piece = self.ring.stripped(self.collate(samples, self.ring.maker(info.id, slot)), info.id, slot)
+                        yield {"batch": b, "lanes": lanes, "worker": info.id, "slot": slot, "samples": piece}
+                    else:
+                        yield {"batch": b, "lanes": lanes, "worker": 0, "samples": self.collate(samples)}
         except HdistillError as err:
             yield Failure(str(err))
 

@@ -13,7 +13,6 @@ l with l % world_size == r). The order is a function of (seed, epoch, lanes, bat
 """
 from __future__ import annotations
 
-import collections
 from collections.abc import Iterator
 
 import torch
@@ -42,6 +41,8 @@ class StoreLoader:
     def __init__(self, stream: StoreStream, workers: int = 0, device: str = "cpu", epoch: int = 0, batch: int = 0):
         self.stream, self.workers, self.device = stream, workers, device
         self.epoch, self.batch = epoch, batch
+        self._rings: dict[int, BatchRing] = {}          # worker count -> its workers' shared batch memory
+        self._rings_in_use: set[int] = set()
 
     def __len__(self) -> int:
         """Global batches of the current epoch."""
@@ -95,27 +96,45 @@ class StoreLoader:
         # its own generator: making the iterator draws a seed, which must not shift the global RNG that a student's
         # stochastic depth uses (a resume makes the iterator at another point of the RNG stream)
         workers, cuda = min(self.workers, len(lanes)), self.device.startswith("cuda")
-        # workers write into reused shared memory (BatchRing), which the joined batch copies out of, pinned on CUDA
-        stream.ring = BatchRing(workers, PREFETCH + 2) if workers else None
+        # workers write into shared memory made here (BatchRing), which the joined batch copies out of, pinned on CUDA
+        stream.ring = ring = self._ring(workers) if workers else None
         loader = torch.utils.data.DataLoader(
             stream, batch_size=None, num_workers=workers, pin_memory=cuda and not workers,
             prefetch_factor=PREFETCH if workers else None, worker_init_fn=loader_worker_init,
             generator=torch.Generator().manual_seed(stream.seed * 100_003 + self.epoch))
         pending: dict[int, list[dict]] = {}
-        kept = collections.deque(maxlen=workers * (PREFETCH + 2))   # released pieces: their shared memory stays mapped
         index, per_lane = start, stream.batch_size // stream.lanes
-        for piece in start_workers(loader):
-            pending.setdefault(piece["batch"], []).append(piece)
-            while sum(len(p["lanes"]) for p in pending.get(index, ())) == len(lanes):
-                pieces = pending.pop(index)
-                batch = join([(p["lanes"], p["samples"]) for p in pieces], lanes, per_lane, pin=cuda and workers > 0,
-                             copy=workers > 0)
-                if workers:
-                    for p in pieces:
-                        stream.ring.release(p["worker"])
-                    kept.extend(pieces)
-                yield index, batch
-                index += 1
+        pieces = start_workers(loader)
+        try:
+            for piece in pieces:
+                if ring:
+                    piece["samples"] = ring.filled(piece["samples"], piece["worker"], piece["slot"])
+                pending.setdefault(piece["batch"], []).append(piece)
+                while sum(len(p["lanes"]) for p in pending.get(index, ())) == len(lanes):
+                    ready = pending.pop(index)
+                    batch = join([(p["lanes"], p["samples"]) for p in ready], lanes, per_lane,
+                                 pin=cuda and workers > 0, copy=workers > 0)
+                    for p in ready if ring else ():
+                        ring.release(p["worker"])
+                    yield index, batch
+                    index += 1
+        finally:
+            pieces.close()                     # the workers stop here, before the ring may serve another epoch
+            self._rings_in_use.discard(id(ring))
+
+    def _ring(self, workers: int) -> BatchRing:
+        """The shared batch memory of an epoch's workers: made once for this worker count and piece shapes, reused
+        by the next epoch (its workers are forked from this process, so they inherit it); a new one while an
+        earlier epoch's iterator, and so maybe its workers, still uses it."""
+        stream, lanes = self.stream, self.stream.my_lanes()
+        pieces = {w: stream.piece_arrays(len(lanes[w::workers]) * stream.batch_size // stream.lanes)
+                  for w in range(workers)}
+        ring = self._rings.get(workers)
+        if ring is None or ring.pieces != pieces or id(ring) in self._rings_in_use:
+            ring = self._rings[workers] = BatchRing(pieces, PREFETCH + 2)
+        ring.reset()
+        self._rings_in_use.add(id(ring))
+        return ring
 
 
 def _prefetched(batches: Iterator[tuple[int, dict]], device: str, specs: list[TargetSpec]) -> Iterator[tuple[int, dict]]:
