@@ -2,7 +2,9 @@
 hold the student's input.
 
     raw      pixels.npy: the n stored patches as uint8 (a copy out of the loaded shard)
-    jpeg     pixels.jpg: one 4:4:4 JPEG of the stored patches (--pixels jpeg), decoded by PIL and cut into patches
+    jpeg     pixels.jpg: one 4:4:4 JPEG of the stored patches (--pixels jpeg), decoded and cut into patches: by
+             Pillow (the reference) and by TorchCodec (the loader's decoder where its pixels are Pillow's; how many
+             of the views it decodes to Pillow's pixels is printed)
     replay   no per-view pixels: the source JPEG once per image, decoded, cropped, resized and flipped again as the
              view's record says (precompute.view.render_view), then its stored patches taken; the bytes are the
              source file's shared by the store's views of that image
@@ -29,7 +31,7 @@ from PIL import Image
 from hdistill.common.tokens import patchify
 from hdistill.precompute.image import decode_image
 from hdistill.precompute.view import make_view, render_view
-from hdistill.shards.pixels import decode_patches, encode_patches, round_trip
+from hdistill.shards.pixels import decode_jpeg_torchcodec, decode_patches, encode_patches, round_trip
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "assets" / "imagenet-sample-100"
 
@@ -84,18 +86,24 @@ def main():
     for s in samples[:8]:                      # replaying a view's record gives its pixels, bit for bit
         assert np.array_equal(replay(s), s["raw"])
     rates = {"raw": rate(lambda s: np.copyto(out, s["raw"]), samples, args.repeats),
-             "jpeg": rate(lambda s: decode_patches(s["jpeg"], n, P, g), samples, args.repeats),
+             "jpeg, Pillow": rate(lambda s: decode_patches(s["jpeg"], n, P, g), samples, args.repeats),
+             "jpeg, TorchCodec": rate(lambda s: decode_patches(s["jpeg"], n, P, g, decode=decode_jpeg_torchcodec),
+                                      samples, args.repeats),
              "replay": rate(replay, samples, args.repeats)}
-    sizes = {"raw": samples[0]["raw"].nbytes, "jpeg": np.mean([len(s["jpeg"]) for s in samples]),
+    jpeg_bytes = np.mean([len(s["jpeg"]) for s in samples])
+    sizes = {"raw": samples[0]["raw"].nbytes, "jpeg, Pillow": jpeg_bytes, "jpeg, TorchCodec": jpeg_bytes,
              "replay": np.mean([len(s["source"]) for s in samples]) / args.views}
+    same = sum(np.array_equal(decode_patches(s["jpeg"], n, P, g, decode=decode_jpeg_torchcodec),
+                              decode_patches(s["jpeg"], n, P, g)) for s in samples)
     source_px = np.mean([np.prod(Image.open(f).size) for f in files]) / 1e6
     print(f"machine: {platform.processor() or 'cpu'}, {os.cpu_count()} cpus; {len(files)} ImageNet images "
           f"(mean {source_px:.2f} MP, {np.mean([len(s['source']) for s in samples]) / 1e3:.1f} kB); {S} px views, "
           f"{n} of {g * g} patches of {P} px; JPEG quality {args.quality}, 4:4:4; replay shares a source among "
           f"{args.views} views")
-    print(f"{'pixels':8s} {'bytes/view':>11s} {'samples/s/core':>15s} {'cores at 11,000/s':>18s}")
+    print(f"TorchCodec decodes {same} of {len(samples)} views to Pillow's pixels, bit for bit")
+    print(f"{'pixels':17s} {'bytes/view':>11s} {'samples/s/core':>15s} {'cores at 11,000/s':>18s}")
     for name in rates:
-        print(f"{name:8s} {sizes[name] / 1e3:9.1f} kB {rates[name]:15.0f} {11_000 / rates[name]:18.2f}")
+        print(f"{name:17s} {sizes[name] / 1e3:9.1f} kB {rates[name]:15.0f} {11_000 / rates[name]:18.2f}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ CRC32C of its decoded pixels, which the reader checks (see docs/FORMAT.md).
 """
 from __future__ import annotations
 
+import functools
 import io
 from dataclasses import asdict, dataclass
 
@@ -121,6 +122,17 @@ def decoder_torchcodec() -> dict:
 # the teacher saw; the reference (Pillow) last. name -> (decode, describe)
 DECODERS = {"torchcodec": (decode_jpeg_torchcodec, decoder_torchcodec), "pillow": (decode_jpeg, decoder)}
 REFERENCE = "pillow"
+
+
+@functools.cache
+def loader_decoders() -> dict:
+    """The DECODERS this process can use, imported here: TorchCodec where it loads (each release is built for some
+    torch releases), Pillow always."""
+    try:
+        import torchcodec.decoders  # noqa: F401
+    except (ImportError, OSError, RuntimeError):
+        return {REFERENCE: DECODERS[REFERENCE]}
+    return DECODERS
 
 
 def encode_patches(patches: np.ndarray, columns: int, quality: int) -> bytes:

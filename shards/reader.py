@@ -26,7 +26,7 @@ from hdistill.common.targets import TargetSpec
 from . import tarindex
 from .encoding import decode, target_arrays
 from .format import FORMATS, npy_bytes, npy_load, zstd_decompress
-from .pixels import DECODERS, REFERENCE, decode_patches, decoded_pixels_crc32c, describe_decoder
+from .pixels import DECODERS, REFERENCE, decode_patches, loader_decoders, decoded_pixels_crc32c, describe_decoder
 from .manifest import Manifest, ShardRecord
 from .zarr_store import read_region, read_slots, shard_file, shard_label
 
@@ -81,9 +81,9 @@ class StoreReader:
                          for name, (shape, dtype) in self.arrays.items()}
         self.members = {name: member for name, member in manifest.members().items() if name in self.arrays}
         self.buffers = Buffers(keep_loaded)       # the memory of loaded tar shards, reused once their samples are gone
-        self.jpeg_decoder: str | None = None     # JPEG pixels: the DECODERS entry check_decoder chose on the first shard
+        self.jpeg_decoder: str | None = None     # JPEG pixels: the decoder check_decoder chose on the first shard
         if manifest.pixels.encoding == "jpeg":
-            import torchcodec.decoders  # noqa: F401  (here, so that loader workers forked from this process have it)
+            loader_decoders()           # imported here: loader workers forked from this process have them
 
     def check_present(self, shards: list[ShardRecord]):
         """Refuse, before anything is read, a store in which a file of `shards` is missing or (a tar) not of its
@@ -156,9 +156,10 @@ class StoreReader:
         saw (the CRC32C its commit recorded), checked once per reader on the first shard it reads; refuse to read
         if none is (hdistill verify checks every shard)."""
         url, found = self.where(shard), []
-        for name, (decode_jpeg, describe) in DECODERS.items():
+        for name, (decode_jpeg, describe) in loader_decoders().items():
             try:
-                crc = decoded_pixels_crc32c(self._patches(buf, url, key, entries, decode_jpeg) for key, entries in index)
+                crc = decoded_pixels_crc32c(self._patches(buf, url, key, entries, decode_jpeg)
+                                            for key, entries in index)
             except HdistillError:
                 if name == REFERENCE:
                     raise

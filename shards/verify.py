@@ -45,9 +45,9 @@ def check_shard(store: Location, manifest: Manifest, reader: StoreReader, shard:
             if shard.pixels_crc32c is not None:
                 pixels.append(sample.pixels)
         if shard.pixels_crc32c is not None and decoded_pixels_crc32c(pixels) != shard.pixels_crc32c:
-            problems.append(f"{label}: its JPEG pixels decode here ({describe_decoder(DECODERS[reader.jpeg_decoder][1]())}) "
-                            "to other pixels "
-                            f"than the teacher saw ({describe_decoder(manifest.pixels.decoder)})")
+            here = describe_decoder(DECODERS[reader.jpeg_decoder][1]())
+            problems.append(f"{label}: its JPEG pixels decode here ({here}) to other pixels than the teacher saw "
+                            f"({describe_decoder(manifest.pixels.decoder)})")
     except HdistillError as err:
         return problems + [str(err).replace(f"{store.url}/", "")]
     except Exception as err:  # noqa: BLE001 - any failure to read a shard is a problem of that shard

@@ -3,7 +3,8 @@
 int4 is checked against a block quantiser and a nibble packing written here; a compact store is read back by hand
 with webdataset, numcodecs, numpy and PIL as docs/FORMAT.md says; the pixels of a loader batch are the pixels the
 teacher ran on (the teacher's targets are recomputed from them by the by-hand forward of tests/reference.py); a
-decoder that gives other pixels stops the loader and fails verify, unless Pillow (the reference) gives the teacher's; --dry-run prints the size and writes nothing.
+decoder that gives other pixels stops the loader and fails verify, unless Pillow (the reference) gives the
+teacher's; --dry-run prints the size and writes nothing.
 """
 import io
 import json
@@ -186,8 +187,8 @@ def off_by_one(decode):
 
 def test_a_decoder_that_gives_other_pixels_stops_the_loader_and_fails_verify(compact, monkeypatch):
     import hdistill.shards.pixels as pixels
-    for name, (decode, describe) in list(pixels.DECODERS.items()):
-        monkeypatch.setitem(pixels.DECODERS, name, (off_by_one(decode), describe))
+    for name, (decode_jpeg, describe) in list(pixels.DECODERS.items()):
+        monkeypatch.setitem(pixels.DECODERS, name, (off_by_one(decode_jpeg), describe))
     with pytest.raises(HdistillError, match=r"view0-000000.tar: its JPEG pixels decode here \(TorchCodec .*: CRC32C "
                                             r"[0-9a-f]{8}; Pillow .*\) to other pixels than the teacher saw"):
         next(iter(Store(compact / "small").loader(4, lanes=1)))
@@ -200,8 +201,8 @@ def test_a_decoder_that_gives_other_pixels_stops_the_loader_and_fails_verify(com
 
 def test_the_loader_decodes_with_pillow_where_the_faster_decoder_gives_other_pixels(compact, monkeypatch):
     import hdistill.shards.pixels as pixels
-    decode, describe = pixels.DECODERS["torchcodec"]
-    monkeypatch.setitem(pixels.DECODERS, "torchcodec", (off_by_one(decode), describe))
+    decode_jpeg, describe = pixels.DECODERS["torchcodec"]
+    monkeypatch.setitem(pixels.DECODERS, "torchcodec", (off_by_one(decode_jpeg), describe))
     manifest = read_manifest(compact / "small")
     reader = StoreReader(compact / "small", manifest)
     read = {s.key: s.pixels for shard in manifest.shards for s in reader.read(shard)}
@@ -212,6 +213,21 @@ def test_the_loader_decodes_with_pillow_where_the_faster_decoder_gives_other_pix
     for key, patches in zip(batch["keys"], batch["pixels"]):
         np.testing.assert_array_equal(patches.numpy(), by_hand[key]["pixels"])
     assert verify_store(compact / "small")[1] == []
+
+
+def test_a_process_without_torchcodec_reads_with_pillow(compact, monkeypatch):
+    import hdistill.shards.pixels as pixels
+    monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)           # import torchcodec.decoders fails
+    pixels.loader_decoders.cache_clear()
+    try:
+        manifest = read_manifest(compact / "small")
+        reader = StoreReader(compact / "small", manifest)
+        read = {s.key: s.pixels for s in reader.read(manifest.shards[0])}
+        assert reader.jpeg_decoder == "pillow"
+        by_hand = plain_samples(compact / "small")
+        assert all(np.array_equal(p, by_hand[key]["pixels"]) for key, p in read.items())
+    finally:
+        pixels.loader_decoders.cache_clear()
 
 
 def test_jpeg_pixels_are_refused_in_zarr(tmp_path):

@@ -60,31 +60,67 @@ def check_mask(manifest: Manifest, mask: str) -> str:
     return mask
 
 
-def join(pieces: list[tuple[list[int], dict]], lanes: list[int], per_lane: int, pin: bool = False,
-         copy: bool = False) -> dict:
+def join(pieces: list[tuple[list[int], dict]], lanes: list[int], per_lane: int, memory=None) -> dict:
     """A rank's batch from its workers' pieces, each (its lanes, ascending; their samples collated lane after lane):
     tensors and lists in the order of `lanes`, counts added, dicts key by key. One piece of all the lanes is the
-    batch as it is unless `copy`; otherwise every array is copied once, lane by lane, into a new one (in pinned
-    memory if `pin`, for the copy to a GPU)."""
-    if len(pieces) == 1 and pieces[0][0] == lanes and not copy:
+    batch as it is unless `memory` is given; otherwise every array is copied once, lane by lane, into memory that
+    `memory(bytes)` gives (a uint8 array: reused, or pinned for the copy to a GPU), one block for the batch."""
+    if len(pieces) == 1 and pieces[0][0] == lanes and memory is None:
         return pieces[0][1]
     where = {lane: (k, j) for k, (piece_lanes, _) in enumerate(pieces) for j, lane in enumerate(piece_lanes)}
     order = [where[lane] for lane in lanes]                  # lane l's samples: piece k, rows j * per_lane onwards
-    return _placed([p for _, p in pieces], order, per_lane, pin)
+    parts = [p for _, p in pieces]
+    rows = len(order) * per_lane
+    block = (memory or new_memory)(sum(_aligned(rows * t[0].nbytes) for t in _tensors_of(parts[0])))
+    return _placed(parts, order, per_lane, _Carved(block))
 
 
-def _placed(parts: list[dict], order: list[tuple[int, int]], per_lane: int, pin: bool) -> dict:
+def new_memory(size: int) -> np.ndarray:
+    return np.empty(size, np.uint8)
+
+
+def pinned_memory(size: int) -> np.ndarray:
+    return torch.empty(size, dtype=torch.uint8, pin_memory=True).numpy()
+
+
+def _aligned(size: int) -> int:
+    return -(-size // 64) * 64
+
+
+def _tensors_of(tree: dict):
+    for value in tree.values():
+        if isinstance(value, dict):
+            yield from _tensors_of(value)
+        elif isinstance(value, torch.Tensor):
+            yield value
+
+
+class _Carved:
+    """Arrays cut one after the other from one uint8 block, each at a 64-byte boundary."""
+
+    def __init__(self, block: np.ndarray):
+        self.block, self.used = block, 0
+
+    def __call__(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        size = math.prod(shape) * dtype.itemsize
+        out = self.block[self.used:self.used + size].view(dtype).reshape(shape)
+        self.used += _aligned(size)
+        return out
+
+
+def _placed(parts: list[dict], order: list[tuple[int, int]], per_lane: int, carve: _Carved) -> dict:
     out = {}
     for key, value in parts[0].items():
         values = [p[key] for p in parts]
         if isinstance(value, dict):
-            out[key] = _placed(values, order, per_lane, pin)
+            out[key] = _placed(values, order, per_lane, carve)
         elif isinstance(value, (torch.Tensor, list)):
             rows = [values[k][j * per_lane:(j + 1) * per_lane] for k, j in order]
             if isinstance(value, torch.Tensor):       # copied by numpy, on this thread: torch.cat's threads would
-                joined = torch.empty((sum(len(r) for r in rows), *value.shape[1:]), dtype=value.dtype, pin_memory=pin)
-                np.concatenate([r.numpy() for r in rows], out=joined.numpy())   # spin on the workers' cores
-                out[key] = joined
+                arrays = [r.numpy() for r in rows]    # spin on the workers' cores
+                joined = carve((sum(len(a) for a in arrays), *arrays[0].shape[1:]), arrays[0].dtype)
+                np.concatenate(arrays, out=joined)
+                out[key] = torch.from_numpy(joined)
             else:
                 out[key] = [r for rs in rows for r in rs]
         else:
@@ -269,9 +305,9 @@ class StoreStream(torch.utils.data.IterableDataset):
         self.epoch, self.start = 0, 0
 
     def piece_arrays(self, B: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-        """The arrays `collate` makes for B samples, name -> (shape, dtype): pixels, keep, then each stored array."""
+        """The arrays `collate` makes for B samples, name -> (shape, dtype): views, pixels, keep, each stored array."""
         n, P = self.n_keep if self.mask != "none" else self.layout.num_patches, self.layout.patch_size
-        out = {"pixels": ((B, n, P, P, 3), np.uint8), "keep": ((B, n), np.int64)}
+        out = {"views": ((B,), np.int64), "pixels": ((B, n, P, P, 3), np.uint8), "keep": ((B, n), np.int64)}
         out.update({name: ((B, *(kind.token_shape(shape, int(cls) + n) if self.full else shape)), dtype)
                     for name, shape, dtype, kind, cls in self.stored})
         return out
@@ -298,7 +334,8 @@ class StoreStream(torch.utils.data.IterableDataset):
                 for name, a in arrays.items():
                     a[i] = stored.stored[name]
         names = {t.name for t in self.targets}
-        batch = {"count": len(samples), "keys": [s.key for s in samples], "views": torch.tensor([s.view for s in samples]),
+        tensors["views"].numpy()[:] = [s.view for s in samples]
+        batch = {"count": len(samples), "keys": [s.key for s in samples], "views": tensors["views"],
                  "pixels": tensors["pixels"], "keep": tensors["keep"],
                  "targets": {name: tensors[name] for name in arrays if name in names},
                  "companions": {name: tensors[name] for name in arrays if name not in names}}

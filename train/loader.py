@@ -20,16 +20,17 @@ import torch
 from hdistill.common.errors import HdistillError
 from hdistill.common.processes import loader_worker_init, start_workers
 from hdistill.common.runtime import resolve_device
-from hdistill.common.storage import Retry
+from hdistill.common.storage import Buffers, Retry
 from hdistill.common.targets import TargetSpec
 from hdistill.shards.encoding import decode_batch
 from hdistill.shards.manifest import Manifest
 
 from .data import (MASKS, BatchRing, StoreStream, check_lanes, check_mask, default_lanes, default_format,
-                   epoch_samples, join, open_store as _manifest)
+                   epoch_samples, join, open_store as _manifest, pinned_memory)
 
 
 PREFETCH = 2      # pieces a DataLoader worker makes ahead (DataLoader's prefetch_factor)
+BATCHES_KEPT = 4  # joined batches' memory kept for reuse: about what a training loop and its prefetch hold
 
 
 class StoreLoader:
@@ -43,6 +44,7 @@ class StoreLoader:
         self.epoch, self.batch = epoch, batch
         self._rings: dict[int, BatchRing] = {}          # worker count -> its workers' shared batch memory
         self._rings_in_use: set[int] = set()
+        self._batch_memory = Buffers(BATCHES_KEPT)     # joined batches' memory, reused (workers only)
 
     def __len__(self) -> int:
         """Global batches of the current epoch."""
@@ -102,6 +104,8 @@ class StoreLoader:
             stream, batch_size=None, num_workers=workers, pin_memory=cuda and not workers,
             prefetch_factor=PREFETCH if workers else None, worker_init_fn=loader_worker_init,
             generator=torch.Generator().manual_seed(stream.seed * 100_003 + self.epoch))
+        # the joined batch: pinned for the copy to a GPU, else reused once no tensor of an earlier batch views it
+        memory = None if not workers else pinned_memory if cuda else self._batch_memory.take
         pending: dict[int, list[dict]] = {}
         index, per_lane = start, stream.batch_size // stream.lanes
         pieces = start_workers(loader)
@@ -112,8 +116,7 @@ class StoreLoader:
                 pending.setdefault(piece["batch"], []).append(piece)
                 while sum(len(p["lanes"]) for p in pending.get(index, ())) == len(lanes):
                     ready = pending.pop(index)
-                    batch = join([(p["lanes"], p["samples"]) for p in ready], lanes, per_lane,
-                                 pin=cuda and workers > 0, copy=workers > 0)
+                    batch = join([(p["lanes"], p["samples"]) for p in ready], lanes, per_lane, memory)
                     for p in ready if ring else ():
                         ring.release(p["worker"])
                     yield index, batch
