@@ -10,6 +10,8 @@ Rows:
   precompute  the teachers' plain forward and the whole precompute run, images/s, and their ratio
   online    ViT-B student steps with stored targets against live teachers (samples/s, ratio)
   resume    a bf16 run killed at a checkpoint and resumed: its losses against an uninterrupted run
+  jpeg      the store's JPEG mosaics decoded on the device (nvJPEG, TorchCodec) against the loader's CPU decode
+            (libjpeg-turbo): how many views come out bit for bit, the largest difference, the device's rate
 
 Teachers have random weights (speed does not depend on them); images are generated.
 """
@@ -137,6 +139,39 @@ def resume_rows(store: str, size: dict, device: str, out: str) -> list[tuple[str
              "losses equal bit for bit" if exact else f"LOSSES DIFFER (max {max(abs(a - b) for a, b in zip(whole, resumed)):.3g})")]
 
 
+def jpeg_rows(store: str, device: str, repeats: int = 5) -> list[tuple[str, str]]:
+    """The store's pixels.jpg members, decoded as one list on `device` and one by one on the CPU (the loader's
+    decoder, which gave the teacher's pixels): the measurement a GPU decode of compact stores waits for."""
+    from torchcodec.decoders import decode_jpeg
+
+    from hdistill.shards import tarindex
+    from hdistill.shards.manifest import read_manifest
+    from hdistill.shards.reader import StoreReader
+
+    manifest = read_manifest(store)
+    reader = StoreReader(store, manifest)
+    data = []
+    for shard in manifest.shards:
+        buf = reader.load(shard)
+        data += [bytes(buf[o:o + n]) for _, entries in tarindex.samples(buf) for o, n in [entries["pixels.jpg"]]]
+    on_cpu = [decode_jpeg(d) for d in data]
+    try:
+        on_device = [t.cpu() for t in decode_jpeg(data, device=device)]
+    except Exception as err:  # noqa: BLE001 - the table's other rows stand; this one says what failed
+        return [(f"jpeg: decoded on {device}", f"FAILED: {type(err).__name__}: {err}")]
+    same = sum(torch.equal(a, b) for a, b in zip(on_cpu, on_device))
+    worst = max(int((a.int() - b.int()).abs().max()) for a, b in zip(on_cpu, on_device))
+    mean = sum(float((a.float() - b.float()).abs().mean()) for a, b in zip(on_cpu, on_device)) / len(data)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        decode_jpeg(data, device=device)
+    sync(device)
+    per_s = repeats * len(data) / (time.perf_counter() - start)
+    return [(f"jpeg: {len(data)} mosaics decoded on {device} against the CPU",
+             f"{same} bit for bit; largest difference {worst}, mean {mean:.3f} levels; {per_s:.0f} mosaics/s")]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="toy sizes on the CPU: the same path, in seconds")
@@ -155,7 +190,8 @@ def main():
                      lambda: loader_rows(store, size),
                      lambda: precompute_rows(tmp, size, device, precision),
                      lambda: online_rows(store, size, device, f"{tmp}/online"),
-                     lambda: resume_rows(store, size, device, f"{tmp}/resume")):
+                     lambda: resume_rows(store, size, device, f"{tmp}/resume"),
+                     lambda: jpeg_rows(store, device)):
             rows += part()
     width = max(len(label) for label, _ in rows)
     print(f"GPU check: {name}; torch {torch.__version__}; teachers {precision}; batch {size['batch']}; "

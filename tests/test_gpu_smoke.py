@@ -16,3 +16,4 @@ def test_the_gpu_check_runs_at_smoke_sizes():
                 "online student (live teachers)"):
         assert f"| {row}" in table, row
     assert "losses equal bit for bit" in table, "the killed and resumed run matches the uninterrupted one"
+    assert "| jpeg: 16 mosaics decoded on cpu against the CPU" in table and "| 16 bit for bit; largest difference 0," in table
