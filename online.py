@@ -24,9 +24,9 @@ from hdistill.precompute.config import PrecomputeConfig
 from hdistill.precompute.run import build_teachers, plan_store
 from hdistill.precompute.targets import compute_targets
 from hdistill.precompute.view import make_view, teacher_view
-from hdistill.shards.manifest import Manifest
 from hdistill.train.config import OnlineConfig
-from hdistill.train.data import StoreStream, select_patches
+from hdistill.train.data import StoreStream, StreamSpec, select_patches
+from hdistill.train.loader import Store
 from hdistill.train.source import SourceFactory, SourcePlan
 
 
@@ -45,14 +45,12 @@ class LiveViews(StoreStream):
     render the stored views, later ones views no store holds.
     """
 
-    def __init__(self, store: str, manifest: Manifest, targets, mask: str, seed: int, lanes: int, batch_size: int,
-                 buffer_mb: float, rank: int, world_size: int, images, fresh: bool = False):
-        super().__init__(store, manifest, targets, mask, seed, lanes, batch_size, buffer_mb, rank, world_size,
-                         manifest.formats[0])
+    def __init__(self, store: Store, spec: StreamSpec, images, fresh: bool = False):
+        super().__init__(store, spec)
         self.images, self.fresh = images, fresh
         self.load_ahead = False                  # the views come from the images, not from the store's shards
-        self.view_seed = manifest.config["seed"]
-        self.skipped = {(s["image_id"], s["view"]) for s in manifest.skipped}
+        self.view_seed = store.manifest.config["seed"]
+        self.skipped = {(s["image_id"], s["view"]) for s in store.manifest.skipped}
 
     collate = staticmethod(collate_views)
 
@@ -81,7 +79,7 @@ class LiveTargets:
     """A train source (train.source.TargetSource) whose targets come from the store's teachers, live."""
 
     def __init__(self, plan: SourcePlan, options: OnlineConfig):
-        manifest = plan.manifest
+        manifest = plan.store.manifest
         self.pcfg = PrecomputeConfig(**manifest.config)
         self.device, self.fresh_views = plan.device, options.fresh_views
         self.teachers = build_teachers(self.pcfg, self.device)
@@ -94,9 +92,8 @@ class LiveTargets:
             raise HdistillError("--online: the teachers rebuilt from the store's manifest do not give its targets")
         if options.fresh_views and self.pcfg.crop != "random":
             raise HdistillError("--fresh-views: the store was made with --crop center; fresh views are random crops")
-        self.manifest, self.targets, self.mask, self.seed = manifest, plan.targets, plan.mask, plan.seed
-        self.stream = LiveViews(plan.shards, manifest, self.targets, self.mask, plan.seed, plan.lanes, plan.batch_size,
-                                plan.lane_buffer_mb, plan.rank, plan.world_size, images, options.fresh_views)
+        self.manifest, self.targets, self.mask, self.seed = manifest, plan.spec.targets, plan.spec.mask, plan.spec.seed
+        self.stream = LiveViews(plan.store, plan.spec, images, options.fresh_views)
 
     def record(self) -> dict:
         return {"source": "online", "fresh_views": self.fresh_views}

@@ -31,7 +31,8 @@ from hdistill.precompute.run import run_precompute
 from hdistill.precompute.targets import compute_targets, plan_mask, plan_targets
 from hdistill.shards.encoding import ENCODINGS, Int4
 from hdistill.shards.format import npy_bytes, zstd_compress
-from hdistill.train.data import AllSamples, StoreStream
+from hdistill.train.data import AllSamples, StreamSpec
+from hdistill.train.loader import Store
 from hdistill.train.config import TrainConfig, TrainRuntime
 from hdistill.train.run import Trainer
 from hdistill.train.validate import evaluate
@@ -124,9 +125,9 @@ def make_store(args, device, out, encodings, formats, images: slice):
     return run_precompute(cfg, out, Runtime(device=device, workers=0, quiet=True))
 
 
-def held_out_loss(trainer: Trainer, store: str, manifest) -> float:
+def held_out_loss(trainer: Trainer, store: str) -> float:
     """Mean loss of the trained student and projection over every sample of the held-out store."""
-    samples = AllSamples(StoreStream(store, manifest, [t.target for t in trainer.terms], "progressive", seed=0), 16)
+    samples = AllSamples(Store(store).stream(StreamSpec(tuple(t.target for t in trainer.terms))), 16)
     return evaluate({"": trainer.evaluated()}, samples, 0, trainer.rt.device, trainer.dist)[""]["val/loss"]
 
 
@@ -145,7 +146,7 @@ def training(args, device, tmp):
                                                                   format=formats[0], checkpoint_every=10 ** 9))
         trainer.run()
         curves[name] = [json.loads(line) for line in Path(f"{tmp}/run-{name}/metrics.jsonl").read_text().splitlines()]
-        held_out[name] = held_out_loss(trainer, f"{tmp}/val", val)
+        held_out[name] = held_out_loss(trainer, f"{tmp}/val")
     print(f"{'step':>5s} " + " ".join(f"{n:>10s}" for n in curves))
     for i, record in enumerate(curves["fp16"]):
         print(f"{record['step']:5d} " + " ".join(f"{curves[n][i]['loss']:10.4f}" for n in curves))

@@ -46,8 +46,8 @@ import torch
 from hdistill.common.storage import Location
 from hdistill.precompute.config import EXACT, PrecomputeConfig, Runtime
 from hdistill.precompute.run import run_precompute
-from hdistill.train.data import StoreStream, open_store
-from hdistill.train.loader import StoreLoader
+from hdistill.train.data import StreamSpec
+from hdistill.train.loader import Store, StoreLoader
 
 VIT_B_SHALLOW = {"mae": {"depth": 3}, "clip": {"depth": 3}}   # ViT-B/16 width and heads; 3 blocks
 
@@ -84,12 +84,12 @@ def loader_rate(store: str, workers: int, batch_size: int, lanes: int, epochs: i
     Each pass is timed after its first quarter: an epoch's new loader workers start cold (the fork, their first
     shards' and batches' memory), which at ImageNet scale is paid once in some 20,000 batches and here would be
     most of a pass. checksum=False: as if the commits had recorded no crc32c, to measure what the check costs."""
-    manifest = open_store(store)
+    opened = Store(store, reader)
     if not checksum:
-        for shard in manifest.shards:
+        for shard in opened.manifest.shards:
             shard.crc32c = None
-    stream = StoreStream(store, manifest, manifest.targets, mask, seed=0, lanes=lanes,
-                         batch_size=batch_size, buffer_mb=1, format=reader)
+    stream = opened.stream(StreamSpec(tuple(opened.manifest.targets), mask, seed=0, lanes=lanes,
+                                      batch_size=batch_size, buffer_mb=1))
     loader = StoreLoader(stream, workers, "cpu")
     samples, seconds = 0, 0.0
     for epoch in range(epochs + 1):

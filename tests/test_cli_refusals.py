@@ -158,14 +158,17 @@ def test_a_full_disk_while_writing_a_checkpoint_is_named_and_keeps_the_last_one(
 
 
 def test_a_store_replaced_under_a_run_is_named(tmp_path):
-    from hdistill.train.data import StoreStream, open_store
+    from hdistill.train.data import StreamSpec
+    from hdistill.train.loader import Store
     write_photos(tmp_path / "photos", 10, seed=2)
     precompute(tmp_path / "photos", tmp_path / "small", views=1, formats=["wds"], shard_size=8)
     write_photos(tmp_path / "photos", 12, seed=2)
     precompute(tmp_path / "photos", tmp_path / "big", views=1, formats=["wds"], shard_size=8)
-    started_on = open_store(str(tmp_path / "big"))     # the manifest the run read, then the store was replaced
-    stream = StoreStream(str(tmp_path / "small"), started_on, [started_on.target("feat.clip")], "progressive",
-                         seed=0, lanes=1, batch_size=12)
+    started_on = Store(tmp_path / "big").manifest      # the manifest the run read, then the store was replaced
+    replaced = Store(tmp_path / "small")
+    replaced.manifest = started_on
+    stream = replaced.stream(StreamSpec((started_on.target("feat.clip"),), "progressive", seed=0, lanes=1,
+                                        batch_size=12))
     # its shards no longer have the recorded checksums: the first one read stops the run, named
     with pytest.raises(HdistillError, match=r"small/wds/view0-00000[01].tar: crc32c [0-9a-f]{8} differs from the "
                                             r"[0-9a-f]{8} its commit recorded: the shard was damaged, changed or replaced"):

@@ -161,11 +161,12 @@ def test_a_stream_reads_each_target_as_its_own_store_encodes_it(store):
     """A run's targets may be encoded otherwise in the store it reads (a held-out store, say): its own encoding wins."""
     from dataclasses import replace
 
-    from hdistill.train.data import AllSamples, StoreStream
+    from hdistill.train.data import AllSamples, StreamSpec
     from hdistill.train.loader import decoded
-    manifest = hdistill.open_store(str(store)).manifest
-    as_fp16 = [replace(t, encoding="fp16") for t in manifest.targets]            # what another store would hold
-    stream = StoreStream(str(store), manifest, as_fp16, "progressive", seed=0)
+    opened = hdistill.open_store(str(store))
+    manifest = opened.manifest
+    as_fp16 = tuple(replace(t, encoding="fp16") for t in manifest.targets)       # what another store would hold
+    stream = opened.stream(StreamSpec(as_fp16, "progressive", seed=0))
     batch = decoded(next(iter(AllSamples(stream, 12))), stream.reader.specs)
     plain = wds_samples(store)
     view0 = [s.key for shard in manifest.view_shards(0) for s in StoreReader(str(store), manifest).read(shard)]

@@ -20,18 +20,19 @@ from helpers import STUDENT, config, online, precompute, runtime, write_photos
 from hdistill.cli import cli
 from hdistill.common.errors import HdistillError
 from hdistill.common.targets import TargetSpec
-from hdistill.train.data import AllSamples, StoreStream, open_store
+from hdistill.train.data import AllSamples, StreamSpec
+from hdistill.train.loader import Store
 from hdistill.train.loss import DistillLoss, LossConfig, LossTerm, group_heads, parse_losses, plan_losses
 from hdistill.train.run import Trainer, run_train
 from hdistill.train.student import build_student
 
 def default_targets(manifest):
-    return [manifest.target(n) for n in ("feat.clip", "rel.mae.b1", "rel.mae.b2")]
+    return tuple(manifest.target(n) for n in ("feat.clip", "rel.mae.b1", "rel.mae.b2"))
 
 
 def first_batch(store, mask="progressive"):
-    manifest = open_store(str(store))
-    stream = StoreStream(str(store), manifest, default_targets(manifest), mask, seed=0)
+    opened = Store(store)
+    stream = opened.stream(StreamSpec(default_targets(opened.manifest), mask, seed=0))
     return next(iter(AllSamples(stream, batch_size=4)))
 
 
@@ -133,7 +134,7 @@ def test_loss_equals_hand_written_reference_on_a_fixed_batch():
 
 
 def test_default_objective_is_eq1_and_loss_options_pick_stored_targets(stores):
-    manifest = open_store(str(stores / "kept"))
+    manifest = Store(stores / "kept").manifest
     terms = plan_losses(manifest, None, student_depth=3, alpha=0.6)
     assert [(t.name, t.student_block, t.weight) for t in terms] == \
         [("feat.clip", None, 1.0), ("rel.mae.b1", 0, 0.3), ("rel.mae.b2", 1, 0.3)]   # 4-block teacher, 3-block student
@@ -670,9 +671,9 @@ def epoch_keys(stream, epoch: int, start: int = 0) -> list[list[str]]:
 
 
 def test_epoch_order_views_lanes_and_a_resume_that_skips(stores, monkeypatch):
-    manifest = open_store(str(stores / "kept"))
-    stream = StoreStream(str(stores / "kept"), manifest, default_targets(manifest), "progressive", seed=0, lanes=2,
-                         batch_size=4, buffer_mb=0.02)
+    opened = Store(stores / "kept")
+    stream = opened.stream(StreamSpec(default_targets(opened.manifest), "progressive", seed=0, lanes=2, batch_size=4,
+                                      buffer_mb=0.02))
     assert 1 < stream.buffer < 12
     batches = {epoch: epoch_keys(stream, epoch) for epoch in range(3)}
     for epoch, keys in batches.items():
@@ -695,7 +696,7 @@ def test_epoch_order_views_lanes_and_a_resume_that_skips(stores, monkeypatch):
     assert epoch_keys(stream, 0, start=2) == batches[0][2:]
     assert sorted(decoded) == sorted(k for b in batches[0][2:] for k in b)
     from hdistill.train.run import total_steps
-    assert total_steps(config(stores / "kept", steps=None, epochs=1.5, batch_size=4), manifest) == 3 + 1
+    assert total_steps(config(stores / "kept", steps=None, epochs=1.5, batch_size=4), opened.manifest) == 3 + 1
 
 
 def test_compiled_training_gives_the_eager_losses(stores, tmp_path):
@@ -724,7 +725,7 @@ def test_zarr_reader_gives_the_webdataset_losses(tmp_path):
     assert default == [r["loss"] for r in losses["zarr"]]
     precompute(tmp_path / "photos", tmp_path / "wds-only", formats=["wds"])
     with pytest.raises(HdistillError, match="--format zarr: the store .* holds only wds"):
-        open_store(str(tmp_path / "wds-only"), "zarr")
+        Store(tmp_path / "wds-only", "zarr")
 
 
 def test_validation_is_the_mean_loss_over_every_held_out_sample(stores, tmp_path):
@@ -851,11 +852,11 @@ def test_fresh_views_match_the_store_until_its_views_run_out(stores, tmp_path):
 def test_a_one_shard_store_gives_every_rank_its_half_of_each_global_batch(tmp_path):
     write_photos(tmp_path / "photos", 8, seed=12)
     precompute(tmp_path / "photos", tmp_path / "store", shard_size=8)                 # one shard, 8 samples
-    manifest = open_store(str(tmp_path / "store"))
-    assert len(manifest.shards) == 1
-    make = lambda rank, world: StoreStream(str(tmp_path / "store"), manifest, default_targets(manifest),  # noqa: E731
-                                           "progressive", seed=3, lanes=2, batch_size=4, buffer_mb=0.02,
-                                           rank=rank, world_size=world)
+    opened = Store(tmp_path / "store")
+    assert len(opened.manifest.shards) == 1
+    make = lambda rank, world: opened.stream(StreamSpec(  # noqa: E731
+        default_targets(opened.manifest), "progressive", seed=3, lanes=2, batch_size=4, buffer_mb=0.02, rank=rank,
+        world_size=world))
     whole = epoch_keys(make(0, 1), 0)
     assert len(whole) == 2 and all(len(b) == 4 for b in whole)
     halves = []

@@ -1,8 +1,10 @@
 """Student side of hdistill: store -> loader -> student -> loss -> step. Never imports a teacher.
 
   config    what a run trains (TrainConfig), how a process runs it, online sources: the command's options
-  data      the epoch plan (lanes, shuffle buffer) and the stream of a rank's pieces of each global batch
-  loader    the public loader (hdistill.open_store): batches on the device, exact resume
+  data      the epoch plan (lanes, shuffle buffer), what a stream reads (StreamSpec) and the stream of a rank's pieces
+            of each global batch
+  loader    the opened store (Store: the one way a store is opened) and its loader (hdistill.open_store): batches
+            on the device, exact resume
   student   the timm ViT student on kept patches, its taps
   loss      the objective, one term per stored target (paper Eq. 1 and 3)
   source    where targets come from: the store (StoredTargets) or a typed plug-in (hdistill.online)

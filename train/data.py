@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,20 +31,13 @@ from hdistill.common.storage import Retry, error_text, transient
 from hdistill.common.targets import KINDS, TargetSpec
 from hdistill.shards.encoding import encoding_of, target_arrays
 from hdistill.shards.format import sample_arrays
-from hdistill.shards.manifest import Manifest, read_manifest
+from hdistill.shards.manifest import Manifest
 from hdistill.shards.reader import Sample, StoreReader
 
+if TYPE_CHECKING:
+    from .loader import Store
+
 MASKS = ("progressive", "none", "random")
-
-
-def open_store(path: str, format: str | None = None) -> Manifest:
-    """The manifest of a complete store that holds the form `format` (None: any)."""
-    manifest = read_manifest(path)
-    if not manifest.complete:
-        raise HdistillError(f"--shards {path}: the store is not complete; finish its precompute run first")
-    if format is not None and format not in manifest.formats:
-        raise HdistillError(f"--format {format}: the store {path} holds only {','.join(manifest.formats)}")
-    return manifest
 
 
 def default_format(manifest: Manifest) -> str:
@@ -257,6 +251,23 @@ def _mapped(tree, fn):
     return {k: _mapped(v, fn) if isinstance(v, dict) else fn(v) for k, v in tree.items()}
 
 
+@dataclass(frozen=True)
+class StreamSpec:
+    """What a StoreStream reads of a store and in which order: the targets, the mask, the epoch plan's seed, lanes,
+    global batch size and shuffle buffer, this rank's share, and how a failed read is retried. Frozen, so that a
+    sweep merges its members' needs with dataclasses.replace."""
+
+    targets: tuple[TargetSpec, ...]
+    mask: str = "progressive"
+    seed: int = 0
+    lanes: int = 1
+    batch_size: int = 1
+    buffer_mb: float = 64.0
+    rank: int = 0
+    world_size: int = 1
+    retry: Retry = Retry()
+
+
 class StoreStream(torch.utils.data.IterableDataset):
     """One epoch of this rank's share of the global batches, from `start` on, as pieces: each loader worker (or the
     process itself) reads a share of the rank's lanes, all at once, and makes one piece per batch,
@@ -273,23 +284,20 @@ class StoreStream(torch.utils.data.IterableDataset):
     most two shards.
     """
 
-    def __init__(self, store: str, manifest: Manifest, targets: list[TargetSpec], mask: str, seed: int,
-                 lanes: int = 1, batch_size: int = 1, buffer_mb: float = 64.0, rank: int = 0, world_size: int = 1,
-                 format: str = "wds", retry: Retry = Retry()):
-        self.store, self.manifest, self.targets, self.mask, self.seed = store, manifest, targets, mask, seed
-        self.retry = retry
-        self.layout = manifest.layout
-        self.lanes, self.batch_size, self.rank, self.world_size = lanes, batch_size, rank, world_size
-        self.buffer_mb = buffer_mb
+    def __init__(self, store: Store, spec: StreamSpec):
+        self.store, self.spec, manifest = store, spec, store.manifest
+        self.manifest, self.layout = manifest, manifest.layout
+        self.targets, self.mask, self.seed, self.retry = list(spec.targets), spec.mask, spec.seed, spec.retry
+        self.lanes, self.batch_size, self.rank, self.world_size = spec.lanes, spec.batch_size, spec.rank, spec.world_size
         # a lane holds the shard it gathers, the next one, and those its shuffle buffer still holds samples of: their
         # memory is reused
-        self.reader = StoreReader(store, manifest, format, [t.name for t in targets],
+        self.reader = StoreReader(store.location, manifest, store.format, [t.name for t in spec.targets],
                                   keep_loaded=4 * len(self.my_lanes()) + 2)
         # samples per lane: MB of the store's whole samples, so the order does not depend on which targets a run
         # reads (runs with other losses, and the members of a sweep, see the same order)
         sample_bytes = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
                            for shape, dtype in sample_arrays(manifest.layout, manifest.targets).values())
-        self.buffer = max(1, int(buffer_mb * 2 ** 20) // sample_bytes)
+        self.buffer = max(1, int(spec.buffer_mb * 2 ** 20) // sample_bytes)
         self.full = manifest.tokens == "full"
         self.n_keep = manifest.mask.kept_counts(self.layout.num_patches)[-1]
         # a full store's targets whose arrays cannot be cut by token (int4: packed, block-scaled) are decoded here and

@@ -14,19 +14,20 @@ l with l % world_size == r). The order is a function of (seed, epoch, lanes, bat
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
 from hdistill.common.errors import HdistillError
 from hdistill.common.processes import loader_worker_init, start_workers
 from hdistill.common.runtime import resolve_device
-from hdistill.common.storage import Buffers, Retry
+from hdistill.common.storage import Buffers, Retry, as_location
 from hdistill.common.targets import TargetSpec
 from hdistill.shards.encoding import decode_batch
-from hdistill.shards.manifest import Manifest
+from hdistill.shards.manifest import Manifest, read_manifest
 
-from .data import (MASKS, BatchRing, StoreStream, check_lanes, check_mask, default_lanes, default_format,
-                   epoch_samples, join, open_store as _manifest, pinned_memory)
+from .data import (MASKS, BatchRing, StoreStream, StreamSpec, check_lanes, check_mask, default_lanes, default_format,
+                   epoch_samples, join, pinned_memory)
 
 
 PREFETCH = 2      # pieces a DataLoader worker makes ahead (DataLoader's prefetch_factor)
@@ -189,12 +190,26 @@ def to_device(batch, device: str):
 
 
 class Store:
-    """A complete store, opened for reading: its manifest, and loaders over it."""
+    """A complete store, opened for reading: its manifest, the form it is read in (`format`: wds when it holds it,
+    else zarr), and streams and loaders over it. The one way a store is opened for training, validation, sweeps,
+    online runs and the public API."""
 
-    def __init__(self, path: str, format: str | None = None):
+    def __init__(self, path: str | Path, format: str | None = None):
         self.path = str(path)
-        self.manifest: Manifest = _manifest(self.path, format)
+        self.location = as_location(self.path)
+        self.manifest: Manifest = read_manifest(self.location)
+        if not self.manifest.complete:
+            raise HdistillError(f"--shards {self.path}: the store is not complete; finish its precompute run first")
+        if format is not None and format not in self.manifest.formats:
+            raise HdistillError(f"--format {format}: the store {self.path} holds only "
+                                f"{','.join(self.manifest.formats)}")
         self.format = format or default_format(self.manifest)
+
+    def __str__(self):
+        return self.path
+
+    def stream(self, spec: StreamSpec) -> StoreStream:
+        return StoreStream(self, spec)
 
     @property
     def targets(self) -> list[str]:
@@ -218,9 +233,8 @@ class Store:
         specs = self.manifest.targets if targets is None else self.manifest.targets_named(list(targets), self.path)
         lanes = lanes or default_lanes(batch_size)
         check_lanes(lanes, batch_size, world_size)
-        stream = StoreStream(self.path, self.manifest, specs,
-                             check_mask(self.manifest, mask), seed, lanes, batch_size, buffer_mb, rank, world_size,
-                             self.format, retry)
+        stream = self.stream(StreamSpec(tuple(specs), check_mask(self.manifest, mask), seed, lanes, batch_size,
+                                        buffer_mb, rank, world_size, retry))
         stream.check_present(range(self.manifest.layout.views))
         return StoreLoader(stream, workers, device)
 

@@ -36,10 +36,9 @@ from hdistill.common.processes import StopRequest, Stopped, duration
 from hdistill.common.specs import TokenGrid, check_same_grid
 from hdistill.shards.manifest import Manifest
 
-from .data import (AllSamples, StoreStream, check_lanes, check_mask, default_lanes, default_format,
-                   epoch_samples, open_store, steps_per_epoch)
+from .data import AllSamples, StreamSpec, check_lanes, check_mask, default_lanes, epoch_samples, steps_per_epoch
 from .dist import barrier, gather_objects, init_distributed, mean_over_ranks
-from .loader import StoreLoader
+from .loader import Store, StoreLoader
 from .config import DEFAULT_LR, TrainConfig, TrainRuntime
 from .loss import DistillLoss, LossConfig, parse_losses, plan_losses
 from .source import SourceFactory, SourcePlan, StoredTargets
@@ -120,8 +119,8 @@ class Trainer:
         self.dist, device = init_distributed(rt.device)
         self.rt = replace(rt, device=device)
         self.show_progress = self.rt.progress and self.dist.main
-        self.manifest = open_store(cfg.shards, rt.format)
-        self.format = rt.format or default_format(self.manifest)
+        self.store = Store(cfg.shards, rt.format)
+        self.manifest = self.store.manifest
         self.steps = total_steps(cfg, self.manifest)
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, self.steps // 20)
         self.warnings: list[str] = []        # what the run's data and options say, shown once it starts (introduce)
@@ -191,9 +190,9 @@ class Trainer:
                                  f"nothing to read and {lanes_here} are started; give --lanes a multiple of "
                                  f"{self.dist.world_size * self.rt.workers} (ranks x workers) to use them all")
         self.mask = check_mask(self.manifest, cfg.mask)
-        self.source = source(SourcePlan(
-            cfg.shards, self.manifest, [t.target for t in self.terms], self.mask, cfg.seed, self.lanes, cfg.batch_size,
-            cfg.lane_buffer_mb, self.dist.rank, self.dist.world_size, self.rt.device, self.format, self.rt.retry))
+        self.source = source(SourcePlan(self.store, StreamSpec(
+            tuple(t.target for t in self.terms), self.mask, cfg.seed, self.lanes, cfg.batch_size, cfg.lane_buffer_mb,
+            self.dist.rank, self.dist.world_size, self.rt.retry), self.rt.device))
         if self.source.stream is not None:          # (a sweep member's stream is its sweep's, checked there)
             self.source.stream.check_present(self.views_read())
 
@@ -203,14 +202,14 @@ class Trainer:
         self.val, self.stores = None, {"shards": self.manifest.digest(), "val_shards": None}
         if not cfg.val_shards:
             return
-        val_manifest, val_targets, warnings = open_val_store(cfg.val_shards, cfg.shards, self.manifest,
+        val_store, val_targets, warnings = open_val_store(cfg.val_shards, cfg.shards, self.manifest,
                                                              [t.target for t in self.terms], self.mask)
         self.warnings += warnings
-        stream = StoreStream(cfg.val_shards, val_manifest, val_targets, self.mask, cfg.seed, rank=self.dist.rank,
-                             world_size=self.dist.world_size, format=default_format(val_manifest), retry=self.rt.retry)
+        stream = val_store.stream(StreamSpec(tuple(val_targets), self.mask, cfg.seed, rank=self.dist.rank,
+                                             world_size=self.dist.world_size, retry=self.rt.retry))
         stream.check_present([0])
         self.val = AllSamples(stream, self.local_batch)
-        self.stores["val_shards"] = val_manifest.digest()
+        self.stores["val_shards"] = val_store.manifest.digest()
 
     def lr(self, step: int) -> float:
         """The learning rate of step `step` (0-based), from the schedule; set on the optimiser before each step."""

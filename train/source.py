@@ -6,34 +6,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from hdistill.common.storage import Retry
-from hdistill.common.targets import TargetSpec
-from hdistill.shards.manifest import Manifest
-
-from .data import StoreStream
+from .data import StoreStream, StreamSpec
+from .loader import Store
 
 
 @dataclass(frozen=True)
 class SourcePlan:
-    """What a source serves: the store's samples in the run's order, split over the ranks, on `device`."""
+    """What a source serves: the store's samples in the run's order (`spec`), split over the ranks, on `device`."""
 
-    shards: str                      # the store's path or URL
-    manifest: Manifest
-    targets: list[TargetSpec]        # the targets the loss uses
-    mask: str                        # "progressive" | "none" | "random"
-    seed: int
-    lanes: int
-    batch_size: int                  # global
-    lane_buffer_mb: float
-    rank: int
-    world_size: int
+    store: Store                     # the opened training store
+    spec: StreamSpec                 # the targets the loss uses, the mask, the order and this rank's share
     device: str
-    format: str                      # "wds" | "zarr"
-    retry: Retry
 
     def stream(self) -> StoreStream:
-        return StoreStream(self.shards, self.manifest, self.targets, self.mask, self.seed, self.lanes,
-                           self.batch_size, self.lane_buffer_mb, self.rank, self.world_size, self.format, self.retry)
+        return self.store.stream(self.spec)
 
 
 class TargetSource(Protocol):

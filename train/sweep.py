@@ -27,6 +27,7 @@ import re
 import resource
 import sys
 from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -41,9 +42,9 @@ from hdistill.common.targets import KINDS
 from hdistill.common.tokens import gather_along, gather_rows, token_index
 
 from .config import OnlineConfig, TrainConfig, TrainRuntime
-from .data import AllSamples, StoreStream
+from .data import AllSamples, StoreStream, StreamSpec
 from .dist import barrier
-from .loader import StoreLoader
+from .loader import Store, StoreLoader
 from .run import CHECKPOINT, Trainer
 from .source import SourcePlan, StoredTargets
 from .validate import evaluate
@@ -92,16 +93,13 @@ def member_options(shared: dict, members: list[tuple[str, dict]]) -> dict[str, d
             for name, overrides in members}
 
 
-def shared_stream(streams: list[StoreStream]) -> StoreStream:
-    """One stream for the members' streams of one store: the union of their targets, one mask or, when their masks
+def shared_stream(store: Store, specs: list[StreamSpec]) -> StoreStream:
+    """One stream of `store` for the members' specs: the union of their targets, one mask or, when their masks
     differ, every patch of a full store with each member's patch choice alongside (StoreStream.selections)."""
-    first = streams[0]
-    targets = {t.name: t for s in streams for t in s.targets}
-    masks = sorted({s.mask for s in streams})
+    targets = {t.name: t for spec in specs for t in spec.targets}
+    masks = sorted({spec.mask for spec in specs})
     mask = masks[0] if len(masks) == 1 else "none"
-    stream = StoreStream(first.store, first.manifest, list(targets.values()), mask, first.seed, first.lanes,
-                         first.batch_size, first.buffer_mb, first.rank, first.world_size, first.reader.fmt,
-                         first.retry)
+    stream = store.stream(replace(specs[0], targets=tuple(targets.values()), mask=mask))
     stream.selections = tuple(m for m in masks if m != mask)
     return stream
 
@@ -118,7 +116,7 @@ class SharedTargets:
         return MemberTargets(self, plan)
 
     def build(self):
-        self.stream = shared_stream([plan.stream() for plan in self.plans])
+        self.stream = shared_stream(self.plans[0].store, [plan.spec for plan in self.plans])
 
 
 class MemberTargets:
@@ -133,13 +131,13 @@ class MemberTargets:
 
     def prepare(self, batch: dict) -> dict:
         selections = batch.get("selections", {})
-        if self.plan.mask not in selections:
+        if self.plan.spec.mask not in selections:
             return batch
-        sel = selections[self.plan.mask]                               # [B, n] of the batch's N patches
+        sel = selections[self.plan.spec.mask]                          # [B, n] of the batch's N patches
         return {"count": batch["count"], "pixels": gather_rows(batch["pixels"], sel),
                 "keep": gather_along(batch["keep"], 1, sel),
                 "targets": {t.name: KINDS[t.kind].gather(batch["targets"][t.name], token_index(sel, t.cls))
-                            for t in self.plan.targets}}
+                            for t in self.plan.spec.targets}}
 
     record = staticmethod(StoredTargets.record)      # the store's targets, as a solo run reads them
 
@@ -168,7 +166,8 @@ class Sweep:
         self.shared.stream.check_present(self.lead.views_read())
         # one pass over the held-out store evaluates every member (each member's own would read it K times)
         self.val = None if self.lead.val is None else AllSamples(
-            shared_stream([t.val.stream for t in self.members.values()]), self.lead.val.batch_size)
+            shared_stream(self.lead.val.stream.store, [t.val.stream.spec for t in self.members.values()]),
+            self.lead.val.batch_size)
         for trainer in self.members.values():
             trainer.val = None
         self.dist, self.rt, self.steps = self.lead.dist, self.lead.rt, self.lead.steps

@@ -20,17 +20,18 @@ from hdistill.common.specs import TokenGrid, check_same_grid
 from hdistill.common.targets import KINDS, TargetSpec
 from hdistill.shards.manifest import Manifest
 
-from .data import AllSamples, check_mask, open_store
-from .loader import decoded, to_device
+from .data import AllSamples, check_mask
+from .loader import Store, decoded, to_device
 from .dist import DistInfo, sum_over_ranks
 
 
 def open_val_store(path: str, train_path: str, train: Manifest, targets: list[TargetSpec],
-                   mask: str) -> tuple[Manifest, list[TargetSpec], list[str]]:
-    """The held-out store's manifest, its rows for the run's targets and what to warn about; refusals name
+                   mask: str) -> tuple[Store, list[TargetSpec], list[str]]:
+    """The held-out store opened, its rows for the run's targets and what to warn about; refusals name
     --val-shards."""
     try:
-        manifest = open_store(path)
+        store = Store(path)
+        manifest = store.manifest
         check_mask(manifest, mask)
     except HdistillError as err:
         raise HdistillError(f"--val-shards {path}: {err}") from None
@@ -50,7 +51,7 @@ def open_val_store(path: str, train_path: str, train: Manifest, targets: list[Ta
         rows.append(row)
     for role in sorted({t.role for t in targets}):
         check_same_teacher(path, role, train, manifest)
-    return manifest, rows, held_out_warnings(path, train, manifest)
+    return store, rows, held_out_warnings(path, train, manifest)
 
 
 def teacher_identity(manifest: Manifest, role: str) -> dict:
