@@ -121,24 +121,45 @@ class TargetRequest:
     block: int | None = None
 
 
+class TapError(ValueError):
+    """A text that is not ROLE:KIND[@B[,B...]]: `reason` is "form", "needs_blocks" (a kind that needs blocks, given
+    none) or "blocks" (a block that is not an integer)."""
+
+    def __init__(self, reason: str, role: str = "", kind: str = ""):
+        super().__init__(reason)
+        self.reason, self.role, self.kind = reason, role, kind
+
+
+def parse_tap(text: str) -> tuple[str, str, list[int] | None]:
+    """ROLE:KIND[@B[,B...]] (the grammar of --target, and of --loss before its =WEIGHT) -> (role, kind, the blocks
+    or None); TapError otherwise."""
+    role, sep, rest = text.partition(":")
+    kind, at, blocks = rest.partition("@")
+    if not sep or not role or kind not in KINDS or (at and not blocks):
+        raise TapError("form")
+    if not at:
+        if KINDS[kind].needs_block:
+            raise TapError("needs_blocks", role, kind)
+        return role, kind, None
+    try:
+        return role, kind, [int(b) for b in blocks.split(",")]
+    except ValueError:
+        raise TapError("blocks", role, kind) from None
+
+
 def parse_targets(values) -> list[TargetRequest]:
     """`--target ROLE:KIND[@B[,B...]]` values -> requests, one per block."""
     out = []
     for value in values:
-        role, sep, rest = value.partition(":")
-        kind, at, blocks = rest.partition("@")
-        if not sep or not role or kind not in KINDS or (at and not blocks):
-            raise HdistillError(f"--target {value!r}: expected ROLE:KIND[@B[,B...]] with KIND one of "
-                                f"{', '.join(KINDS)}, e.g. clip:feat, mae:rel@9,10, mae:feat@8")
-        if not at:
-            if KINDS[kind].needs_block:
-                raise HdistillError(f"--target {value!r}: {kind} needs blocks, e.g. {role}:{kind}@9,10")
-            out.append(TargetRequest(role, kind))
-            continue
         try:
-            out += [TargetRequest(role, kind, int(b)) for b in blocks.split(",")]
-        except ValueError:
-            raise HdistillError(f"--target {value!r}: blocks must be integers, e.g. {role}:{kind}@-3,-2") from None
+            role, kind, blocks = parse_tap(value)
+        except TapError as err:
+            raise HdistillError(f"--target {value!r}: " + {
+                "form": f"expected ROLE:KIND[@B[,B...]] with KIND one of {', '.join(KINDS)}, e.g. clip:feat, "
+                        "mae:rel@9,10, mae:feat@8",
+                "needs_blocks": f"{err.kind} needs blocks, e.g. {err.role}:{err.kind}@9,10",
+                "blocks": f"blocks must be integers, e.g. {err.role}:{err.kind}@-3,-2"}[err.reason]) from None
+        out += [TargetRequest(role, kind, b) for b in (blocks or [None])]
     return out
 
 

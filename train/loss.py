@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hdistill.common.errors import HdistillError
-from hdistill.common.targets import KINDS, TargetSpec
+from hdistill.common.targets import KINDS, TargetSpec, parse_tap
 
 
 @dataclass(frozen=True)
@@ -41,18 +41,16 @@ def parse_losses(values) -> list[LossRequest]:
     """`--loss ROLE:KIND[@B[,B...]]=WEIGHT` values -> requests, one per block."""
     out = []
     for value in values:
-        spec, sep, weight = value.rpartition("=")
-        role, colon, rest = spec.partition(":")
-        kind, at, blocks = rest.partition("@")
+        tap, sep, weight = value.rpartition("=")
         try:
+            role, kind, blocks = parse_tap(tap)
             w = float(weight)
-            block_list = [int(b) for b in blocks.split(",")] if at else [None]
-        except ValueError:
-            block_list, w = [], None
-        if not sep or not colon or not role or kind not in KINDS or w is None or (KINDS[kind].needs_block and not at):
+        except ValueError:                          # TapError, or a weight that is not a number
+            sep = ""
+        if not sep:
             raise HdistillError(f"--loss {value!r}: expected ROLE:KIND[@B[,B...]]=WEIGHT with KIND one of "
                                 f"{', '.join(KINDS)}, e.g. clip:feat=1 or mae:rel@9,10=0.5")
-        out += [LossRequest(role, kind, b, w) for b in block_list]
+        out += [LossRequest(role, kind, b, w) for b in (blocks or [None])]
     return out
 
 
