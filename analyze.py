@@ -21,12 +21,11 @@ import numpy as np
 import torch
 
 from hdistill.common.errors import HdistillError
-from hdistill.common.specs import TeacherInfo
 from hdistill.precompute.data import list_images
 from hdistill.precompute.image import decode_image
-from hdistill.precompute.teachers import Teacher, TimmTeacher
+from hdistill.precompute.teachers import Teacher, TimmTeacher, timm_info
 from hdistill.precompute.view import make_view
-from hdistill.precompute.weights import LoadProblem
+from hdistill.train.student import load_export
 
 
 def patch_attention(relations: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -77,34 +76,9 @@ def load_views(data: str, count: int, size: int, seed: int = 0) -> torch.Tensor:
 
 def student_as_teacher(path: str, name: str | None = None, image_size: int | None = None,
                        kwargs: dict | None = None) -> Teacher:
-    """A trained student (student.safetensors) through timm's pretrained path, wrapped for analysis. The file's
-    metadata says its timm model, constructor arguments, view size and input normalisation; `name`, `kwargs` and
-    `image_size` override them (and are needed for a file without that metadata). At another image size timm
-    resamples the position embedding."""
-    import timm
-
-    from hdistill.train.student import read_export_info
-    info = read_export_info(path)
-    name = name or info.timm_model
-    if name is None:
-        raise HdistillError(f"--student-weights {path}: the file does not say which timm model it holds; give --student")
-    kwargs = {**info.model_args, **(kwargs or {})}
-    image_size = kwargs.pop("img_size", None) or image_size or info.img_size or 224
-    norm = {k: v for k, v in (("mean", info.mean), ("std", info.std)) if v is not None}
-    try:
-        model = timm.create_model(name, pretrained=True, num_classes=0, img_size=image_size,
-                                  pretrained_cfg_overlay=dict(file=path, num_classes=0, **norm), **kwargs)
-    except (RuntimeError, KeyError, ValueError, TypeError) as err:
-        problem = LoadProblem.of(err)
-        detail = problem.describe() if problem else str(err).splitlines()[0][:400]
-        raise HdistillError(f"--student-weights {path} does not fit timm model {name} {kwargs}: {detail}; check "
-                            "--student and --student-arg") from None
-    cfg = model.pretrained_cfg
-    teacher_info = TeacherInfo(role="student", model=f"timm:{name}", weights={"source": "file", "path": path},
-                               patch_size=model.patch_embed.patch_size[0], image_size=image_size,
-                               width=model.embed_dim, depth=len(model.blocks), heads=model.blocks[0].attn.num_heads,
-                               mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
-    return TimmTeacher(teacher_info, model)
+    """A trained student (student.safetensors, loaded back by train.student.load_export), wrapped for analysis."""
+    model, name, image_size = load_export(path, name, image_size, kwargs)
+    return TimmTeacher(timm_info("student", name, model, {"source": "file", "path": path}, image_size), model)
 
 
 @torch.inference_mode()

@@ -271,18 +271,24 @@ def _build_timm(role: str, name: str, weights: WeightSource, image_size: int, kw
     if wrapper is TimmTeacher and not all(hasattr(b.attn, "qkv") and hasattr(b.attn, "norm") for b in model.blocks):
         raise HdistillError(f"teacher {role!r}: {name!r} has no timm Attention with a fused qkv projection to take "
                             "Q K^T and the attention output from")
-    cls = model.cls_token is not None
-    layout = TokenLayout(cls=cls, registers=model.num_prefix_tokens - int(cls))
     cfg = model.pretrained_cfg
     hub_tag = f"{arch}.{cfg.get('tag')}" if cfg.get("tag") else arch
-    info = TeacherInfo(
-        role=role, model=f"timm:{name}", weights=weights_record(weights, hub_tag),
+    return wrapper(timm_info(role, name, model, weights_record(weights, hub_tag), image_size), model)
+
+
+def timm_info(role: str, name: str, model, weights: dict, image_size: int) -> TeacherInfo:
+    """What a timm ViT is as a teacher: its shape, prefix tokens and input normalisation (its pretrained_cfg's, else
+    ImageNet's), with the record of its weights."""
+    cls = model.cls_token is not None
+    cfg = model.pretrained_cfg
+    return TeacherInfo(
+        role=role, model=f"timm:{name}", weights=weights,
         patch_size=model.patch_embed.patch_size[0], image_size=image_size, width=model.embed_dim,
         depth=len(model.blocks), heads=model.blocks[0].attn.num_heads,
         mean=tuple(float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406))),
-        std=tuple(float(v) for v in cfg.get("std", (0.229, 0.224, 0.225))), layout=layout,
+        std=tuple(float(v) for v in cfg.get("std", (0.229, 0.224, 0.225))),
+        layout=TokenLayout(cls=cls, registers=model.num_prefix_tokens - int(cls)),
     )
-    return wrapper(info, model)
 
 
 def _build_open_clip(role: str, name: str, weights: WeightSource, image_size: int, kwargs: dict) -> Teacher:

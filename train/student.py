@@ -5,7 +5,8 @@ is applied to their exact pixels and the position embeddings are gathered at the
 What the loss compares at inner blocks is captured by hooks registered once (`capture`), so every
 block still runs fused attention (SDPA): Q K^T from a block's own qkv Linear output (computed in
 float32, also under bf16 autocast), the residual stream after a block, a block's attention output
-(softmax(Q K^T / sqrt(d)) V, heads concatenated, before the output projection).
+(softmax(Q K^T / sqrt(d)) V, heads concatenated, before the output projection). A trained student is exported
+as a timm backbone (`export_student`) and built again from that file (`load_export`).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from torch import nn
 from hdistill.common.atomic import atomic_open
 from hdistill.common.errors import HdistillError
 from hdistill.common.specs import TokenGrid
+from hdistill.common.strict_load import LoadProblem
 from hdistill.common.tokens import TIMM_TAPS, gather_rows
 
 from .config import IMAGENET_MEAN, IMAGENET_STD
@@ -201,6 +203,32 @@ class ExportInfo:
     img_size: int | None
     mean: tuple[float, float, float] | None
     std: tuple[float, float, float] | None
+
+
+def load_export(path: str, name: str | None = None, image_size: int | None = None,
+                kwargs: dict | None = None) -> tuple[nn.Module, str, int]:
+    """A student.safetensors built again through timm's pretrained path, strictly: (model, timm name, view size).
+    The file's metadata says its timm model, constructor arguments, view size and input normalisation; `name`,
+    `kwargs` and `image_size` override them (and are needed for a file without that metadata). At another image size
+    timm resamples the position embedding."""
+    import timm
+
+    info = read_export_info(path)
+    name = name or info.timm_model
+    if name is None:
+        raise HdistillError(f"--student-weights {path}: the file does not say which timm model it holds; give --student")
+    kwargs = {**info.model_args, **(kwargs or {})}
+    image_size = kwargs.pop("img_size", None) or image_size or info.img_size or 224
+    norm = {k: v for k, v in (("mean", info.mean), ("std", info.std)) if v is not None}
+    try:
+        model = timm.create_model(name, pretrained=True, num_classes=0, img_size=image_size,
+                                  pretrained_cfg_overlay=dict(file=path, num_classes=0, **norm), **kwargs)
+    except (RuntimeError, KeyError, ValueError, TypeError) as err:
+        problem = LoadProblem.of(err)
+        detail = problem.describe() if problem else str(err).splitlines()[0][:400]
+        raise HdistillError(f"--student-weights {path} does not fit timm model {name} {kwargs}: {detail}; check "
+                            "--student and --student-arg") from None
+    return model, name, image_size
 
 
 def read_export_info(path: str) -> ExportInfo:
