@@ -13,7 +13,7 @@ from hdistill.common.errors import HdistillError
 from hdistill.common.options import (LocalFolder, StorePlace, absolute_place, cli_values, command_options, from_params,
                                      option_fields, options_yaml, params_from_yaml, parse_ints, parse_pairs,
                                      parse_role_kwargs)
-from hdistill.models import ModelsConfig
+from hdistill.analysis_options import ModelsConfig
 from hdistill.precompute.config import PrecomputeConfig, Runtime
 from hdistill.train.config import OnlineConfig, TrainConfig, TrainRuntime
 

@@ -13,7 +13,8 @@ from pathlib import Path
 from hdistill.analyze import run_analysis, student_as_teacher
 from hdistill.common.errors import HdistillError
 from hdistill.precompute.config import PrecomputeConfig, Runtime
-from hdistill.precompute.run import build_teachers, run_precompute
+from hdistill.precompute.run import run_precompute
+from hdistill.precompute.teachers import build_teachers
 from hdistill.train.config import TrainConfig, TrainRuntime
 from hdistill.train.run import run_train
 

@@ -21,7 +21,8 @@ from hdistill.common.tokens import gather_rows, patchify, token_index
 from hdistill.precompute.data import list_images
 from hdistill.precompute.image import decode_image
 from hdistill.precompute.config import PrecomputeConfig
-from hdistill.precompute.run import build_teachers, plan_store
+from hdistill.precompute.targets import plan_store
+from hdistill.precompute.teachers import build_teachers
 from hdistill.precompute.targets import compute_targets
 from hdistill.precompute.view import make_view, teacher_view
 from hdistill.train.config import OnlineConfig

@@ -36,7 +36,8 @@ from train import rate, sync  # noqa: E402  (benchmarks/train.py)
 
 from hdistill.online import live_targets  # noqa: E402
 from hdistill.precompute.config import PrecomputeConfig, Runtime  # noqa: E402
-from hdistill.precompute.run import build_teachers, run_precompute  # noqa: E402
+from hdistill.precompute.run import run_precompute  # noqa: E402
+from hdistill.precompute.teachers import build_teachers  # noqa: E402
 from hdistill.train.config import OnlineConfig, TrainConfig, TrainRuntime  # noqa: E402
 from hdistill.train.run import Trainer  # noqa: E402
 

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from hdistill.precompute.config import EXACT, PrecomputeConfig, Runtime
-from hdistill.precompute.run import build_teachers, run_precompute
+from hdistill.precompute.run import run_precompute
+from hdistill.precompute.teachers import build_teachers
 from hdistill.shards.format import store_bytes
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "assets" / "imagenet-sample-100"

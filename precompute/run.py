@@ -14,12 +14,10 @@ the rank, the world size or resumes. The store itself is read and written throug
 from __future__ import annotations
 
 import functools
-import json
 import queue
 import sys
 import threading
 import time
-from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -31,48 +29,21 @@ from hdistill.common.processes import (Failure, StopRequest, Stopped, duration, 
                                        start_workers)
 from hdistill.common.specs import ViewRecord, ViewTargets
 from hdistill.common.storage import Location, Retry, error_text, read_files, transient
-from hdistill.common.targets import KINDS, TargetSpec, parse_targets
+from hdistill.common.targets import KINDS, TargetSpec
 from hdistill.common.tokens import gather_rows, patchify, token_index
-from hdistill.shards.encoding import encode, parse_encodings
-from hdistill.shards.format import ZSTD_SAVING, StoredSample, StoreLayout, shard_name
+from hdistill.shards.encoding import encode
+from hdistill.shards.format import ZSTD_SAVING, StoredSample, shard_name
 from hdistill.shards.manifest import Manifest
-from hdistill.shards.pixels import PixelSpec, decode_patches, decoder, encode_patches
+from hdistill.shards.pixels import decode_patches, encode_patches
 from hdistill.shards.size import planned_view_bytes, size_lines
 from hdistill.shards.writer import StoreWriter
 
 from .config import PrecomputeConfig, Runtime
 from .data import ImageRef, TarIndex, list_images
 from .image import decode_image
-from .targets import compute_targets, plan_mask, plan_targets
-from .teachers import Teacher, WeightSource, build_teacher
+from .targets import compute_targets, plan_store
+from .teachers import Teacher, build_teachers
 from .view import make_view, teacher_view
-
-
-def build_teachers(cfg: PrecomputeConfig, device: str) -> dict[str, Teacher]:
-    teachers = {}
-    for i, role in enumerate(cfg.teachers):
-        source = (WeightSource("random", seed=cfg.seed * 1000 + i) if cfg.random_init
-                  else WeightSource.parse(cfg.weights[role]))
-        teachers[role] = build_teacher(role, source, cfg.image_size, cfg.models.get(role),
-                                       cfg.model_args.get(role)).to(device)
-    return teachers
-
-
-def plan_store(cfg: PrecomputeConfig, teachers: dict[str, Teacher], num_images: int) -> Manifest:
-    """The store's manifest before any shard is written: teachers, target table, mask, layout."""
-    mask = plan_mask(teachers, cfg.mask_ratio, cfg.mask_teacher, cfg.mask_blocks, cfg.mask_mean, cfg.mask_strategy,
-                     cfg.mask_forward)
-    grid = next(iter(teachers.values())).info.grid
-    stored = mask.kept_counts(grid.num_patches)[-1] if cfg.tokens == "kept" else grid.num_patches
-    requests = None if cfg.targets is None else parse_targets(cfg.targets)
-    targets = plan_targets(teachers, requests, stored, parse_encodings(cfg.encodings))
-    layout = StoreLayout(num_images=num_images, views=cfg.views, shard_size=cfg.shard_size,
-                         image_size=cfg.image_size, patch_size=grid.patch_size, num_patches=grid.num_patches,
-                         stored_patches=stored, order_seed=cfg.seed)
-    pixels = PixelSpec("jpeg", cfg.jpeg_quality, decoder()) if cfg.pixels == "jpeg" else PixelSpec()
-    return Manifest(config=json.loads(json.dumps(asdict(cfg))), teachers=[t.info for t in teachers.values()],
-                    targets=targets, mask=mask, layout=layout, formats=list(cfg.formats), pixels=pixels,
-                    compress=cfg.compress)
 
 
 FEW_KEPT = 0.1      # a mask that keeps less than this share of the patches is said to keep few

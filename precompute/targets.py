@@ -9,17 +9,23 @@ with fused attention (SDPA) left on.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import torch
 
 from hdistill.common.errors import HdistillError
 from hdistill.common.specs import (MaskSpec, ProgressiveMask, TokenGrid, ViewTargets, check_same_grid,
                                    default_relation_blocks)
-from hdistill.common.targets import KINDS, TargetRequest, TargetSpec, encoding_for
+from hdistill.common.targets import KINDS, TargetRequest, TargetSpec, encoding_for, parse_targets
+from hdistill.shards.encoding import parse_encodings
+from hdistill.shards.format import StoreLayout
+from hdistill.shards.manifest import Manifest
+from hdistill.shards.pixels import PixelSpec, decoder
 
+from .config import PrecomputeConfig
 from .mask import mask_from_dropping_forward, mask_from_full_forward
 from .teachers import ROLES, Teacher
 
@@ -151,3 +157,20 @@ def _all_kept(batch: int, grid: TokenGrid, device) -> ProgressiveMask:
     n = grid.num_patches
     return ProgressiveMask(stage=torch.zeros(batch, n, dtype=torch.uint8, device=device),
                            keep_idx=torch.arange(n, device=device).expand(batch, -1))
+
+
+def plan_store(cfg: PrecomputeConfig, teachers: dict[str, Teacher], num_images: int) -> Manifest:
+    """The store's manifest before any shard is written: teachers, target table, mask, layout."""
+    mask = plan_mask(teachers, cfg.mask_ratio, cfg.mask_teacher, cfg.mask_blocks, cfg.mask_mean, cfg.mask_strategy,
+                     cfg.mask_forward)
+    grid = next(iter(teachers.values())).info.grid
+    stored = mask.kept_counts(grid.num_patches)[-1] if cfg.tokens == "kept" else grid.num_patches
+    requests = None if cfg.targets is None else parse_targets(cfg.targets)
+    targets = plan_targets(teachers, requests, stored, parse_encodings(cfg.encodings))
+    layout = StoreLayout(num_images=num_images, views=cfg.views, shard_size=cfg.shard_size,
+                         image_size=cfg.image_size, patch_size=grid.patch_size, num_patches=grid.num_patches,
+                         stored_patches=stored, order_seed=cfg.seed)
+    pixels = PixelSpec("jpeg", cfg.jpeg_quality, decoder()) if cfg.pixels == "jpeg" else PixelSpec()
+    return Manifest(config=json.loads(json.dumps(asdict(cfg))), teachers=[t.info for t in teachers.values()],
+                    targets=targets, mask=mask, layout=layout, formats=list(cfg.formats), pixels=pixels,
+                    compress=cfg.compress)

@@ -339,3 +339,19 @@ def build_teacher(role: str, weights: WeightSource, image_size: int = 224, model
     teacher = FAMILIES[family](role, rest, weights, image_size, dict(model_kwargs or {}))
     TokenGrid.for_image(image_size, teacher.info.patch_size, f"teacher {role!r} ({name})")
     return teacher
+
+
+def build_teachers(cfg, device: str = "cpu", image_size: int | None = None) -> dict[str, Teacher]:
+    """The teachers an option set names (precompute's PrecomputeConfig, or analyze's and eval's ModelsConfig: its
+    teachers, weights, random_init, seed, models and model_args), by role, on `device`, at `image_size` (else the
+    options'). A role's --weights source if given, else random weights seeded seed * 1000 + the role's index
+    (--random-init)."""
+    teachers = {}
+    for i, role in enumerate(cfg.teachers):
+        if role not in cfg.weights and not cfg.random_init:
+            raise HdistillError(f"no weights for teacher {role}: --weights {role}=hub|PATH or --random-init")
+        source = WeightSource.parse(cfg.weights[role]) if role in cfg.weights \
+            else WeightSource("random", seed=cfg.seed * 1000 + i)
+        teachers[role] = build_teacher(role, source, image_size or cfg.image_size, cfg.models.get(role),
+                                       cfg.model_args.get(role)).to(device)
+    return teachers

@@ -23,7 +23,7 @@ from reference import reference_forward
 from hdistill.common.errors import HdistillError
 from hdistill.common.targets import TargetSpec
 from hdistill.precompute.config import PrecomputeConfig
-from hdistill.precompute.run import build_teachers
+from hdistill.precompute.teachers import build_teachers
 from hdistill.shards.encoding import decode, decode_batch, encode
 from hdistill.shards.manifest import read_manifest
 from hdistill.shards.reader import StoreReader

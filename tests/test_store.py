@@ -19,7 +19,7 @@ from helpers import precompute, wds_samples, write_photos
 from reference import loop_mask, reference_forward
 from hdistill.cli import cli
 from hdistill.common.errors import HdistillError
-from hdistill.precompute.run import build_teachers
+from hdistill.precompute.teachers import build_teachers
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):

@@ -42,7 +42,7 @@ class ModelsConfig:
     def build(self) -> dict:
         """{label: Teacher}: each trained student under its path, then each teacher under its role."""
         from hdistill.analyze import student_as_teacher
-        from hdistill.precompute.teachers import WeightSource, build_teacher
+        from hdistill.precompute.teachers import build_teachers
 
         check_roles(self.teachers)
         chosen = {}
@@ -50,12 +50,7 @@ class ModelsConfig:
             chosen[path] = student_as_teacher(path, self.student, self.image_size, self.student_args)
         # teachers at the students' view size unless --image-size says otherwise
         image_size = self.image_size or next((m.info.image_size for m in chosen.values()), 224)
-        for i, role in enumerate(self.teachers):
-            if role not in self.weights and not self.random_init:
-                raise HdistillError(f"no weights for teacher {role}: --weights {role}=hub|PATH or --random-init")
-            source = WeightSource.parse(self.weights[role]) if role in self.weights \
-                else WeightSource("random", seed=self.seed * 1000 + i)
-            chosen[role] = build_teacher(role, source, image_size, self.models.get(role), self.model_args.get(role))
+        chosen.update(build_teachers(self, image_size=image_size))
         if not chosen:
             raise HdistillError("no model given: pass --teachers and/or --student-weights")
         return chosen
