@@ -23,7 +23,8 @@ from hdistill.common.atomic import atomic_open
 from hdistill.common.errors import HdistillError
 from hdistill.common.specs import TokenGrid
 from hdistill.common.strict_load import LoadProblem
-from hdistill.common.tokens import TIMM_TAPS, gather_rows
+from hdistill.common.taps import TIMM_TAPS
+from hdistill.common.tokens import gather_rows
 
 from .config import IMAGENET_MEAN, IMAGENET_STD
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hdistill.common.errors import HdistillError
-from hdistill.common.tokens import qk_relations, split_qk, tap_block_output, tap_msa
+from hdistill.common.taps import qk_relations, split_qk, tap_block_output, tap_msa
 
 from .base import _on_block
 from .timm_vit import TimmTeacher

@@ -6,7 +6,7 @@ from torch import nn
 
 from hdistill.common.errors import HdistillError
 from hdistill.common.specs import TeacherInfo
-from hdistill.common.tokens import qk_relations, split_qk
+from hdistill.common.taps import qk_relations, split_qk
 
 from ..weights import WeightSource, check_file, load_open_clip, weights_record
 from .base import Teacher, _suggest

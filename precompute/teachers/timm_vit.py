@@ -8,7 +8,7 @@ import torch
 
 from hdistill.common.errors import HdistillError
 from hdistill.common.specs import TeacherInfo, TokenLayout
-from hdistill.common.tokens import TIMM_TAPS
+from hdistill.common.taps import TIMM_TAPS
 
 from ..weights import WeightSource, check_file, load_timm, weights_record
 from .base import Teacher, _on_block, _suggest
@@ -26,7 +26,7 @@ class TimmTeacher(Teacher):
         return self.model.blocks[block](x)
 
     def taps(self):
-        """The student's taps (common.tokens.TIMM_TAPS), on this model's blocks."""
+        """The student's taps (common.taps.TIMM_TAPS), on this model's blocks."""
         return {kind: functools.partial(_on_block, tap, self.model.blocks) for kind, tap in TIMM_TAPS.items()}
 
 
