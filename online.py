@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from hdistill.common.errors import HdistillError
-from hdistill.common.specs import sample_key
+from hdistill.common.views import sample_key
 from hdistill.common.targets import KINDS
 from hdistill.common.tokens import gather_rows, patchify, token_index
 from hdistill.precompute.data import list_images

@@ -1,7 +1,7 @@
 """Token bookkeeping shared by precompute and train: patchify pixels, keep rows and columns (the taps that read
 targets off a ViT's blocks are in common.taps).
 
-Stored token layout (common.specs.TokenLayout): CLS first when the teacher has one, then the patches in raster
+Stored token layout (common.grid.TokenLayout): CLS first when the teacher has one, then the patches in raster
 order; a timm student always has CLS at token 0.
 """
 from __future__ import annotations

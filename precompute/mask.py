@@ -1,4 +1,4 @@
-"""The redundant-token mask (paper Sec. 3.2, Eq. 4; Tab. 8); the rule is in common.specs.MaskSpec.
+"""The redundant-token mask (paper Sec. 3.2, Eq. 4; Tab. 8); the rule is in common.mask_spec.MaskSpec.
 
 Two forwards give the tokens each stage ranks (MaskSpec.forward):
   full  the teacher ran on all tokens (its targets' own forward); a stage ranks the still-kept rows of
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hdistill.common.specs import MaskSpec, ProgressiveMask
+from hdistill.common.mask_spec import MaskSpec, ProgressiveMask
 from hdistill.common.tokens import gather_rows
 
 

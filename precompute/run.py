@@ -27,7 +27,7 @@ from hdistill.common.errors import HdistillError
 from hdistill.common.options import option_name
 from hdistill.common.processes import (Failure, StopRequest, Stopped, duration, exit_with_launcher, loader_worker_init,
                                        start_workers)
-from hdistill.common.specs import ViewRecord, ViewTargets
+from hdistill.common.views import ViewRecord, ViewTargets
 from hdistill.common.storage import Location, Retry, error_text, read_files, transient
 from hdistill.common.targets import KINDS, TargetSpec
 from hdistill.common.tokens import gather_rows, patchify, token_index

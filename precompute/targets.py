@@ -17,8 +17,9 @@ from dataclasses import asdict, replace
 import torch
 
 from hdistill.common.errors import HdistillError
-from hdistill.common.specs import (MaskSpec, ProgressiveMask, TokenGrid, ViewTargets, check_same_grid,
-                                   default_relation_blocks)
+from hdistill.common.grid import TokenGrid, check_same_grid
+from hdistill.common.mask_spec import MaskSpec, ProgressiveMask, default_relation_blocks
+from hdistill.common.views import ViewTargets
 from hdistill.common.targets import KINDS, TargetRequest, TargetSpec, encoding_for, parse_targets
 from hdistill.shards.encoding import parse_encodings
 from hdistill.shards.format import StoreLayout

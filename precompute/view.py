@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from hdistill.common.errors import HdistillError
-from hdistill.common.specs import ViewParams
+from hdistill.common.views import ViewParams
 
 # MAE / dBOT pre-training augmentation (the paper builds on dBOT).
 DEFAULT_SCALE = (0.2, 1.0)

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from hdistill.common.specs import ViewRecord
+from hdistill.common.views import ViewRecord
 from hdistill.common.targets import TargetSpec
 
 from .encoding import target_arrays

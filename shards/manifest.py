@@ -8,7 +8,8 @@ from pathlib import Path
 
 from hdistill.common.errors import HdistillError
 from hdistill.common.storage import Location, as_location, storage_error
-from hdistill.common.specs import MaskSpec, TeacherInfo
+from hdistill.common.mask_spec import MaskSpec
+from hdistill.common.teacher_info import TeacherInfo
 from hdistill.common.targets import TargetSpec
 
 from .encoding import ENCODINGS

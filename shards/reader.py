@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from hdistill.common.errors import HdistillError
-from hdistill.common.specs import ViewRecord, sample_key
+from hdistill.common.views import ViewRecord, sample_key
 from hdistill.common.storage import Buffers, Location, as_location
 from hdistill.common.targets import TargetSpec
 

@@ -10,7 +10,7 @@ import torch
 
 from reference import loop_dropping_mask, loop_mask, reference_forward
 from tinymodels import OPEN_CLIP_TINY, TIMM_TINY, random_pixels
-from hdistill.common.specs import MaskSpec
+from hdistill.common.mask_spec import MaskSpec
 from hdistill.precompute.mask import mask_from_full_forward
 from hdistill.common.targets import TargetRequest
 from hdistill.precompute.targets import compute_targets, plan_mask, plan_targets

@@ -5,7 +5,7 @@ from safetensors.torch import save_file
 
 from tinymodels import TIMM_TINY, random_pixels
 from hdistill.common.errors import HdistillError
-from hdistill.common.specs import TokenGrid, check_same_grid
+from hdistill.common.grid import TokenGrid, check_same_grid
 from hdistill.common.targets import parse_targets
 from hdistill.shards.encoding import parse_encodings, target_arrays
 from hdistill.precompute.targets import plan_mask, plan_targets

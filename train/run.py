@@ -33,7 +33,7 @@ from hdistill.common.files import NewEntries
 from hdistill.common.lock import hold_lock
 from hdistill.common.options import option_name
 from hdistill.common.processes import StopRequest, Stopped, duration
-from hdistill.common.specs import TokenGrid, check_same_grid
+from hdistill.common.grid import TokenGrid, check_same_grid
 from hdistill.shards.manifest import Manifest
 
 from .data import AllSamples, StreamSpec, check_lanes, check_mask, default_lanes, epoch_samples, steps_per_epoch

@@ -21,7 +21,7 @@ from torch import nn
 
 from hdistill.common.atomic import atomic_open
 from hdistill.common.errors import HdistillError
-from hdistill.common.specs import TokenGrid
+from hdistill.common.grid import TokenGrid
 from hdistill.common.strict_load import LoadProblem
 from hdistill.common.taps import TIMM_TAPS
 from hdistill.common.tokens import gather_rows

@@ -16,7 +16,7 @@ import torch
 
 from hdistill.common.errors import HdistillError
 from hdistill.common.processes import start_workers
-from hdistill.common.specs import TokenGrid, check_same_grid
+from hdistill.common.grid import TokenGrid, check_same_grid
 from hdistill.common.targets import KINDS, TargetSpec
 from hdistill.shards.manifest import Manifest
 

@@ -29,7 +29,7 @@ in FAMILIES.
 from __future__ import annotations
 
 from hdistill.common.errors import HdistillError
-from hdistill.common.specs import TokenGrid
+from hdistill.common.grid import TokenGrid
 
 from ..weights import WeightSource
 from . import open_clip_vit, timm_vit

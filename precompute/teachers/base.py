@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from hdistill.common.errors import HdistillError
-from hdistill.common.specs import TeacherInfo
+from hdistill.common.teacher_info import TeacherInfo
 from hdistill.common.targets import KINDS
 
 

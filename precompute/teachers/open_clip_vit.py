@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hdistill.common.errors import HdistillError
-from hdistill.common.specs import TeacherInfo
+from hdistill.common.teacher_info import TeacherInfo
 from hdistill.common.taps import qk_relations, split_qk
 
 from ..weights import WeightSource, check_file, load_open_clip, weights_record

@@ -7,7 +7,8 @@ import functools
 import torch
 
 from hdistill.common.errors import HdistillError
-from hdistill.common.specs import TeacherInfo, TokenLayout
+from hdistill.common.grid import TokenLayout
+from hdistill.common.teacher_info import TeacherInfo
 from hdistill.common.taps import TIMM_TAPS
 
 from ..weights import WeightSource, check_file, load_timm, weights_record
