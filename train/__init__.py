@@ -10,6 +10,7 @@
   source    where targets come from: the store (StoredTargets) or a typed plug-in (hdistill.online)
   validate  the held-out loss
   dist      torchrun / DDP plumbing
+  checkpoint  the run folder's names (checkpoint, history, metrics, export, options, lock, a sweep's record)
   run       the training loop: steps, schedule, checkpoints, metrics, export
   sweep     K students from one pass over the store (hdistill train --sweep), checkpointed together
   report    a sweep's table and held-out curves

@@ -12,8 +12,7 @@ from pathlib import Path
 
 from hdistill.common.errors import HdistillError
 
-from .run import METRICS
-from .sweep import RECORD
+from .checkpoint import METRICS, RECORD
 
 
 def member_rows(run: Path) -> tuple[list[dict], dict[str, list[dict]]]:

@@ -44,17 +44,12 @@ from .loss import DistillLoss, LossConfig, parse_losses, plan_losses
 from .source import SourceFactory, SourcePlan, StoredTargets
 from .student import Student, build_student, export_student
 from .validate import Evaluated, evaluate, open_val_store
+from .checkpoint import CHECKPOINT, EXPORT, HISTORY, LOCK, METRICS, OPTIONS
 
 DWARFED = 10      # a first step's weighted term this many times another's is said to dwarf it
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-CHECKPOINT = "checkpoint.pt"
-HISTORY = "checkpoints"
 LENGTH_OPTIONS = ("steps", "epochs")     # a run may be extended
 STORE_OPTIONS = ("shards", "val_shards")  # a store may move (a bucket, a local copy) if its manifest is the same
-METRICS = "metrics.jsonl"
-EXPORT = "student.safetensors"
-OPTIONS = "config.yaml"
-LOCK = ".lock"
 
 
 def base_lr(cfg: TrainConfig) -> float:

@@ -45,7 +45,8 @@ from .config import OnlineConfig, TrainConfig, TrainRuntime
 from .data import AllSamples, StoreStream, StreamSpec
 from .dist import barrier
 from .loader import Store, StoreLoader
-from .run import CHECKPOINT, Trainer
+from .checkpoint import CHECKPOINT, LOCK, PENDING, RECORD
+from .run import Trainer
 from .source import SourcePlan, StoredTargets
 from .validate import evaluate
 
@@ -53,9 +54,6 @@ from .validate import evaluate
 MEMBER_OPTIONS = ("losses", "alpha", "beta", "standardize_targets", "feature_teacher", "relation_teacher",
                   "relation_blocks", "student_blocks", "student", "student_args", "drop_path", "student_mean",
                   "student_std", "precision", "lr", "weight_decay", "warmup_steps", "clip_grad", "mask", "init_seed")
-RECORD = "sweep.json"
-LOCK = ".lock"
-PENDING = "checkpoint.pt.pending-"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
