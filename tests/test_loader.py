@@ -79,6 +79,19 @@ def test_a_hand_written_loop_on_the_public_loader_gives_the_trainers_losses(stor
     assert losses == pytest.approx(expected, rel=1e-5)
 
 
+def test_a_webdataset_stream_loads_each_lanes_next_shard_on_a_thread(store, monkeypatch):
+    """A lane's shards are loaded and checked on the loader's shard thread, the next one while it gathers the one
+    before: seen from StoreReader.load's own thread, not from the stream's flag."""
+    import threading
+    threads = []
+    load = StoreReader.load
+    monkeypatch.setattr(StoreReader, "load", lambda self, shard: (threads.append(threading.current_thread().name),
+                                                                 load(self, shard))[1])
+    list(hdistill.open_store(str(store)).loader(batch_size=4, lanes=1, buffer_mb=0.02))
+    assert len(threads) == 3                                                    # three shards of 4 in view 0
+    assert all(name.startswith("hdistill-shard") for name in threads), threads
+
+
 def test_workers_shared_memory_serves_epoch_after_epoch_but_never_two_iterators(store):
     """The workers' batch memory (BatchRing) is made once and reused by the next epoch's workers; an epoch left
     midway whose iterator is still alive keeps its own, so the batches stay those of one process."""

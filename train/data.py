@@ -307,7 +307,7 @@ class StoreStream(torch.utils.data.IterableDataset):
         # (array name, shape, dtype, kind, cls): every target as the batch carries it, and its companions
         self.stored = [(name, shape, dtype, KINDS[t.kind], t.cls) for t in self.batch_specs
                        for name, (shape, dtype) in target_arrays(t).items()]
-        self.load_ahead = format == "wds"         # read and check each lane's next tar shard on a thread
+        self.load_ahead = store.format == "wds"   # read and check each lane's next tar shard on a thread
         self.selections: tuple[str, ...] = ()     # masks whose patch choice each batch also carries (a sweep's)
         self.ring: BatchRing | None = None        # loader workers' reused batch memory (StoreLoader sets it)
         self.epoch, self.start = 0, 0
