@@ -154,7 +154,8 @@ def precompute(out, **params):
 @configured(TrainConfig, TrainRuntime, OnlineConfig)
 def train(out, sweep, **params):
     """Train a ViT student from a store's targets: no teacher is loaded, no image decoded."""
-    from hdistill.train.run import Trainer
+    from hdistill.train.checkpoint import EXPORT, METRICS
+    from hdistill.train.run import solo
 
     if sweep:
         return train_sweep(out, sweep, click.get_current_context().meta["sweep_members"], params)
@@ -166,14 +167,14 @@ def train(out, sweep, **params):
         source = {"source": live_targets(online)}
     elif online.fresh_views or online.data:
         raise HdistillError("--fresh-views and --data render views with the teachers: they need --online")
-    trainer = Trainer(cfg, out, rt, **source)
-    trainer.open()      # refusals (another run's options, another store, a running run) come before any file
-    finished_before = trainer.finished
-    trainer.write_options(options_yaml({"out": os.path.abspath(out), **run_options(params)}))
-    path = stopping(trainer.run)
-    if trainer.dist.main and not finished_before:
-        click.echo(f"train: finished in {time.time() - start:.1f}s; metrics in {out}/metrics.jsonl; "
-                   f"student backbone in {path}")
+    loop = solo(cfg, out, rt, **source)
+    loop.open()      # refusals (another run's options, another store, a running run) come before any file
+    finished_before = loop.finished
+    loop.write_options({"train": options_yaml({"out": os.path.abspath(out), **run_options(params)})})
+    stopping(loop.run)
+    if loop.dist.main and not finished_before:
+        click.echo(f"train: finished in {time.time() - start:.1f}s; metrics in {Path(out) / METRICS}; "
+                   f"student backbone in {Path(out) / EXPORT}")
 
 
 def run_options(params: dict) -> dict:
@@ -184,21 +185,20 @@ def run_options(params: dict) -> dict:
 
 def train_sweep(out: str, file: str, members: list[tuple[str, dict]], params: dict):
     from hdistill.train.report import write_report
-    from hdistill.train.sweep import Sweep, member_options
+    from hdistill.train.sweep import build_sweep, member_options
 
     if params["online"] or params["fresh_views"] or params["data"]:
         raise HdistillError("--sweep trains from the store's targets: it does not take --online, --fresh-views or "
                             "--data")
     start = time.time()
     member_params = member_options(params, members)
-    sweep = Sweep([(name, from_params(TrainConfig, p)) for name, p in member_params.items()], out,
-                  from_params(TrainRuntime, params), dict(members), file=file)
-    sweep.open()
-    for name, trainer in sweep.members.items():
-        trainer.write_options(options_yaml({"out": os.path.abspath(Path(out) / name),
-                                            **run_options(member_params[name])}))
-    stopping(sweep.run)
-    if sweep.dist.main:
+    loop = build_sweep([(name, from_params(TrainConfig, p)) for name, p in member_params.items()], out,
+                       from_params(TrainRuntime, params), dict(members), file=file)
+    loop.open()
+    loop.write_options({name: options_yaml({"out": os.path.abspath(Path(out) / name), **run_options(p)})
+                        for name, p in member_params.items()})
+    stopping(loop.run)
+    if loop.dist.main:
         files = write_report(out)
         click.echo(f"train: sweep of {len(members)} members finished in {time.time() - start:.1f}s; "
                    f"{', '.join(str(f) for f in files)}")

@@ -116,5 +116,5 @@ class LiveTargets:
 
 
 def live_targets(options: OnlineConfig) -> SourceFactory:
-    """The Trainer's `source` for `hdistill train --online [--fresh-views] [--data D]`."""
+    """A run's `source` (train.run.solo) for `hdistill train --online [--fresh-views] [--data D]`."""
     return functools.partial(LiveTargets, options=options)

@@ -34,7 +34,8 @@ from hdistill.shards.format import npy_bytes, zstd_compress
 from hdistill.train.data import AllSamples, StreamSpec
 from hdistill.train.loader import Store
 from hdistill.train.config import TrainConfig, TrainRuntime
-from hdistill.train.run import Trainer
+from hdistill.train.member import Member
+from hdistill.train.run import solo
 from hdistill.train.validate import evaluate
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
@@ -125,10 +126,10 @@ def make_store(args, device, out, encodings, formats, images: slice):
     return run_precompute(cfg, out, Runtime(device=device, workers=0, quiet=True))
 
 
-def held_out_loss(trainer: Trainer, store: str) -> float:
+def held_out_loss(member: Member, store: str) -> float:
     """Mean loss of the trained student and projection over every sample of the held-out store."""
-    samples = AllSamples(Store(store).stream(StreamSpec(tuple(t.target for t in trainer.terms))), 16)
-    return evaluate({"": trainer.evaluated()}, samples, 0, trainer.rt.device, trainer.dist)[""]["val/loss"]
+    samples = AllSamples(Store(store).stream(StreamSpec(tuple(t.target for t in member.terms))), 16)
+    return evaluate({"": member.evaluated()}, samples, 0, member.device, member.dist)[""]["val/loss"]
 
 
 def training(args, device, tmp):
@@ -142,11 +143,11 @@ def training(args, device, tmp):
         make_store(args, device, f"{tmp}/{name}", encodings, formats, train_images)
         cfg = TrainConfig(shards=f"{tmp}/{name}", student=STUDENT[0], student_args=STUDENT[1], steps=args.steps,
                           batch_size=args.batch_size, lr=1e-3)
-        trainer = Trainer(cfg, f"{tmp}/run-{name}", TrainRuntime(device=device, log_every=10, quiet=True, workers=0,
-                                                                  format=formats[0], checkpoint_every=10 ** 9))
-        trainer.run()
+        loop = solo(cfg, f"{tmp}/run-{name}", TrainRuntime(device=device, log_every=10, quiet=True, workers=0,
+                                                            format=formats[0], checkpoint_every=10 ** 9))
+        loop.run()
         curves[name] = [json.loads(line) for line in Path(f"{tmp}/run-{name}/metrics.jsonl").read_text().splitlines()]
-        held_out[name] = held_out_loss(trainer, f"{tmp}/val")
+        held_out[name] = held_out_loss(loop.members["train"], f"{tmp}/val")
     print(f"{'step':>5s} " + " ".join(f"{n:>10s}" for n in curves))
     for i, record in enumerate(curves["fp16"]):
         print(f"{record['step']:5d} " + " ".join(f"{curves[n][i]['loss']:10.4f}" for n in curves))

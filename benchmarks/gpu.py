@@ -39,14 +39,14 @@ from hdistill.precompute.config import PrecomputeConfig, Runtime  # noqa: E402
 from hdistill.precompute.run import run_precompute  # noqa: E402
 from hdistill.precompute.teachers import build_teachers  # noqa: E402
 from hdistill.train.config import OnlineConfig, TrainConfig, TrainRuntime  # noqa: E402
-from hdistill.train.run import Trainer  # noqa: E402
+from hdistill.train.run import solo  # noqa: E402
 
 FULL = dict(images=1024, batch=256, steps=20, workers=[1, 2, 4, 8], resume_steps=200, image_size=224,
             compile=(False, True), teachers={"mae": {}, "clip": {}}, students={"ViT-S/16": ("vit_small_patch16_224", {}),
                                                         "ViT-B/16": ("vit_base_patch16_224", {})})
 TINY_VIT = {"depth": 3, "embed_dim": 32, "num_heads": 2}
 # (the smoke leaves torch.compile out: a cold compile costs the test suite 25 s, and tests/test_train.py compiles the
-# same Trainer path)
+# same loop and member)
 SMOKE = dict(images=16, batch=4, steps=2, workers=[0, 1], resume_steps=8, image_size=32, compile=(False,),
              teachers={"mae": {**TINY_VIT, "depth": 4}, "clip": TINY_VIT},
              students={"tiny": ("vit_base_patch16_224", TINY_VIT)})
@@ -70,11 +70,11 @@ def student_rows(store: str, size: dict, device: str, out: str) -> list[tuple[st
     for label, (name, args) in size["students"].items():
         for compiled in size["compile"]:
             cfg = TrainConfig(shards=store, student=name, student_args=args, steps=10_000, batch_size=size["batch"])
-            trainer = Trainer(cfg, f"{out}/{label}-{compiled}", TrainRuntime(device=device, quiet=True,
-                                                                              compile=compiled))
-            batch = next(trainer.batches())
-            steps = rate(lambda: trainer.train_step(batch), device, 3 if compiled else 2, size["steps"])
-            rows.append((f"student {label} {'compile' if compiled else 'eager'} {trainer.precision}",
+            loop = solo(cfg, f"{out}/{label}-{compiled}", TrainRuntime(device=device, quiet=True, compile=compiled))
+            member = loop.members["train"]
+            batch = next(loop.batches())
+            steps = rate(lambda: member.step(batch), device, 3 if compiled else 2, size["steps"])
+            rows.append((f"student {label} {'compile' if compiled else 'eager'} {member.precision}",
                          f"{steps * size['batch']:.0f} samples/s"))
     return rows
 
@@ -104,9 +104,10 @@ def online_rows(store: str, size: dict, device: str, out: str) -> list[tuple[str
     cfg = TrainConfig(shards=store, student=name, student_args=args, steps=10_000, batch_size=size["batch"])
     figures = {}
     for label, source in (("offline", {}), ("online", {"source": live_targets(OnlineConfig(online=True))})):
-        trainer = Trainer(cfg, f"{out}/{label}", TrainRuntime(device=device, quiet=True), **source)
-        batches = trainer.batches()
-        figures[label] = rate(lambda: trainer.train_step(next(batches)), device, 2, size["steps"]) * size["batch"]
+        loop = solo(cfg, f"{out}/{label}", TrainRuntime(device=device, quiet=True), **source)
+        member, batches = loop.members["train"], loop.batches()
+        figures[label] = rate(lambda: member.step(member.source.prepare(next(batches))), device, 2,
+                              size["steps"]) * size["batch"]
     return [("offline student (stored targets)", f"{figures['offline']:.0f} samples/s"),
             ("online student (live teachers)", f"{figures['online']:.0f} samples/s "
                                                f"(offline is {figures['offline'] / figures['online']:.1f}x)")]

@@ -11,7 +11,7 @@ teachers' depth or weights. Five forms: the exact fp16 kept store, the same with
 compact store (--encoding int4 --compress zstd --pixels jpeg: every sample's JPEG and zstd frames are decoded by the
 loader, on the CPU; int4 is unpacked where the batch lands, on the GPU, so not here), a --tokens full store read with
 --mask random, and the kept store's zarr form. Each is read for `--epochs`
-passes after an untimed one (so the files are in the page cache) through the trainer's loader
+passes after an untimed one (so the files are in the page cache) through the training loop's loader
 (StoreLoader: StoreStream in a DataLoader, --lanes lanes, the workers sharing them, their pieces joined into
 batches, a shuffle buffer of 1 MB per lane: at ImageNet scale the default 64 MB is a small share of a lane, as
 1 MB is here), each pass timed after its first quarter (loader_rate says why). GB/s counts the bytes per view of

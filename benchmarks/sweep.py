@@ -28,8 +28,9 @@ from hdistill.precompute.config import EXACT, PrecomputeConfig, Runtime
 from hdistill.precompute.run import run_precompute
 from hdistill.train.config import TrainConfig, TrainRuntime
 from hdistill.train.loader import StoreLoader
-from hdistill.train.run import Trainer
-from hdistill.train.sweep import Sweep
+from hdistill.train.loop import Loop
+from hdistill.train.run import solo
+from hdistill.train.sweep import build_sweep
 
 TEACHERS = dict(models={"mae": "vit_base_patch16_224", "clip": "vit_base_patch16_clip_quickgelu_224"},
                 model_args={"mae": dict(depth=4, embed_dim=64, num_heads=4), "clip": dict(depth=4, embed_dim=64,
@@ -55,8 +56,8 @@ def measured(fn):
     return time.perf_counter() - start, read_bytes() - before
 
 
-def loader_seconds(trainer: Trainer, steps: int) -> float:
-    loader = StoreLoader(trainer.source.stream, trainer.rt.workers, trainer.rt.device)
+def loader_seconds(loop: Loop, steps: int) -> float:
+    loader = StoreLoader(loop.loader.stream, loop.rt.workers, loop.rt.device)
     batches = iter(loader)
     start = time.perf_counter()
     for _ in range(steps):
@@ -96,23 +97,23 @@ def main():
         print(f"device: {args.device} ({device}); torch {torch.__version__}; {len(configs)} students {args.student} "
               f"{student_args}; {args.steps} steps of batch {args.batch_size}; store of {args.images} generated "
               f"images at {args.image_size}px (MAE + CLIP teachers, fp16 kept, wds)")
-        Trainer(replace(configs[0][1], steps=4), f"{tmp}/warm-up", rt).run()      # imports, first allocations
-        solo = {}
+        solo(replace(configs[0][1], steps=4), f"{tmp}/warm-up", rt).run()      # imports, first allocations
+        alone = {}
         for name, cfg in configs:
-            trainer = Trainer(cfg, f"{tmp}/solo-{name}", rt)
-            seconds, nbytes = measured(trainer.run)
-            solo[name] = (seconds, nbytes, loader_seconds(trainer, args.steps))
-        sweep = Sweep(configs, f"{tmp}/sweep", rt)
+            loop = solo(cfg, f"{tmp}/solo-{name}", rt)
+            seconds, nbytes = measured(loop.run)
+            alone[name] = (seconds, nbytes, loader_seconds(loop, args.steps))
+        sweep = build_sweep(configs, f"{tmp}/sweep", rt)
         sweep_seconds, sweep_bytes = measured(sweep.run)
-        sweep_loader = loader_seconds(sweep.lead, args.steps)
-    one_bytes = statistics.median(b for _, b, _ in solo.values())
+        sweep_loader = loader_seconds(sweep, args.steps)
+    one_bytes = statistics.median(b for _, b, _ in alone.values())
     print(f"\n{'run':22s} {'wall s':>8s} {'MB read':>9s} {'loader s':>9s} {'loader share':>13s}")
-    for name, (seconds, nbytes, loader) in solo.items():
+    for name, (seconds, nbytes, loader) in alone.items():
         print(f"{'solo ' + name:22s} {seconds:8.2f} {nbytes / 1e6:9.1f} {loader:9.2f} {loader / seconds:13.1%}")
-    total = sum(s for s, _, _ in solo.values())
-    solo_bytes = sum(b for _, b, _ in solo.values())
+    total = sum(s for s, _, _ in alone.values())
+    solo_bytes = sum(b for _, b, _ in alone.values())
     print(f"{'4 solos together':22s} {total:8.2f} {solo_bytes / 1e6:9.1f} "
-          f"{sum(x for _, _, x in solo.values()):9.2f} {sum(x for _, _, x in solo.values()) / total:13.1%}")
+          f"{sum(x for _, _, x in alone.values()):9.2f} {sum(x for _, _, x in alone.values()) / total:13.1%}")
     print(f"{'sweep of 4':22s} {sweep_seconds:8.2f} {sweep_bytes / 1e6:9.1f} {sweep_loader:9.2f} "
           f"{sweep_loader / sweep_seconds:13.1%}")
     print(f"\nbytes read: sweep {sweep_bytes / one_bytes:.3f}x one solo run (the median; goal <= 1.05x), 4 solos "

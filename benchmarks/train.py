@@ -25,7 +25,7 @@ from hdistill.online import live_targets
 from hdistill.precompute.config import EXACT, PrecomputeConfig, Runtime
 from hdistill.precompute.run import run_precompute
 from hdistill.train.config import OnlineConfig, TrainConfig, TrainRuntime
-from hdistill.train.run import Trainer
+from hdistill.train.run import solo
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "assets" / "imagenet-sample-100"
 PRESETS = {  # teachers, student
@@ -82,13 +82,13 @@ def main():
               f"teachers mae+clip {teachers or 'ViT-B/16 defaults'}; batch {args.batch_size}; workers {workers}; "
               f"teacher precision {args.precision}; student autocast {'bf16' if device.startswith('cuda') else 'off'}")
 
-        offline = Trainer(cfg, f"{tmp}/offline", rt)
-        batches = offline.batches()
+        offline_loop = solo(cfg, f"{tmp}/offline", rt)
+        offline, batches = offline_loop.members["train"], offline_loop.batches()
         loader = rate(lambda: next(batches), device, args.warmup, args.steps * 3) * args.batch_size
-        offline_steps = rate(lambda: offline.train_step(next(batches)), device, args.warmup, args.steps)
-        online = Trainer(cfg, f"{tmp}/online", rt, source=live_targets(OnlineConfig(online=True)))
-        live = online.batches()
-        online_steps = rate(lambda: online.train_step(next(live)), device, args.warmup, args.steps)
+        offline_steps = rate(lambda: offline.step(next(batches)), device, args.warmup, args.steps)
+        online_loop = solo(cfg, f"{tmp}/online", rt, source=live_targets(OnlineConfig(online=True)))
+        online, live = online_loop.members["train"], online_loop.batches()
+        online_steps = rate(lambda: online.step(online.source.prepare(next(live))), device, args.warmup, args.steps)
 
     print(f"loader alone   : {loader:9.1f} samples/s  ({loader / (offline_steps * args.batch_size):.1f}x "
           f"the offline student's {offline_steps * args.batch_size:.1f} samples/s)")

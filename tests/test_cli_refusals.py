@@ -149,8 +149,8 @@ def test_a_full_disk_while_writing_a_checkpoint_is_named_and_keeps_the_last_one(
 
     real_open = open
     monkeypatch.setattr(atomic, "open", lambda path, mode="r", *a, **k: FullDisk(path, "w")
-                        if "checkpoint.pt.tmp" in str(path) else real_open(path, mode, *a, **k), raising=False)
-    with pytest.raises(HdistillError, match=r"cannot write .*checkpoint.pt: No space left on device \(the disk is "
+                        if ".checkpoint.pt." in str(path) else real_open(path, mode, *a, **k), raising=False)
+    with pytest.raises(HdistillError, match=r"cannot write .*checkpoint.pt.pending-4: No space left on device \(the disk is "
                                             r"full\)\. Files already committed are intact"):
         run_train(config(stores / "kept", steps=4), str(run), runtime(checkpoint_every=2))
     assert (run / "checkpoint.pt").read_bytes() == before

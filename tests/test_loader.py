@@ -43,7 +43,7 @@ def test_the_reader_gives_what_plain_webdataset_reads(store):
 
 def test_a_hand_written_loop_on_the_public_loader_gives_the_trainers_losses(store, tmp_path):
     from hdistill.train.loss import DistillLoss, LossConfig, plan_losses
-    from hdistill.train.run import lr_factor, param_groups
+    from hdistill.train.member import lr_factor, param_groups
     from hdistill.train.student import build_student
     run_train(TrainConfig(shards=str(store), student="vit_base_patch16_224", drop_path=0.0, steps=6, batch_size=4,
                           lr=1e-3, student_args=dict(depth=3, embed_dim=24, num_heads=6), lane_buffer_mb=0.02),
@@ -237,3 +237,17 @@ def test_a_loop_that_stops_after_an_epochs_last_batch_gets_the_next_epoch(store)
         for key, pixels in zip(batch["keys"], batch["pixels"]):      # each key is its sample's, as the tars say
             np.testing.assert_array_equal(pixels.numpy(), plain[key]["pixels.npy"])
     assert [got, second] == expected and all(k.endswith("-v1") for keys in second for k in keys)
+
+
+def test_a_state_taken_after_an_epochs_last_batch_does_not_skip_the_next_epoch(store):
+    """The training loop checkpoints with its iterator still open: a state_dict() after epoch 0's last batch says
+    epoch 1's start, and the iterator, run to its end afterwards, leaves the loader there too (not at epoch 2)."""
+    opened = hdistill.open_store(str(store))
+    epochs = opened.loader(batch_size=4, buffer_mb=0.02)
+    expected = [[b["keys"] for b in epochs] for _ in range(2)]       # epoch 0, then epoch 1
+    loader = opened.loader(batch_size=4, buffer_mb=0.02)
+    batches = iter(loader)
+    first = [next(batches)["keys"] for _ in range(3)]                 # the epoch's 3 batches, the iterator still open
+    assert loader.state_dict() == {"epoch": 1, "batch": 0}
+    assert list(batches) == [] and loader.state_dict() == {"epoch": 1, "batch": 0}
+    assert [first, [b["keys"] for b in loader]] == expected

@@ -9,7 +9,7 @@ import torch
 import hdistill
 from helpers import config, precompute, runtime, write_photos
 from hdistill.common.errors import HdistillError
-from hdistill.train.run import Trainer
+from hdistill.train.run import solo
 
 
 @pytest.fixture(scope="module")
@@ -67,22 +67,22 @@ def test_a_missing_or_changed_file_is_found_before_the_first_step(photos, tmp_pa
     cfg = lambda **kw: config(store, **kw)                       # noqa: E731
     (store / "wds" / "view1-000001.tar").unlink()
     with pytest.raises(HdistillError, match=rf"{store}: wds/view1-000001\.tar is missing: the store was damaged"):
-        Trainer(cfg(steps=4), str(tmp_path / "run"), runtime())
+        solo(cfg(steps=4), str(tmp_path / "run"), runtime())
     assert not (tmp_path / "run").exists()
     # a run of one epoch reads view 0 only: view 1's shards are not its business
-    Trainer(cfg(steps=1), str(tmp_path / "run"), runtime())
+    solo(cfg(steps=1), str(tmp_path / "run"), runtime())
     with open(store / "wds" / "view0-000000.tar", "ab") as f:    # a byte more than its commit recorded
         f.write(b"\0")
     size = (store / "wds" / "view0-000000.tar").stat().st_size
     with pytest.raises(HdistillError, match=rf"wds/view0-000000\.tar holds {size} bytes, its commit recorded "
                                             rf"{size - 1} \(and 1 more\)"):
-        Trainer(cfg(steps=4), str(tmp_path / "run"), runtime())
+        solo(cfg(steps=4), str(tmp_path / "run"), runtime())
     with pytest.raises(HdistillError, match=r"wds/view0-000000\.tar holds"):
         hdistill.open_store(str(store)).loader(batch_size=4)
     # zarr: every chunk is written (fill values too), so a missing file is missing, not a region of zeros
     (store / "targets.zarr" / "keep" / "c" / "1" / "0").unlink()   # store shard (view 0, index 1) of `keep`
     with pytest.raises(HdistillError, match=r"targets\.zarr/keep/c/1/0 is missing"):
-        Trainer(cfg(steps=1), str(tmp_path / "run"), runtime(format="zarr"))
+        solo(cfg(steps=1), str(tmp_path / "run"), runtime(format="zarr"))
     assert np.all([(store / "targets.zarr" / name / "c" / "0").exists() for name in ("view", "valid", "flip")])
 
 

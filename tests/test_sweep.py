@@ -94,13 +94,13 @@ def test_members_that_need_other_samples_are_refused_by_name(stores, tmp_path):
 
 
 def test_a_sweep_that_does_not_fit_is_refused_at_start_up_with_the_estimate(stores, tmp_path, monkeypatch):
-    from hdistill.train.sweep import Sweep
+    from hdistill.train.sweep import build_sweep
     from helpers import config, runtime
     monkeypatch.setattr(os, "sysconf", lambda name: 1 if name == "SC_AVPHYS_PAGES" else 4096)   # 4 kB free
     with pytest.raises(HdistillError,
                        match=r"the sweep's 2 members need about 0\.0 GiB more for their gradients and optimiser "
                              r"states, and cpu has 0\.0 GiB free"):
-        Sweep([("a", config(stores / "kept")), ("b", config(stores / "kept", alpha=0.5))], str(tmp_path / "run"),
+        build_sweep([("a", config(stores / "kept")), ("b", config(stores / "kept", alpha=0.5))], str(tmp_path / "run"),
               runtime())
     assert not (tmp_path / "run").exists()
 
@@ -151,7 +151,7 @@ def sweep_command(file, out):
 
 
 def test_a_sweep_killed_at_any_point_resumes_every_member_exactly(stores, tmp_path, monkeypatch):
-    from hdistill.train import sweep as sweep_module
+    from hdistill.train.checkpoint import Record, RunFolder
     file = sweep_file(tmp_path / "s.yaml", stores / "kept", TWO, steps=6, checkpoint_every=2)
     invoke("train", "--sweep", file, "--out", tmp_path / "ref")
 
@@ -163,36 +163,36 @@ def test_a_sweep_killed_at_any_point_resumes_every_member_exactly(stores, tmp_pa
             assert all(torch.equal(swept[k], alone[k]) for k in alone), name
 
     # killed after the members' step-4 checkpoints were written, before the sweep recorded step 4: rolled back
-    original = sweep_module.write_record
+    original = Record.write
 
-    def dies_at_step_4(path, record):
-        if record["step"] == 4:
+    def dies_at_step_4(record, step, status):
+        if step == 4:
             raise Killed("killed")
-        original(path, record)
-    monkeypatch.setattr(sweep_module, "write_record", dies_at_step_4)
+        original(record, step, status)
+    monkeypatch.setattr(Record, "write", dies_at_step_4)
     with pytest.raises(Killed):
         CliRunner().invoke(cli, ["train", "--sweep", str(file), "--out", str(tmp_path / "back")],
                            catch_exceptions=False)
     assert sorted(p.name for p in (tmp_path / "back" / "hybrid").glob("checkpoint.pt*")) == \
         ["checkpoint.pt", "checkpoint.pt.pending-4"]
-    monkeypatch.setattr(sweep_module, "write_record", original)
+    monkeypatch.setattr(Record, "write", original)
     invoke("train", "--sweep", file, "--out", tmp_path / "back")
     same_as_reference(tmp_path / "back")
 
     # killed after the sweep recorded step 4, with one member's checkpoint in place and the other's pending: forward
-    settle = sweep_module.Sweep._settle_pending
+    settle = RunFolder.settle
 
     def dies_half_way(folder, step):
-        if step == 4 and folder.name == "alpha-0.5":           # hybrid's checkpoint is already in place
+        if step == 4 and folder.path.name == "alpha-0.5":      # hybrid's checkpoint is already in place
             raise Killed("killed")
         settle(folder, step)
-    monkeypatch.setattr(sweep_module.Sweep, "_settle_pending", staticmethod(dies_half_way))
+    monkeypatch.setattr(RunFolder, "settle", dies_half_way)
     with pytest.raises(Killed):
         CliRunner().invoke(cli, ["train", "--sweep", str(file), "--out", str(tmp_path / "forward")],
                            catch_exceptions=False)
     assert json.loads((tmp_path / "forward" / "sweep.json").read_text())["step"] == 4
     assert (tmp_path / "forward" / "alpha-0.5" / "checkpoint.pt.pending-4").exists()
-    monkeypatch.setattr(sweep_module.Sweep, "_settle_pending", staticmethod(settle))
+    monkeypatch.setattr(RunFolder, "settle", settle)
     invoke("train", "--sweep", file, "--out", tmp_path / "forward")
     same_as_reference(tmp_path / "forward")
 

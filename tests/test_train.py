@@ -23,7 +23,7 @@ from hdistill.common.targets import TargetSpec
 from hdistill.train.data import AllSamples, StreamSpec
 from hdistill.train.loader import Store
 from hdistill.train.loss import DistillLoss, LossConfig, LossTerm, group_heads, parse_losses, plan_losses
-from hdistill.train.run import Trainer, run_train
+from hdistill.train.run import run_train, solo
 from hdistill.train.student import build_student
 
 def default_targets(manifest):
@@ -247,12 +247,14 @@ def test_input_normalisation_is_explicit_and_travels_with_the_export(stores, tmp
     from safetensors import safe_open
 
     mean, std = (0.1, 0.2, 0.3), (0.6, 0.5, 0.4)
-    trainer = Trainer(config(stores / "kept", steps=1, student_mean=mean, student_std=std), str(tmp_path / "run"),
-                      runtime())
+    loop = solo(config(stores / "kept", steps=1, student_mean=mean, student_std=std), str(tmp_path / "run"),
+                runtime())
+    student = loop.members["train"].student
     pixels = torch.full((1, 1, 16, 16, 3), 51, dtype=torch.uint8)            # 0.2 in every channel
-    normalised = (pixels.permute(0, 1, 4, 2, 3).float() / 255 - trainer.student.mean) / trainer.student.std
+    normalised = (pixels.permute(0, 1, 4, 2, 3).float() / 255 - student.mean) / student.std
     torch.testing.assert_close(normalised[0, 0, :, 0, 0], torch.tensor([(0.2 - m) / s for m, s in zip(mean, std)]))
-    path = trainer.run()
+    loop.run()
+    path = tmp_path / "run" / "student.safetensors"
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
     assert json.loads(meta["mean"]) == list(mean) and json.loads(meta["std"]) == list(std)
@@ -277,12 +279,12 @@ def test_input_normalisation_is_explicit_and_travels_with_the_export(stores, tmp
 
 
 def test_stochastic_depth_and_fp16_with_a_gradient_scaler(stores, tmp_path):
-    trainer = Trainer(config(stores / "kept", steps=3, drop_path=0.3, precision="fp16"), str(tmp_path / "run"),
-                      runtime(log_every=1))
-    blocks = trainer.student.model.blocks                                       # timm: linear in depth, 0 to the rate
+    loop = solo(config(stores / "kept", steps=3, drop_path=0.3, precision="fp16"), str(tmp_path / "run"),
+                runtime(log_every=1))
+    blocks = loop.members["train"].student.model.blocks                                       # timm: linear in depth, 0 to the rate
     rates = [getattr(b.drop_path1, "drop_prob", 0.0) for b in blocks]          # rate 0: an Identity
     assert rates == pytest.approx([0.0, 0.15, 0.3])
-    trainer.run()
+    loop.run()
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 3 and all(np.isfinite(r["loss"]) for r in records)
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
@@ -389,7 +391,7 @@ def test_clear_errors_before_any_step(stores, tmp_path):
     ]
     for cfg, message in cases:
         with pytest.raises(HdistillError, match=message):
-            Trainer(cfg, str(tmp_path / "x"), runtime())
+            solo(cfg, str(tmp_path / "x"), runtime())
 
 
 def test_damaged_shard_and_nan_target_are_named(stores, tmp_path):
@@ -436,15 +438,15 @@ def test_damaged_shard_and_nan_target_are_named(stores, tmp_path):
         if record["name"] == "view0-000000":
             record["crc32c"] = f"{google_crc32c.value(shard.read_bytes()):08x}"
     (store / "manifest.json").write_text(json.dumps(manifest))
-    trainer = Trainer(config(store, steps=9, lanes=1), str(tmp_path / "run3"),
-                      runtime(log_every=3, checkpoint_every=3))
+    loop = solo(config(store, steps=9, lanes=1), str(tmp_path / "run3"), runtime(log_every=3, checkpoint_every=3))
+    member = loop.members["train"]
     with pytest.raises(HdistillError, match=r"the batch of step (\d) holds NaN or Inf in feat.clip: the store is "
                                             r"damaged; check it with hdistill verify \(its update was not applied") as err:
-        trainer.run()
+        loop.run()
     bad_step = int(err.value.args[0].split("step ")[1].split(" ")[0])
     # the first step is checked too (its terms are described), then every log step
-    assert trainer.step == (1 if bad_step == 1 else -(-bad_step // 3) * 3), "it stops at the first check after it"
-    assert all(torch.isfinite(p).all() for p in trainer.model.parameters()), "the NaN update was skipped"
+    assert member.steps_done == (1 if bad_step == 1 else -(-bad_step // 3) * 3), "it stops at the first check after it"
+    assert all(torch.isfinite(p).all() for p in member.model.parameters()), "the NaN update was skipped"
     saved = torch.load(tmp_path / "run3" / "checkpoint.pt", weights_only=True)["step"] if bad_step > 3 else None
     assert saved in (None, (bad_step - 1) // 3 * 3), "only the steps before the bad batch are checkpointed"
 
@@ -517,7 +519,7 @@ def test_two_ranks_take_the_global_batches_of_one(stores, tmp_path):
     for a, b in zip(reference, moved):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), a["step"]
     state = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert state["world_size"] == 2 and state["position"] == (4, 3)    # 12 samples: 3 steps an epoch, 5 epochs
+    assert state["world_size"] == 2 and state["loader"] == {"epoch": 5, "batch": 0}   # 12 samples: 3 steps an epoch, 5 epochs
 
 
 def descendants(pid: int) -> list[int]:
@@ -777,7 +779,7 @@ def test_validation_store_must_hold_the_run_targets(stores, tmp_path):
     precompute(tmp_path / "held-out", tmp_path / "val", crop="center", targets=["clip:feat", "mae:rel@1"])
     cfg = config(stores / "kept", val_shards=str(tmp_path / "val"))
     with pytest.raises(HdistillError, match=r"--val-shards .*val: no target rel.mae.b2, which the loss uses"):
-        Trainer(cfg, str(tmp_path / "run"), runtime())
+        solo(cfg, str(tmp_path / "run"), runtime())
     with pytest.raises(HdistillError, match="--crop center gives one view per image"):
         precompute(tmp_path / "held-out", tmp_path / "val2", crop="center", views=2)
 
@@ -790,7 +792,7 @@ def test_a_held_out_store_must_come_from_the_training_stores_teachers(stores, tm
     for name, field in [("other-weights", "weights"), ("bf16", "precision")]:
         with pytest.raises(HdistillError, match=rf"--val-shards .*{name}: teacher '(mae|clip)' differs from the "
                                                 rf"training store's in its {field} "):
-            Trainer(config(stores / "kept", val_shards=str(tmp_path / name)), str(tmp_path / "run"), runtime())
+            solo(config(stores / "kept", val_shards=str(tmp_path / name)), str(tmp_path / "run"), runtime())
     # used, with a warning: the training store itself, random crops, another mask
     make("random-crops", crop="random")
     make("other-mask", mask_ratio=0.5)
@@ -799,9 +801,9 @@ def test_a_held_out_store_must_come_from_the_training_stores_teachers(stores, tm
                 str(tmp_path / "other-mask"): "its mask (progressive mae K=0.5 blocks [0, 1, 2] mean=normalized "
                                               "forward=full) is not the training store's (progressive mae K=0.3 "}
     for val, warning in expected.items():
-        trainer = Trainer(config(stores / "kept", val_shards=val), str(tmp_path / "run"), runtime())
-        assert len(trainer.warnings) == 1 and warning in trainer.warnings[0], trainer.warnings
-    trainer.run()
+        loop = solo(config(stores / "kept", val_shards=val), str(tmp_path / "run"), runtime())
+        assert len(loop.plan.warnings) == 1 and warning in loop.plan.warnings[0], loop.plan.warnings
+    loop.run()
     assert f"train: warning: --val-shards {tmp_path / 'other-mask'}: its mask" in capsys.readouterr().err
 
 
@@ -875,3 +877,34 @@ def test_a_one_shard_store_gives_every_rank_its_half_of_each_global_batch(tmp_pa
         for rank in (0, 1):
             expected = pieces[b]["samples"]["pixels"][2 * rank:2 * rank + 2]
             assert torch.equal(halves[rank][b], expected)
+
+
+def test_a_run_killed_between_its_checkpoint_and_its_export_completes_them_when_opened(stores, tmp_path, monkeypatch):
+    """A checkpoint is committed in two phases (checkpoint.pt.pending-<step>; then the export, and the pending file in
+    place): a run killed after the write has, when opened again, the checkpoint in place and the student exported
+    from it."""
+    from safetensors.torch import load_file
+    from hdistill.train.checkpoint import RunFolder
+
+    class Killed(BaseException):
+        pass
+    cfg = config(stores / "kept", steps=4)
+    run_train(cfg, str(tmp_path / "whole"), runtime(checkpoint_every=2))
+    publish = RunFolder.publish
+
+    def dies_before_exporting_step_4(folder, student, step, keep):
+        if step == 4:
+            raise Killed()
+        publish(folder, student, step, keep)
+    monkeypatch.setattr(RunFolder, "publish", dies_before_exporting_step_4)
+    killed = tmp_path / "killed"
+    with pytest.raises(Killed):
+        run_train(cfg, str(killed), runtime(checkpoint_every=2))
+    monkeypatch.setattr(RunFolder, "publish", publish)
+    assert torch.load(killed / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert (killed / "checkpoint.pt.pending-4").exists()
+    run_train(cfg, str(killed), runtime(checkpoint_every=2))      # finished: it only completes the commit
+    assert torch.load(killed / "checkpoint.pt", weights_only=True)["step"] == 4
+    assert not list(killed.glob("checkpoint.pt.pending-*"))
+    exported, whole = load_file(killed / "student.safetensors"), load_file(tmp_path / "whole" / "student.safetensors")
+    assert exported.keys() == whole.keys() and all(torch.equal(exported[k], whole[k]) for k in whole)

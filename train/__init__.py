@@ -10,8 +10,12 @@
   source    where targets come from: the store (StoredTargets) or a typed plug-in (hdistill.online)
   validate  the held-out loss
   dist      torchrun / DDP plumbing
-  checkpoint  the run folder's names (checkpoint, history, metrics, export, options, lock, a sweep's record)
-  run       the training loop: steps, schedule, checkpoints, metrics, export
-  sweep     K students from one pass over the store (hdistill train --sweep), checkpointed together
+  member    one student and what its steps change: loss, optimiser, scaler, schedule, health, its RNG
+  loop      the one training loop: N members on one loader's batches, the step rules (log, validate, checkpoint, stop)
+  checkpoint  the run folder: its names, lock, stale temporaries, the checkpoint's assembly, commit and resume checks,
+            the history, a sweep's record
+  log       metrics.jsonl, TensorBoard, the progress bar and lines
+  run       a run's plan (store, length, lanes) and its members built: `hdistill train` is a loop of one member
+  sweep     K students from one pass over the store (hdistill train --sweep): a loop of K members
   report    a sweep's table and held-out curves
 """

@@ -85,12 +85,14 @@ class StoreLoader:
         if stream.plan().steps == 0:
             raise HdistillError(f"epoch {self.epoch} holds {epoch_samples(stream.manifest, self.epoch)} samples: too "
                                 f"few for one global batch of {stream.batch_size}")
-        batches = self._joined(self.batch)
+        epoch, batches = self.epoch, self._joined(self.batch)
         for index, batch in _prefetched(batches, self.device, stream.batch_specs) if self.device.startswith("cuda") else \
                 ((i, decoded(to_device(b, self.device), stream.batch_specs)) for i, b in batches):
-            self.batch = index + 1                  # the position counts what the caller was given
+            # the position counts what the caller was given (a state_dict() taken after an epoch's last batch has
+            # already moved it to the next epoch's start)
+            self.epoch, self.batch = epoch, index + 1
             yield batch
-        self.epoch, self.batch = self.epoch + 1, 0
+        self.epoch, self.batch = epoch + 1, 0
 
     def _joined(self, start: int) -> Iterator[tuple[int, dict]]:
         """(batch index, this rank's pieces of that global batch joined in lane order) from batch `start` on."""
