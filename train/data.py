@@ -287,8 +287,6 @@ class StoreStream(torch.utils.data.IterableDataset):
     def __init__(self, store: Store, spec: StreamSpec):
         self.store, self.spec, manifest = store, spec, store.manifest
         self.manifest, self.layout = manifest, manifest.layout
-        self.targets, self.mask, self.seed, self.retry = list(spec.targets), spec.mask, spec.seed, spec.retry
-        self.lanes, self.batch_size, self.rank, self.world_size = spec.lanes, spec.batch_size, spec.rank, spec.world_size
         # a lane holds the shard it gathers, the next one, and those its shuffle buffer still holds samples of: their
         # memory is reused
         self.reader = StoreReader(store.location, manifest, store.format, [t.name for t in spec.targets],
@@ -314,7 +312,7 @@ class StoreStream(torch.utils.data.IterableDataset):
 
     def piece_arrays(self, B: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """The arrays `collate` makes for B samples, name -> (shape, dtype): views, pixels, keep, each stored array."""
-        n, P = self.n_keep if self.mask != "none" else self.layout.num_patches, self.layout.patch_size
+        n, P = self.n_keep if self.spec.mask != "none" else self.layout.num_patches, self.layout.patch_size
         out = {"views": ((B,), np.int64), "pixels": ((B, n, P, P, 3), np.uint8), "keep": ((B, n), np.int64)}
         out.update({name: ((B, *(kind.token_shape(shape, int(cls) + n) if self.full else shape)), dtype)
                     for name, shape, dtype, kind, cls in self.stored})
@@ -329,7 +327,7 @@ class StoreStream(torch.utils.data.IterableDataset):
         arrays = {name: tensors[name].numpy() for name, *_ in self.stored}
         for i, stored in enumerate(samples):
             if self.full:                          # choose the patches, then gather those rows (and columns)
-                sel = select_patches(self.mask, stored.stage, stored.key, self.seed, self.epoch, self.n_keep)
+                sel = select_patches(self.spec.mask, stored.stage, stored.key, self.spec.seed, self.epoch, self.n_keep)
                 with_cls = np.concatenate([[0], sel + 1])                       # [1+n]: CLS, then the patches
                 np.take(stored.pixels, sel, axis=0, out=pixels[i])
                 keep[i] = stored.keep[sel]
@@ -341,7 +339,7 @@ class StoreStream(torch.utils.data.IterableDataset):
                 keep[i] = stored.keep
                 for name, a in arrays.items():
                     a[i] = stored.stored[name]
-        names = {t.name for t in self.targets}
+        names = {t.name for t in self.spec.targets}
         tensors["views"].numpy()[:] = [s.view for s in samples]
         batch = {"count": len(samples), "keys": [s.key for s in samples], "views": tensors["views"],
                  "pixels": tensors["pixels"], "keep": tensors["keep"],
@@ -349,7 +347,7 @@ class StoreStream(torch.utils.data.IterableDataset):
                  "companions": {name: tensors[name] for name in arrays if name not in names}}
         if self.selections:                    # mask "none": the batch holds every patch, in patch order
             batch["selections"] = {mask: torch.from_numpy(np.stack([
-                select_patches(mask, s.stage, s.key, self.seed, self.epoch, self.n_keep) for s in samples]))
+                select_patches(mask, s.stage, s.key, self.spec.seed, self.epoch, self.n_keep) for s in samples]))
                 for mask in self.selections}   # [B, n] each
         return batch
 
@@ -363,11 +361,12 @@ class StoreStream(torch.utils.data.IterableDataset):
 
     def plan(self, epoch: int | None = None) -> EpochPlan:
         """The order of epoch `epoch` (None: the stream's current one)."""
-        return EpochPlan(self.manifest, self.seed, self.epoch if epoch is None else epoch, self.lanes, self.batch_size,
+        spec = self.spec
+        return EpochPlan(self.manifest, spec.seed, self.epoch if epoch is None else epoch, spec.lanes, spec.batch_size,
                          self.buffer)
 
     def my_lanes(self) -> list[int]:
-        return [lane for lane in range(self.lanes) if lane % self.world_size == self.rank]
+        return [lane for lane in range(self.spec.lanes) if lane % self.spec.world_size == self.spec.rank]
 
     def __iter__(self):
         plan = self.plan()
@@ -450,8 +449,8 @@ class StoreStream(torch.utils.data.IterableDataset):
                 raise
             except Exception as err:  # noqa: BLE001 - any failure to read a shard is reported with its name
                 where = self.reader.where(shard)
-                if transient(err) and attempt < self.retry.attempts:
-                    self.retry.wait(attempt, where, err)
+                if transient(err) and attempt < self.spec.retry.attempts:
+                    self.spec.retry.wait(attempt, where, err)
                     attempt += 1
                     continue
                 tried = f" after {attempt} retries" if transient(err) else ""
@@ -469,7 +468,7 @@ class AllSamples(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         s = self.stream
-        shards = [r for r in s.manifest.view_shards(0) if r.samples][s.rank::s.world_size]
+        shards = [r for r in s.manifest.view_shards(0) if r.samples][s.spec.rank::s.spec.world_size]
         info = torch.utils.data.get_worker_info()
         shards = shards[info.id::info.num_workers] if info else shards
         pending: list[Sample] = []

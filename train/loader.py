@@ -84,7 +84,7 @@ class StoreLoader:
         stream.set_epoch(self.epoch, self.batch)
         if stream.plan().steps == 0:
             raise HdistillError(f"epoch {self.epoch} holds {epoch_samples(stream.manifest, self.epoch)} samples: too "
-                                f"few for one global batch of {stream.batch_size}")
+                                f"few for one global batch of {stream.spec.batch_size}")
         epoch, batches = self.epoch, self._joined(self.batch)
         for index, batch in _prefetched(batches, self.device, stream.batch_specs) if self.device.startswith("cuda") else \
                 ((i, decoded(to_device(b, self.device), stream.batch_specs)) for i, b in batches):
@@ -106,11 +106,11 @@ class StoreLoader:
         loader = torch.utils.data.DataLoader(
             stream, batch_size=None, num_workers=workers, pin_memory=cuda and not workers,
             prefetch_factor=PREFETCH if workers else None, worker_init_fn=loader_worker_init,
-            generator=torch.Generator().manual_seed(stream.seed * 100_003 + self.epoch))
+            generator=torch.Generator().manual_seed(stream.spec.seed * 100_003 + self.epoch))
         # the joined batch: pinned for the copy to a GPU, else reused once no tensor of an earlier batch views it
         memory = None if not workers else pinned_memory if cuda else self._batch_memory.take
         pending: dict[int, list[dict]] = {}
-        index, per_lane = start, stream.batch_size // stream.lanes
+        index, per_lane = start, stream.spec.batch_size // stream.spec.lanes
         pieces = start_workers(loader)
         try:
             for piece in pieces:
@@ -133,7 +133,7 @@ class StoreLoader:
         by the next epoch (its workers are forked from this process, so they inherit it); a new one while an
         earlier epoch's iterator, and so maybe its workers, still uses it."""
         stream, lanes = self.stream, self.stream.my_lanes()
-        pieces = {w: stream.piece_arrays(len(lanes[w::workers]) * stream.batch_size // stream.lanes)
+        pieces = {w: stream.piece_arrays(len(lanes[w::workers]) * stream.spec.batch_size // stream.spec.lanes)
                   for w in range(workers)}
         ring = self._rings.get(workers)
         if ring is None or ring.pieces != pieces or id(ring) in self._rings_in_use:

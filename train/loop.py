@@ -8,6 +8,7 @@ the data position; the checkpoint stores its state_dict().
 """
 from __future__ import annotations
 
+import functools
 import resource
 import sys
 from contextlib import ExitStack, contextmanager
@@ -117,7 +118,7 @@ class Loop:
     def validate(self, logs: dict[str, MemberLog]):
         """Every running member on each held-out batch in turn, from one pass over the held-out store."""
         running = self.running()
-        evaluated = {n: self.members[n].evaluated(lambda batch, spec=self.members[n].val_spec: member_share(batch, spec))
+        evaluated = {n: self.members[n].evaluated(functools.partial(member_share, spec=self.members[n].val_spec))
                      for n in running}
         results = evaluate(evaluated, self.val, self.rt.workers, self.rt.device, self.dist)
         for name in running:
