@@ -192,8 +192,29 @@ class Loop:
 
     def _resume(self):
         recorded = self.record.read() if self.record else None
-        committed = recorded["step"] if recorded else None
-        unpublished = set()                  # members whose checkpoint was rolled forward before its export was written
+        unpublished = self._settle(recorded["step"] if recorded else None)
+        if recorded:
+            self.status = {m["name"]: m["status"] for m in recorded["members"]}
+        positions = {name: self._load(name, name in unpublished) for name in self.members}
+        self.step = recorded["step"] if recorded else next(iter(self.members.values())).steps_done
+        for name in self.running():
+            member = self.members[name]
+            if member.steps_done != self.step:
+                raise HdistillError(f"{member.folder.path / CHECKPOINT} is at step {member.steps_done}, "
+                                    f"{self.commit_point()} at {self.step}: the checkpoints were not written by one "
+                                    "run")
+        position = next((positions[n] for n in self.running() if positions[n] is not None), None)
+        if position is not None:
+            self.loader.load_state_dict(position)
+            if not self.finished:
+                for name in self.running():
+                    self.members[name].say(f"resuming {self.members[name].folder.path / CHECKPOINT} at step "
+                                           f"{self.step} of {self.steps} ({self.describe_position()})")
+
+    def _settle(self, committed: int | None) -> set[str]:
+        """The members' folders opened and settled to the committed step (rank 0); the members whose checkpoint was
+        rolled forward before its export was written (none on other ranks)."""
+        unpublished = set()
         if self.dist.main:
             for name, member in self.members.items():
                 if member.folder is not self.folder:
@@ -201,36 +222,24 @@ class Loop:
                 if member.folder.settle(committed):
                     unpublished.add(name)
         barrier(self.dist)
-        if recorded:
-            self.status = {m["name"]: m["status"] for m in recorded["members"]}
-        position = None
-        for name, member in self.members.items():
-            state = member.folder.load()
-            if state is None:
-                continue
-            path = member.folder.path / CHECKPOINT
-            check_resumable(state, member, self.plan.stores, path)
-            member.load_state_dict(state, rank_rng(state, member, path))
-            say_extension(state, member)
-            if name in unpublished:
-                member.folder.publish(member.student, member.steps_done, self.rt.keep_checkpoints)
-            if self.status[name]["state"] == "finished" and not member.finished:     # --steps extended
-                self.status[name] = {"state": "running"}
-            if self.status[name]["state"] == "running" and position is None:
-                position = state["loader"]
-        self.step = committed if recorded else next(iter(self.members.values())).steps_done
-        for name in self.running():
-            member = self.members[name]
-            if member.steps_done != self.step:
-                raise HdistillError(f"{member.folder.path / CHECKPOINT} is at step {member.steps_done}, "
-                                    f"{self.commit_point()} at {self.step}: the checkpoints were not written by one "
-                                    "run")
-        if position is not None:
-            self.loader.load_state_dict(position)
-            if not self.finished:
-                for name in self.running():
-                    self.members[name].say(f"resuming {self.members[name].folder.path / CHECKPOINT} at step "
-                                           f"{self.step} of {self.steps} ({self.describe_position()})")
+        return unpublished
+
+    def _load(self, name: str, publish: bool) -> dict | None:
+        """The member resumed from its checkpoint, if it has one, with its export written when `publish`; the
+        loader position the checkpoint holds."""
+        member = self.members[name]
+        state = member.folder.load()
+        if state is None:
+            return None
+        path = member.folder.path / CHECKPOINT
+        check_resumable(state, member, self.plan.stores, path)
+        member.load_state_dict(state, rank_rng(state, member, path))
+        say_extension(state, member)
+        if publish:
+            member.folder.publish(member.student, member.steps_done, self.rt.keep_checkpoints)
+        if self.status[name]["state"] == "finished" and not member.finished:     # --steps extended
+            self.status[name] = {"state": "running"}
+        return state["loader"]
 
     def describe_position(self) -> str:
         epoch, batch = self.loader.epoch, self.loader.batch
