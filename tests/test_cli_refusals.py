@@ -137,6 +137,17 @@ def test_resume_says_where_it_starts_and_a_finished_run_says_so(stores, tmp_path
     assert "train: finished in" not in again.output and "resuming" not in again.output
 
 
+def test_a_checkpoint_without_a_loader_state_is_refused_naming_it(stores, tmp_path):
+    """A checkpoint of an earlier hdistill (its data position was a "position" pair) is refused with one line."""
+    run = tmp_path / "run"
+    assert train_cli(stores / "kept", run, "--steps", "2").exit_code == 0
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    state["position"] = (state.pop("loader")["epoch"], 0)
+    torch.save(state, run / "checkpoint.pt")
+    output = refused(train_cli(stores / "kept", run, "--steps", "4"))
+    assert f"{run / 'checkpoint.pt'} was written by an earlier hdistill (it holds no loader state_dict)" in output
+
+
 def test_a_full_disk_while_writing_a_checkpoint_is_named_and_keeps_the_last_one(stores, tmp_path, monkeypatch):
     import hdistill.common.atomic as atomic
     run = tmp_path / "run"

@@ -139,6 +139,9 @@ def assemble(member, loader: dict, stores: dict, rng: list[dict]) -> dict:
 
 def check_resumable(state: dict, member, stores: dict, path: Path):
     """Refuse a checkpoint of another store, source or options, or beyond the run's end."""
+    if "loader" not in state:
+        raise HdistillError(f"{path} was written by an earlier hdistill (it holds no loader state_dict); train into a "
+                            "new --out")
     old, new = json.loads(json.dumps(state["config"])), json.loads(json.dumps(asdict(member.cfg)))
     for k in STORE_OPTIONS:     # the same path may now hold another store: compare what it holds, always
         if state.get("stores", {}).get(k) != stores[k]:
