@@ -162,6 +162,9 @@ def train(out, sweep, **params):
     cfg, rt, online = (from_params(cls, params) for cls in (TrainConfig, TrainRuntime, OnlineConfig))
     start = time.time()
     source = {}
+    if online.online and cfg.reconstruct:
+        raise HdistillError("--reconstruct draws the encoder's patches from the store's batches: it does not take "
+                            "--online")
     if online.online:
         from hdistill.online import live_targets
         source = {"source": live_targets(online)}

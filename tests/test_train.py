@@ -892,10 +892,10 @@ def test_a_run_killed_between_its_checkpoint_and_its_export_completes_them_when_
     run_train(cfg, str(tmp_path / "whole"), runtime(checkpoint_every=2))
     publish = RunFolder.publish
 
-    def dies_before_exporting_step_4(folder, student, step, keep):
+    def dies_before_exporting_step_4(folder, member, step, keep):
         if step == 4:
             raise Killed()
-        publish(folder, student, step, keep)
+        publish(folder, member, step, keep)
     monkeypatch.setattr(RunFolder, "publish", dies_before_exporting_step_4)
     killed = tmp_path / "killed"
     with pytest.raises(Killed):

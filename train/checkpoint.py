@@ -12,6 +12,7 @@ RUN/
   checkpoints/         step-<step>.pt, the last --keep-checkpoints of them
   metrics.jsonl        one JSON object per logged step and evaluation (and tensorboard/)
   student.safetensors  the backbone, loadable by timm (written with every checkpoint)
+  decoder.safetensors  the student's decoder, with --decoder-depth
   config.yaml          the run's options, which hdistill train --config loads again
 """
 from __future__ import annotations
@@ -32,12 +33,14 @@ from hdistill.common.options import option_name
 
 from .config import TrainConfig
 from .member import base_lr, lr_factor
+from .decoder import export_decoder
 from .student import export_student
 
 CHECKPOINT = "checkpoint.pt"           # the latest checkpoint (torch.save, loads with weights_only=True)
 HISTORY = "checkpoints"                # earlier checkpoints kept by --keep-checkpoints, one file per step
 METRICS = "metrics.jsonl"              # one record per logged step and evaluation
 EXPORT = "student.safetensors"         # the student's backbone, for timm's pretrained path
+DECODER = "decoder.safetensors"        # the student's decoder (--decoder-depth), apart from the backbone
 OPTIONS = "config.yaml"                # the run's options, which hdistill train --config loads again
 LOCK = ".lock"                         # held while a process writes the folder
 RECORD = "sweep.json"                  # a sweep's step and its members' states
@@ -66,7 +69,7 @@ class RunFolder:
         except OSError as err:
             raise write_error(self.path, err) from None
         self.lock = hold_lock(self.path / LOCK, f"{self.what} {self.path}")
-        for name in (CHECKPOINT, EXPORT, METRICS, OPTIONS, RECORD):
+        for name in (CHECKPOINT, EXPORT, DECODER, METRICS, OPTIONS, RECORD):
             remove_stale_temporaries(self.path / name)
 
     def close(self):
@@ -102,10 +105,12 @@ class RunFolder:
                 pending.unlink()                                 # written, never committed: back
         return forward
 
-    def publish(self, student, step: int, keep: int):
-        """What goes with the checkpoint of `step` (pending, or in place): student.safetensors and, with `keep`, the
-        history."""
-        export_student(student, self.path / EXPORT)
+    def publish(self, member, step: int, keep: int):
+        """What goes with the checkpoint of `step` (pending, or in place): student.safetensors (and a decoder's
+        decoder.safetensors) and, with `keep`, the history."""
+        export_student(member.student, self.path / EXPORT)
+        if member.decoder is not None:
+            export_decoder(member.decoder, self.path / DECODER)
         if keep:
             pending = self.path / f"{PENDING}{step}"
             keep_history(pending if pending.exists() else self.path / CHECKPOINT, step, keep)

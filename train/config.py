@@ -79,6 +79,19 @@ class TrainConfig:
         metavar="T=S[,T=S...]", parse=parse_block_pairs)
     mask: str = option("progressive", type=click.Choice(["progressive", "none", "random"]),
                        help="Tokens the student sees; none and random need a store made with --tokens full.")
+    decoder_depth: int = option(0, "Blocks of a light decoder on the student (MAE's; 0: none): the final feature "
+                                   "terms are then taken at its output, and it is exported apart "
+                                   "(RUN/decoder.safetensors).", type=click.IntRange(min=0))
+    decoder_width: int = option(512, "Width of the student's decoder (MAE: 512; a multiple of 4).", type=AT_LEAST_1)
+    decoder_heads: int = option(16, "Attention heads of the student's decoder (MAE: 16).", type=AT_LEAST_1)
+    reconstruct: float = option(
+        0.0, type=click.FloatRange(0, 1, max_open=True),
+        help="Masked feature reconstruction (dBOT, G2SD: 0.75): the encoder sees a random 1 - R of the patches, "
+             "drawn from --seed, the epoch and the sample, and the decoder predicts every token. Needs "
+             "--decoder-depth and --mask none (a store made with --tokens full).")
+    reconstruct_tokens: str = option("masked", type=click.Choice(["masked", "all"]),
+                                     help="With --reconstruct: the feature terms average over the patches the "
+                                          "encoder did not see (dBOT's, G2SD's), or over every token.")
     seed: int = option(0, "Seed of the data order (and, unless --init-seed, of the student's initialisation and "
                           "stochastic depth).")
     init_seed: int | None = option(None, type=int, help="Seed of the student's initialisation and stochastic depth (default: "

@@ -266,6 +266,7 @@ class StreamSpec:
     rank: int = 0
     world_size: int = 1
     retry: Retry = Retry()
+    reconstruct: tuple[float, ...] = ()    # mask ratios whose visible patches each batch carries (--reconstruct)
 
 
 class StoreStream(torch.utils.data.IterableDataset):
@@ -349,6 +350,10 @@ class StoreStream(torch.utils.data.IterableDataset):
             batch["selections"] = {mask: torch.from_numpy(np.stack([
                 select_patches(mask, s.stage, s.key, self.spec.seed, self.epoch, self.n_keep) for s in samples]))
                 for mask in self.selections}   # [B, n] each
+        if self.spec.reconstruct:              # mask "none" too: rows of the batch are the patches
+            batch["visible"] = {ratio: torch.from_numpy(np.stack([
+                visible_patches(ratio, s.key, self.spec.seed, self.epoch, self.layout.num_patches) for s in samples]))
+                for ratio in self.spec.reconstruct}   # [B, N - int(N * ratio)] each
         return batch
 
     def check_present(self, views):
@@ -493,6 +498,14 @@ def select_patches(mask: str, stage: np.ndarray, key: str, seed: int, epoch: int
         return np.arange(len(stage))
     rng = np.random.default_rng([seed, epoch, zlib.crc32(key.encode())])
     return np.sort(rng.choice(len(stage), size=n_keep, replace=False))
+
+
+def visible_patches(ratio: float, key: str, seed: int, epoch: int, num_patches: int) -> np.ndarray:
+    """The patches a reconstructing student's encoder sees of a sample (--reconstruct): MAE's random_masking (the
+    first N - int(N * ratio) of an argsort of uniform noise), the noise drawn from (seed, epoch, sample) alone, so a
+    resume and any rank count draw the same; in patch order."""
+    noise = np.random.default_rng([seed, epoch, zlib.crc32(key.encode()), 1]).random(num_patches)
+    return np.sort(np.argsort(noise, kind="stable")[:num_patches - int(num_patches * ratio)])
 
 
 def epoch_samples(manifest: Manifest, epoch: int) -> int:

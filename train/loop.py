@@ -167,7 +167,7 @@ class Loop:
                 self.record.write(self.step, self.status)
             for name, member in self.members.items():
                 if self.status[name]["state"] != "stopped":
-                    member.folder.publish(member.student, self.step, self.rt.keep_checkpoints)
+                    member.folder.publish(member, self.step, self.rt.keep_checkpoints)
             for member in self.members.values():
                 member.folder.settle(self.step if self.record else None)
         barrier(self.dist)
@@ -236,7 +236,7 @@ class Loop:
         member.load_state_dict(state, rank_rng(state, member, path))
         say_extension(state, member)
         if publish:
-            member.folder.publish(member.student, member.steps_done, self.rt.keep_checkpoints)
+            member.folder.publish(member, member.steps_done, self.rt.keep_checkpoints)
         if self.status[name]["state"] == "finished" and not member.finished:     # --steps extended
             self.status[name] = {"state": "running"}
         return state["loader"]

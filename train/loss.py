@@ -110,19 +110,23 @@ class LossConfig:
 
 
 class DistillLoss(nn.Module):
-    """Holds one projection per feature-like term; returns {"loss": total, "loss/<target>": term, ...}."""
+    """Holds one projection per feature-like term; returns {"loss": total, "loss/<target>": term, ...}. The final
+    terms' projections start from `final_width` (a decoder's width) when given."""
 
-    def __init__(self, terms: list[LossTerm], student_width: int, student_heads: int, cfg: LossConfig):
+    def __init__(self, terms: list[LossTerm], student_width: int, student_heads: int, cfg: LossConfig,
+                 final_width: int | None = None):
         super().__init__()
         self.terms, self.cfg = terms, cfg
-        self.proj = nn.ModuleDict({_module_key(t): nn.Linear(student_width, t.target.shape[-1])
+        width = {True: final_width or student_width, False: student_width}
+        self.proj = nn.ModuleDict({_module_key(t): nn.Linear(width[t.student_tap is None], t.target.shape[-1])
                                    for t in terms if not t.pairs})
         self.groups = {t.name: math.gcd(student_heads, t.target.shape[0]) for t in terms if t.pairs}
 
     def forward(self, tokens: torch.Tensor, taps: dict[tuple[str, int], torch.Tensor],
-                targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+                targets: dict[str, torch.Tensor], weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """tokens: the student's final tokens [B, T, D_s]; taps: (kind, block) -> its captured tensor;
-        targets: target name -> the teacher's values over the same tokens."""
+        targets: target name -> the teacher's values over the same tokens; `weights` [B, T]: how much each final
+        token counts (--reconstruct: 1 at the masked patches), else every token alike."""
         out = {}
         for term in self.terms:
             student = term.student_tokens(tokens if term.student_tap is None else taps[term.student_tap])
@@ -131,11 +135,16 @@ class DistillLoss(nn.Module):
                 g = self.groups[term.name]
                 out[term.key] = F.smooth_l1_loss(group_heads(student.float(), g), group_heads(target, g),
                                                  beta=self.cfg.beta)
+                continue
+            if self.cfg.standardize_targets:
+                target = standardize(target)
+            predicted = self.proj[_module_key(term)](student).float()
+            if weights is None or term.student_tap is not None:
+                out[term.key] = F.smooth_l1_loss(predicted, target, beta=self.cfg.beta)
             else:
-                if self.cfg.standardize_targets:
-                    target = standardize(target)
-                out[term.key] = F.smooth_l1_loss(self.proj[_module_key(term)](student).float(), target,
-                                                 beta=self.cfg.beta)
+                per_token = F.smooth_l1_loss(predicted, target, beta=self.cfg.beta, reduction="none").mean(-1)
+                w = term.student_tokens(weights)                                      # [B, T]
+                out[term.key] = (per_token * w).sum() / w.sum()
         return {"loss": sum(t.weight * out[t.key] for t in self.terms), **out}
 
 

@@ -18,7 +18,10 @@ from hdistill.common.errors import HdistillError
 from hdistill.common.grid import TokenGrid, check_same_grid
 from hdistill.shards.format import StoreLayout
 
+from hdistill.common.tokens import gather_along, gather_rows
+
 from .config import DEFAULT_LR, TrainConfig
+from .decoder import Decoder
 from .dist import DistInfo
 from .loss import DistillLoss, LossConfig, parse_losses, plan_losses
 from .source import TargetSource
@@ -67,15 +70,30 @@ def seed_everything(seed: int):
 
 
 class Distiller(torch.nn.Module):
-    """Student + loss as one module, so DDP sees every trained parameter (the projection too)."""
+    """Student (+ decoder) + loss as one module, so DDP sees every trained parameter (the projections too). With a
+    mask ratio (--reconstruct) the encoder sees the batch's `visible` patches of that ratio only, and the decoder
+    predicts every token; with `masked_only` the final terms count the patches the encoder did not see."""
 
-    def __init__(self, student: Student, loss_fn: DistillLoss):
+    def __init__(self, student: Student, loss_fn: DistillLoss, decoder: Decoder | None = None, ratio: float = 0.0,
+                 masked_only: bool = True):
         super().__init__()
-        self.student, self.loss_fn = student, loss_fn
+        self.student, self.loss_fn, self.decoder = student, loss_fn, decoder
+        self.ratio, self.masked_only = ratio, masked_only
 
-    def forward(self, pixels, keep, targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, pixels, keep, targets: dict[str, torch.Tensor], visible: dict | None = None):
+        weights = None
+        if self.ratio:
+            shown = visible[self.ratio]                                       # [B, n] rows of the batch's N patches
+            pixels, keep = gather_rows(pixels, shown), gather_along(keep, 1, shown)
         out = self.student(pixels, keep)
-        return self.loss_fn(out.tokens, out.taps, targets)
+        tokens = out.tokens                                                   # [B, 1+n, D]
+        if self.decoder is not None:
+            tokens = self.decoder(tokens, keep)                               # [B, 1+N, W]
+            if self.ratio and self.masked_only:                               # 1 at the patches the encoder missed
+                weights = torch.ones(tokens.shape[:2], device=tokens.device)
+                weights[:, 0] = 0
+                weights.scatter_(1, keep + 1, 0.0)
+        return self.loss_fn(tokens, out.taps, targets, weights)
 
 
 class Member:
@@ -109,14 +127,18 @@ class Member:
         self.terms = plan_losses(manifest, parse_losses(cfg.losses) if cfg.losses else None,
                                  self.student.depth, cfg.alpha, cfg.feature_teacher, cfg.relation_teacher,
                                  cfg.relation_blocks, cfg.student_blocks)
+        self.decoder = _build_decoder(cfg, self.student, self.terms, device)
         self.loss_fn = DistillLoss(self.terms, self.student.width, self.student.heads,
-                                   LossConfig(cfg.beta, cfg.standardize_targets)).to(device)
+                                   LossConfig(cfg.beta, cfg.standardize_targets),
+                                   final_width=self.decoder.width if self.decoder else None).to(device)
         taps = sorted({t.student_tap for t in self.terms if t.student_tap})
         self.student.capture(taps)
         self.frozen = self.student.freeze_unreached(taps, final=any(t.student_tap is None for t in self.terms))
-        self.optimizer = torch.optim.AdamW(param_groups([self.student, self.loss_fn], cfg.weight_decay),
-                                           lr=base_lr(cfg), betas=(0.9, 0.95), fused=True)
-        self.model = Distiller(self.student, self.loss_fn)
+        trained = [self.student, self.loss_fn] + ([self.decoder] if self.decoder else [])
+        self.optimizer = torch.optim.AdamW(param_groups(trained, cfg.weight_decay), lr=base_lr(cfg),
+                                           betas=(0.9, 0.95), fused=True)
+        self.model = Distiller(self.student, self.loss_fn, self.decoder, cfg.reconstruct,
+                               cfg.reconstruct_tokens == "masked")
         self.health = StepHealth([t.name for t in self.terms], device, self.dist)
         # from here on its RNG draws only the student's stochastic depth, and each rank draws its own (MAE and nanoGPT
         # offset the seed by the rank); the member holds it, and puts it in the global RNG while it steps
@@ -147,7 +169,7 @@ class Member:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr(self.steps_done)
         with self.autocast():
-            terms = self.ddp(batch["pixels"], batch["keep"], targets)
+            terms = self.ddp(batch["pixels"], batch["keep"], targets, batch.get("visible"))
         self.health.record(self.steps_done + 1, terms["loss"], targets)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(terms["loss"]).backward()          # fp16: scaled against underflow; else as is
@@ -191,8 +213,9 @@ class Member:
     def state_dict(self) -> dict:
         """Tensors, numbers and containers only (torch.load(weights_only=True) loads them); this rank's RNG is not in
         it (the checkpoint holds every rank's: train.checkpoint.member_checkpoint)."""
+        decoder = {"decoder": self.decoder.state_dict()} if self.decoder else {}
         return {"step": self.steps_done, "steps": self.steps, "warmup": self.warmup,
-                "student": self.student.state_dict(), "loss": self.loss_fn.state_dict(),
+                "student": self.student.state_dict(), **decoder, "loss": self.loss_fn.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict, rng: dict | None):
@@ -200,6 +223,8 @@ class Member:
         run's last step); `rng` this rank's RNG as saved, or None to restart the stream at the step."""
         self.warmup = state["warmup"]
         self.student.load_state_dict(state["student"])
+        if self.decoder:
+            self.decoder.load_state_dict(state["decoder"])
         self.loss_fn.load_state_dict(state["loss"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -241,6 +266,30 @@ class Member:
             self.say(f"warning: at step {self.steps_done} {small} is {100 * weighted[small] / losses['loss']:.1f}% "
                      f"of the loss ({big} is {weighted[big] / weighted[small]:.0f}x it), so the student learns "
                      f"little from it; balance the terms with {balance}")
+
+
+def _build_decoder(cfg: TrainConfig, student: Student, terms, device: str) -> Decoder | None:
+    """The student's decoder (--decoder-depth), checked against the objective: it predicts every patch, so the
+    batch must hold every patch (--mask none), and with --reconstruct every term is a final feature term."""
+    if cfg.reconstruct and not cfg.decoder_depth:
+        raise HdistillError(f"--reconstruct {cfg.reconstruct:g}: the decoder predicts the patches the encoder does "
+                            "not see; give --decoder-depth (MAE's light decoder: 8, dBOT and G2SD use fewer)")
+    if not cfg.decoder_depth:
+        return None
+    if cfg.mask != "none":
+        raise HdistillError(f"--decoder-depth {cfg.decoder_depth}: the decoder predicts every patch, so the batch must "
+                            f"hold every patch: give --mask none (a store made with --tokens full), not --mask "
+                            f"{cfg.mask}")
+    inner = [t.target.tap for t in terms if t.student_tap is not None or t.pairs]
+    if cfg.reconstruct and inner:
+        raise HdistillError(f"--reconstruct {cfg.reconstruct:g} trains final feature terms at the decoder's output; "
+                            f"{', '.join(inner)} read the encoder's blocks over the patches it sees: give --loss "
+                            "ROLE:feat terms only")
+    if cfg.decoder_width % 4 or cfg.decoder_width % cfg.decoder_heads:
+        raise HdistillError(f"--decoder-width {cfg.decoder_width}: a multiple of 4 (its sin-cos position embeddings) "
+                            f"and of --decoder-heads {cfg.decoder_heads}")
+    return Decoder(student.width, student.grid.num_patches, cfg.decoder_width, cfg.decoder_depth,
+                   cfg.decoder_heads).to(device)
 
 
 def _check_patch_size(cfg: TrainConfig, layout: StoreLayout, student: Student):

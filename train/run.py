@@ -109,9 +109,10 @@ def build_member(cfg: TrainConfig, plan: RunPlan, folder: RunFolder, source: Sou
     member.folder = folder
     mask = check_mask(plan.store.manifest, cfg.mask)
     targets = tuple(t.target for t in member.terms)
+    ratios = (cfg.reconstruct,) if cfg.reconstruct else ()
     member.source = source(SourcePlan(plan.store, StreamSpec(
         targets, mask, cfg.seed, plan.lanes, cfg.batch_size, cfg.lane_buffer_mb, plan.dist.rank,
-        plan.dist.world_size, plan.rt.retry), plan.rt.device))
+        plan.dist.world_size, plan.rt.retry, ratios), plan.rt.device))
     if cfg.val_shards:
         val_store, val_targets, warnings = open_val_store(cfg.val_shards, cfg.shards, plan.store.manifest,
                                                           list(targets), mask)
@@ -119,7 +120,7 @@ def build_member(cfg: TrainConfig, plan: RunPlan, folder: RunFolder, source: Sou
         plan.stores["val_shards"] = val_store.manifest.digest()
         member.val_store = val_store
         member.val_spec = StreamSpec(tuple(val_targets), mask, cfg.seed, rank=plan.dist.rank,
-                                     world_size=plan.dist.world_size, retry=plan.rt.retry)
+                                     world_size=plan.dist.world_size, retry=plan.rt.retry, reconstruct=ratios)
     return member
 
 

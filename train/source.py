@@ -60,7 +60,8 @@ def shared_stream(store: Store, specs: list[StreamSpec]) -> StoreStream:
     targets = {t.name: t for spec in specs for t in spec.targets}
     masks = sorted({spec.mask for spec in specs})
     mask = masks[0] if len(masks) == 1 else "none"
-    stream = store.stream(replace(specs[0], targets=tuple(targets.values()), mask=mask))
+    ratios = tuple(sorted({r for spec in specs for r in spec.reconstruct}))
+    stream = store.stream(replace(specs[0], targets=tuple(targets.values()), mask=mask, reconstruct=ratios))
     stream.selections = tuple(m for m in masks if m != mask)
     return stream
 
@@ -71,7 +72,7 @@ def member_share(batch: dict, spec: StreamSpec) -> dict:
     if spec.mask not in selections:
         return batch
     sel = selections[spec.mask]                                        # [B, n] of the batch's N patches
-    return {"count": batch["count"], "pixels": gather_rows(batch["pixels"], sel),
+    return {"count": batch["count"], "pixels": gather_rows(batch["pixels"], sel),     # (no "visible": mask "none")
             "keep": gather_along(batch["keep"], 1, sel),
             "targets": {t.name: KINDS[t.kind].gather(batch["targets"][t.name], token_index(sel, t.cls))
                         for t in spec.targets}}

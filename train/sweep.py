@@ -40,7 +40,8 @@ from .source import SharedTargets
 # TrainConfig fields a member may set; every other option decides which samples a step sees, or when
 MEMBER_OPTIONS = ("losses", "alpha", "beta", "standardize_targets", "feature_teacher", "relation_teacher",
                   "relation_blocks", "student_blocks", "student", "student_args", "drop_path", "student_mean",
-                  "student_std", "precision", "lr", "weight_decay", "warmup_steps", "clip_grad", "mask", "init_seed")
+                  "student_std", "precision", "lr", "weight_decay", "warmup_steps", "clip_grad", "mask", "init_seed",
+                  "decoder_depth", "decoder_width", "decoder_heads", "reconstruct", "reconstruct_tokens")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 

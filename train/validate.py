@@ -116,7 +116,7 @@ def evaluate(models: dict[str, Evaluated], stream: AllSamples, workers: int, dev
             for name, m in models.items():
                 mine = m.prepare(batch)
                 with m.autocast:
-                    terms = m.model(mine["pixels"], mine["keep"], mine["targets"])
+                    terms = m.model(mine["pixels"], mine["keep"], mine["targets"], mine.get("visible"))
                 for key in m.keys:                    # each term is a mean over its batch's samples
                     sums[name][key] += terms[key].item() * batch["count"]
             count += batch["count"]

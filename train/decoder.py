@@ -1,0 +1,83 @@
+"""The student's light decoder for masked feature reconstruction (dBOT, the paper's Fig. 3(b); G2SD's student), as
+MAE's (facebookresearch/mae models_mae.py): a linear embedding of the encoder's tokens, a learned mask token at
+every patch the encoder did not see, fixed 2-D sin-cos position embeddings, transformer blocks and a norm. It
+predicts every token (CLS first); the loss takes its output where the student's final tokens would be."""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+from timm.models.vision_transformer import Block
+from torch import nn
+
+
+def sincos_pos_embed(width: int, grid: int) -> np.ndarray:
+    """MAE's fixed 2-D sin-cos position embeddings [1 + grid*grid, width], CLS first (zeros): half the channels
+    encode the column, half the row, each as sin then cos of position / 10000^(2i/(width/2))."""
+    assert width % 4 == 0, "the decoder width must be a multiple of 4"
+    omega = 1.0 / 10000 ** (np.arange(width // 4, dtype=np.float64) / (width / 4))      # [width/4]
+    rows, cols = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
+
+    def encode(pos):                                        # [grid*grid] -> [grid*grid, width/2]
+        angles = np.outer(pos.reshape(-1), omega)
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+    patches = np.concatenate([encode(cols), encode(rows)], axis=1)   # MAE: emb_h from grid[0] (w), emb_w from grid[1]
+    return np.concatenate([np.zeros((1, width)), patches], axis=0).astype(np.float32)
+
+
+class Decoder(nn.Module):
+    """[B, 1+n, D] encoder tokens of the patches `keep` [B, n] -> [B, 1+N, W] decoded tokens of all N patches."""
+
+    def __init__(self, encoder_width: int, num_patches: int, width: int, depth: int, heads: int):
+        super().__init__()
+        grid = int(round(num_patches ** 0.5))
+        self.num_patches = num_patches
+        self.embed = nn.Linear(encoder_width, width)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.register_buffer("pos_embed", torch.from_numpy(sincos_pos_embed(width, grid))[None], persistent=False)
+        self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio=4.0, qkv_bias=True,
+                                           norm_layer=functools.partial(nn.LayerNorm, eps=1e-6)) for _ in range(depth)])
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self._init_weights()
+
+    @property
+    def width(self) -> int:
+        return self.embed.out_features
+
+    def _init_weights(self):
+        """MAE's: mask token N(0, 0.02), linear layers xavier-uniform with zero bias, norms 1 and 0."""
+        nn.init.normal_(self.mask_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)                                              # [B, 1+n, W]
+        B, W = x.shape[0], x.shape[-1]
+        patches = self.mask_token.to(x.dtype).expand(B, self.num_patches, W).clone()   # [B, N, W]
+        patches.scatter_(1, keep.unsqueeze(-1).expand(-1, -1, W), x[:, 1:])
+        x = torch.cat([x[:, :1], patches], dim=1) + self.pos_embed          # [B, 1+N, W]
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+def export_decoder(decoder: Decoder, path) -> None:
+    """The decoder's state dict apart from the backbone (RUN/decoder.safetensors), atomically; its metadata says how
+    to build it again (Decoder's arguments)."""
+    from safetensors.torch import save
+
+    from hdistill.common.atomic import atomic_open
+
+    from .student import _sorted_metadata
+    state = {k: v.detach().cpu().contiguous() for k, v in decoder.state_dict().items()}
+    metadata = {"format": "pt", "encoder_width": str(decoder.embed.in_features), "num_patches": str(decoder.num_patches),
+                "width": str(decoder.width), "depth": str(len(decoder.blocks)),
+                "heads": str(decoder.blocks[0].attn.num_heads) if len(decoder.blocks) else "0"}
+    with atomic_open(path) as f:
+        f.write(_sorted_metadata(save(state, metadata=metadata)))
