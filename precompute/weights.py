@@ -91,8 +91,17 @@ def file_shapes(role: str, path: str) -> dict[str, tuple[int, ...]]:
         from safetensors import safe_open
         with safe_open(path, framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    return {k: tuple(v.shape) for k, v in file_tensors(role, path, "meta").items()}
+
+
+def file_tensors(role: str, path: str, map_location: str = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a weights file (a torch checkpoint's nested `model` / `state_dict` mapping unwrapped, as timm
+    and open_clip do; `map_location` "meta" reads the shapes alone)."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(path)
     try:
-        state = torch.load(path, map_location="meta", weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is named with its cause
         first = str(err).splitlines()[0] if str(err) else ""
         raise HdistillError(f"teacher {role!r}: weight file {path} is not a readable checkpoint "
@@ -101,8 +110,7 @@ def file_shapes(role: str, path: str) -> dict[str, tuple[int, ...]]:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
-    return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)} if isinstance(state, dict) \
-        else {}
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)} if isinstance(state, dict) else {}
 
 
 def _find(shapes: dict[str, tuple[int, ...]], suffixes: tuple[str, ...]) -> tuple[str, tuple[int, ...]] | None:

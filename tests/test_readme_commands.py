@@ -39,16 +39,21 @@ def test_the_readme_shows_commands():
 
 
 EXISTING = ("--shards", "--val-shards")     # options whose type wants an existing store folder
+EXISTING_FILES = ("--student-weights",)     # options whose type wants an existing file
 
 
 def with_stores(args: list[str], folder: Path) -> list[str]:
-    """The store folders the README names stand for stores it made before: make them exist under `folder`."""
+    """The store folders and trained students the README names stand for what it made before: make them exist under
+    `folder`."""
     out = list(args)
     for i, word in enumerate(out[:-1]):
-        if word in EXISTING:
-            store = folder / out[i + 1].strip("/").replace("/", "_")
-            store.mkdir(exist_ok=True)
-            out[i + 1] = str(store)
+        if word in EXISTING + EXISTING_FILES:
+            made = folder / out[i + 1].strip("/").replace("/", "_")
+            if word in EXISTING:
+                made.mkdir(exist_ok=True)
+            else:
+                made.touch()
+            out[i + 1] = str(made)
     return out
 
 
@@ -73,7 +78,7 @@ def test_the_readme_sweeps_parse(tmp_path):
     from hdistill.train.config import TrainConfig
     from hdistill.train.sweep import check_members
     sweeps = readme_sweeps()
-    assert set(sweeps) == {"t6.yaml", "t8.yaml"}
+    assert set(sweeps) == {"t6.yaml", "t8.yaml", "baselines.yaml"}
     for file, text in sweeps.items():
         data = yaml.safe_load(text)
         for name, overrides in check_members(data.pop("members"), file):

@@ -9,6 +9,7 @@ pointed at another timm ViT or open_clip model:
            CLS as SigLIP's "vit_base_patch16_siglip_224.webli") and Eva (EVA-02 and EVA-CLIP image towers,
            "eva02_base_patch16_clip_224.merged2b": separate q/v biases, RoPE on q and k)
     open_clip: "open_clip:ViT-B-16-quickgelu@openai"   ("@tag" = open_clip pretrained tag)
+    mae:   "mae:vit_base_patch16_dec512d8b"           an official MAE pretraining checkpoint with its decoder
 
 Weights come from one source per teacher (precompute.weights.WeightSource: the hub, a file, or seeded random
 weights) and load strictly: every tensor the targets use comes from them, or the build stops.
@@ -22,6 +23,7 @@ during that forward), and `embed` / `run_block` for forwards that change the tok
   timm_vit       timm's VisionTransformer, and the timm family's `build` (it wraps Eva models as eva.EvaTeacher)
   eva            timm's Eva (EVA-02, EVA-CLIP)
   open_clip_vit  open_clip's ViT image towers, and the open_clip family's `build`
+  mae_decoder    the official MAE checkpoints with their decoder (G2SD's teacher), and the mae family's `build`
 
 A new family is a module with a Teacher subclass and a `build(role, name, weights, image_size, kwargs)`, and a row
 in FAMILIES.
@@ -32,19 +34,21 @@ from hdistill.common.errors import HdistillError
 from hdistill.common.grid import TokenGrid
 
 from ..weights import WeightSource
-from . import open_clip_vit, timm_vit
+from . import mae_decoder, open_clip_vit, timm_vit
 from .base import ROLES, Role, Teacher, get_role
 from .eva import EvaTeacher
+from .mae_decoder import MaeDecoderTeacher
 from .open_clip_vit import OpenClipTeacher
 from .timm_vit import TimmTeacher, timm_info
 
-__all__ = ["ROLES", "FAMILIES", "Role", "Teacher", "TimmTeacher", "EvaTeacher", "OpenClipTeacher", "WeightSource",
+__all__ = ["ROLES", "FAMILIES", "Role", "Teacher", "TimmTeacher", "EvaTeacher", "OpenClipTeacher", "MaeDecoderTeacher",
+           "WeightSource",
            "build_teacher", "build_teachers", "get_role", "timm_info"]
 
 
 # A family adapts one library's ViTs: it builds the model and wraps it in its Teacher subclass, whose
 # taps give the targets. Model names are "FAMILY:NAME"; a name without a known family prefix is timm's.
-FAMILIES = {"timm": timm_vit.build, "open_clip": open_clip_vit.build}
+FAMILIES = {"timm": timm_vit.build, "open_clip": open_clip_vit.build, "mae": mae_decoder.build}
 
 
 def build_teacher(role: str, weights: WeightSource, image_size: int = 224, model: str | None = None,
