@@ -329,15 +329,7 @@ def _process(cfg, rt, writer, teachers, images, items):
             for batch in start_workers(loader):
                 if stop:            # the shard in progress is dropped: only whole shards are committed
                     break
-                samples = []
-                if batch["pixels"] is not None:
-                    pixels = batch["pixels"].to(rt.device, non_blocking=True)
-                    values = compute_targets(teachers, pixels, manifest.targets, manifest.mask, cfg.precision)
-                    records = [it["record"] for it in batch["ok"]]
-                    stored = stored_samples(values, manifest.targets, pixels, records, manifest.layout.patch_size,
-                                            cfg.tokens == "full", batch["source"], cfg.jpeg_quality)
-                    samples = [(it["view"], it["shard"], it["position"], s) for it, s in zip(batch["ok"], stored)]
-                committer.put(samples, batch["skipped"])
+                committer.put(_targets_of(cfg, rt.device, manifest, teachers, batch), batch["skipped"])
                 skipped += len(batch["skipped"])
                 reasons += [s["skipped"]["reason"] for s in batch["skipped"][:3 - len(reasons)]]
                 done += len(batch["ok"]) + len(batch["skipped"])
@@ -353,8 +345,24 @@ def _process(cfg, rt, writer, teachers, images, items):
                       "run (the shard in progress is dropped); run the same command to resume", stop.signum)
     if progress:
         progress.update(done, committer.committed, skipped, last=True)
-    first = "; ".join(reasons)
-    if done and not committer.rendered:
+    _say_unreadable(name, done, skipped, "; ".join(reasons), committer.rendered)
+
+
+def _targets_of(cfg, device: str, manifest, teachers, batch: dict) -> list[tuple]:
+    """A batch of rendered views -> (view, shard, position, stored sample) of each, the teachers' targets in it."""
+    if batch["pixels"] is None:                      # every view of the batch was skipped
+        return []
+    pixels = batch["pixels"].to(device, non_blocking=True)
+    values = compute_targets(teachers, pixels, manifest.targets, manifest.mask, cfg.precision)
+    records = [it["record"] for it in batch["ok"]]
+    stored = stored_samples(values, manifest.targets, pixels, records, manifest.layout.patch_size,
+                            cfg.tokens == "full", batch["source"], cfg.jpeg_quality)
+    return [(it["view"], it["shard"], it["position"], s) for it, s in zip(batch["ok"], stored)]
+
+
+def _say_unreadable(name: str, done: int, skipped: int, first: str, rendered: bool):
+    """A run none of whose images could be read stops; one that skipped more than SKIPPED_SHARE warns."""
+    if done and not rendered:
         raise HdistillError(f"{name}: none of the images of its {done} views could be read (first: {first}); nothing "
                             "was committed. Check --data (a lost mount, a list of paths that no longer exist), then run "
                             "the same command again")
