@@ -250,12 +250,12 @@ def verify(store):
 def analyze(out, data, shards, count, query, layers, **params):
     """Attention distance and NMI per layer and head (paper Fig. 1, 2, 5), plus attention maps."""
     from hdistill.analyze import run_analysis
-    from hdistill.shards.manifest import read_manifest
+    from hdistill.train.loader import Store
 
     if (data is None) == (shards is None):
         raise HdistillError("give exactly one of --data and --shards")
     if shards:
-        config = read_manifest(shards).config
+        config = Store(shards).manifest.config
         data, params["seed"] = config["data"], config["seed"]
     chosen = from_params(ModelsConfig, params).build()
     files = run_analysis(chosen, data, count, out, query, parse_ints(layers, "--layers"), params["seed"])
