@@ -183,10 +183,10 @@ class Member:
         self.steps_done += 1
         return terms
 
-    def evaluated(self, prepare=None) -> Evaluated:
-        """The student and loss as the held-out batches are evaluated (no gradient, no stochastic depth)."""
-        return Evaluated(self.model, ["loss", *(t.key for t in self.terms)], prepare or self.source.prepare,
-                         self.autocast())
+    def evaluated(self, prepare=lambda batch: batch) -> Evaluated:
+        """The student and loss as held-out batches are evaluated (no gradient, no stochastic depth); `prepare` takes
+        the member's share of a batch of the held-out store (its stored targets: never the run's source)."""
+        return Evaluated(self.model, ["loss", *(t.key for t in self.terms)], prepare, self.autocast())
 
     # ---------------------------------------------------------------- its RNG
 
