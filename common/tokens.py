@@ -36,3 +36,12 @@ def gather_along(x: torch.Tensor, axis: int, idx: torch.Tensor) -> torch.Tensor:
     size = list(x.shape)
     size[axis] = idx.shape[1]
     return x.gather(axis, idx.reshape(shape).expand(size))
+
+
+def with_mask_tokens(x: torch.Tensor, visible: torch.Tensor, mask_token: torch.Tensor, patches: int) -> torch.Tensor:
+    """MAE's decoder input: CLS and the tokens of the `visible` patches [B, 1+n, W] -> every patch's token, the
+    visible ones in their places and `mask_token` [1, 1, W] at the others: [B, 1+N, W] (CLS first)."""
+    B, W = x.shape[0], x.shape[-1]
+    tokens = mask_token.to(x.dtype).expand(B, patches, W).clone()            # [B, N, W]
+    tokens.scatter_(1, visible.unsqueeze(-1).expand(-1, -1, W), x[:, 1:])
+    return torch.cat([x[:, :1], tokens], dim=1)

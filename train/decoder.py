@@ -11,6 +11,8 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from hdistill.common.tokens import with_mask_tokens
+
 
 def sincos_pos_embed(width: int, grid: int) -> np.ndarray:
     """MAE's fixed 2-D sin-cos position embeddings [1 + grid*grid, width], CLS first (zeros): half the channels
@@ -57,11 +59,8 @@ class Decoder(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        x = self.embed(tokens)                                              # [B, 1+n, W]
-        B, W = x.shape[0], x.shape[-1]
-        patches = self.mask_token.to(x.dtype).expand(B, self.num_patches, W).clone()   # [B, N, W]
-        patches.scatter_(1, keep.unsqueeze(-1).expand(-1, -1, W), x[:, 1:])
-        x = torch.cat([x[:, :1], patches], dim=1) + self.pos_embed          # [B, 1+N, W]
+        x = with_mask_tokens(self.embed(tokens), keep, self.mask_token, self.num_patches)    # [B, 1+N, W]
+        x = x + self.pos_embed
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
@@ -70,14 +69,7 @@ class Decoder(nn.Module):
 def export_decoder(decoder: Decoder, path) -> None:
     """The decoder's state dict apart from the backbone (RUN/decoder.safetensors), atomically; its metadata says how
     to build it again (Decoder's arguments)."""
-    from safetensors.torch import save
-
-    from hdistill.common.atomic import atomic_open
-
-    from .student import _sorted_metadata
-    state = {k: v.detach().cpu().contiguous() for k, v in decoder.state_dict().items()}
-    metadata = {"format": "pt", "encoder_width": str(decoder.embed.in_features), "num_patches": str(decoder.num_patches),
-                "width": str(decoder.width), "depth": str(len(decoder.blocks)),
-                "heads": str(decoder.blocks[0].attn.num_heads) if len(decoder.blocks) else "0"}
-    with atomic_open(path) as f:
-        f.write(_sorted_metadata(save(state, metadata=metadata)))
+    from .student import save_module
+    save_module(decoder, {"encoder_width": str(decoder.embed.in_features), "num_patches": str(decoder.num_patches),
+                          "width": str(decoder.width), "depth": str(len(decoder.blocks)),
+                          "heads": str(decoder.blocks[0].attn.num_heads)}, path)

@@ -173,14 +173,20 @@ def export_student(student: Student, path: Path) -> Path:
     """The backbone's state dict (no classifier), atomically, for timm's pretrained path. Its metadata says how to
     build it again: timm_model, model_args (JSON), img_size and input_size, and the input normalisation mean/std
     (JSON lists). Equal students give equal bytes."""
-    from safetensors.torch import save
-
-    state = {k: v.detach().cpu().contiguous() for k, v in student.model.state_dict().items()}
-    metadata = {"format": "pt", "timm_model": student.name, "model_args": json.dumps(student.model_args, sort_keys=True),
+    metadata = {"timm_model": student.name, "model_args": json.dumps(student.model_args, sort_keys=True),
                 "img_size": str(student.image_size), "input_size": json.dumps([3, student.image_size, student.image_size]),
                 "mean": json.dumps(student.input_mean), "std": json.dumps(student.input_std)}
+    return save_module(student.model, metadata, path)
+
+
+def save_module(module: nn.Module, metadata: dict[str, str], path: Path) -> Path:
+    """A module's state dict as safetensors, atomically, with `metadata` (and "format": "pt"); equal modules give
+    equal bytes."""
+    from safetensors.torch import save
+
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     with atomic_open(path) as f:
-        f.write(_sorted_metadata(save(state, metadata=metadata)))
+        f.write(_sorted_metadata(save(state, metadata={"format": "pt", **metadata})))
     return path
 
 

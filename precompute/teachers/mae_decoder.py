@@ -21,7 +21,7 @@ from torch import nn
 
 from hdistill.common.errors import HdistillError
 from hdistill.common.strict_load import LoadProblem
-from hdistill.common.tokens import gather_rows
+from hdistill.common.tokens import gather_rows, with_mask_tokens
 
 from ..weights import WeightSource, check_file, file_tensors, refusal, seeded, weights_record
 from .timm_vit import TimmTeacher, timm_info
@@ -95,10 +95,7 @@ class MaeDecoderTeacher(TimmTeacher):
         for blk in m.blocks:
             x = blk(x)
         x = mae.decoder_embed(m.norm(x))                                     # [B, 1+n, W]
-        B, W, N = x.shape[0], x.shape[-1], mae.decoder_pos_embed.shape[1] - 1
-        patches = mae.mask_token.to(x.dtype).expand(B, N, W).clone()
-        patches.scatter_(1, visible.unsqueeze(-1).expand(-1, -1, W), x[:, 1:])
-        x = torch.cat([x[:, :1], patches], dim=1) + mae.decoder_pos_embed    # [B, 1+N, W]
+        x = with_mask_tokens(x, visible, mae.mask_token, mae.decoder_pos_embed.shape[1] - 1) + mae.decoder_pos_embed
         for blk in mae.decoder_blocks[:block + 1]:
             x = blk(x)
         return x
