@@ -108,7 +108,7 @@ class Member:
         self.steps_done = 0                              # steps taken (the run's step while the member runs)
         self.source: TargetSource | None = None
         self.folder = None                               # its RunFolder
-        self.val_store, self.val_spec = None, None       # what it reads of the held-out store (--val-shards)
+        self.val_spec = None                             # what it reads of the held-out store (--val-shards)
         self._build(manifest, compile)
 
     def _build(self, manifest, compile: bool):
@@ -212,7 +212,7 @@ class Member:
 
     def state_dict(self) -> dict:
         """Tensors, numbers and containers only (torch.load(weights_only=True) loads them); this rank's RNG is not in
-        it (the checkpoint holds every rank's: train.checkpoint.member_checkpoint)."""
+        it (the checkpoint holds every rank's: train.checkpoint.assemble)."""
         decoder = {"decoder": self.decoder.state_dict()} if self.decoder else {}
         return {"step": self.steps_done, "steps": self.steps, "warmup": self.warmup,
                 "student": self.student.state_dict(), **decoder, "loss": self.loss_fn.state_dict(),

@@ -22,7 +22,7 @@ from .loader import Store, StoreLoader
 from .loop import Loop
 from .member import Member
 from .source import SourceFactory, SourcePlan, StoredTargets, shared_stream
-from .validate import open_val_store
+from .validate import open_val_store, val_targets
 
 
 def total_steps(cfg: TrainConfig, manifest: Manifest) -> int:
@@ -61,6 +61,7 @@ class RunPlan:
     val_every: int
     warnings: list[str] = field(default_factory=list)   # what the data and options say, shown once the run starts
     stores: dict = field(default_factory=dict)          # the manifests' digests, which a resume must find again
+    val_store: Store | None = None                      # the held-out store (--val-shards)
 
     @property
     def local_batch(self) -> int:
@@ -72,8 +73,8 @@ class RunPlan:
 
 
 def plan_run(cfg: TrainConfig, rt: TrainRuntime) -> RunPlan:
-    """The options every member shares: the store, the length, the lanes (checked by check_batches once the members
-    are built, whose refusals come first)."""
+    """The options every member shares: the store, the held-out store (opened once), the length, the lanes (checked
+    by check_batches once the members are built, whose refusals come first)."""
     rt = rt.resolved()
     dist, device = init_distributed(rt.device)
     rt = replace(rt, device=device)
@@ -81,8 +82,13 @@ def plan_run(cfg: TrainConfig, rt: TrainRuntime) -> RunPlan:
     manifest = store.manifest
     steps = total_steps(cfg, manifest)
     lanes = cfg.lanes or default_lanes(cfg.batch_size)
-    return RunPlan(store, rt, dist, steps, epochs_reached(manifest, steps, lanes, cfg.batch_size), lanes,
+    plan = RunPlan(store, rt, dist, steps, epochs_reached(manifest, steps, lanes, cfg.batch_size), lanes,
                    cfg.batch_size, cfg.val_every, stores={"shards": manifest.digest(), "val_shards": None})
+    if cfg.val_shards:
+        plan.val_store, warnings = open_val_store(cfg.val_shards, cfg.shards, manifest)
+        plan.warnings += warnings
+        plan.stores["val_shards"] = plan.val_store.manifest.digest()
+    return plan
 
 
 def check_batches(plan: RunPlan):
@@ -113,13 +119,9 @@ def build_member(cfg: TrainConfig, plan: RunPlan, folder: RunFolder, source: Sou
     member.source = source(SourcePlan(plan.store, StreamSpec(
         targets, mask, cfg.seed, plan.lanes, cfg.batch_size, cfg.lane_buffer_mb, plan.dist.rank,
         plan.dist.world_size, plan.rt.retry, ratios), plan.rt.device))
-    if cfg.val_shards:
-        val_store, val_targets, warnings = open_val_store(cfg.val_shards, cfg.shards, plan.store.manifest,
-                                                          list(targets), mask)
-        plan.warnings += [w for w in warnings if w not in plan.warnings]
-        plan.stores["val_shards"] = val_store.manifest.digest()
-        member.val_store = val_store
-        member.val_spec = StreamSpec(tuple(val_targets), mask, cfg.seed, rank=plan.dist.rank,
+    if plan.val_store is not None:
+        rows = val_targets(plan.val_store, plan.store.manifest, list(targets), mask)
+        member.val_spec = StreamSpec(tuple(rows), mask, cfg.seed, rank=plan.dist.rank,
                                      world_size=plan.dist.world_size, retry=plan.rt.retry, reconstruct=ratios)
     return member
 
@@ -132,8 +134,8 @@ def make_loop(plan: RunPlan, members: dict[str, Member], folder: RunFolder, **lo
     stream = first.source.stream
     stream.check_present(plan.views_read())
     val = None
-    if first.val_spec is not None:
-        val_stream = shared_stream(first.val_store, [m.val_spec for m in members.values()])
+    if plan.val_store is not None:
+        val_stream = shared_stream(plan.val_store, [m.val_spec for m in members.values()])
         val_stream.check_present([0])
         val = AllSamples(val_stream, plan.local_batch)
     return Loop(plan, members, StoreLoader(stream, plan.rt.workers, plan.rt.device), val, folder, **loop)

@@ -25,19 +25,27 @@ from .loader import Store, decoded, to_device
 from .dist import DistInfo, sum_over_ranks
 
 
-def open_val_store(path: str, train_path: str, train: Manifest, targets: list[TargetSpec],
-                   mask: str) -> tuple[Store, list[TargetSpec], list[str]]:
-    """The held-out store opened, its rows for the run's targets and what to warn about; refusals name
+def open_val_store(path: str, train_path: str, train: Manifest) -> tuple[Store, list[str]]:
+    """The held-out store opened (once for every member of a run) and what to warn about; refusals name
     --val-shards."""
     try:
         store = Store(path)
-        manifest = store.manifest
-        check_mask(manifest, mask)
     except HdistillError as err:
         raise HdistillError(f"--val-shards {path}: {err}") from None
+    manifest = store.manifest
     check_same_grid({f"the training store {train_path}": TokenGrid(train.layout.image_size, train.layout.patch_size),
                      f"the --val-shards store {path}": TokenGrid(manifest.layout.image_size,
                                                                  manifest.layout.patch_size)})
+    return store, held_out_warnings(path, train, manifest)
+
+
+def val_targets(store: Store, train: Manifest, targets: list[TargetSpec], mask: str) -> list[TargetSpec]:
+    """The held-out store's rows for a member's targets, under its mask; refusals name --val-shards."""
+    path, manifest = str(store), store.manifest
+    try:
+        check_mask(manifest, mask)
+    except HdistillError as err:
+        raise HdistillError(f"--val-shards {path}: {err}") from None
     rows = []
     for target in targets:
         if not manifest.has_target(target.name):
@@ -51,7 +59,7 @@ def open_val_store(path: str, train_path: str, train: Manifest, targets: list[Ta
         rows.append(row)
     for role in sorted({t.role for t in targets}):
         check_same_teacher(path, role, train, manifest)
-    return store, rows, held_out_warnings(path, train, manifest)
+    return rows
 
 
 def teacher_identity(manifest: Manifest, role: str) -> dict:
