@@ -15,15 +15,14 @@ import numpy as np
 import torch
 
 from hdistill.common.errors import HdistillError
-from hdistill.common.views import sample_key
+from hdistill.common.views import sample_key, split_key
 from hdistill.common.targets import KINDS
 from hdistill.common.tokens import gather_rows, patchify, token_index
 from hdistill.precompute.data import list_images
 from hdistill.precompute.image import decode_image
 from hdistill.precompute.config import PrecomputeConfig
-from hdistill.precompute.targets import plan_store
 from hdistill.precompute.teachers import build_teachers
-from hdistill.precompute.targets import compute_targets
+from hdistill.precompute.targets import compute_targets, plan_store, views_visible
 from hdistill.precompute.view import make_view, teacher_view
 from hdistill.train.config import OnlineConfig
 from hdistill.train.data import StoreStream, StreamSpec, select_patches
@@ -102,7 +101,9 @@ class LiveTargets:
     def prepare(self, batch: dict) -> dict:
         """Views -> the batch the offline loader would give, with float32 targets."""
         pixels = batch["pixels"].to(self.device, non_blocking=True)
-        targets = compute_targets(self.teachers, pixels, self.targets, self.manifest.mask, self.pcfg.precision)
+        visible = views_visible(self.manifest, [split_key(key) for key in batch["keys"]])        # [B, m] or None
+        targets = compute_targets(self.teachers, pixels, self.targets, self.manifest.mask, self.pcfg.precision,
+                                  visible)
         stage = targets.mask.stage.cpu().numpy()
         n_keep = self.stream.n_keep
         sel = torch.from_numpy(np.stack([
@@ -112,7 +113,8 @@ class LiveTargets:
                 "pixels": gather_rows(patchify(pixels, self.stream.layout.patch_size), sel),
                 "keep": sel,
                 "targets": {t.name: KINDS[t.kind].gather(targets.values[t.name], token_index(sel, t.cls))
-                            for t in self.targets}}
+                            for t in self.targets},
+                **({} if visible is None else {"visible": {"teacher": visible.to(self.device)}})}
 
 
 def live_targets(options: OnlineConfig) -> SourceFactory:

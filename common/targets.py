@@ -8,8 +8,11 @@ A target is (kind, teacher role, block) with a stable name:
     rel   B      rel.<role>.b<B>    raw per-head Q K^T at block B (no scale, no softmax)  [H, 1+n, 1+n]
     msa   B      msa.<role>.b<B>    block B's softmax(Q K^T / sqrt(d)) V, heads           [1+n, D]
                                     concatenated, before the output projection
+    dec   B      dec.<role>.b<B>    the teacher's decoder's hidden state after 0-indexed  [1+N, W]
+                                    decoder block B (before its norm), the encoder having
+                                    seen the sample's `visible` patches only (G2SD)
 
-n is the number of stored patches; each kind is a row of KINDS, which says how its arrays run over
+n is the number of stored patches, N every patch, W a decoder's width; each kind is a row of KINDS, which says how its arrays run over
 tokens. The name is the webdataset entry (`<name>.npy`) and the zarr array (`targets.zarr/<name>`). How
 a target's values are stored is its encoding (shards.encoding.ENCODINGS, which the manifest records); an
 encoding may add a companion array (`scale.<name>` for int8).
@@ -38,10 +41,18 @@ class Kind:
     help: str
     needs_block: bool          # False: the final features without @B, a block's with it
     pairs: bool
+    decoded: bool = False      # taken in the teacher's decoder (its blocks and width), every token; the student's
+                               # term is at its own decoder's output
 
-    def shape(self, heads: int, width: int, tokens: int) -> tuple[int, ...]:
-        """The per-sample shape over `tokens` tokens of a teacher with `heads` heads and width `width`."""
-        return (heads, tokens, tokens) if self.pairs else (tokens, width)
+    def depth(self, info) -> int:
+        """How many blocks a teacher (TeacherInfo) has for this kind: its decoder's or its encoder's."""
+        return info.decoder_depth if self.decoded else info.depth
+
+    def shape(self, info, tokens: int) -> tuple[int, ...]:
+        """The per-sample shape over `tokens` tokens of a teacher (TeacherInfo): its heads, or its width (its
+        decoder's for a decoded kind)."""
+        width = info.decoder_width if self.decoded else info.width
+        return (info.heads, tokens, tokens) if self.pairs else (tokens, width)
 
     def token_axes(self, ndim: int) -> tuple[int, ...]:
         """The axes of a per-sample array of `ndim` axes (the target or its companion) that run over tokens."""
@@ -82,6 +93,8 @@ KINDS: dict[str, Kind] = {k.name: k for k in [
     Kind("rel", "raw per-head Q K^T at block B", needs_block=True, pairs=True),
     Kind("msa", "block B's attention output: softmax(Q K^T / sqrt(d)) V, heads concatenated, before the output "
          "projection", needs_block=True, pairs=False),
+    Kind("dec", "the teacher's decoder's hidden state after decoder block B, before its norm, at every token, its "
+         "encoder having seen the view's teacher-visible patches (G2SD)", needs_block=True, pairs=False, decoded=True),
 ]}
 
 

@@ -21,6 +21,8 @@ class TeacherInfo:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     layout: TokenLayout = TokenLayout()
+    decoder_width: int = 0     # an MAE teacher's decoder (dec targets); 0: the teacher has no decoder
+    decoder_depth: int = 0
 
     @property
     def grid(self) -> TokenGrid:

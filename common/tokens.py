@@ -6,6 +6,7 @@ order; a timm student always has CLS at token 0.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -45,3 +46,23 @@ def with_mask_tokens(x: torch.Tensor, visible: torch.Tensor, mask_token: torch.T
     tokens = mask_token.to(x.dtype).expand(B, patches, W).clone()            # [B, N, W]
     tokens.scatter_(1, visible.unsqueeze(-1).expand(-1, -1, W), x[:, 1:])
     return torch.cat([x[:, :1], tokens], dim=1)
+
+
+def random_masking(noise: np.ndarray, ratio: float) -> np.ndarray:
+    """MAE's random_masking (models_mae.py) on one sample's noise [N]: the patches kept visible, the first
+    int(N * (1 - ratio)) of argsort(noise), in patch order [m]."""
+    return np.sort(np.argsort(noise, kind="stable")[:int(len(noise) * (1 - ratio))])
+
+
+def sincos_pos_embed(width: int, grid: int) -> np.ndarray:
+    """MAE's fixed 2-D sin-cos position embeddings [1 + grid*grid, width], CLS first (zeros): half the channels
+    encode the column, half the row, each as sin then cos of position / 10000^(2i/(width/2))."""
+    assert width % 4 == 0, "the decoder width must be a multiple of 4"
+    omega = 1.0 / 10000 ** (np.arange(width // 4, dtype=np.float64) / (width / 4))      # [width/4]
+    rows, cols = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
+
+    def encode(pos):                                        # [grid*grid] -> [grid*grid, width/2]
+        angles = np.outer(pos.reshape(-1), omega)
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+    patches = np.concatenate([encode(cols), encode(rows)], axis=1)   # MAE: emb_h from grid[0] (w), emb_w from grid[1]
+    return np.concatenate([np.zeros((1, width)), patches], axis=0).astype(np.float32)

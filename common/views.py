@@ -29,6 +29,12 @@ def sample_key(image_id: str, view: int) -> str:
     return f"{image_id}-v{view}"
 
 
+def split_key(key: str) -> tuple[str, int]:
+    """A sample's key -> (image id, view)."""
+    image_id, _, view = key.rpartition("-v")
+    return image_id, int(view)
+
+
 @dataclass(frozen=True)
 class ViewRecord:
     """One stored view: its image's source and size, and how the view was cut (a sample's json entry)."""
@@ -64,9 +70,11 @@ class ViewRecord:
 class ViewTargets:
     """Everything the student is trained against, for a batch of views, over all tokens.
 
-    values: target name (TargetSpec.name) -> float32 [B, 1+N, D] or [B, H, 1+N, 1+N]
-    mask:   the progressive mask computed by the mask teacher
+    values:  target name (TargetSpec.name) -> float32 [B, 1+N, D] or [B, H, 1+N, 1+N]
+    mask:    the progressive mask computed by the mask teacher
+    visible: the patches the teacher's encoder saw for the dec targets [B, m] (None without them)
     """
 
     values: dict[str, torch.Tensor] = field(default_factory=dict)
     mask: ProgressiveMask | None = None
+    visible: torch.Tensor | None = None

@@ -77,7 +77,9 @@ class PrecomputeConfig:
     targets: list[str] | None = option(
         None, flag="--target", multiple=True, metavar="ROLE:KIND[@B[,B...]]", parse=parse_or_none,
         help="A target to store, repeatable. KIND: feat (final features; feat@B: residual stream after block B), "
-             "rel@B (raw Q K^T of block B), msa@B (softmax(Q K^T/sqrt d) V of block B). Blocks are 0-indexed, "
+             "rel@B (raw Q K^T of block B), msa@B (softmax(Q K^T/sqrt d) V of block B), dec@B (an MAE teacher's "
+             "decoder state after decoder block B on the view's teacher mask, G2SD's; needs --tokens full). Blocks "
+             "are 0-indexed, "
              "negative from the end. Default: ROLE:feat of every non-MIM teacher and mae:rel@-3,-2 (the paper's "
              "layers L-1 and L-2), e.g. --target clip:feat --target mae:rel@9,10.")
     encodings: list[str] = option(
@@ -124,6 +126,10 @@ class PrecomputeConfig:
     tokens: str = option("kept", type=click.Choice(["kept", "full"]),
                          help="kept: only the progressive mask's tokens; full: every token, so any mask can be "
                               "applied later (train --mask none|random).")
+    teacher_mask_ratio: float = option(
+        0.75, type=FRACTION,
+        help="dec targets (G2SD): the share of each view's patches an MAE teacher's encoder does not see, drawn per "
+             "view from the seed and stored as the sample's visible patches, which the student then sees.")
     formats: list[str] = option(default_factory=lambda: ["wds"], flag="--format", cli="wds", parse=parse_list,
                                 help="wds (webdataset tars, streamed by train), zarr (random access), or wds,zarr.")
     batch_size: int = option(64, "Views per teacher forward, per rank.", type=AT_LEAST_1)

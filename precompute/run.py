@@ -41,7 +41,7 @@ from hdistill.shards.writer import StoreWriter
 from .config import PrecomputeConfig, Runtime
 from .data import ImageRef, TarIndex, list_images
 from .image import decode_image
-from .targets import compute_targets, plan_store
+from .targets import compute_targets, plan_store, views_visible
 from .teachers import Teacher, build_teachers
 from .view import make_view, teacher_view
 
@@ -184,6 +184,8 @@ def stored_samples(values: ViewTargets, targets: list[TargetSpec], pixels: torch
         if full else mask.keep_idx                                                # [B, n]
     arrays = {"stage": mask.stage, "keep": keep_idx.to(torch.int16),
               "pixels": gather_rows(patchify(pixels.to(keep_idx.device), patch), keep_idx)}  # [B, n, P, P, 3]
+    if values.visible is not None:
+        arrays["visible"] = values.visible.to(torch.int16)                        # [B, m]
     who = lambda rows: ", ".join(records[i].source for i in rows[:5])  # noqa: E731
     for spec in targets:
         value = values.values[spec.name]
@@ -353,8 +355,9 @@ def _targets_of(cfg, device: str, manifest, teachers, batch: dict) -> list[tuple
     if batch["pixels"] is None:                      # every view of the batch was skipped
         return []
     pixels = batch["pixels"].to(device, non_blocking=True)
-    values = compute_targets(teachers, pixels, manifest.targets, manifest.mask, cfg.precision)
     records = [it["record"] for it in batch["ok"]]
+    visible = views_visible(manifest, [(r.params.image_id, r.params.view) for r in records])
+    values = compute_targets(teachers, pixels, manifest.targets, manifest.mask, cfg.precision, visible)
     stored = stored_samples(values, manifest.targets, pixels, records, manifest.layout.patch_size,
                             cfg.tokens == "full", batch["source"], cfg.jpeg_quality)
     return [(it["view"], it["shard"], it["position"], s) for it, s in zip(batch["ok"], stored)]

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 
+import numpy as np
 import torch
 
 from hdistill.common.errors import HdistillError
@@ -29,6 +30,7 @@ from hdistill.shards.pixels import PixelSpec, decoder
 from .config import PrecomputeConfig
 from .mask import mask_from_dropping_forward, mask_from_full_forward
 from .teachers import ROLES, Teacher
+from .view import teacher_visible
 
 
 def resolve_blocks(blocks: Sequence[int], depth: int, what: str) -> tuple[int, ...]:
@@ -91,10 +93,12 @@ def plan_targets(teachers: dict[str, Teacher], requests: Sequence[TargetRequest]
         if req.role not in teachers:
             raise HdistillError(f"--target {req.role}:{req.kind}: {req.role!r} is not among the teachers "
                                 f"({', '.join(teachers)})")
-        info = teachers[req.role].info
+        info, kind = teachers[req.role].info, KINDS[req.kind]
+        if kind.decoded:
+            _check_decoded(req, info, patches)
         block = None if req.block is None else \
-            resolve_blocks([req.block], info.depth, f"--target {req.role}:{req.kind}@{req.block}")[0]
-        shape = KINDS[req.kind].shape(info.heads, info.width, info.layout.stored_prefix + patches)
+            resolve_blocks([req.block], kind.depth(info), f"--target {req.role}:{req.kind}@{req.block}")[0]
+        shape = kind.shape(info, info.layout.stored_prefix + patches)
         spec = TargetSpec(req.kind, req.role, block, shape, cls=info.layout.cls)
         specs[spec.name] = replace(spec, encoding=encoding_for(spec, encodings))
     unused = set(encodings) - {"*"} - {k for s in specs.values() for k in (s.name, s.kind)}
@@ -103,6 +107,19 @@ def plan_targets(teachers: dict[str, Teacher], requests: Sequence[TargetRequest]
                             f"(targets: {', '.join(specs)})")
     kinds = list(KINDS)
     return sorted(specs.values(), key=lambda s: (kinds.index(s.kind), s.role, -1 if s.block is None else s.block))
+
+
+def _check_decoded(req: TargetRequest, info, patches: int):
+    """A decoder's target needs a teacher with a decoder, and a store of every patch (the decoder predicts them all,
+    and the student's encoder sees the teacher's visible patches of them)."""
+    tap = f"--target {req.role}:{req.kind}@{req.block}"
+    if not info.decoder_depth:
+        raise HdistillError(f"{tap}: teacher {req.role!r} ({info.model}) has no decoder; dec targets are an MAE "
+                            f"teacher's decoder states: --model {req.role}=mae:vit_base_patch16_dec512d8b with "
+                            "--weights ROLE=mae_pretrain_vit_base_full.pth")
+    if patches != info.grid.num_patches:
+        raise HdistillError(f"{tap}: the decoder's states are at every patch, and the student's encoder sees the "
+                            "teacher's visible patches of them: give --tokens full")
 
 
 @contextmanager
@@ -123,18 +140,24 @@ def _capture(teacher: Teacher, taps: Sequence[tuple[str, int]]):
 
 @torch.inference_mode()
 def compute_targets(teachers: dict[str, Teacher], pixels: torch.Tensor, targets: Sequence[TargetSpec],
-                    mask: MaskSpec, precision: str = "fp32") -> ViewTargets:
-    """uint8 views [B, H, W, 3] -> ViewTargets over all tokens (the mask says which are kept).
+                    mask: MaskSpec, precision: str = "fp32", visible: torch.Tensor | None = None) -> ViewTargets:
+    """uint8 views [B, H, W, 3] -> ViewTargets over all tokens (the mask says which are kept). `visible` [B, m]: the
+    patches each view's teacher encoder sees for the dec targets (precompute.view.teacher_visible), which need it.
 
     precision "bf16" runs the teachers under bf16 autocast: their matmuls, the qkv output and the residual
     stream are bf16; Q K^T is formed in float32 from the bf16 q and k, and the mask ranks in float64.
     """
-    out = ViewTargets()
+    out = ViewTargets(visible=visible)
     for role, teacher in teachers.items():
-        mine = [t for t in targets if t.role == role]
+        decoded = [t for t in targets if t.role == role and KINDS[t.kind].decoded]
+        mine = [t for t in targets if t.role == role and not KINDS[t.kind].decoded]
         ranks_here = role == mask.role and mask.forward == "full"
         autocast = torch.autocast(teacher.mean.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-        images = teacher.preprocess(pixels) if mine or role == mask.role else None
+        images = teacher.preprocess(pixels) if mine or decoded or role == mask.role else None
+        if decoded:
+            with autocast:
+                states = teacher.decoder_states(images, visible.to(images.device), sorted({t.block for t in decoded}))
+            out.values.update({t.name: states[t.block].float() for t in decoded})
         if mine or ranks_here:
             taps = {(t.kind, t.block) for t in mine if t.block is not None}
             mask_taps = [("feat", b) for b in mask.blocks] if ranks_here else []
@@ -154,6 +177,17 @@ def compute_targets(teachers: dict[str, Teacher], pixels: torch.Tensor, targets:
     return out
 
 
+def views_visible(manifest: Manifest, views: Sequence[tuple[str, int]]) -> torch.Tensor | None:
+    """The patches the teacher's encoder sees of each view (image id, view index) for a store's dec targets, int64
+    [B, m] (precompute.view.teacher_visible); None for a store without them."""
+    layout = manifest.layout
+    if not layout.teacher_visible:
+        return None
+    ratio, seed = manifest.config["teacher_mask_ratio"], manifest.config["seed"]
+    return torch.from_numpy(np.stack([teacher_visible(seed, image_id, view, layout.num_patches, ratio)
+                                      for image_id, view in views])).long()
+
+
 def _all_kept(batch: int, grid: TokenGrid, device) -> ProgressiveMask:
     n = grid.num_patches
     return ProgressiveMask(stage=torch.zeros(batch, n, dtype=torch.uint8, device=device),
@@ -168,9 +202,11 @@ def plan_store(cfg: PrecomputeConfig, teachers: dict[str, Teacher], num_images: 
     stored = mask.kept_counts(grid.num_patches)[-1] if cfg.tokens == "kept" else grid.num_patches
     requests = None if cfg.targets is None else parse_targets(cfg.targets)
     targets = plan_targets(teachers, requests, stored, parse_encodings(cfg.encodings))
+    decoded = any(KINDS[t.kind].decoded for t in targets)
     layout = StoreLayout(num_images=num_images, views=cfg.views, shard_size=cfg.shard_size,
                          image_size=cfg.image_size, patch_size=grid.patch_size, num_patches=grid.num_patches,
-                         stored_patches=stored, order_seed=cfg.seed)
+                         stored_patches=stored, order_seed=cfg.seed,
+                         teacher_visible=int(grid.num_patches * (1 - cfg.teacher_mask_ratio)) if decoded else 0)
     pixels = PixelSpec("jpeg", cfg.jpeg_quality, decoder()) if cfg.pixels == "jpeg" else PixelSpec()
     return Manifest(config=json.loads(json.dumps(asdict(cfg))), teachers=[t.info for t in teachers.values()],
                     targets=targets, mask=mask, layout=layout, formats=list(cfg.formats), pixels=pixels,

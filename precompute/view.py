@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from hdistill.common.errors import HdistillError
+from hdistill.common.tokens import random_masking
 from hdistill.common.views import ViewParams
 
 # MAE / dBOT pre-training augmentation (the paper builds on dBOT).
@@ -27,10 +28,19 @@ CROPS = ("random", "center")
 CENTER_CROP_PCT = 0.875
 
 
-def view_rng(seed: int, image_id: str, view: int) -> np.random.Generator:
+def view_rng(seed: int, image_id: str, view: int, *stream: int) -> np.random.Generator:
+    """The generator of a view's crop and flip; with `stream` (words appended to the seed), another of the view's
+    draws, independent of those."""
     digest = hashlib.sha256(image_id.encode("utf-8")).digest()
-    id_words = np.frombuffer(digest[:16], dtype=np.uint32).tolist()
-    return np.random.default_rng(np.random.SeedSequence([seed, *id_words, view]))
+    id_words = np.frombuffer(digest[:16], dtype="<u4").tolist()
+    return np.random.default_rng(np.random.SeedSequence([seed, *id_words, view, *stream]))
+
+
+def teacher_visible(seed: int, image_id: str, view: int, num_patches: int, ratio: float) -> np.ndarray:
+    """The patches an MAE teacher's encoder sees of a view for its dec targets (G2SD): MAE's random_masking on the
+    view's own noise, drawn from (seed, image id, view) alone (shards.format.TEACHER_MASK_RULE); int16 [m], ascending.
+    The student then sees the same patches."""
+    return random_masking(view_rng(seed, image_id, view, 1).random(num_patches), ratio).astype(np.int16)
 
 
 def sample_crop(height: int, width: int, rng: np.random.Generator,

@@ -1,4 +1,4 @@
-"""Store format v5: names, the sample's arrays, the shard layout and store order. docs/FORMAT.md is the reference."""
+"""Store format v7: names, the sample's arrays, the shard layout and store order. docs/FORMAT.md is the reference."""
 from __future__ import annotations
 
 import io
@@ -17,7 +17,7 @@ from hdistill.common.targets import TargetSpec
 from .encoding import target_arrays
 from .pixels import PixelSpec
 
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7
 MANIFEST = "manifest.json"
 WDS_DIR = "wds"
 ZARR_DIR = "targets.zarr"
@@ -70,6 +70,9 @@ class StoreLayout:
     holds positions [index * shard_size, (index + 1) * shard_size) (fewer samples if some inputs were
     unreadable). The zarr slot of (view v, position p) is v * positions_padded + p, with
     positions_padded a multiple of shard_size so that every store shard is one zarr shard.
+
+    teacher_visible: how many patches an MAE teacher's encoder saw of each view for the store's dec targets (G2SD), at
+    the patches of the sample's `visible` array, drawn by the rule TEACHER_MASK_RULE says; 0 in a store without them.
     """
 
     num_images: int
@@ -80,6 +83,7 @@ class StoreLayout:
     num_patches: int
     stored_patches: int
     order_seed: int
+    teacher_visible: int = 0
 
     @property
     def shards_per_view(self) -> int:
@@ -110,6 +114,8 @@ class StoreLayout:
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
         d["order_rule"] = "position p holds input image numpy.random.default_rng(order_seed).permutation(num_images)[p]"
+        if self.teacher_visible:
+            d["teacher_mask_rule"] = TEACHER_MASK_RULE
         return d
 
     @classmethod
@@ -117,16 +123,24 @@ class StoreLayout:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__})
 
 
+TEACHER_MASK_RULE = ("visible = sort(argsort(noise)[:int(num_patches * (1 - teacher_mask_ratio))]) (MAE's "
+                     "random_masking), noise = numpy.random.default_rng(numpy.random.SeedSequence([seed, *w, view, 1]))"
+                     ".random(num_patches), w the first 16 bytes of sha256(image_id) as 4 little-endian uint32")
+
+
 def sample_arrays(layout: StoreLayout, targets: list[TargetSpec]) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Every array of a sample, in write order -> (shape, dtype): the mask and pixels, then the targets."""
+    """Every array of a sample, in write order -> (shape, dtype): the mask, the pixels and the teacher's mask if the
+    store has one, then the targets."""
     n, P = layout.stored_patches, layout.patch_size
     out = {"stage": ((layout.num_patches,), "uint8"), "keep": ((n,), "int16"), "pixels": ((n, P, P, 3), "uint8")}
+    if layout.teacher_visible:
+        out["visible"] = ((layout.teacher_visible,), "int16")
     for spec in targets:
         out.update(target_arrays(spec))
     return out
 
 
-PLAIN = ("stage", "keep", "pixels")       # a sample's arrays that are not targets (never compressed)
+PLAIN = ("stage", "keep", "pixels", "visible")       # a sample's arrays that are not targets (never compressed)
 ZSTD_LEVEL = 3
 ZSTD_SAVING = "11-27% of int4 targets, 8-11% of fp16 ones"     # measured on the real ViT-S/14 (docs/FORMAT.md)
 
@@ -178,6 +192,8 @@ class StoredSample:
               stage   uint8  [N]             0 = kept by the progressive mask, s = dropped at stage s
               keep    int16  [n]             patch indices of the stored tokens, ascending
               pixels  uint8  [n, P, P, 3]    the view's stored patches, in `keep` order
+              visible int16  [m]             (a store with dec targets) the patches the teacher's encoder saw,
+                                             ascending
               <target name> (and any companion such as scale.<name>) as the target table says
     """
 

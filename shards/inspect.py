@@ -25,11 +25,16 @@ def describe_store(store: str) -> list[str]:
              f"seed={layout.order_seed} size={layout.image_size} order=seeded permutation"]
     for t in m.teachers:
         lines.append(f"teacher    {t.role:5s} {t.model}  patch {t.patch_size} grid {t.grid.side}x{t.grid.side} "
-                     f"width {t.width} depth {t.depth} heads {t.heads}  [{_weights(t.weights)}]")
+                     f"width {t.width} depth {t.depth} heads {t.heads}"
+                     + (f" decoder width {t.decoder_width} depth {t.decoder_depth}" if t.decoder_depth else "")
+                     + f"  [{_weights(t.weights)}]")
     for t in m.targets:
         lines.append(f"target     {t.name:18s} {t.tap:14s} {ENCODINGS[t.encoding].dtype}{list(t.shape)} {t.encoding}")
     lines.append(f"mask       {m.mask.describe()}")
     lines.append(f"tokens     {m.tokens}: {layout.stored_patches} of {layout.num_patches} patches per view (+CLS)")
+    if layout.teacher_visible:
+        lines.append(f"visible    the dec targets' teacher saw {layout.teacher_visible} of {layout.num_patches} patches "
+                     f"per view (--teacher-mask-ratio {m.config['teacher_mask_ratio']:g})")
     pixels = m.pixels
     lines.append(f"pixels     {pixels.encoding}" + (f" quality {pixels.quality}, decoded by "
                                                       f"{describe_decoder(pixels.decoder)}" if pixels.quality else "")

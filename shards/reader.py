@@ -25,7 +25,7 @@ from hdistill.common.targets import TargetSpec
 
 from . import tarindex
 from .encoding import decode, target_arrays
-from .format import FORMATS, npy_bytes, npy_load, zstd_decompress
+from .format import FORMATS, PLAIN, npy_bytes, npy_load, zstd_decompress
 from .pixels import DECODERS, REFERENCE, decode_patches, loader_decoders, decoded_pixels_crc32c, describe_decoder
 from .manifest import Manifest, ShardRecord
 from .zarr_store import read_region, read_slots, shard_file, shard_label
@@ -37,8 +37,9 @@ ZARR_BLOCK = 64   # slots read at a time from a zarr region: bounds a reader's m
 class Sample:
     """One stored sample: the mask, the pixels and the chosen targets' stored arrays.
 
-    stage uint8 [N]; keep int16 [n]; pixels uint8 [n, P, P, 3]; stored: array name -> the target arrays as
-    stored (an int8 target and its scale.<name>); `targets` decodes them (float16, or float32 for int8).
+    stage uint8 [N]; keep int16 [n]; pixels uint8 [n, P, P, 3]; visible int16 [m] (a store with dec targets: the
+    patches their teacher's encoder saw) or None; stored: array name -> the target arrays as stored (an int8 target
+    and its scale.<name>); `targets` decodes them (float16, or float32 for int8).
     From a tar shard the arrays are read-only views into the loaded shard.
     """
 
@@ -50,6 +51,7 @@ class Sample:
     specs: list[TargetSpec] = field(default_factory=list)
     stored: dict[str, np.ndarray] = field(default_factory=dict)
     view_json: bytes | None = None      # the webdataset json entry; None from zarr
+    visible: np.ndarray | None = None
 
     @cached_property
     def targets(self) -> dict[str, np.ndarray]:
@@ -73,7 +75,7 @@ class StoreReader:
         self.specs = manifest.targets if targets is None else manifest.targets_named(targets, store)
         self.store, self.manifest, self.fmt = as_location(store), manifest, fmt
         shapes = manifest.arrays()
-        self.arrays = {n: shapes[n] for n in ("stage", "keep", "pixels")}
+        self.arrays = {n: shapes[n] for n in PLAIN if n in shapes}
         for spec in self.specs:
             self.arrays.update(target_arrays(spec))
         # name -> (npy header, shape, dtype, values): what a sample's array is expected to be, worked out once
@@ -233,8 +235,9 @@ class StoreReader:
         if not checked:
             for name, a in arrays.items():
                 self._check(where, key, name, a)
-        stored = {name: a for name, a in arrays.items() if name not in ("stage", "keep", "pixels")}
-        return Sample(key, view, arrays["stage"], arrays["keep"], arrays["pixels"], self.specs, stored, view_json)
+        stored = {name: a for name, a in arrays.items() if name not in PLAIN}
+        return Sample(key, view, arrays["stage"], arrays["keep"], arrays["pixels"], self.specs, stored, view_json,
+                      arrays.get("visible"))
 
 
 def _npy_header(shape, dtype) -> bytes:

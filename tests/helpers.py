@@ -1,6 +1,8 @@
 """Helpers shared by the test modules: tiny teachers and their stores, photos, a train config, plain reads."""
 import glob
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -75,3 +77,33 @@ def precompute_command(data, out, *extra):
 
 def precompute_env():
     return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def train_command(store, out, steps=8, *extra):
+    return [sys.executable, "-m", "hdistill", "train", "--shards", str(store), "--out", str(out), "--steps", str(steps),
+            "--batch-size", "4", "--lr", "1e-3", "--workers", "0", "--device", "cpu", "--log-every", "1",
+            "--checkpoint-every", "2", "--lane-buffer-mb", "0.02", "--student", "vit_base_patch16_224",
+            "--student-arg", "depth=3", "--student-arg", "embed_dim=24", "--student-arg", "num_heads=6", "--quiet",
+            *extra]
+
+
+def read_metrics(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def resumed_on_two_ranks(store, tmp_path, *extra) -> tuple[list[dict], list[dict]]:
+    """The metrics of a one-process run of 6 steps (train_command), and of the same run resumed on 2 ranks (torchrun)
+    from its step-4 checkpoint."""
+    import shutil
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole, moved = tmp_path / "whole", tmp_path / "moved"
+    command = lambda out: train_command(store, out, 6, "--drop-path", "0", "--keep-checkpoints", "2", *extra)  # noqa: E731
+    result = subprocess.run(command(whole), env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    moved.mkdir()
+    shutil.copyfile(whole / "checkpoints" / "step-000000004.pt", moved / "checkpoint.pt")
+    shutil.copyfile(whole / "metrics.jsonl", moved / "metrics.jsonl")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    result = subprocess.run(torchrun + command(moved)[1:], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return read_metrics(whole), read_metrics(moved)

@@ -1,10 +1,13 @@
 """Independent references written for the tests: a ViT forward by hand (timm ViTs with CLS, registers or neither,
-Eva with RoPE, open_clip towers), the mask rule as plain loops."""
+Eva with RoPE, open_clip towers), the mask rule as plain loops, MAE's model with its decoder (models_mae.py)."""
+import functools
 import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import Block, PatchEmbed
+from torch import nn
 
 from hdistill.precompute.teachers import OpenClipTeacher
 
@@ -162,3 +165,66 @@ def loop_dropping_mask(teacher, pixels, blocks, ratio_tenths, normalized):
                 x, kept = x[:, rows], new_kept
             out.append((np.array(stage, dtype=np.uint8), np.array(kept)))
     return out
+
+
+class OfficialMae(nn.Module):
+    """models_mae.MaskedAutoencoderViT's parameters, under its names (16 patches at the default 32 px), and its
+    forward_encoder and forward_decoder (to a decoder block's output, before decoder_norm) as written there."""
+
+    def __init__(self, size=32, p=8, d=24, depth=2, heads=2, dd=16, ddepth=3, dheads=2):
+        super().__init__()
+        norm = functools.partial(nn.LayerNorm, eps=1e-6)
+        tokens = 1 + (size // p) ** 2
+        self.patch_embed = PatchEmbed(size, p, 3, d)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, d))
+        self.pos_embed = nn.Parameter(torch.randn(1, tokens, d), requires_grad=False)
+        self.blocks = nn.ModuleList([Block(d, heads, 4.0, qkv_bias=True, norm_layer=norm) for _ in range(depth)])
+        self.norm = norm(d)
+        self.decoder_embed = nn.Linear(d, dd)
+        self.mask_token = nn.Parameter(torch.randn(1, 1, dd))
+        self.decoder_pos_embed = nn.Parameter(torch.randn(1, tokens, dd), requires_grad=False)
+        self.decoder_blocks = nn.ModuleList([Block(dd, dheads, 4.0, qkv_bias=True, norm_layer=norm)
+                                             for _ in range(ddepth)])
+        self.decoder_norm = norm(dd)
+        self.decoder_pred = nn.Linear(dd, p * p * 3)
+        for name, param in self.named_parameters():       # nothing at its init value: every tensor must be loaded
+            if name.endswith(("norm1.weight", "norm2.weight", "norm.weight")):
+                param.data.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                param.data.normal_(0, 0.1)
+
+    def forward_encoder(self, x, noise, mask_ratio):
+        x = self.patch_embed(x) + self.pos_embed[:, 1:, :]
+        N, L, D = x.shape
+        len_keep = int(L * (1 - mask_ratio))
+        ids_shuffle = torch.argsort(noise, dim=1)
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        ids_keep = ids_shuffle[:, :len_keep]
+        x = torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).repeat(1, 1, D))
+        cls_token = self.cls_token + self.pos_embed[:, :1, :]
+        x = torch.cat((cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x), ids_restore, ids_keep
+
+    def decoder_hidden(self, x, ids_restore, block):
+        x = self.decoder_embed(x)
+        mask_tokens = self.mask_token.repeat(x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], 1)
+        x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
+        x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).repeat(1, 1, x.shape[2]))
+        x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed
+        for blk in self.decoder_blocks[:block + 1]:
+            x = blk(x)
+        return x
+
+
+def mae_sincos(width: int, grid: int) -> np.ndarray:
+    """MAE's util/pos_embed.get_2d_sincos_pos_embed(width, grid, cls_token=True), as written there."""
+    def one_d(dim, pos):
+        omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)
+        out = np.einsum("m,d->md", pos.reshape(-1), 1.0 / 10000 ** omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+    g = np.stack(np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32)), axis=0)
+    g = g.reshape([2, 1, grid, grid])
+    emb = np.concatenate([one_d(width // 2, g[0]), one_d(width // 2, g[1])], axis=1)
+    return np.concatenate([np.zeros([1, width]), emb], axis=0)

@@ -1,12 +1,10 @@
 """The MAE family (G2SD's teacher): an official MAE pretraining checkpoint with its decoder, loaded strictly, against
 a hand-written forward of the official layout (facebookresearch/mae models_mae.py) on a tiny model saved here."""
-import functools
-
+import numpy as np
 import pytest
 import torch
-from timm.models.vision_transformer import Block, PatchEmbed
-from torch import nn
 
+from reference import OfficialMae, mae_sincos
 from hdistill.common.errors import HdistillError
 from hdistill.precompute.teachers import MaeDecoderTeacher, build_teacher
 from hdistill.precompute.weights import WeightSource
@@ -14,55 +12,6 @@ from hdistill.precompute.weights import WeightSource
 TINY = dict(patch_size=8, embed_dim=24, depth=2, num_heads=2, decoder_embed_dim=16, decoder_depth=3,
             decoder_num_heads=2)
 MODEL = "mae:vit_base_patch16_dec512d8b"
-
-
-class OfficialMae(nn.Module):
-    """models_mae.MaskedAutoencoderViT's parameters, under its names, at 32 px (16 patches)."""
-
-    def __init__(self, p=8, d=24, depth=2, heads=2, dd=16, ddepth=3, dheads=2):
-        super().__init__()
-        norm = functools.partial(nn.LayerNorm, eps=1e-6)
-        self.patch_embed = PatchEmbed(32, p, 3, d)
-        self.cls_token = nn.Parameter(torch.randn(1, 1, d))
-        self.pos_embed = nn.Parameter(torch.randn(1, 17, d), requires_grad=False)
-        self.blocks = nn.ModuleList([Block(d, heads, 4.0, qkv_bias=True, norm_layer=norm) for _ in range(depth)])
-        self.norm = norm(d)
-        self.decoder_embed = nn.Linear(d, dd)
-        self.mask_token = nn.Parameter(torch.randn(1, 1, dd))
-        self.decoder_pos_embed = nn.Parameter(torch.randn(1, 17, dd), requires_grad=False)
-        self.decoder_blocks = nn.ModuleList([Block(dd, dheads, 4.0, qkv_bias=True, norm_layer=norm)
-                                             for _ in range(ddepth)])
-        self.decoder_norm = norm(dd)
-        self.decoder_pred = nn.Linear(dd, p * p * 3)
-        for name, param in self.named_parameters():       # nothing at its init value: every tensor must be loaded
-            if name.endswith(("norm1.weight", "norm2.weight", "norm.weight")):
-                param.data.uniform_(0.5, 1.5)
-            elif name.endswith(".bias"):
-                param.data.normal_(0, 0.1)
-
-    def forward_encoder(self, x, noise, mask_ratio):
-        x = self.patch_embed(x) + self.pos_embed[:, 1:, :]
-        N, L, D = x.shape
-        len_keep = int(L * (1 - mask_ratio))
-        ids_shuffle = torch.argsort(noise, dim=1)
-        ids_restore = torch.argsort(ids_shuffle, dim=1)
-        ids_keep = ids_shuffle[:, :len_keep]
-        x = torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).repeat(1, 1, D))
-        cls_token = self.cls_token + self.pos_embed[:, :1, :]
-        x = torch.cat((cls_token.expand(x.shape[0], -1, -1), x), dim=1)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x), ids_restore, ids_keep
-
-    def decoder_hidden(self, x, ids_restore, block):
-        x = self.decoder_embed(x)
-        mask_tokens = self.mask_token.repeat(x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], 1)
-        x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
-        x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).repeat(1, 1, x.shape[2]))
-        x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed
-        for blk in self.decoder_blocks[:block + 1]:
-            x = blk(x)
-        return x
 
 
 @pytest.fixture
@@ -82,15 +31,16 @@ def test_the_encoder_and_decoder_give_the_official_forward(checkpoint):
     official, path = checkpoint
     teacher = build(path)
     assert isinstance(teacher, MaeDecoderTeacher) and teacher.info.model == MODEL
-    assert (teacher.decoder_width, teacher.decoder_depth) == (16, 3)
+    assert (teacher.info.decoder_width, teacher.info.decoder_depth) == (16, 3)
     images = torch.randn(2, 3, 32, 32)
     noise = torch.rand(2, 16)
     with torch.no_grad():
         latent, ids_restore, ids_keep = official.forward_encoder(images, noise, 0.75)
+        states = teacher.decoder_states(images, ids_keep, [0, 2])
+        assert sorted(states) == [0, 2]
         for block in (0, 2):
             expected = official.decoder_hidden(latent, ids_restore, block)
-            torch.testing.assert_close(teacher.decoder_states(images, ids_keep, block), expected, rtol=1e-5,
-                                       atol=1e-5)
+            torch.testing.assert_close(states[block], expected, rtol=1e-5, atol=1e-5)
         # the encoder alone, unmasked, is the teacher's final tokens (its feat target)
         whole, _, _ = official.forward_encoder(images, torch.arange(16.0).expand(2, 16), 0.0)
         torch.testing.assert_close(teacher.tokens(images), whole, rtol=1e-5, atol=1e-5)
@@ -115,3 +65,13 @@ def test_the_checkpoint_loads_strictly_naming_its_keys(checkpoint, tmp_path):
         build_teacher("mae", WeightSource("hub"), 32, MODEL, TINY)
     with pytest.raises(HdistillError, match=r"unknown MAE model mae:vit_tiny; known: mae:vit_base_patch16_dec512d8b"):
         build_teacher("mae", WeightSource("random"), 32, "mae:vit_tiny", TINY)
+
+
+def test_random_weights_are_maes_init_and_the_seeds():
+    """--random-init (tests, dry runs): the decoder's position embeddings are MAE's sin-cos table and its mask token is
+    drawn (N(0, 0.02)), both from the seed alone."""
+    a, b = (build_teacher("mae", WeightSource("random"), 32, MODEL, TINY) for _ in range(2))
+    np.testing.assert_allclose(a.mae.decoder_pos_embed[0].numpy(), mae_sincos(16, 4), rtol=0, atol=1e-6)
+    assert 0.005 < a.mae.mask_token.std() < 0.05 and torch.equal(a.mae.mask_token, b.mae.mask_token)
+    with pytest.raises(HdistillError, match=r"decoder_embed_dim=18: MAE's decoder width is a multiple of 4"):
+        build_teacher("mae", WeightSource("random"), 32, MODEL, {**TINY, "decoder_embed_dim": 18})

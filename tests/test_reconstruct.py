@@ -11,7 +11,8 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from helpers import config, runtime
+from helpers import config, resumed_on_two_ranks, runtime
+from reference import mae_sincos
 from hdistill.cli import cli
 from hdistill.common.errors import HdistillError
 from hdistill.train.data import StreamSpec
@@ -21,18 +22,6 @@ from hdistill.train.run import run_train, solo
 
 RECONSTRUCT = dict(mask="none", losses=["clip:feat=1"], decoder_depth=1, decoder_width=16, decoder_heads=2,
                    reconstruct=0.75, drop_path=0.0)
-
-
-def mae_sincos(width: int, grid: int) -> np.ndarray:
-    """MAE's util/pos_embed.get_2d_sincos_pos_embed(width, grid, cls_token=True), as written there."""
-    def one_d(dim, pos):
-        omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)
-        out = np.einsum("m,d->md", pos.reshape(-1), 1.0 / 10000 ** omega)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-    g = np.stack(np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32)), axis=0)
-    g = g.reshape([2, 1, grid, grid])
-    emb = np.concatenate([one_d(width // 2, g[0]), one_d(width // 2, g[1])], axis=1)
-    return np.concatenate([np.zeros([1, width]), emb], axis=0)
 
 
 def test_the_decoder_is_maes_forward_decoder():
@@ -118,6 +107,15 @@ def test_two_ranks_draw_the_visible_patches_of_one(stores):
     assert joined == one and len(one[0][1][0.5][0]) == 8
 
 
+def test_a_reconstruction_run_resumed_on_two_ranks_continues_one_process_exactly(stores, tmp_path):
+    one, two = resumed_on_two_ranks(stores / "full", tmp_path, "--mask", "none", "--loss", "clip:feat=1",
+                                    "--decoder-depth", "1", "--decoder-width", "16", "--decoder-heads", "2",
+                                    "--reconstruct", "0.75")
+    assert [r["step"] for r in two] == list(range(1, 7))
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), a["step"]
+
+
 def test_a_reconstruction_run_resumes_exactly_and_exports_its_decoder_apart(stores, tmp_path):
     import shutil
     cfg = config(stores / "full", steps=6, **RECONSTRUCT)
@@ -169,8 +167,8 @@ def test_reconstruction_refusals_name_the_option(stores, tmp_path):
                                                    r"does not see; give --decoder-depth"),
              (dict(RECONSTRUCT, mask="random"), r"--decoder-depth 1: the decoder predicts every patch, so the batch "
                                                  r"must hold every patch: give --mask none"),
-             (dict(RECONSTRUCT, losses=["clip:feat=1", "mae:rel@1=1"]), r"--reconstruct 0.75 trains final feature "
-                                                                         r"terms at the decoder's output; mae:rel@1"),
+             (dict(RECONSTRUCT, losses=["clip:feat=1", "mae:rel@1=1"]), r"--reconstruct 0.75 trains its terms at the "
+                                                                         r"decoder's output; mae:rel@1"),
              (dict(RECONSTRUCT, decoder_width=18), r"--decoder-width 18: a multiple of 4")]
     for overrides, message in cases:
         with pytest.raises(HdistillError, match=message):

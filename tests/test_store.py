@@ -214,7 +214,7 @@ def test_manifest_is_typed_and_round_trips(kept_store):
     from hdistill.shards.manifest import Manifest, read_manifest
     store, manifest, _ = kept_store
     on_disk = json.loads((store / "manifest.json").read_text())
-    assert on_disk["format_version"] == 6
+    assert on_disk["format_version"] == 7
     assert Manifest.from_dict(on_disk) == manifest == read_manifest(store)
     # the token layout, per teacher and per target: MAE and the CLIP tower have CLS and no registers
     assert [t["layout"] for t in on_disk["teachers"]] == [{"cls": True, "registers": 0}] * 2
@@ -236,7 +236,7 @@ def test_an_older_store_is_refused_with_what_to_do(kept_store, tmp_path):
                     ["train", "--shards", str(old), "--out", str(tmp_path / "run"), "--steps", "1"]):
         result = CliRunner().invoke(cli, command)
         assert result.exit_code == 1
-        assert "store format version 2; this hdistill reads version 6 only. Make the store again" in result.output
+        assert "store format version 2; this hdistill reads version 7 only. Make the store again" in result.output
 
 
 def test_verify_checks_a_zarr_only_store(photos, tmp_path):

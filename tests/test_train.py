@@ -16,7 +16,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from helpers import STUDENT, config, online, precompute, runtime, write_photos
+from helpers import STUDENT, config, online, precompute, read_metrics, runtime, train_command, write_photos
 from hdistill.cli import cli
 from hdistill.common.errors import HdistillError
 from hdistill.common.targets import TargetSpec
@@ -291,14 +291,6 @@ def test_stochastic_depth_and_fp16_with_a_gradient_scaler(stores, tmp_path):
     assert state["scaler"]["scale"] > 0 and state["config"]["precision"] == "fp16"
 
 
-def train_command(store, out, steps=8, *extra):
-    return [sys.executable, "-m", "hdistill", "train", "--shards", str(store), "--out", str(out), "--steps", str(steps),
-            "--batch-size", "4", "--lr", "1e-3", "--workers", "0", "--device", "cpu", "--log-every", "1",
-            "--checkpoint-every", "2", "--lane-buffer-mb", "0.02", "--student", "vit_base_patch16_224",
-            "--student-arg", "depth=3", "--student-arg", "embed_dim=24", "--student-arg", "num_heads=6", "--quiet",
-            *extra]
-
-
 def test_sigkill_then_resume_reaches_the_same_losses(stores, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(train_command(stores / "kept", tmp_path / "ref", 10), check=True, env=env, capture_output=True)
@@ -473,10 +465,6 @@ def test_train_cli(stores, tmp_path):
     # TensorBoard's tags are metrics.jsonl's keys
     assert [e.value for e in events.Scalars("loss")] == pytest.approx([r["loss"] for r in records])
     assert [e.value for e in events.Scalars("loss/feat.clip")] == pytest.approx([r["loss/feat.clip"] for r in records])
-
-
-def read_metrics(run) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
 
 
 def test_two_ranks_take_the_global_batches_of_one(stores, tmp_path):

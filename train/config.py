@@ -61,7 +61,8 @@ class TrainConfig:
     losses: list[str] | None = option(
         None, flag="--loss", multiple=True, metavar="ROLE:KIND[@B[,B...]]=WEIGHT", parse=parse_or_none,
         help="A loss term on a stored target, repeatable: feat (final features), feat@B, msa@B (through a linear "
-             "projection to the per-token standardised target) or rel@B (raw Q K^T), e.g. --loss clip:feat=1 "
+             "projection to the per-token standardised target), rel@B (raw Q K^T) or dec@B (G2SD: the student's "
+             "decoder output, its encoder seeing the patches the teacher saw), e.g. --loss clip:feat=1 "
              "--loss mae:rel@9,10=0.5. Default: the paper's Eq. 1, the feature teacher's feat at 1 plus the MIM "
              "teacher's rel at its stored blocks at --alpha (their mean).")
     alpha: float = option(1.0, "Weight of the relation loss in the default objective.", type=click.FloatRange(min=0))
@@ -80,7 +81,7 @@ class TrainConfig:
     mask: str = option("progressive", type=click.Choice(["progressive", "none", "random"]),
                        help="Tokens the student sees; none and random need a store made with --tokens full.")
     decoder_depth: int = option(0, "Blocks of a light decoder on the student (MAE's; 0: none): the final feature "
-                                   "terms are then taken at its output, and it is exported apart "
+                                   "and dec terms are then taken at its output, and it is exported apart "
                                    "(RUN/decoder.safetensors).", type=click.IntRange(min=0))
     decoder_width: int = option(512, "Width of the student's decoder (MAE: 512; a multiple of 4).", type=AT_LEAST_1)
     decoder_heads: int = option(16, "Attention heads of the student's decoder (MAE: 16).", type=AT_LEAST_1)
@@ -90,8 +91,9 @@ class TrainConfig:
              "drawn from --seed, the epoch and the sample, and the decoder predicts every token. Needs "
              "--decoder-depth and --mask none (a store made with --tokens full).")
     reconstruct_tokens: str = option("masked", type=click.Choice(["masked", "all"]),
-                                     help="With --reconstruct: the feature terms average over the patches the "
-                                          "encoder did not see (dBOT's, G2SD's), or over every token.")
+                                     help="With a masked input (--reconstruct, or dec terms): the final feature "
+                                          "terms average over the patches the encoder did not see (dBOT's), or "
+                                          "over every token.")
     seed: int = option(0, "Seed of the data order (and, unless --init-seed, of the student's initialisation and "
                           "stochastic depth).")
     init_seed: int | None = option(None, type=int, help="Seed of the student's initialisation and stochastic depth (default: "

@@ -29,6 +29,7 @@ from hdistill.common.errors import HdistillError
 from hdistill.common.processes import Failure
 from hdistill.common.storage import Retry, error_text, transient
 from hdistill.common.targets import KINDS, TargetSpec
+from hdistill.common.tokens import random_masking
 from hdistill.shards.encoding import encoding_of, target_arrays
 from hdistill.shards.format import sample_arrays
 from hdistill.shards.manifest import Manifest
@@ -267,6 +268,7 @@ class StreamSpec:
     world_size: int = 1
     retry: Retry = Retry()
     reconstruct: tuple[float, ...] = ()    # mask ratios whose visible patches each batch carries (--reconstruct)
+    teacher_visible: bool = False          # each batch carries the stored patches the teacher saw (dec terms)
 
 
 class StoreStream(torch.utils.data.IterableDataset):
@@ -350,11 +352,21 @@ class StoreStream(torch.utils.data.IterableDataset):
             batch["selections"] = {mask: torch.from_numpy(np.stack([
                 select_patches(mask, s.stage, s.key, self.spec.seed, self.epoch, self.n_keep) for s in samples]))
                 for mask in self.selections}   # [B, n] each
-        if self.spec.reconstruct:              # mask "none" too: rows of the batch are the patches
-            batch["visible"] = {ratio: torch.from_numpy(np.stack([
-                visible_patches(ratio, s.key, self.spec.seed, self.epoch, self.layout.num_patches) for s in samples]))
-                for ratio in self.spec.reconstruct}   # [B, N - int(N * ratio)] each
+        visible = self.visible(samples)
+        if visible:
+            batch["visible"] = visible
         return batch
+
+    def visible(self, samples: list[Sample]) -> dict:
+        """The patches a masked-input student's encoder sees, as rows of the batch (whose mask is "none"): each
+        --reconstruct ratio's draw [B, int(N * (1 - ratio))], and "teacher": the stored patches the teacher saw
+        for the dec targets [B, m]."""
+        visible = {ratio: torch.from_numpy(np.stack([
+            visible_patches(ratio, s.key, self.spec.seed, self.epoch, self.layout.num_patches) for s in samples]))
+            for ratio in self.spec.reconstruct}
+        if self.spec.teacher_visible:
+            visible["teacher"] = torch.from_numpy(np.stack([s.visible for s in samples]).astype(np.int64))
+        return visible
 
     def check_present(self, views):
         """Refuse a store whose files for `views` are not all there as committed (StoreReader.check_present)."""
@@ -501,11 +513,10 @@ def select_patches(mask: str, stage: np.ndarray, key: str, seed: int, epoch: int
 
 
 def visible_patches(ratio: float, key: str, seed: int, epoch: int, num_patches: int) -> np.ndarray:
-    """The patches a reconstructing student's encoder sees of a sample (--reconstruct): MAE's random_masking (the
-    first N - int(N * ratio) of an argsort of uniform noise), the noise drawn from (seed, epoch, sample) alone, so a
-    resume and any rank count draw the same; in patch order."""
-    noise = np.random.default_rng([seed, epoch, zlib.crc32(key.encode()), 1]).random(num_patches)
-    return np.sort(np.argsort(noise, kind="stable")[:num_patches - int(num_patches * ratio)])
+    """The patches a reconstructing student's encoder sees of a sample (--reconstruct): MAE's random_masking on
+    uniform noise drawn from (seed, epoch, sample) alone, so a resume and any rank count draw the same; in patch
+    order."""
+    return random_masking(np.random.default_rng([seed, epoch, zlib.crc32(key.encode()), 1]).random(num_patches), ratio)
 
 
 def epoch_samples(manifest: Manifest, epoch: int) -> int:

@@ -6,26 +6,11 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
 import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from hdistill.common.tokens import with_mask_tokens
-
-
-def sincos_pos_embed(width: int, grid: int) -> np.ndarray:
-    """MAE's fixed 2-D sin-cos position embeddings [1 + grid*grid, width], CLS first (zeros): half the channels
-    encode the column, half the row, each as sin then cos of position / 10000^(2i/(width/2))."""
-    assert width % 4 == 0, "the decoder width must be a multiple of 4"
-    omega = 1.0 / 10000 ** (np.arange(width // 4, dtype=np.float64) / (width / 4))      # [width/4]
-    rows, cols = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
-
-    def encode(pos):                                        # [grid*grid] -> [grid*grid, width/2]
-        angles = np.outer(pos.reshape(-1), omega)
-        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
-    patches = np.concatenate([encode(cols), encode(rows)], axis=1)   # MAE: emb_h from grid[0] (w), emb_w from grid[1]
-    return np.concatenate([np.zeros((1, width)), patches], axis=0).astype(np.float32)
+from hdistill.common.tokens import sincos_pos_embed, with_mask_tokens
 
 
 class Decoder(nn.Module):

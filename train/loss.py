@@ -4,6 +4,7 @@
     feat@B    SmoothL1(proj(student's residual stream after its paired block), standardised target)
     msa@B     SmoothL1(proj(student's softmax(Q K^T / sqrt(d)) V at its paired block), standardised target)
     rel@B     SmoothL1(student's raw Q K^T at its paired block, teacher's raw Q K^T)
+    dec@B     SmoothL1(proj(student's decoder output), standardised teacher decoder state), every token (G2SD)
 
 Feature-like targets are standardised per token (layer norm without affine), as FD and dBOT do;
 each has its own linear projection from the student's width to the teacher's. Head counts may
@@ -88,7 +89,8 @@ class LossTerm:
         return None if self.student_block is None else (self.target.kind, self.student_block)
 
     def describe(self) -> str:
-        where = "final tokens" if self.student_block is None else f"block {self.student_block}"
+        where = ("decoder's output" if KINDS[self.target.kind].decoded else "final tokens") \
+            if self.student_block is None else f"block {self.student_block}"
         return f"{self.weight:g} x {self.target.tap} (student {where})"
 
 
@@ -126,7 +128,8 @@ class DistillLoss(nn.Module):
                 targets: dict[str, torch.Tensor], weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """tokens: the student's final tokens [B, T, D_s]; taps: (kind, block) -> its captured tensor;
         targets: target name -> the teacher's values over the same tokens; `weights` [B, T]: how much each final
-        token counts (--reconstruct: 1 at the masked patches), else every token alike."""
+        token counts in the final feature terms (a masked input: 1 at the masked patches), else (and in dec terms:
+        G2SD's, at every token) every token alike."""
         out = {}
         for term in self.terms:
             student = term.student_tokens(tokens if term.student_tap is None else taps[term.student_tap])
@@ -139,7 +142,7 @@ class DistillLoss(nn.Module):
             if self.cfg.standardize_targets:
                 target = standardize(target)
             predicted = self.proj[_module_key(term)](student).float()
-            if weights is None or term.student_tap is not None:
+            if weights is None or term.student_tap is not None or KINDS[term.target.kind].decoded:
                 out[term.key] = F.smooth_l1_loss(predicted, target, beta=self.cfg.beta)
             else:
                 per_token = F.smooth_l1_loss(predicted, target, beta=self.cfg.beta, reduction="none").mean(-1)
@@ -173,15 +176,16 @@ def plan_losses(manifest, requests: list[LossRequest] | None, student_depth: int
         if req.role not in {t.role for t in manifest.teachers}:
             raise HdistillError(f"--loss {req.role}:{req.kind}: the store has no teacher {req.role!r} "
                                 f"(teachers: {', '.join(t.role for t in manifest.teachers)})")
-        depth = manifest.teacher(req.role).depth
+        depth = KINDS[req.kind].depth(manifest.teacher(req.role))
         block = None if req.block is None else req.block + depth if req.block < 0 else req.block
         name = f"{req.kind}.{req.role}" + ("" if block is None else f".b{block}")
         if name not in stored:
             raise HdistillError(f"--loss {req.role}:{req.kind}{'' if req.block is None else f'@{req.block}'}: the "
                                 f"store holds no {name} (it holds {', '.join(stored)}); add it with "
                                 "precompute --target")
-        terms[name] = LossTerm(stored[name], _student_block(name, block, depth, student_depth, student_blocks),
-                               req.weight)
+        paired = None if KINDS[req.kind].decoded else _student_block(name, block, depth, student_depth,
+                                                                      student_blocks)       # dec: at the decoder
+        terms[name] = LossTerm(stored[name], paired, req.weight)
     if not terms:
         raise HdistillError("no loss term: give --loss ROLE:KIND[@B]=WEIGHT")
     return list(terms.values())

@@ -16,9 +16,9 @@ import torch
 
 from hdistill.common.errors import HdistillError
 from hdistill.common.grid import TokenGrid, check_same_grid
-from hdistill.shards.format import StoreLayout
-
+from hdistill.common.targets import KINDS
 from hdistill.common.tokens import gather_along, gather_rows
+from hdistill.shards.format import StoreLayout
 
 from .config import DEFAULT_LR, TrainConfig
 from .decoder import Decoder
@@ -71,25 +71,26 @@ def seed_everything(seed: int):
 
 class Distiller(torch.nn.Module):
     """Student (+ decoder) + loss as one module, so DDP sees every trained parameter (the projections too). With a
-    mask ratio (--reconstruct) the encoder sees the batch's `visible` patches of that ratio only, and the decoder
-    predicts every token; with `masked_only` the final terms count the patches the encoder did not see."""
+    `visible_key` the encoder sees only the batch's `visible[visible_key]` patches (a mask ratio of --reconstruct, or
+    "teacher": the patches the teacher saw for the dec terms), and the decoder predicts every token; with
+    `masked_only` the final feature terms count the patches the encoder did not see."""
 
-    def __init__(self, student: Student, loss_fn: DistillLoss, decoder: Decoder | None = None, ratio: float = 0.0,
-                 masked_only: bool = True):
+    def __init__(self, student: Student, loss_fn: DistillLoss, decoder: Decoder | None = None,
+                 visible_key: float | str | None = None, masked_only: bool = True):
         super().__init__()
         self.student, self.loss_fn, self.decoder = student, loss_fn, decoder
-        self.ratio, self.masked_only = ratio, masked_only
+        self.visible_key, self.masked_only = visible_key, masked_only
 
     def forward(self, pixels, keep, targets: dict[str, torch.Tensor], visible: dict | None = None):
         weights = None
-        if self.ratio:
-            shown = visible[self.ratio]                                       # [B, n] rows of the batch's N patches
+        if self.visible_key is not None:
+            shown = visible[self.visible_key]                                 # [B, n] rows of the batch's N patches
             pixels, keep = gather_rows(pixels, shown), gather_along(keep, 1, shown)
         out = self.student(pixels, keep)
         tokens = out.tokens                                                   # [B, 1+n, D]
         if self.decoder is not None:
             tokens = self.decoder(tokens, keep)                               # [B, 1+N, W]
-            if self.ratio and self.masked_only:                               # 1 at the patches the encoder missed
+            if self.visible_key is not None and self.masked_only:             # 1 at the patches the encoder missed
                 weights = torch.ones(tokens.shape[:2], device=tokens.device)
                 weights[:, 0] = 0
                 weights.scatter_(1, keep + 1, 0.0)
@@ -137,7 +138,7 @@ class Member:
         trained = [self.student, self.loss_fn] + ([self.decoder] if self.decoder else [])
         self.optimizer = torch.optim.AdamW(param_groups(trained, cfg.weight_decay), lr=base_lr(cfg),
                                            betas=(0.9, 0.95), fused=True)
-        self.model = Distiller(self.student, self.loss_fn, self.decoder, cfg.reconstruct,
+        self.model = Distiller(self.student, self.loss_fn, self.decoder, _visible_key(cfg, self.terms),
                                cfg.reconstruct_tokens == "masked")
         self.health = StepHealth([t.name for t in self.terms], device, self.dist)
         # from here on its RNG draws only the student's stochastic depth, and each rank draws its own (MAE and nanoGPT
@@ -268,12 +269,25 @@ class Member:
                      f"little from it; balance the terms with {balance}")
 
 
+def _visible_key(cfg: TrainConfig, terms) -> float | str | None:
+    """Which of a batch's `visible` patch sets the encoder sees: the teacher's for dec terms, --reconstruct's ratio,
+    or none (every patch of the batch)."""
+    return "teacher" if any(KINDS[t.target.kind].decoded for t in terms) else cfg.reconstruct or None
+
+
 def _build_decoder(cfg: TrainConfig, student: Student, terms, device: str) -> Decoder | None:
     """The student's decoder (--decoder-depth), checked against the objective: it predicts every patch, so the
-    batch must hold every patch (--mask none), and with --reconstruct every term is a final feature term."""
-    if cfg.reconstruct and not cfg.decoder_depth:
-        raise HdistillError(f"--reconstruct {cfg.reconstruct:g}: the decoder predicts the patches the encoder does "
-                            "not see; give --decoder-depth (MAE's light decoder: 8, dBOT and G2SD use fewer)")
+    batch must hold every patch (--mask none), and with a masked input (--reconstruct, or the teacher's patches of
+    dec terms) every term is taken at the decoder's output."""
+    decoded = [t.target.tap for t in terms if KINDS[t.target.kind].decoded]
+    masked = f"--reconstruct {cfg.reconstruct:g}" if cfg.reconstruct else f"--loss {decoded[0]}" if decoded else None
+    if decoded and cfg.reconstruct:
+        raise HdistillError(f"--reconstruct {cfg.reconstruct:g} and --loss {decoded[0]}: a dec term's student sees the "
+                            "patches its teacher saw (stored with the target), not a mask of its own; drop "
+                            "--reconstruct")
+    if masked and not cfg.decoder_depth:
+        raise HdistillError(f"{masked}: the decoder predicts the patches the encoder does not see; give "
+                            "--decoder-depth (MAE's light decoder: 8, dBOT and G2SD use fewer)")
     if not cfg.decoder_depth:
         return None
     if cfg.mask != "none":
@@ -281,10 +295,10 @@ def _build_decoder(cfg: TrainConfig, student: Student, terms, device: str) -> De
                             f"hold every patch: give --mask none (a store made with --tokens full), not --mask "
                             f"{cfg.mask}")
     inner = [t.target.tap for t in terms if t.student_tap is not None or t.pairs]
-    if cfg.reconstruct and inner:
-        raise HdistillError(f"--reconstruct {cfg.reconstruct:g} trains final feature terms at the decoder's output; "
-                            f"{', '.join(inner)} read the encoder's blocks over the patches it sees: give --loss "
-                            "ROLE:feat terms only")
+    if masked and inner:
+        raise HdistillError(f"{masked} trains its terms at the decoder's output; {', '.join(inner)} read the "
+                            "encoder's blocks over the patches it sees: give --loss ROLE:feat or ROLE:dec@B terms "
+                            "only")
     if cfg.decoder_width % 4 or cfg.decoder_width % cfg.decoder_heads:
         raise HdistillError(f"--decoder-width {cfg.decoder_width}: a multiple of 4 (its sin-cos position embeddings) "
                             f"and of --decoder-heads {cfg.decoder_heads}")

@@ -21,7 +21,7 @@ from torch import nn
 
 from hdistill.common.errors import HdistillError
 from hdistill.common.strict_load import LoadProblem
-from hdistill.common.tokens import gather_rows, with_mask_tokens
+from hdistill.common.tokens import gather_rows, sincos_pos_embed, with_mask_tokens
 
 from ..weights import WeightSource, check_file, file_tensors, refusal, seeded, weights_record
 from .timm_vit import TimmTeacher, timm_info
@@ -42,8 +42,10 @@ class MaeDecoder(nn.Module):
         super().__init__()
         from timm.models.vision_transformer import Block
         self.decoder_embed = nn.Linear(encoder_width, width)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, width), requires_grad=False)
+        self.mask_token = nn.Parameter(torch.randn(1, 1, width) * 0.02)          # MAE's init (a file replaces both)
+        grid = int(round(num_patches ** 0.5))
+        self.decoder_pos_embed = nn.Parameter(torch.from_numpy(sincos_pos_embed(width, grid))[None],
+                                              requires_grad=False)
         self.decoder_blocks = nn.ModuleList([Block(width, heads, mlp_ratio=4.0, qkv_bias=True,
                                                    norm_layer=functools.partial(nn.LayerNorm, eps=1e-6))
                                              for _ in range(depth)])
@@ -75,18 +77,10 @@ class MaeDecoderTeacher(TimmTeacher):
         super().__init__(info, mae.encoder)
         self.mae = mae.eval().requires_grad_(False)
 
-    @property
-    def decoder_width(self) -> int:
-        return self.mae.decoder_embed.out_features
-
-    @property
-    def decoder_depth(self) -> int:
-        return len(self.mae.decoder_blocks)
-
-    def decoder_states(self, images: torch.Tensor, visible: torch.Tensor, block: int) -> torch.Tensor:
-        """Preprocessed images [B, 3, H, W] and the visible patches [B, n] -> the decoder's hidden state after its
-        0-indexed block `block`, before decoder_norm, at every token [B, 1+N, W_dec] (MAE's forward_encoder and
-        forward_decoder, with the visible patches given instead of drawn)."""
+    def decoder_states(self, images: torch.Tensor, visible: torch.Tensor, blocks: list[int]) -> dict[int, torch.Tensor]:
+        """Preprocessed images [B, 3, H, W] and the visible patches [B, n] -> {B: the decoder's hidden state after its
+        0-indexed block B, before decoder_norm, at every token [B, 1+N, W_dec]} for each of `blocks` (MAE's
+        forward_encoder and forward_decoder, with the visible patches given instead of drawn)."""
         m, mae = self.model, self.mae
         x = m.patch_embed(images) + m.pos_embed[:, 1:]                      # [B, N, D]
         x = gather_rows(x, visible)                                          # [B, n, D]
@@ -96,9 +90,12 @@ class MaeDecoderTeacher(TimmTeacher):
             x = blk(x)
         x = mae.decoder_embed(m.norm(x))                                     # [B, 1+n, W]
         x = with_mask_tokens(x, visible, mae.mask_token, mae.decoder_pos_embed.shape[1] - 1) + mae.decoder_pos_embed
-        for blk in mae.decoder_blocks[:block + 1]:
+        states = {}
+        for b, blk in enumerate(mae.decoder_blocks[:max(blocks) + 1]):
             x = blk(x)
-        return x
+            if b in blocks:
+                states[b] = x
+        return states
 
 
 def build(role: str, name: str, weights: WeightSource, image_size: int, kwargs: dict) -> MaeDecoderTeacher:
@@ -116,6 +113,9 @@ def build(role: str, name: str, weights: WeightSource, image_size: int, kwargs: 
     decoder_args = {k: kwargs.pop(k) for k in DECODER_ARGS if k in kwargs}
     width, depth = decoder_args.get("decoder_embed_dim", width), decoder_args.get("decoder_depth", depth)
     heads = decoder_args.get("decoder_num_heads", heads)
+    if width % 4:
+        raise HdistillError(f"teacher {role!r}: --model-arg {role}.decoder_embed_dim={width}: MAE's decoder width is a "
+                            "multiple of 4 (its 2-D sin-cos position embeddings)")
     with seeded(weights):           # random weights (--random-init) are a function of the seed alone
         try:
             encoder = timm.create_model(encoder_name, pretrained=False, num_classes=0, img_size=image_size, **kwargs)
@@ -132,5 +132,6 @@ def build(role: str, name: str, weights: WeightSource, image_size: int, kwargs: 
                 raise
             # (the message names the checkpoint's keys: the encoder's without our "encoder." prefix)
             raise HdistillError(str(refusal(role, f"mae:{name}", weights, err)).replace("encoder.", "")) from None
-    info = replace(timm_info(role, name, encoder, weights_record(weights, None), image_size), model=f"mae:{name}")
+    info = replace(timm_info(role, name, encoder, weights_record(weights, None), image_size), model=f"mae:{name}",
+                   decoder_width=width, decoder_depth=depth)
     return MaeDecoderTeacher(info, mae)
