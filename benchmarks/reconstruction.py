@@ -47,25 +47,34 @@ def make_store(args, out: Path, files: list[Path], **options):
     run_precompute(cfg, str(out), Runtime(device=args.device, workers=0, quiet=True))
 
 
-def held_out(args, store: Path, val: Path, out: Path, seed: int, **objective) -> tuple[float, float]:
-    cfg = TrainConfig(shards=str(store), student=STUDENT[0], student_args=STUDENT[1], steps=args.steps,
-                      batch_size=args.batch_size, lr=args.lr, losses=["mae:feat=1"], mask="none", drop_path=0.0,
-                      val_shards=str(val), val_every=args.steps, seed=seed, **objective)
+def held_out(args, store: Path, val: Path, out: Path, seed: int, student=STUDENT, **objective) -> tuple[float, float]:
+    """The held-out loss of a student trained `args.steps` from `store` (--mask none, `objective`'s options; the
+    final features by default) at step 0 and at the end."""
+    objective = {"losses": ["mae:feat=1"], **objective}
+    cfg = TrainConfig(shards=str(store), student=student[0], student_args=student[1], steps=args.steps,
+                      batch_size=args.batch_size, lr=args.lr, mask="none", drop_path=0.0, val_shards=str(val),
+                      val_every=args.steps, seed=seed, **objective)
     run_train(cfg, str(out), TrainRuntime(device=args.device, log_every=args.steps, quiet=True, workers=0))
     vals = [r["val/loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "val/loss" in r]
     return vals[0], vals[-1]
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def training_options(doc: str) -> argparse.ArgumentParser:
+    """The options of a small paired-seed training run on the real images (this script's and g2sd.py's)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--image-size", type=int, default=112)
     ap.add_argument("--train-images", type=int, default=80)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--decoder-depth", type=int, default=2)
     ap.add_argument("--seeds", default="0,1,2")
+    return ap
+
+
+def main():
+    ap = training_options(__doc__)
+    ap.add_argument("--decoder-depth", type=int, default=2)
     args = ap.parse_args()
     if not WEIGHTS.exists():
         raise SystemExit(f"{ASSETS} is absent: this benchmark needs the real ViT-S/14 and images")
