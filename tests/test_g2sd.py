@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from helpers import config, online, precompute, read_metrics, resumed_on_two_ranks, runtime, wds_samples, write_photos
 from reference import OfficialMae
+import hdistill
 from hdistill.common.errors import HdistillError
 from hdistill.shards.manifest import read_manifest
 from hdistill.shards.reader import StoreReader
@@ -67,10 +68,14 @@ def test_the_stored_target_is_maes_decoder_on_the_views_own_mask(g2sd):
         assert sample["visible.npy"].tolist() == sorted(ids_keep[0].tolist()), key
         stored = torch.from_numpy(sample["dec.mae.b1.npy"].astype(np.float32))
         torch.testing.assert_close(stored, expected, rtol=2e-3, atol=2e-3)      # float16 rounding
-    # zarr holds the same teacher masks
+    # zarr holds the same teacher masks, and the public loader hands them over with a dec target
+    stored = {k: s["visible.npy"].tolist() for k, s in samples.items()}
     zarr = {s.key: s.visible for shard in manifest.shards
             for s in StoreReader(root / "store", manifest, "zarr").read(shard)}
-    assert {k: v.tolist() for k, v in zarr.items()} == {k: s["visible.npy"].tolist() for k, s in samples.items()}
+    assert {k: v.tolist() for k, v in zarr.items()} == stored
+    for batch in hdistill.open_store(str(root / "store")).loader(batch_size=4, targets=["dec.mae.b1"], mask="none"):
+        assert [v.tolist() for v in batch["visible"]["teacher"]] == [stored[k] for k in batch["keys"]]
+    assert "visible" not in next(iter(hdistill.open_store(str(root / "store")).loader(4, ["feat.mae"], mask="none")))
 
 
 def test_the_student_sees_the_teachers_patches_and_its_decoder_meets_every_token(g2sd):

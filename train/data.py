@@ -268,7 +268,6 @@ class StreamSpec:
     world_size: int = 1
     retry: Retry = Retry()
     reconstruct: tuple[float, ...] = ()    # mask ratios whose visible patches each batch carries (--reconstruct)
-    teacher_visible: bool = False          # each batch carries the stored patches the teacher saw (dec terms)
 
 
 class StoreStream(torch.utils.data.IterableDataset):
@@ -359,12 +358,12 @@ class StoreStream(torch.utils.data.IterableDataset):
 
     def visible(self, samples: list[Sample]) -> dict:
         """The patches a masked-input student's encoder sees, as rows of the batch (whose mask is "none"): each
-        --reconstruct ratio's draw [B, int(N * (1 - ratio))], and "teacher": the stored patches the teacher saw
-        for the dec targets [B, m]."""
+        --reconstruct ratio's draw [B, int(N * (1 - ratio))], and with dec targets "teacher": the stored patches
+        their teacher saw [B, m]."""
         visible = {ratio: torch.from_numpy(np.stack([
             visible_patches(ratio, s.key, self.spec.seed, self.epoch, self.layout.num_patches) for s in samples]))
             for ratio in self.spec.reconstruct}
-        if self.spec.teacher_visible:
+        if any(KINDS[t.kind].decoded for t in self.spec.targets):
             visible["teacher"] = torch.from_numpy(np.stack([s.visible for s in samples]).astype(np.int64))
         return visible
 

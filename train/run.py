@@ -115,15 +115,14 @@ def build_member(cfg: TrainConfig, plan: RunPlan, folder: RunFolder, source: Sou
     member.folder = folder
     mask = check_mask(plan.store.manifest, cfg.mask)
     targets = tuple(t.target for t in member.terms)
-    visible = dict(reconstruct=(cfg.reconstruct,) if cfg.reconstruct else (),
-                   teacher_visible=member.model.visible_key == "teacher")
+    ratios = (cfg.reconstruct,) if cfg.reconstruct else ()
     member.source = source(SourcePlan(plan.store, StreamSpec(
         targets, mask, cfg.seed, plan.lanes, cfg.batch_size, cfg.lane_buffer_mb, plan.dist.rank,
-        plan.dist.world_size, plan.rt.retry, **visible), plan.rt.device))
+        plan.dist.world_size, plan.rt.retry, ratios), plan.rt.device))
     if plan.val_store is not None:
         rows = val_targets(plan.val_store, plan.store.manifest, list(targets), mask)
         member.val_spec = StreamSpec(tuple(rows), mask, cfg.seed, rank=plan.dist.rank,
-                                     world_size=plan.dist.world_size, retry=plan.rt.retry, **visible)
+                                     world_size=plan.dist.world_size, retry=plan.rt.retry, reconstruct=ratios)
     return member
 
 

@@ -61,8 +61,7 @@ def shared_stream(store: Store, specs: list[StreamSpec]) -> StoreStream:
     masks = sorted({spec.mask for spec in specs})
     mask = masks[0] if len(masks) == 1 else "none"
     ratios = tuple(sorted({r for spec in specs for r in spec.reconstruct}))
-    stream = store.stream(replace(specs[0], targets=tuple(targets.values()), mask=mask, reconstruct=ratios,
-                                  teacher_visible=any(spec.teacher_visible for spec in specs)))
+    stream = store.stream(replace(specs[0], targets=tuple(targets.values()), mask=mask, reconstruct=ratios))
     stream.selections = tuple(m for m in masks if m != mask)
     return stream
 
