@@ -91,19 +91,30 @@ def read_metrics(run) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
 
 
-def resumed_on_two_ranks(store, tmp_path, *extra) -> tuple[list[dict], list[dict]]:
-    """The metrics of a one-process run of 6 steps (train_command), and of the same run resumed on 2 ranks (torchrun)
-    from its step-4 checkpoint."""
+def resumed_on_two_ranks(store, tmp_path, **options) -> tuple[list[dict], list[dict]]:
+    """The metrics of a one-process run of 6 steps with `options` (TrainConfig fields; run in this process, as
+    train_command's run), and of the same run resumed on 2 ranks (torchrun, train_command) from its step-4
+    checkpoint."""
     import shutil
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    from hdistill.train.run import run_train
     whole, moved = tmp_path / "whole", tmp_path / "moved"
-    command = lambda out: train_command(store, out, 6, "--drop-path", "0", "--keep-checkpoints", "2", *extra)  # noqa: E731
-    result = subprocess.run(command(whole), env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_train(config(store, steps=6, drop_path=0.0, **options), str(whole),
+              runtime(log_every=1, checkpoint_every=2, keep_checkpoints=2))
     moved.mkdir()
     shutil.copyfile(whole / "checkpoints" / "step-000000004.pt", moved / "checkpoint.pt")
     shutil.copyfile(whole / "metrics.jsonl", moved / "metrics.jsonl")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    result = subprocess.run(torchrun + command(moved)[1:], env=env, capture_output=True, text=True)
+    result = subprocess.run(torchrun + train_command(store, moved, 6, "--drop-path", "0", *train_flags(options))[1:],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     return read_metrics(whole), read_metrics(moved)
+
+
+def train_flags(options: dict) -> list[str]:
+    """TrainConfig fields -> `hdistill train` flags (a list repeats its flag)."""
+    words = []
+    for key, value in options.items():
+        flag = "--loss" if key == "losses" else "--" + key.replace("_", "-")
+        for item in value if isinstance(value, list) else [value]:
+            words += [flag, str(item)]
+    return words

@@ -115,8 +115,7 @@ def test_online_gives_the_stored_losses(g2sd, tmp_path):
 
 def test_a_resume_on_two_ranks_continues_one_process_exactly(g2sd, tmp_path):
     _, root = g2sd
-    one, two = resumed_on_two_ranks(root / "store", tmp_path, "--mask", "none", "--loss", "mae:dec@1=1",
-                                    "--decoder-depth", "1", "--decoder-width", "16", "--decoder-heads", "2")
+    one, two = resumed_on_two_ranks(root / "store", tmp_path, **{k: v for k, v in G2SD.items() if k != "drop_path"})
     assert [r["step"] for r in two] == list(range(1, 7))
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), a["step"]

@@ -108,9 +108,8 @@ def test_two_ranks_draw_the_visible_patches_of_one(stores):
 
 
 def test_a_reconstruction_run_resumed_on_two_ranks_continues_one_process_exactly(stores, tmp_path):
-    one, two = resumed_on_two_ranks(stores / "full", tmp_path, "--mask", "none", "--loss", "clip:feat=1",
-                                    "--decoder-depth", "1", "--decoder-width", "16", "--decoder-heads", "2",
-                                    "--reconstruct", "0.75")
+    one, two = resumed_on_two_ranks(stores / "full", tmp_path,
+                                    **{k: v for k, v in RECONSTRUCT.items() if k != "drop_path"})
     assert [r["step"] for r in two] == list(range(1, 7))
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), a["step"]
