@@ -3,6 +3,7 @@ teacher mask, against a hand-written forward of the official layout (facebookres
 masking by argsort of the view's noise) on a tiny checkpoint saved here; the student seeing those patches and its
 decoder's loss at every token; online equals offline; resume and 2 ranks; refusals."""
 import hashlib
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -105,10 +106,13 @@ def test_the_student_sees_the_teachers_patches_and_its_decoder_meets_every_token
 def test_online_gives_the_stored_losses(g2sd, tmp_path):
     _, root = g2sd
     cfg = config(root / "store", steps=8, **G2SD)
-    run_train(cfg, str(tmp_path / "off"), runtime(log_every=1))
     run_train(cfg, str(tmp_path / "on"), runtime(log_every=1), source=online())
-    off, on = read_metrics(tmp_path / "off"), read_metrics(tmp_path / "on")
+    # offline, with the store as its own held-out store: validation reads the teacher's patches too
+    run_train(replace(cfg, val_shards=str(root / "store"), val_every=4), str(tmp_path / "off"), runtime(log_every=1))
+    metrics, on = read_metrics(tmp_path / "off"), read_metrics(tmp_path / "on")
+    off, held_out = [r for r in metrics if "loss" in r], [r["val/loss"] for r in metrics if "val/loss" in r]
     assert len(off) == len(on) == 8 and off[-1]["loss"] < off[0]["loss"]
+    assert len(held_out) == 3 and held_out[-1] < held_out[0]          # at steps 0, 4 and 8
     for a, b in zip(off, on):
         assert b["loss"] == pytest.approx(a["loss"], rel=2e-3, abs=1e-6), a["step"]
 
