@@ -9,7 +9,8 @@ from helpers import precompute, write_photos
 from tinymodels import OPEN_CLIP_TINY
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# two threads, or one in each of pytest-xdist's workers (they run side by side: the suite's cores are theirs)
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 
 @pytest.fixture(scope="session")
