@@ -6,8 +6,8 @@
 The encoder is timm's VisionTransformer (the `.mae` config: ImageNet normalisation), so its feat, rel and msa taps
 are any timm ViT's. The decoder is MAE's: `decoder_embed`, `mask_token`, `decoder_pos_embed`, `decoder_blocks`,
 `decoder_norm`, `decoder_pred`. `decoder_states` runs MAE's forward on a given set of visible patches (the encoder on
-those, the decoder over every token with mask tokens) and returns the hidden state after a decoder block, before
-`decoder_norm` (G2SD's target). Weights load strictly, encoder and decoder: every tensor comes from the file, and the
+those, the decoder over every token with mask tokens) and returns the hidden states after the asked decoder blocks,
+before `decoder_norm`: the `dec@B` targets (G2SD's). Weights load strictly, encoder and decoder: every tensor comes from the file, and the
 file holds no other. `--model-arg mae.decoder_embed_dim=...`, `decoder_depth`, `decoder_num_heads` size the decoder,
 every other argument the encoder (timm's).
 """
