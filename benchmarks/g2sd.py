@@ -29,11 +29,10 @@ import torch
 import torch.nn.functional as F
 import webdataset as wds
 
-from hdistill.common.storage import as_location
 from hdistill.precompute.config import EXACT, PrecomputeConfig, Runtime
 from hdistill.precompute.run import run_precompute
 from hdistill.shards.manifest import read_manifest
-from hdistill.shards.size import measured_view_bytes
+from hdistill.shards.size import store_view_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reconstruction import STUDENT, held_out, training_options  # noqa: E402
@@ -122,10 +121,7 @@ def view_bytes(args, files: list[Path], tmp: Path):
     for i, (name, options) in enumerate(ENCODINGS.items()):
         out = tmp / f"bytes-{i}"
         make_store(out, files[:args.bytes_images], args.device, targets=["mae:dec@3"], **options)
-        manifest = read_manifest(out)
-        shard = max((s for s in manifest.shards if s.file), key=lambda s: s.samples)
-        buf, _ = as_location(out).load(shard.file)
-        per_view = measured_view_bytes(buf)
+        per_view = store_view_bytes(out, read_manifest(out))
         total = sum(per_view.values())
         entries = ", ".join(f"{k} {v / 1e3:.1f}" for k, v in sorted(per_view.items(), key=lambda kv: -kv[1]))
         print(f"{name:32s} {total / 1e3:7.1f} kB per view; 16 views of ImageNet-1k {1_281_167 * 16 * total / 1e12:.2f} "

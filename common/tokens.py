@@ -48,10 +48,15 @@ def with_mask_tokens(x: torch.Tensor, visible: torch.Tensor, mask_token: torch.T
     return torch.cat([x[:, :1], tokens], dim=1)
 
 
+def visible_count(patches: int, ratio: float) -> int:
+    """How many of `patches` MAE's random_masking keeps visible at mask ratio `ratio`: int(N * (1 - ratio))."""
+    return int(patches * (1 - ratio))
+
+
 def random_masking(noise: np.ndarray, ratio: float) -> np.ndarray:
     """MAE's random_masking (models_mae.py) on one sample's noise [N]: the patches kept visible, the first
-    int(N * (1 - ratio)) of argsort(noise), in patch order [m]."""
-    return np.sort(np.argsort(noise, kind="stable")[:int(len(noise) * (1 - ratio))])
+    visible_count(N, ratio) of argsort(noise), in patch order [m]."""
+    return np.sort(np.argsort(noise, kind="stable")[:visible_count(len(noise), ratio)])
 
 
 def sincos_pos_embed(width: int, grid: int) -> np.ndarray:

@@ -22,6 +22,7 @@ from hdistill.common.grid import TokenGrid, check_same_grid
 from hdistill.common.mask_spec import MaskSpec, ProgressiveMask, default_relation_blocks
 from hdistill.common.views import ViewTargets
 from hdistill.common.targets import KINDS, TargetRequest, TargetSpec, encoding_for, parse_targets
+from hdistill.common.tokens import visible_count
 from hdistill.shards.encoding import parse_encodings
 from hdistill.shards.format import StoreLayout
 from hdistill.shards.manifest import Manifest
@@ -206,7 +207,7 @@ def plan_store(cfg: PrecomputeConfig, teachers: dict[str, Teacher], num_images: 
     layout = StoreLayout(num_images=num_images, views=cfg.views, shard_size=cfg.shard_size,
                          image_size=cfg.image_size, patch_size=grid.patch_size, num_patches=grid.num_patches,
                          stored_patches=stored, order_seed=cfg.seed,
-                         teacher_visible=int(grid.num_patches * (1 - cfg.teacher_mask_ratio)) if decoded else 0)
+                         teacher_visible=visible_count(grid.num_patches, cfg.teacher_mask_ratio) if decoded else 0)
     pixels = PixelSpec("jpeg", cfg.jpeg_quality, decoder()) if cfg.pixels == "jpeg" else PixelSpec()
     return Manifest(config=json.loads(json.dumps(asdict(cfg))), teachers=[t.info for t in teachers.values()],
                     targets=targets, mask=mask, layout=layout, formats=list(cfg.formats), pixels=pixels,

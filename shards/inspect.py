@@ -1,13 +1,11 @@
 """`hdistill inspect STORE`: a store's summary as lines of text, from its manifest (and its size, once complete)."""
 from __future__ import annotations
 
-from hdistill.common.storage import as_location
-
 from .encoding import ENCODINGS
 from .format import store_bytes
 from .manifest import Manifest, read_manifest
 from .pixels import describe_decoder
-from .size import human, measured_view_bytes, size_lines
+from .size import human, size_lines, store_view_bytes
 
 
 def _weights(w: dict) -> str:
@@ -51,11 +49,8 @@ def describe_store(store: str) -> list[str]:
 
 def entry_lines(store: str, m: Manifest) -> list[str]:
     """Bytes per view by webdataset entry, measured on the largest tar shard, and what they come to for the store."""
-    shards = [s for s in m.shards if s.file and s.samples]
-    if not shards:
+    per_view = store_view_bytes(store, m)
+    if per_view is None:
         return []
-    shard = max(shards, key=lambda s: s.samples)
-    buf, _ = as_location(store).load(shard.file)
-    per_view = measured_view_bytes(buf)
     return [f"entries    {line}" if i == 0 else f"           {line}"
             for i, line in enumerate(size_lines(per_view, m.layout.num_images, m.layout.views))]

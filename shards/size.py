@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from hdistill.common.storage import as_location
+
 from . import tarindex
 from .format import npy_bytes
 from .manifest import Manifest
@@ -39,6 +41,15 @@ def measured_view_bytes(shard_bytes) -> dict[str, float]:
             out[member] = out.get(member, 0.0) + tar_member_bytes(size) / len(index)
     out["tar end"] = (len(shard_bytes) - sum(out.values()) * len(index)) / len(index)
     return out
+
+
+def store_view_bytes(store, manifest: Manifest) -> dict[str, float] | None:
+    """measured_view_bytes of a store (a path, URL or Location), on its largest tar shard; None without one."""
+    shards = [s for s in manifest.shards if s.file and s.samples]
+    if not shards:
+        return None
+    buf, _ = as_location(store).load(max(shards, key=lambda s: s.samples).file)
+    return measured_view_bytes(buf)
 
 
 def size_lines(per_view: dict[str, float], images: int, views: int, notes: dict[str, str] | None = None,

@@ -2,6 +2,7 @@
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +12,10 @@ import webdataset as wds
 from PIL import Image
 
 from hdistill.precompute.config import EXACT, PrecomputeConfig, Runtime
+from hdistill.common.options import option_name
 from hdistill.precompute.run import run_precompute
 from hdistill.train.config import OnlineConfig, TrainConfig, TrainRuntime
+from hdistill.train.run import run_train
 
 TINY = dict(
     teachers=["mae", "clip"],
@@ -95,8 +98,6 @@ def resumed_on_two_ranks(store, tmp_path, **options) -> tuple[list[dict], list[d
     """The metrics of a one-process run of 6 steps with `options` (TrainConfig fields; run in this process, as
     train_command's run), and of the same run resumed on 2 ranks (torchrun, train_command) from its step-4
     checkpoint."""
-    import shutil
-    from hdistill.train.run import run_train
     whole, moved = tmp_path / "whole", tmp_path / "moved"
     run_train(config(store, steps=6, drop_path=0.0, **options), str(whole),
               runtime(log_every=1, checkpoint_every=2, keep_checkpoints=2))
@@ -112,9 +113,5 @@ def resumed_on_two_ranks(store, tmp_path, **options) -> tuple[list[dict], list[d
 
 def train_flags(options: dict) -> list[str]:
     """TrainConfig fields -> `hdistill train` flags (a list repeats its flag)."""
-    words = []
-    for key, value in options.items():
-        flag = "--loss" if key == "losses" else "--" + key.replace("_", "-")
-        for item in value if isinstance(value, list) else [value]:
-            words += [flag, str(item)]
-    return words
+    return [word for key, value in options.items() for item in (value if isinstance(value, list) else [value])
+            for word in (option_name(TrainConfig, key), str(item))]

@@ -298,6 +298,7 @@ class StoreStream(torch.utils.data.IterableDataset):
         sample_bytes = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
                            for shape, dtype in sample_arrays(manifest.layout, manifest.targets).values())
         self.buffer = max(1, int(spec.buffer_mb * 2 ** 20) // sample_bytes)
+        self.teacher_visible = any(KINDS[t.kind].decoded for t in spec.targets)    # batches carry "visible" "teacher"
         self.full = manifest.tokens == "full"
         self.n_keep = manifest.mask.kept_counts(self.layout.num_patches)[-1]
         # a full store's targets whose arrays cannot be cut by token (int4: packed, block-scaled) are decoded here and
@@ -363,7 +364,7 @@ class StoreStream(torch.utils.data.IterableDataset):
         visible = {ratio: torch.from_numpy(np.stack([
             visible_patches(ratio, s.key, self.spec.seed, self.epoch, self.layout.num_patches) for s in samples]))
             for ratio in self.spec.reconstruct}
-        if any(KINDS[t.kind].decoded for t in self.spec.targets):
+        if self.teacher_visible:
             visible["teacher"] = torch.from_numpy(np.stack([s.visible for s in samples]).astype(np.int64))
         return visible
 
