@@ -109,9 +109,12 @@ def training(args, files: list[Path], tmp: Path):
           f"128; {args.image_size} px, {args.steps} steps of batch {args.batch_size}, lr {args.lr}; 4 views of "
           f"{args.train_images} images, held out: {len(files) - args.train_images} images; seeds {seeds}; "
           f"{time.perf_counter() - start:.0f} s")
+    below = 100 * (blind - last) / blind          # each seed's student against the floor, which has no seed
     print(f"held-out loss at step 0 {first.mean():.4f}, at the end {last.mean():.4f} (per seed: "
           f"{' '.join(f'{v:.4f}' for v in last)}); fall {fall.mean():.1f}% +- {fall.std(ddof=1):.1f} (per seed: "
-          f"{' '.join(f'{f:.1f}' for f in fall)}); image-blind floor (the training mean at each token): {blind:.4f}")
+          f"{' '.join(f'{f:.1f}' for f in fall)}); image-blind floor (the training mean at each token): {blind:.4f}; "
+          f"the students end {below.mean():.1f}% +- {below.std(ddof=1):.1f} below it (per seed: "
+          f"{' '.join(f'{b:.1f}' for b in below)})")
 
 
 def view_bytes(args, files: list[Path], tmp: Path):
